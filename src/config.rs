@@ -1,0 +1,1172 @@
+//! mkt's configuration: the TOML rendering of Mellanox MKT's per-host INI
+//! file (`[defaults]` plus any number of `[setup.NAME]` tables), and
+//! [`Paths`], where mkt keeps its files on this host.
+//!
+//! Parsing is pure (text, file name and HOME in, [`Config`] out) so every
+//! error message can be tested without touching the real environment.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[defaults]`: source trees, shared paths and the default setup.
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// `[setup.NAME]` tables, by name.
+    #[serde(default, rename = "setup", skip_serializing_if = "BTreeMap::is_empty")]
+    pub setups: BTreeMap<String, Setup>,
+    /// Where the configuration was read from; `None` when no file existed.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+}
+
+/// `[defaults]`: values used when a setup or the command line says nothing.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Directory holding the source trees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<PathBuf>,
+    /// Kernel source tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// rdma-core source tree.
+    #[serde(default, rename = "rdma-core", skip_serializing_if = "Option::is_none")]
+    pub rdma_core: Option<PathBuf>,
+    /// iproute2 source tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iproute2: Option<PathBuf>,
+    /// Where logs go (overrides [`Paths::logs_dir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<PathBuf>,
+    /// ccache directory (overrides [`Paths::ccache_dir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ccache: Option<PathBuf>,
+    /// Root filesystem: a name under [`Paths::rootfs_dir`] or a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// Name of the setup used when none is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<String>,
+    /// Directories shared into every guest and build.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<PathBuf>,
+}
+
+/// `[setup.NAME]`: one machine/NIC combination to boot.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setup {
+    /// Kernel source tree (overrides `defaults.kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Root filesystem name or directory (overrides `defaults.rootfs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// PCI functions passed through, normalised to `DDDD:BB:DD.F`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pci: Vec<String>,
+    /// Script run inside the guest after boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_script: Option<PathBuf>,
+    /// SR-IOV virtual functions to create per physical function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_of_vfs: Option<u32>,
+    /// Number of ports of the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_ports: Option<u32>,
+    /// Test script or directory run by `mkt ci`/`mkt run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<PathBuf>,
+    /// PCI functions handed on to a nested guest, normalised like `pci`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nested_pci: Vec<String>,
+    /// Named guest profile (for example `iommu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Guest CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Guest memory such as `"2G"`; see [`parse_mem_mib`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem: Option<String>,
+    /// Guest network: `nat`, `none`, `tap`, `bridge` or `bridge=IFNAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
+    /// Extra directories shared into this guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<PathBuf>,
+}
+
+/// Why configuration or directory handling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (including: it does not exist).
+    #[error("cannot read config file {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// TOML syntax error, unknown key, wrong type or bad setup name.
+    /// `line` and `column` are 1-based; `key` is the bare key (or setup
+    /// name) concerned, when known.
+    #[error("{}:{line}:{column}: {message}", .path.display())]
+    Parse {
+        path: PathBuf,
+        line: u32,
+        column: u32,
+        key: Option<String>,
+        message: String,
+    },
+    /// A well-typed value that mkt cannot use; `key` is the dotted TOML
+    /// path, such as `setup.cx5-ib.pci`.
+    #[error("{}: bad value {value:?} for key `{key}`: {reason}", location(.path, .line, .column))]
+    BadValue {
+        path: PathBuf,
+        line: Option<u32>,
+        column: Option<u32>,
+        key: String,
+        value: String,
+        reason: String,
+    },
+    /// Without an absolute HOME there is nowhere to put config and data.
+    #[error("cannot locate mkt's directories: HOME is unset or not an absolute path")]
+    NoHome,
+    /// Creating, inspecting or chmod-ing the runtime directory failed.
+    #[error("cannot {action} runtime directory {}", .path.display())]
+    RuntimeDir {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The runtime directory exists but someone else could tamper with it.
+    #[error("refusing to use runtime directory {}: {reason}", .path.display())]
+    UnsafeRuntimeDir { path: PathBuf, reason: String },
+}
+
+fn location(path: &Path, line: &Option<u32>, column: &Option<u32>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!("{}:{l}:{c}", path.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+impl Config {
+    /// Parses `text` (read from `file`, used in messages and stored in
+    /// [`Config::file`]), validates it and expands `~`/`$HOME` with `home`.
+    pub fn parse(text: &str, file: &Path, home: &Path) -> Result<Config, ConfigError> {
+        let doc = Doc { text, path: file };
+        // A schema-free parse keeps the span of every key and value, which
+        // serde's typed result does not; errors are located with it.
+        let tree = DeTable::parse(text).map_err(|e| doc.toml_error(&e, None))?;
+        let tree = tree.get_ref();
+        let mut cfg: Config = toml::from_str(text).map_err(|e| doc.toml_error(&e, Some(tree)))?;
+        cfg.validate(&doc, tree)?;
+        cfg.expand(home);
+        cfg.file = Some(file.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Reads and parses `file`; a missing file is an error.
+    pub fn load(file: &Path, home: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, file, home)
+    }
+
+    /// Like [`Config::load`], but a missing file gives the default config
+    /// (with `file` None): mkt works without any configuration.
+    pub fn load_optional(file: &Path, home: &Path) -> Result<Config, ConfigError> {
+        match fs::read_to_string(file) {
+            Ok(text) => Config::parse(&text, file, home),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: file.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&mut self, doc: &Doc, tree: &DeTable) -> Result<(), ConfigError> {
+        let setup_table = lookup(tree, &["setup"]).and_then(|v| v.get_ref().as_table());
+        for name in self.setups.keys() {
+            if !is_valid_setup_name(name) {
+                let span = setup_table
+                    .and_then(|t| t.get_key_value(name.as_str()))
+                    .map(|(k, _)| k.span());
+                return Err(doc.parse_error(
+                    span,
+                    Some(name.clone()),
+                    format!(
+                        "bad setup name `{name}`: it becomes the guest hostname, so it must \
+                         match [A-Za-z0-9][A-Za-z0-9._-]* and be at most 64 characters"
+                    ),
+                ));
+            }
+        }
+        if let Some(name) = &self.defaults.setup
+            && !self.setups.contains_key(name)
+        {
+            return Err(doc.bad_value(
+                tree,
+                &["defaults", "setup"],
+                None,
+                name,
+                format!("there is no [setup.{}] in this file", toml_key(name)),
+            ));
+        }
+        for (name, setup) in &mut self.setups {
+            for (key, list) in [
+                ("pci", &mut setup.pci),
+                ("nested_pci", &mut setup.nested_pci),
+            ] {
+                for (i, addr) in list.iter_mut().enumerate() {
+                    match normalize_pci(addr) {
+                        Ok(norm) => *addr = norm,
+                        Err(reason) => {
+                            return Err(doc.bad_value(
+                                tree,
+                                &["setup", name, key],
+                                Some(i),
+                                addr,
+                                reason,
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(mem) = &setup.mem
+                && let Err(reason) = parse_mem_mib(mem)
+            {
+                return Err(doc.bad_value(tree, &["setup", name, "mem"], None, mem, reason));
+            }
+            if let Some(net) = &setup.net
+                && let Err(reason) = check_net(net)
+            {
+                return Err(doc.bad_value(tree, &["setup", name, "net"], None, net, reason));
+            }
+            if setup.cpus == Some(0) {
+                let reason = "a guest needs at least one CPU".to_string();
+                return Err(doc.bad_value(tree, &["setup", name, "cpus"], None, "0", reason));
+            }
+        }
+        Ok(())
+    }
+
+    fn expand(&mut self, home: &Path) {
+        let d = &mut self.defaults;
+        let paths = [
+            &mut d.src,
+            &mut d.kernel,
+            &mut d.rdma_core,
+            &mut d.iproute2,
+            &mut d.logs,
+            &mut d.ccache,
+        ];
+        for p in paths.into_iter().flatten().chain(d.dirs.iter_mut()) {
+            expand_in_place(p, home);
+        }
+        // rootfs may be a directory, so it gets the same treatment; a plain
+        // name contains neither `~` nor `$HOME` and is left alone.
+        if let Some(r) = &mut d.rootfs {
+            *r = expand_home(r, home).to_string_lossy().into_owned();
+        }
+        for s in self.setups.values_mut() {
+            for p in [&mut s.kernel, &mut s.boot_script, &mut s.test]
+                .into_iter()
+                .flatten()
+                .chain(s.dirs.iter_mut())
+            {
+                expand_in_place(p, home);
+            }
+            if let Some(r) = &mut s.rootfs {
+                *r = expand_home(r, home).to_string_lossy().into_owned();
+            }
+        }
+    }
+}
+
+fn expand_in_place(p: &mut PathBuf, home: &Path) {
+    // Values come from TOML strings, so they are always valid UTF-8.
+    let expanded = expand_home(&p.to_string_lossy(), home);
+    *p = expanded;
+}
+
+/// Expands a leading `~` or `~/`, and `$HOME` / `${HOME}` anywhere, with
+/// `home`. `~user` and other variables are left as written.
+pub fn expand_home(value: &str, home: &Path) -> PathBuf {
+    // "/home/u/" + "/x" must not give a double slash; "/" stays "/".
+    let home_str = home.as_os_str().to_string_lossy();
+    let trimmed = home_str.trim_end_matches('/');
+    let home_os: OsString = if trimmed.len() == home_str.len() {
+        home.as_os_str().to_owned()
+    } else if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    };
+    let mut out = OsString::new();
+    let mut rest = value;
+    if value == "~" {
+        return PathBuf::from(home_os);
+    } else if let Some(r) = value.strip_prefix("~/") {
+        out.push(&home_os);
+        if home_os != "/" {
+            out.push("/");
+        }
+        rest = r;
+    }
+    while let Some(i) = rest.find('$') {
+        out.push(&rest[..i]);
+        let after = &rest[i + 1..];
+        let plain = after
+            .strip_prefix("HOME")
+            .filter(|r| !r.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_'));
+        if let Some(r) = after.strip_prefix("{HOME}").or(plain) {
+            out.push(&home_os);
+            rest = r;
+        } else {
+            out.push("$");
+            rest = after;
+        }
+    }
+    out.push(rest);
+    PathBuf::from(out)
+}
+
+/// True when `name` can be a setup name: it becomes a hostname, so
+/// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 bytes (HOST_NAME_MAX).
+pub fn is_valid_setup_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name.len() <= 64
+}
+
+/// Parses a memory size into MiB: `2G`, `2048M`, `1048576K`, `1T`, or a
+/// plain number of MiB. Suffixes are binary and case-insensitive; the size
+/// must be a whole, non-zero number of MiB.
+pub fn parse_mem_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.as_bytes().last() {
+        Some(c) if c.is_ascii_alphabetic() => (&t[..t.len() - 1], c.to_ascii_uppercase()),
+        _ => (t, b'M'),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("expected a size such as \"2G\" or \"2048M\" (suffix K, M, G or T)".into());
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "size is too large".to_string())?;
+    let mib = match unit {
+        b'K' if !n.is_multiple_of(1024) => return Err("not a whole number of MiB".into()),
+        b'K' => Some(n / 1024),
+        b'M' => Some(n),
+        b'G' => n.checked_mul(1024),
+        b'T' => n.checked_mul(1024 * 1024),
+        _ => {
+            return Err(format!(
+                "unknown suffix `{}` (use K, M, G or T)",
+                unit as char
+            ));
+        }
+    };
+    match mib {
+        None => Err("size is too large".into()),
+        Some(0) => Err("size must be at least 1M".into()),
+        Some(m) => Ok(m),
+    }
+}
+
+/// Normalises a PCI address `[DDDD:]BB:DD.F` (hex) to the full lowercase
+/// form sysfs uses, `0000:05:00.0`.
+pub fn normalize_pci(addr: &str) -> Result<String, String> {
+    const FORM: &str =
+        "expected a PCI address such as 0000:05:00.0 ([domain:]bus:device.function, hex)";
+    let hex = |s: &str, max_digits: usize| -> Result<u32, String> {
+        if s.is_empty() || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FORM.to_string());
+        }
+        u32::from_str_radix(s, 16).map_err(|_| FORM.to_string())
+    };
+    let parts: Vec<&str> = addr.trim().split(':').collect();
+    let (domain, bus, devfn) = match parts.as_slice() {
+        [bus, devfn] => (0, hex(bus, 2)?, *devfn),
+        // Linux prints domains with %04x, so domains above 0xffff (VMD) have more digits.
+        [domain, bus, devfn] => (hex(domain, 8)?, hex(bus, 2)?, *devfn),
+        _ => return Err(FORM.to_string()),
+    };
+    let (dev, func) = devfn.split_once('.').ok_or_else(|| FORM.to_string())?;
+    let (dev, func) = (hex(dev, 2)?, hex(func, 1)?);
+    if dev > 0x1f {
+        return Err(format!("device {dev:#x} is out of range (at most 0x1f)"));
+    }
+    if func > 7 {
+        return Err(format!("function {func} is out of range (at most 7)"));
+    }
+    Ok(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
+}
+
+/// Checks a `net` value: `nat`, `none`, `tap`, `bridge` or `bridge=IFNAME`.
+fn check_net(net: &str) -> Result<(), String> {
+    match net {
+        "nat" | "none" | "tap" | "bridge" => Ok(()),
+        _ => match net.strip_prefix("bridge=") {
+            // The kernel's dev_valid_name(): below IFNAMSIZ, no '/', ':' or blanks.
+            Some(ifname)
+                if !ifname.is_empty()
+                    && ifname.len() < 16
+                    && ifname != "."
+                    && ifname != ".."
+                    && !ifname.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()) =>
+            {
+                Ok(())
+            }
+            Some(_) => Err("not a valid interface name after `bridge=`".into()),
+            None => Err("expected one of nat, none, tap, bridge, bridge=IFNAME".into()),
+        },
+    }
+}
+
+/// The text being parsed and its file name, for building errors.
+struct Doc<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Doc<'_> {
+    /// 1-based line and column (in characters) of a byte offset.
+    fn line_col(&self, offset: usize) -> (u32, u32) {
+        let mut offset = offset.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        // u32 keeps ConfigError small; no config file has 4G lines.
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        (clamp(line), clamp(column))
+    }
+
+    fn parse_error(
+        &self,
+        span: Option<Range<usize>>,
+        key: Option<String>,
+        message: String,
+    ) -> ConfigError {
+        let (line, column) = self.line_col(span.map_or(0, |s| s.start));
+        ConfigError::Parse {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            key,
+            message,
+        }
+    }
+
+    fn bad_value(
+        &self,
+        tree: &DeTable,
+        keys: &[&str],
+        index: Option<usize>,
+        value: &str,
+        reason: String,
+    ) -> ConfigError {
+        let node = lookup(tree, keys);
+        let node = match index {
+            Some(i) => node
+                .and_then(|v| v.get_ref().as_array())
+                .and_then(|a| a.get(i)),
+            None => node,
+        };
+        let pos = node.map(|v| self.line_col(v.span().start));
+        ConfigError::BadValue {
+            path: self.path.to_path_buf(),
+            line: pos.map(|p| p.0),
+            column: pos.map(|p| p.1),
+            key: keys
+                .iter()
+                .map(|k| toml_key(k))
+                .collect::<Vec<_>>()
+                .join("."),
+            value: value.to_string(),
+            reason,
+        }
+    }
+
+    /// Turns a toml/serde error into [`ConfigError::Parse`], naming the key
+    /// and its table when `tree` (the schema-free parse) can place the span.
+    fn toml_error(&self, err: &toml::de::Error, tree: Option<&DeTable>) -> ConfigError {
+        let span = err.span();
+        let msg = err.message();
+        let mut keys = match (tree, &span) {
+            (Some(t), Some(s)) => locate(t, s.start),
+            _ => Vec::new(),
+        };
+        if tree.is_none() {
+            // toml says just "duplicate key"; the span holds the key itself.
+            let dup = span
+                .clone()
+                .filter(|_| msg == "duplicate key")
+                .and_then(|s| self.text.get(s))
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty());
+            return match dup {
+                Some(k) => self.parse_error(span, Some(k.clone()), format!("{msg} `{k}`")),
+                None => self.parse_error(span, None, msg.to_string()),
+            };
+        }
+        if msg.starts_with("unknown field ") {
+            // serde: "unknown field `cpu`, expected one of `kernel`, `rootfs`, ..."
+            let mut names = backticked(msg).into_iter();
+            let key = names.next().unwrap_or_default();
+            if keys.last() == Some(&key) {
+                keys.pop();
+            }
+            let expected: Vec<String> = names.collect();
+            let expected = if expected.is_empty() {
+                String::new()
+            } else {
+                format!(" (expected one of: {})", expected.join(", "))
+            };
+            let message = format!("unknown key `{key}` {}{expected}", table_context(&keys));
+            return self.parse_error(span, Some(key), message);
+        }
+        let Some(key) = keys.pop() else {
+            return self.parse_error(span, None, msg.to_string());
+        };
+        let what = if msg.starts_with("invalid type") {
+            "wrong type for key"
+        } else if msg.starts_with("invalid value") || msg.starts_with("invalid length") {
+            "bad value for key"
+        } else {
+            "key"
+        };
+        let message = format!("{what} `{key}` {}: {msg}", table_context(&keys));
+        self.parse_error(span, Some(key), message)
+    }
+}
+
+/// The value at a key path in the schema-free parse.
+fn lookup<'t, 'i>(table: &'t DeTable<'i>, keys: &[&str]) -> Option<&'t Spanned<DeValue<'i>>> {
+    let (first, rest) = keys.split_first()?;
+    let mut node = table.get(*first)?;
+    for k in rest {
+        node = node.get_ref().as_table()?.get(*k)?;
+    }
+    Some(node)
+}
+
+/// The key path of the innermost key or value whose span holds `pos`.
+fn locate(table: &DeTable, pos: usize) -> Vec<String> {
+    struct Search {
+        pos: usize,
+        path: Vec<String>,
+        best: Option<(usize, Vec<String>)>,
+    }
+    impl Search {
+        fn consider(&mut self, span: Range<usize>) {
+            let holds = span.contains(&self.pos) || (span.is_empty() && span.start == self.pos);
+            // `<=`: children come after their parent and win ties.
+            if holds && self.best.as_ref().is_none_or(|(len, _)| span.len() <= *len) {
+                self.best = Some((span.len(), self.path.clone()));
+            }
+        }
+        fn table(&mut self, t: &DeTable) {
+            for (k, v) in t.iter() {
+                self.path.push(k.get_ref().to_string());
+                self.consider(k.span());
+                self.consider(v.span());
+                self.value(v.get_ref());
+                self.path.pop();
+            }
+        }
+        fn value(&mut self, v: &DeValue) {
+            match v {
+                DeValue::Table(t) => self.table(t),
+                DeValue::Array(a) => {
+                    for e in a.iter() {
+                        self.consider(e.span());
+                        self.value(e.get_ref());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut search = Search {
+        pos,
+        path: Vec::new(),
+        best: None,
+    };
+    search.table(table);
+    search.best.map(|(_, p)| p).unwrap_or_default()
+}
+
+/// "in [setup.cx5-ib]" or "at top level".
+fn table_context(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "at top level".to_string()
+    } else {
+        let names: Vec<String> = keys.iter().map(|k| toml_key(k)).collect();
+        format!("in [{}]", names.join("."))
+    }
+}
+
+/// A key as written in TOML: bare when possible, else quoted.
+fn toml_key(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+/// The `quoted` names in a serde message.
+fn backticked(msg: &str) -> Vec<String> {
+    msg.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// The starter config `mkt setup` writes: every line commented out.
+pub fn starter_config() -> &'static str {
+    include_str!("../configs/starter.toml")
+}
+
+/// Where mkt keeps things on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// The user's home, used for `~` expansion in the config.
+    pub home: PathBuf,
+    /// The config file: `--config`/`MKT_CONFIG`, else
+    /// `$XDG_CONFIG_HOME/mkt/config.toml`.
+    pub config_file: PathBuf,
+    /// `$XDG_DATA_HOME/mkt` (`~/.local/share/mkt`).
+    pub data_dir: PathBuf,
+    /// `data_dir/rootfs`: one directory per root filesystem.
+    pub rootfs_dir: PathBuf,
+    /// `data_dir/blobs`: downloaded images and other content.
+    pub blob_dir: PathBuf,
+    /// `$XDG_RUNTIME_DIR/mkt`, else `/tmp/mkt-$UID`: sockets and pid files.
+    pub runtime_dir: PathBuf,
+    /// `$XDG_STATE_HOME/mkt` (`~/.local/state/mkt`).
+    pub state_dir: PathBuf,
+    /// `defaults.logs`, else `state_dir/logs`.
+    pub logs_dir: PathBuf,
+    /// `defaults.ccache`, else `$XDG_CACHE_HOME/mkt/ccache`
+    /// (`~/.cache/mkt/ccache`).
+    pub ccache_dir: PathBuf,
+}
+
+impl Paths {
+    /// Computes the paths from an environment lookup (`get("HOME")`, ...),
+    /// the user id (for the runtime fallback) and the `--config` override.
+    /// Empty or relative `XDG_*` values are ignored, as the XDG spec says.
+    pub fn from_env(
+        get: impl Fn(&str) -> Option<String>,
+        uid: u32,
+        config_override: Option<PathBuf>,
+    ) -> Result<Paths, ConfigError> {
+        let home = get("HOME")
+            .map(PathBuf::from)
+            .filter(|h| h.is_absolute())
+            .ok_or(ConfigError::NoHome)?;
+        let xdg = |var: &str| get(var).map(PathBuf::from).filter(|p| p.is_absolute());
+        let xdg_or = |var: &str, fallback: &str| xdg(var).unwrap_or_else(|| home.join(fallback));
+        let config_file = config_override
+            .unwrap_or_else(|| xdg_or("XDG_CONFIG_HOME", ".config").join("mkt/config.toml"));
+        let data_dir = xdg_or("XDG_DATA_HOME", ".local/share").join("mkt");
+        let state_dir = xdg_or("XDG_STATE_HOME", ".local/state").join("mkt");
+        let runtime_dir = match xdg("XDG_RUNTIME_DIR") {
+            Some(d) => d.join("mkt"),
+            None => PathBuf::from(format!("/tmp/mkt-{uid}")),
+        };
+        Ok(Paths {
+            config_file,
+            rootfs_dir: data_dir.join("rootfs"),
+            blob_dir: data_dir.join("blobs"),
+            runtime_dir,
+            logs_dir: state_dir.join("logs"),
+            ccache_dir: xdg_or("XDG_CACHE_HOME", ".cache").join("mkt/ccache"),
+            data_dir,
+            state_dir,
+            home,
+        })
+    }
+
+    /// Applies the config's `defaults.logs` and `defaults.ccache`.
+    pub fn with_config(mut self, cfg: &Config) -> Paths {
+        if let Some(logs) = &cfg.defaults.logs {
+            self.logs_dir = logs.clone();
+        }
+        if let Some(ccache) = &cfg.defaults.ccache {
+            self.ccache_dir = ccache.clone();
+        }
+        self
+    }
+
+    /// `logs/{build,ci,run,rootfs}`.
+    pub fn log_subdirs(&self) -> [PathBuf; 4] {
+        ["build", "ci", "run", "rootfs"].map(|d| self.logs_dir.join(d))
+    }
+
+    /// Creates the runtime directory with mode 0700, tightens the mode of an
+    /// existing one, and refuses one that is a symlink, not a directory, or
+    /// owned by another user (it may live in a shared /tmp).
+    pub fn ensure_runtime_dir(&self) -> Result<(), ConfigError> {
+        ensure_private_dir(&self.runtime_dir, nix::unistd::geteuid().as_raw())
+    }
+}
+
+fn ensure_private_dir(path: &Path, uid: u32) -> Result<(), ConfigError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let io_err = |action, source| ConfigError::RuntimeDir {
+        path: path.to_path_buf(),
+        action,
+        source,
+    };
+    let unsafe_dir = |reason: String| ConfigError::UnsafeRuntimeDir {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err("create", e)),
+    }
+    // lstat: a symlink planted in /tmp must not redirect us.
+    let meta = fs::symlink_metadata(path).map_err(|e| io_err("inspect", e))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("it is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    if meta.uid() != uid {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not uid {uid}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err("chmod", e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    const HOME: &str = "/home/u";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/c.toml"), Path::new(HOME))
+    }
+
+    #[test]
+    fn expands_tilde_and_home() {
+        let h = Path::new(HOME);
+        assert_eq!(expand_home("~", h), PathBuf::from("/home/u"));
+        assert_eq!(expand_home("~/src", h), PathBuf::from("/home/u/src"));
+        assert_eq!(
+            expand_home("$HOME/a/$HOME", h),
+            PathBuf::from("/home/u/a//home/u")
+        );
+        assert_eq!(
+            expand_home("/x/${HOME}/y", h),
+            PathBuf::from("/x//home/u/y")
+        );
+        // Only the HOME variable, and only the whole name.
+        assert_eq!(
+            expand_home("$HOMEDIR/$USER", h),
+            PathBuf::from("$HOMEDIR/$USER")
+        );
+        assert_eq!(expand_home("~bob/x", h), PathBuf::from("~bob/x"));
+        assert_eq!(expand_home("a~/b", h), PathBuf::from("a~/b"));
+        assert_eq!(expand_home("cost$", h), PathBuf::from("cost$"));
+        // A trailing slash on HOME does not double up.
+        assert_eq!(
+            expand_home("~/x", Path::new("/home/u/")),
+            PathBuf::from("/home/u/x")
+        );
+        assert_eq!(expand_home("~/x", Path::new("/")), PathBuf::from("/x"));
+    }
+
+    #[test]
+    fn parse_expands_paths_and_rootfs() {
+        let cfg = parse(
+            "[defaults]\nsrc = \"~/src\"\nrootfs = \"debian\"\ndirs = [\"$HOME/w\"]\n\
+             [setup.a]\nkernel = \"${HOME}/k\"\nrootfs = \"~/fs\"\ntest = \"/abs\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.defaults.src, Some(PathBuf::from("/home/u/src")));
+        assert_eq!(cfg.defaults.rootfs.as_deref(), Some("debian"));
+        assert_eq!(cfg.defaults.dirs, vec![PathBuf::from("/home/u/w")]);
+        let a = &cfg.setups["a"];
+        assert_eq!(a.kernel, Some(PathBuf::from("/home/u/k")));
+        assert_eq!(a.rootfs.as_deref(), Some("/home/u/fs"));
+        assert_eq!(a.test, Some(PathBuf::from("/abs")));
+        assert_eq!(cfg.file.as_deref(), Some(Path::new("/c.toml")));
+    }
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem_mib("2G"), Ok(2048));
+        assert_eq!(parse_mem_mib("2g"), Ok(2048));
+        assert_eq!(parse_mem_mib("2048M"), Ok(2048));
+        assert_eq!(parse_mem_mib("512"), Ok(512));
+        assert_eq!(parse_mem_mib("1048576K"), Ok(1024));
+        assert_eq!(parse_mem_mib("1T"), Ok(1024 * 1024));
+        assert_eq!(parse_mem_mib(" 4G "), Ok(4096));
+        for bad in [
+            "",
+            "G",
+            "2X",
+            "-1G",
+            "1.5G",
+            "512K",
+            "0",
+            "0G",
+            "99999999999999999999",
+            "2 G",
+        ] {
+            assert!(parse_mem_mib(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_mem_mib(&format!("{}T", u64::MAX / 1024)).is_err());
+    }
+
+    #[test]
+    fn pci_addresses() {
+        assert_eq!(normalize_pci("0000:05:00.0").as_deref(), Ok("0000:05:00.0"));
+        assert_eq!(normalize_pci("05:00.1").as_deref(), Ok("0000:05:00.1"));
+        assert_eq!(normalize_pci("1:A:1f.7").as_deref(), Ok("0001:0a:1f.7"));
+        assert_eq!(
+            normalize_pci("10000:e1:00.0").as_deref(),
+            Ok("10000:e1:00.0")
+        );
+        for bad in [
+            "",
+            "05:00",
+            "05.00.0",
+            "0000:05:20.0",
+            "0000:05:00.8",
+            "0000:105:00.0",
+            "x:05:00.0",
+            "0:0:0:0.0",
+        ] {
+            assert!(normalize_pci(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn setup_names() {
+        for good in ["a", "cx5-ib", "A.b_c-1", "9"] {
+            assert!(is_valid_setup_name(good), "{good}");
+        }
+        for bad in ["", "-a", ".a", "a b", "a/b", "é", &"a".repeat(65)] {
+            assert!(!is_valid_setup_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pci_is_normalised_in_config() {
+        let cfg = parse("[setup.a]\npci = [\"5:0.0\"]\nnested_pci = [\"0000:06:00.1\"]\n").unwrap();
+        assert_eq!(cfg.setups["a"].pci, ["0000:05:00.0"]);
+        assert_eq!(cfg.setups["a"].nested_pci, ["0000:06:00.1"]);
+    }
+
+    #[test]
+    fn net_values() {
+        for good in ["nat", "none", "tap", "bridge", "bridge=br0"] {
+            assert!(check_net(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "user",
+            "bridge=",
+            "bridge=a/b",
+            "bridge=0123456789abcdef",
+        ] {
+            assert!(check_net(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_setup_must_exist() {
+        let err = parse("[defaults]\nsetup = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/c.toml:2:9: bad value \"nope\" for key `defaults.setup`"),
+            "{err}"
+        );
+        assert!(parse("[defaults]\nsetup = \"a\"\n[setup.a]\n").is_ok());
+    }
+
+    #[test]
+    fn zero_cpus_rejected() {
+        let err = parse("[setup.a]\ncpus = 0\n").unwrap_err().to_string();
+        assert!(
+            err.contains("/c.toml:2:8:") && err.contains("`setup.a.cpus`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inline_and_dotted_tables_are_located() {
+        let err = parse("[setup]\na = { cpus = 1, bad = 2 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2:17: unknown key `bad` in [setup.a]"),
+            "{err}"
+        );
+        let err = parse("setup.b.cpus = \"x\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains(":1:16: wrong type for key `cpus` in [setup.b]"),
+            "{err}"
+        );
+        let err = parse("[setup.a]\npci = [\"00:01.0\", 3]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":2:19: wrong type for key `pci` in [setup.a]"),
+            "{err}"
+        );
+        let err = parse("bogus = 1\n").unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ":1:1: unknown key `bogus` at top level (expected one of: defaults, setup)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn columns_count_characters() {
+        let err = parse("[defaults]\nsrc = \"é\"; cpus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/c.toml:2:10:"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = parse(include_str!("../configs/example.toml")).unwrap();
+        let text = toml::to_string(&cfg).unwrap();
+        let again = parse(&text).unwrap();
+        assert_eq!(again.defaults, cfg.defaults);
+        assert_eq!(again.setups, cfg.setups);
+    }
+
+    /// Keys present in a serialised struct (empty fields are skipped).
+    fn keys_of<T: Serialize>(v: &T) -> BTreeSet<String> {
+        toml::Table::try_from(v).unwrap().keys().cloned().collect()
+    }
+
+    #[test]
+    fn example_and_starter_configs_parse_and_cover_every_key() {
+        let starter = parse(starter_config()).unwrap();
+        assert_eq!(
+            starter.setups.len(),
+            0,
+            "the starter's example setup is commented out"
+        );
+        let cfg = parse(include_str!("../configs/example.toml")).unwrap();
+
+        // Struct literals without `..Default`: a new field breaks the build
+        // here until the example covers it.
+        let all_defaults = Defaults {
+            src: Some("x".into()),
+            kernel: Some("x".into()),
+            rdma_core: Some("x".into()),
+            iproute2: Some("x".into()),
+            logs: Some("x".into()),
+            ccache: Some("x".into()),
+            rootfs: Some("x".into()),
+            setup: Some("x".into()),
+            dirs: vec!["x".into()],
+        };
+        let all_setup = Setup {
+            kernel: Some("x".into()),
+            rootfs: Some("x".into()),
+            pci: vec!["x".into()],
+            boot_script: Some("x".into()),
+            num_of_vfs: Some(1),
+            num_ports: Some(1),
+            test: Some("x".into()),
+            nested_pci: vec!["x".into()],
+            profile: Some("x".into()),
+            cpus: Some(1),
+            mem: Some("x".into()),
+            net: Some("x".into()),
+            dirs: vec!["x".into()],
+        };
+        assert_eq!(keys_of(&cfg.defaults), keys_of(&all_defaults));
+        let used: BTreeSet<String> = cfg.setups.values().flat_map(keys_of).collect();
+        assert_eq!(used, keys_of(&all_setup));
+        for name in ["cx5-ib", "cx4-eth", "cx6-roce"] {
+            assert!(cfg.setups.contains_key(name), "{name}");
+        }
+        assert!(cfg.setups.values().any(|s| s.num_of_vfs == Some(3)));
+        assert!(
+            cfg.setups
+                .values()
+                .any(|s| s.profile.as_deref() == Some("iommu") && !s.nested_pci.is_empty())
+        );
+        assert!(cfg.setups["cx5-ib"].pci.len() == 2 && cfg.setups["cx5-ib"].boot_script.is_some());
+    }
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn paths_without_xdg() {
+        let p = Paths::from_env(env(&[("HOME", HOME)]), 1000, None).unwrap();
+        assert_eq!(p.home, PathBuf::from(HOME));
+        assert_eq!(
+            p.config_file,
+            PathBuf::from("/home/u/.config/mkt/config.toml")
+        );
+        assert_eq!(p.data_dir, PathBuf::from("/home/u/.local/share/mkt"));
+        assert_eq!(
+            p.rootfs_dir,
+            PathBuf::from("/home/u/.local/share/mkt/rootfs")
+        );
+        assert_eq!(p.blob_dir, PathBuf::from("/home/u/.local/share/mkt/blobs"));
+        assert_eq!(p.runtime_dir, PathBuf::from("/tmp/mkt-1000"));
+        assert_eq!(p.state_dir, PathBuf::from("/home/u/.local/state/mkt"));
+        assert_eq!(p.logs_dir, PathBuf::from("/home/u/.local/state/mkt/logs"));
+        assert_eq!(p.ccache_dir, PathBuf::from("/home/u/.cache/mkt/ccache"));
+        assert_eq!(
+            p.log_subdirs()[3],
+            PathBuf::from("/home/u/.local/state/mkt/logs/rootfs")
+        );
+    }
+
+    #[test]
+    fn paths_with_xdg() {
+        let vars = [
+            ("HOME", HOME),
+            ("XDG_CONFIG_HOME", "/cfg"),
+            ("XDG_DATA_HOME", "/data"),
+            ("XDG_STATE_HOME", "/state"),
+            ("XDG_CACHE_HOME", "/cache"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+        ];
+        let p = Paths::from_env(env(&vars), 1000, None).unwrap();
+        assert_eq!(p.config_file, PathBuf::from("/cfg/mkt/config.toml"));
+        assert_eq!(p.data_dir, PathBuf::from("/data/mkt"));
+        assert_eq!(p.state_dir, PathBuf::from("/state/mkt"));
+        assert_eq!(p.ccache_dir, PathBuf::from("/cache/mkt/ccache"));
+        assert_eq!(p.runtime_dir, PathBuf::from("/run/user/1000/mkt"));
+        let p = Paths::from_env(env(&vars), 1000, Some("/o.toml".into())).unwrap();
+        assert_eq!(p.config_file, PathBuf::from("/o.toml"));
+    }
+
+    #[test]
+    fn paths_ignore_relative_and_empty_xdg() {
+        let vars = [
+            ("HOME", HOME),
+            ("XDG_CONFIG_HOME", "cfg"),
+            ("XDG_DATA_HOME", ""),
+            ("XDG_RUNTIME_DIR", "run"),
+        ];
+        let p = Paths::from_env(env(&vars), 42, None).unwrap();
+        assert_eq!(
+            p.config_file,
+            PathBuf::from("/home/u/.config/mkt/config.toml")
+        );
+        assert_eq!(p.data_dir, PathBuf::from("/home/u/.local/share/mkt"));
+        assert_eq!(p.runtime_dir, PathBuf::from("/tmp/mkt-42"));
+    }
+
+    #[test]
+    fn paths_need_an_absolute_home() {
+        for vars in [&[][..], &[("HOME", "")], &[("HOME", "rel")]] {
+            assert!(matches!(
+                Paths::from_env(env(vars), 0, None),
+                Err(ConfigError::NoHome)
+            ));
+        }
+    }
+
+    #[test]
+    fn paths_take_logs_and_ccache_from_config() {
+        let cfg = parse("[defaults]\nlogs = \"~/l\"\nccache = \"/cc\"\n").unwrap();
+        let p = Paths::from_env(env(&[("HOME", HOME)]), 0, None)
+            .unwrap()
+            .with_config(&cfg);
+        assert_eq!(p.logs_dir, PathBuf::from("/home/u/l"));
+        assert_eq!(p.ccache_dir, PathBuf::from("/cc"));
+        assert_eq!(p.log_subdirs()[0], PathBuf::from("/home/u/l/build"));
+    }
+
+    #[test]
+    fn runtime_dir_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let dir = tmp.path().join("rt");
+        ensure_private_dir(&dir, uid).unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o700);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        ensure_private_dir(&dir, uid).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+
+        let err = ensure_private_dir(&dir, uid.wrapping_add(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&dir.display().to_string()) && err.contains("owned by uid"),
+            "{err}"
+        );
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let err = ensure_private_dir(&link, uid).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+
+        let file = tmp.path().join("file");
+        fs::write(&file, "").unwrap();
+        assert!(
+            ensure_private_dir(&file, uid)
+                .unwrap_err()
+                .to_string()
+                .contains("not a directory")
+        );
+    }
+}

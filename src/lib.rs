@@ -1,0 +1,7 @@
+//! mkt: build, boot and test Linux kernels without Docker and without root.
+//!
+//! `main.rs` is a thin shell over this library; each module owns one concern.
+
+pub mod cli;
+pub mod config;
+pub mod host;

@@ -1,0 +1,165 @@
+//! Shared test helpers: fixture lookup, the unprivileged test user, and
+//! running the `mkt` binary.
+#![allow(dead_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// True in CI, where a missing prerequisite is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skips (locally, printing why) or fails (in CI) a test that lacks `what`.
+/// Returns `None` so callers can `let Some(x) = ... else { return };`.
+pub fn unavailable<T>(what: &str) -> Option<T> {
+    if in_ci() {
+        panic!("prerequisite missing in CI: {what}");
+    }
+    eprintln!("SKIP: {what}");
+    None
+}
+
+/// The fixture cache dir: $MKT_TEST_CACHE, else ~/.cache/mkt-test/v1 (what
+/// tests/fixtures/prepare.sh writes).
+pub fn fixture_cache() -> PathBuf {
+    if let Some(p) = std::env::var_os("MKT_TEST_CACHE") {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+    base.join("mkt-test/v1")
+}
+
+/// A prepared fixture (`rootfs-bookworm`, `linux`, `cloud-kernel`), or a
+/// skip/failure naming the command that prepares it.
+pub fn fixture(name: &str, marker: &str) -> Option<PathBuf> {
+    let p = fixture_cache().join(name);
+    if p.join(marker).exists() {
+        Some(p)
+    } else {
+        unavailable(&format!(
+            "fixture {} (run tests/fixtures/prepare.sh)",
+            p.join(marker).display()
+        ))
+    }
+}
+
+pub fn rootfs() -> Option<PathBuf> {
+    fixture("rootfs-bookworm", ".complete")
+}
+
+pub fn kernel_tree() -> Option<PathBuf> {
+    fixture("linux", "arch/x86/boot/bzImage")
+}
+
+pub fn cloud_kernel() -> Option<PathBuf> {
+    fixture("cloud-kernel", ".complete")
+}
+
+/// A program the test needs on the host.
+pub fn program(name: &str) -> Option<PathBuf> {
+    mkt::host::which(name).or_else(|| unavailable(&format!("program {name} in PATH")))
+}
+
+/// The unprivileged user rootless paths run as when the suite runs as root
+/// (.ci/run creates it and sets MKT_TEST_USER). `None` when not root.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// When running as root: the unprivileged test user (required in CI).
+/// When not root: `Some(None)` — the current user already is unprivileged.
+pub fn unprivileged_user() -> Option<Option<TestUser>> {
+    if !nix::unistd::getuid().is_root() {
+        return Some(None);
+    }
+    let Ok(name) = std::env::var("MKT_TEST_USER") else {
+        return unavailable("MKT_TEST_USER (an unprivileged user for the rootless tests)");
+    };
+    let Some(u) = nix::unistd::User::from_name(&name).ok().flatten() else {
+        return unavailable(&format!("user {name} (MKT_TEST_USER) does not exist"));
+    };
+    Some(Some(TestUser {
+        name,
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+        home: u.dir,
+    }))
+}
+
+/// A copy of the mkt binary any user can execute (the build dir may sit
+/// under root's 0700 home).
+pub fn shared_mkt() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("mkt-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dst = dir.join("mkt");
+        std::fs::copy(env!("CARGO_BIN_EXE_mkt"), &dst).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dst
+    })
+    .clone()
+}
+
+/// `mkt ARGS` as the current user with a private HOME and XDG dirs.
+pub fn mkt(home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mkt"));
+    isolate(&mut c, home, None);
+    c
+}
+
+/// `mkt ARGS` as the given user (when Some), with HOME = `home`.
+pub fn mkt_as(user: Option<&TestUser>, home: &Path) -> Command {
+    let Some(u) = user else { return mkt(home) };
+    let mut c = Command::new(shared_mkt());
+    isolate(&mut c, home, Some(u));
+    c.uid(u.uid).gid(u.gid).env("USER", &u.name);
+    // Drop root's supplementary groups too.
+    // SAFETY: setgroups is a plain syscall on data prepared before the fork.
+    unsafe {
+        c.pre_exec(|| nix::unistd::setgroups(&[]).map_err(std::io::Error::from));
+    }
+    c
+}
+
+/// A private environment under `home`, with the XDG runtime dir a login
+/// would provide (0700, owned by `owner`).
+fn isolate(c: &mut Command, home: &Path, owner: Option<&TestUser>) {
+    let run = home.join("run");
+    if !run.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&run).unwrap();
+        if let Some(u) = owner {
+            nix::unistd::chown(&run, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+    }
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_DATA_HOME", home.join(".local/share"))
+        .env("XDG_STATE_HOME", home.join(".local/state"))
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env("LANG", "C.UTF-8");
+}
+
+/// A temporary HOME that `user` (when Some) owns.
+pub fn temp_home(user: Option<&TestUser>) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("mkt-home-")
+        .tempdir()
+        .unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(d.path(), Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+    d
+}
