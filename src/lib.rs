@@ -5,3 +5,6 @@
 pub mod cli;
 pub mod config;
 pub mod host;
+pub mod guest;
+pub mod instance;
+pub mod qemu;

@@ -1,0 +1,1 @@
+//! cpio newc writer (placeholder).

@@ -1,0 +1,3 @@
+//! Guest side (placeholder).
+pub mod cpio;
+pub mod modules;

@@ -1,0 +1,1 @@
+//! Per-run state (placeholder).
