@@ -41,6 +41,9 @@ pub enum Command {
     /// Check what this host can do (QEMU, KVM or TCG, user namespaces, ...),
     /// one line per capability with how to fix what is missing.
     Doctor(DoctorArgs),
+    /// Boot a kernel on a rootfs tree: interactive console, or one command
+    /// (`-- CMD ARGS...`) whose output and exit status become mkt's.
+    Run(Box<RunArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -52,6 +55,69 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A named setup from the config ([setup.NAME]); also the guest's hostname.
+    pub setup: Option<String>,
+    /// Rootfs: a name in mkt's store or a directory.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub rootfs: Option<String>,
+    /// Kernel: a built kernel tree or an image file [default: the setup's,
+    /// the current directory when it is a built tree, else the rootfs's own].
+    #[arg(long, value_name = "TREE|IMAGE")]
+    pub kernel: Option<PathBuf>,
+    /// Modules directory for a kernel image (its /lib/modules/<release>).
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// How the rootfs and shared dirs reach the guest [default: 9p, or
+    /// virtiofs for a kernel without 9p].
+    #[arg(long, value_parser = ["9p", "virtiofs"])]
+    pub fs: Option<String>,
+    /// Accelerator [default: KVM when really usable, else TCG].
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    pub accel: Option<String>,
+    /// Virtual CPUs [default: the CPUs this process may use].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory, e.g. 2G or 1536M [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// Extra kernel command-line words (repeatable).
+    #[arg(long, value_name = "ARGS")]
+    pub append: Vec<String>,
+    /// Extra raw QEMU argument (repeatable).
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_arg: Vec<String>,
+    /// Share a host directory at the same path (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub dir: Vec<PathBuf>,
+    /// Serve QEMU's gdb stub on 127.0.0.1:PORT.
+    #[arg(long, value_name = "PORT")]
+    pub gdbserver: Option<u16>,
+    /// Host port forwarded to the guest's SSH port [default: a free one].
+    #[arg(long, value_name = "N")]
+    pub ssh_port: Option<u16>,
+    /// Guest networking: user-mode NAT or none.
+    #[arg(long, value_parser = ["nat", "none"], default_value = "nat")]
+    pub net: String,
+    /// QEMU profile (qemu-profiles/NAME.toml): default, microvm, iommu.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Interactive mode: the rootfs's systemd (default when present) or a
+    /// plain login shell (faster, no services).
+    #[arg(long, value_parser = ["systemd", "shell"])]
+    pub init: Option<String>,
+    /// Keep the run directory (generated files, console log) and print it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the QEMU command line and the generated guest files; boot nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The command to run in the guest as you, instead of a console.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -115,7 +181,47 @@ pub fn run(cli: Cli) -> Result<i32> {
             let ctx = load_context(&cli.global)?;
             setup(&ctx, &args)
         }
+        Command::Run(args) => {
+            let ctx = load_context(&cli.global)?;
+            let opts = run_options(*args, &cli.global)?;
+            crate::run::run(&opts, &ctx.config, &ctx.paths)
+        }
     }
+}
+
+fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
+    use crate::host::kvm::Accel;
+    let mem_mib = a
+        .mem
+        .as_deref()
+        .map(|m| config::parse_mem_mib(m).map_err(|e| anyhow::anyhow!("--mem {m:?}: {e}")))
+        .transpose()?;
+    Ok(crate::run::RunOptions {
+        setup: a.setup,
+        rootfs: a.rootfs,
+        kernel: a.kernel,
+        modules: a.modules,
+        command: a.command,
+        fs: a.fs,
+        accel: a
+            .accel
+            .map(|x| if x == "kvm" { Accel::Kvm } else { Accel::Tcg }),
+        cpus: a.cpus,
+        mem_mib,
+        append: a.append,
+        qemu_args: a.qemu_arg,
+        dirs: a.dir,
+        gdb_port: a.gdbserver,
+        ssh_port: a.ssh_port,
+        net_none: a.net == "none",
+        profile: a.profile,
+        boot_script: None,
+        init: a.init,
+        keep: a.keep,
+        dry_run: a.dry_run,
+        quiet: g.quiet,
+        verbose: g.verbose > 0,
+    })
 }
 
 fn doctor(args: &DoctorArgs) -> Result<i32> {

@@ -1,1 +1,163 @@
-//! Per-run state (placeholder).
+//! Per-run state on the host: a private directory under the runtime dir
+//! holding the run's sockets, generated guest files, initramfs and console
+//! log. It is locked (flock) for as long as mkt runs, removed when the run
+//! ends, and a directory whose lock nobody holds is left over from a killed
+//! mkt: any later run removes it.
+
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("cannot create run directory {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot lock run directory {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A run's directory; removed on drop unless kept.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+    keep: bool,
+    _lock: Flock<File>,
+}
+
+/// Where the runs live inside the runtime dir.
+pub fn runs_dir(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("runs")
+}
+
+impl RunDir {
+    /// Creates `<runtime>/runs/<name>-<pid>` (mode 0700) and locks it.
+    pub fn create(runtime_dir: &Path, name: &str) -> Result<RunDir, InstanceError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let runs = runs_dir(runtime_dir);
+        let path = runs.join(format!("{name}-{}", std::process::id()));
+        let err = |source| InstanceError::Create {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&runs).map_err(err)?;
+        // A dir with our pid can only be a dead run's (pids are reused).
+        if path.exists() {
+            fs::remove_dir_all(&path).map_err(err)?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(err)?;
+        let file = File::create(path.join("lock")).map_err(err)?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            InstanceError::Lock {
+                path: path.clone(),
+                source: e.into(),
+            }
+        })?;
+        Ok(RunDir {
+            path,
+            keep: false,
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Keep the directory after the run (for --keep).
+    pub fn keep(&mut self) {
+        self.keep = true;
+        let _ = File::create(self.path.join("keep"));
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Removes run directories whose lock no live mkt holds; returns them.
+pub fn clean_stale(runtime_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(runs_dir(runtime_dir)) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Ok(f) = File::open(dir.join("lock")) else {
+            continue;
+        };
+        // Locked by a running mkt: leave it. Kept dirs have no lock holder
+        // either, so they are marked and skipped.
+        if dir.join("keep").exists() {
+            continue;
+        }
+        if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            if fs::remove_dir_all(&dir).is_ok() {
+                removed.push(dir);
+            }
+            drop(lock);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dir_is_private_locked_and_removed() {
+        let rt = tempfile::tempdir().unwrap();
+        let d = RunDir::create(rt.path(), "t").unwrap();
+        let path = d.path().to_path_buf();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // A live run is not stale.
+        assert!(clean_stale(rt.path()).is_empty());
+        assert!(path.exists());
+        drop(d);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn stale_dirs_of_dead_runs_are_removed_kept_ones_stay() {
+        let rt = tempfile::tempdir().unwrap();
+        let runs = runs_dir(rt.path());
+        for name in ["dead-1", "kept-2"] {
+            fs::create_dir_all(runs.join(name)).unwrap();
+            File::create(runs.join(name).join("lock")).unwrap();
+        }
+        File::create(runs.join("kept-2/keep")).unwrap();
+        let removed = clean_stale(rt.path());
+        assert_eq!(removed, vec![runs.join("dead-1")]);
+        assert!(runs.join("kept-2").exists());
+    }
+
+    #[test]
+    fn kept_run_dir_survives_drop() {
+        let rt = tempfile::tempdir().unwrap();
+        let mut d = RunDir::create(rt.path(), "k").unwrap();
+        d.keep();
+        let path = d.path().to_path_buf();
+        drop(d);
+        assert!(path.exists());
+    }
+}

@@ -4,7 +4,8 @@
 
 pub mod cli;
 pub mod config;
-pub mod host;
 pub mod guest;
+pub mod host;
 pub mod instance;
 pub mod qemu;
+pub mod run;

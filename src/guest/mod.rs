@@ -1,3 +1,562 @@
-//! Guest side (placeholder).
+//! The guest side of `mkt run`, as generated files: the plan mkt's guest
+//! init carries out (src/guest/init/main.rs), the /etc files that make the
+//! invoking user exist in the guest, and the setup script. Everything here
+//! is pure: inputs in, file contents out; the caller packs them into the
+//! initramfs (and keeps a copy in the run directory for --keep/--dry-run).
+
 pub mod cpio;
+pub mod initramfs;
 pub mod modules;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The host user, recreated in the guest with the same name, ids and home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub group: String,
+    pub home: PathBuf,
+    pub shell: String,
+}
+
+/// What PID 1 does once the root is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Run one command as the user, output on virtio-serial ports.
+    Exec(Vec<String>),
+    /// A login shell of the user on the console, no init system.
+    Shell,
+    /// The rootfs's systemd, with autologin on the serial console.
+    Systemd,
+}
+
+/// How a host directory reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    NineP,
+    Virtiofs,
+}
+
+impl FsKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsKind::NineP => "9p",
+            FsKind::Virtiofs => "virtiofs",
+        }
+    }
+}
+
+/// A host directory mounted in the guest at `guest_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    pub tag: String,
+    pub guest_path: PathBuf,
+    pub readonly: bool,
+    pub kind: FsKind,
+}
+
+/// What mkt knows about the rootfs's /etc, read on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootfsEtc {
+    pub passwd: String,
+    pub group: String,
+    /// None when the host user cannot read it (a root-owned tree).
+    pub shadow: Option<String>,
+    /// Whether the host user can read /etc/sudoers (and so can QEMU's 9p).
+    pub sudoers_readable: bool,
+    pub has_sudo: bool,
+    pub has_sshd: bool,
+}
+
+/// The SSH access mkt injects: the user's key and a host key of mkt's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshSetup {
+    pub authorized_key: String,
+    pub host_key: String,
+}
+
+/// Everything the plan depends on.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub mode: Mode,
+    pub user: GuestUser,
+    pub hostname: String,
+    pub root: GuestMount,
+    pub mounts: Vec<GuestMount>,
+    pub cwd: Option<PathBuf>,
+    /// Symlinks to create: (link in the guest, target).
+    pub links: Vec<(PathBuf, PathBuf)>,
+    /// Kernel release whose /lib/modules needs a depmod run in the guest.
+    pub depmod_release: Option<String>,
+    pub etc: RootfsEtc,
+    pub ssh: Option<SshSetup>,
+    pub net: bool,
+}
+
+/// The run's generated guest files, packed into the initramfs's /mkt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Generated {
+    pub files: Vec<GenFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenFile {
+    /// File name in the initramfs's /mkt.
+    pub name: String,
+    pub content: Vec<u8>,
+    /// Where the guest init copies it (None: read in place, like the plan).
+    pub dest: Option<String>,
+    pub mode: u32,
+}
+
+impl Generated {
+    pub fn get(&self, name: &str) -> Option<&GenFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    pub fn text(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .map(|f| String::from_utf8_lossy(&f.content).into_owned())
+    }
+
+    fn add(&mut self, name: &str, content: impl Into<Vec<u8>>, dest: Option<&str>, mode: u32) {
+        self.files.push(GenFile {
+            name: name.to_string(),
+            content: content.into(),
+            dest: dest.map(str::to_string),
+            mode,
+        });
+    }
+}
+
+/// Escapes a plan field: tab, newline and backslash (what the init undoes).
+pub fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('\t', "\\t")
+        .replace('\n', "\\n")
+}
+
+fn plan_line(fields: &[&str]) -> String {
+    let mut line = fields
+        .iter()
+        .map(|f| escape(f))
+        .collect::<Vec<_>>()
+        .join("\t");
+    line.push('\n');
+    line
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// /etc/passwd with the user's line replacing any entry of the same name or uid.
+pub fn passwd_with_user(passwd: &str, u: &GuestUser) -> String {
+    let mut out = String::new();
+    for line in passwd.lines() {
+        let mut f = line.split(':');
+        let (name, uid) = (f.next().unwrap_or(""), f.nth(1).unwrap_or(""));
+        if name == u.name || uid == u.uid.to_string() {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "{}:x:{}:{}:{}:{}:{}",
+        u.name,
+        u.uid,
+        u.gid,
+        u.name,
+        u.home.display(),
+        u.shell
+    );
+    out
+}
+
+/// /etc/group with the user's primary group (same name and gid as on the host).
+pub fn group_with_user(group: &str, u: &GuestUser) -> String {
+    let mut out = String::new();
+    for line in group.lines() {
+        let mut f = line.split(':');
+        let (name, gid) = (f.next().unwrap_or(""), f.nth(1).unwrap_or(""));
+        if name == u.group || gid == u.gid.to_string() {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    let _ = writeln!(out, "{}:x:{}:", u.group, u.gid);
+    out
+}
+
+/// /etc/shadow with a password-less-login entry for the user (`*`: no
+/// password login; console autologin and SSH keys still work). Without a
+/// readable shadow, one is made from passwd so PAM finds every account.
+pub fn shadow_with_user(shadow: Option<&str>, passwd: &str, u: &GuestUser) -> String {
+    let base = match shadow {
+        Some(s) => s.to_string(),
+        None => passwd
+            .lines()
+            .filter_map(|l| l.split(':').next())
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("{n}:*:19000:0:99999:7:::\n"))
+            .collect(),
+    };
+    let mut out: String = base
+        .lines()
+        .filter(|l| l.split(':').next() != Some(u.name.as_str()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let _ = writeln!(out, "{}:*:19000:0:99999:7:::", u.name);
+    out
+}
+
+/// The script the init runs as root in the new root before the mode starts:
+/// network for QEMU's user-mode NAT, resolver, modules index.
+pub fn setup_script(input: &PlanInput) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\n# Generated by mkt for this run; runs as root before the command.\n",
+    );
+    if let Some(rel) = &input.depmod_release {
+        let _ = writeln!(
+            s,
+            "command -v depmod >/dev/null && depmod -a {rel} 2>/dev/null"
+        );
+    }
+    s.push_str("command -v ip >/dev/null && ip link set lo up\n");
+    if input.net {
+        // QEMU's user-mode network: fixed addresses, no DHCP wait.
+        s.push_str(
+            "if command -v ip >/dev/null; then\n\
+             \x20   ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2\n\
+             fi\n\
+             rm -f /etc/resolv.conf && echo 'nameserver 10.0.2.3' > /etc/resolv.conf\n",
+        );
+    }
+    s.push_str("exit 0\n");
+    s
+}
+
+/// Generates the plan and every file it refers to.
+pub fn generate(input: &PlanInput) -> Generated {
+    let mut g = Generated::default();
+    let u = &input.user;
+    let etc = &input.etc;
+    g.add(
+        "passwd",
+        passwd_with_user(&etc.passwd, u),
+        Some("/etc/passwd"),
+        0o644,
+    );
+    g.add(
+        "group",
+        group_with_user(&etc.group, u),
+        Some("/etc/group"),
+        0o644,
+    );
+    g.add(
+        "shadow",
+        shadow_with_user(etc.shadow.as_deref(), &etc.passwd, u),
+        Some("/etc/shadow"),
+        0o640,
+    );
+    g.add(
+        "hostname",
+        format!("{}\n", input.hostname),
+        Some("/etc/hostname"),
+        0o644,
+    );
+    g.add(
+        "hosts",
+        format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            h = input.hostname
+        ),
+        Some("/etc/hosts"),
+        0o644,
+    );
+    if etc.has_sudo {
+        let rule = format!("{} ALL=(ALL:ALL) NOPASSWD: ALL\n", u.name);
+        if etc.sudoers_readable {
+            g.add("sudoers-mkt", rule, Some("/etc/sudoers.d/mkt"), 0o440);
+        } else {
+            // The tree's sudoers (and its includes) are unreadable through
+            // the share, so sudo would refuse to run: give it a whole one.
+            g.add(
+                "sudoers",
+                format!("Defaults env_reset\nroot ALL=(ALL:ALL) ALL\n{rule}"),
+                Some("/etc/sudoers"),
+                0o440,
+            );
+        }
+    }
+    if let Some(ssh) = &input.ssh {
+        g.add(
+            "authorized_keys",
+            ssh.authorized_key.clone(),
+            Some("/etc/mkt/authorized_keys"),
+            0o644,
+        );
+        g.add(
+            "ssh_host_ed25519_key",
+            ssh.host_key.clone(),
+            Some("/etc/mkt/ssh_host_ed25519_key"),
+            0o600,
+        );
+        g.add(
+            "sshd-mkt.conf",
+            "# Generated by mkt: its host key, its key for the user.\n\
+             HostKey /etc/mkt/ssh_host_ed25519_key\n\
+             AuthorizedKeysFile .ssh/authorized_keys /etc/mkt/authorized_keys\n\
+             PasswordAuthentication no\n\
+             UseDNS no\n",
+            Some("/etc/ssh/sshd_config.d/mkt.conf"),
+            0o644,
+        );
+    }
+    if input.mode == Mode::Systemd {
+        g.add(
+            "autologin.conf",
+            format!(
+                "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin {} --noclear --keep-baud 115200,57600,38400,9600 %I $TERM\n",
+                u.name
+            ),
+            Some("/etc/systemd/system/serial-getty@ttyS0.service.d/mkt-autologin.conf"),
+            0o644,
+        );
+    }
+    g.add(
+        "setup.sh",
+        setup_script(input),
+        Some("/run/mkt/setup.sh"),
+        0o755,
+    );
+
+    let mut plan = String::from("# mkt guest plan: one operation a line, tab-separated\n");
+    let mode = match &input.mode {
+        Mode::Exec(_) => "exec",
+        Mode::Shell => "shell",
+        Mode::Systemd => "systemd",
+    };
+    plan += &plan_line(&["mode", mode]);
+    plan += &plan_line(&["root", input.root.kind.as_str(), &input.root.tag]);
+    plan += &plan_line(&[
+        "user",
+        &u.name,
+        &u.uid.to_string(),
+        &u.gid.to_string(),
+        &p(&u.home),
+    ]);
+    plan += &plan_line(&["hostname", &input.hostname]);
+    for m in &input.mounts {
+        plan += &plan_line(&[
+            "share",
+            &m.tag,
+            &p(&m.guest_path),
+            if m.readonly { "ro" } else { "rw" },
+            m.kind.as_str(),
+        ]);
+    }
+    for (link, target) in &input.links {
+        plan += &plan_line(&["symlink", &p(target), &p(link)]);
+    }
+    for f in &g.files {
+        if let Some(dest) = &f.dest {
+            plan += &plan_line(&["file", &f.name, dest, &format!("{:o}", f.mode), "0", "0"]);
+        }
+    }
+    if let Some(cwd) = &input.cwd {
+        plan += &plan_line(&["cwd", &p(cwd)]);
+    }
+    plan += &plan_line(&["setup", "/run/mkt/setup.sh"]);
+    if let Mode::Exec(argv) = &input.mode {
+        let mut f = vec!["exec"];
+        f.extend(argv.iter().map(String::as_str));
+        plan += &plan_line(&f);
+    }
+    g.add("plan", plan, None, 0o644);
+    g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user() -> GuestUser {
+        GuestUser {
+            name: "dev".into(),
+            uid: 1000,
+            gid: 1000,
+            group: "dev".into(),
+            home: "/home/dev".into(),
+            shell: "/bin/bash".into(),
+        }
+    }
+
+    fn input(mode: Mode) -> PlanInput {
+        PlanInput {
+            mode,
+            user: user(),
+            hostname: "cx5".into(),
+            root: GuestMount {
+                tag: "root".into(),
+                guest_path: "/".into(),
+                readonly: true,
+                kind: FsKind::NineP,
+            },
+            mounts: vec![GuestMount {
+                tag: "m0".into(),
+                guest_path: "/home/dev".into(),
+                readonly: false,
+                kind: FsKind::NineP,
+            }],
+            cwd: Some("/home/dev/linux".into()),
+            links: vec![(
+                "/lib/modules/6.1.0/kernel/drivers/net/dummy.ko".into(),
+                "/home/dev/linux/drivers/net/dummy.ko".into(),
+            )],
+            depmod_release: Some("6.1.0".into()),
+            etc: RootfsEtc {
+                passwd: "root:x:0:0:root:/root:/bin/bash\nold:x:1000:1000::/home/old:/bin/sh\n"
+                    .into(),
+                group: "root:x:0:\nold:x:1000:\n".into(),
+                shadow: None,
+                sudoers_readable: false,
+                has_sudo: true,
+                has_sshd: true,
+            },
+            ssh: Some(SshSetup {
+                authorized_key: "ssh-ed25519 AAAA mkt\n".into(),
+                host_key: "-----BEGIN OPENSSH PRIVATE KEY-----\n".into(),
+            }),
+            net: true,
+        }
+    }
+
+    #[test]
+    fn passwd_replaces_entries_with_same_name_or_uid() {
+        let out = passwd_with_user(
+            "root:x:0:0:root:/root:/bin/bash\nold:x:1000:1000::/home/old:/bin/sh\ndev:x:5:5::/:/bin/sh\n",
+            &user(),
+        );
+        assert_eq!(
+            out,
+            "root:x:0:0:root:/root:/bin/bash\ndev:x:1000:1000:dev:/home/dev:/bin/bash\n"
+        );
+    }
+
+    #[test]
+    fn group_and_shadow_get_the_user() {
+        assert_eq!(
+            group_with_user("root:x:0:\nold:x:1000:\n", &user()),
+            "root:x:0:\ndev:x:1000:\n"
+        );
+        let sh = shadow_with_user(None, "root:x:0:0::/root:/bin/sh\n", &user());
+        assert_eq!(sh, "root:*:19000:0:99999:7:::\ndev:*:19000:0:99999:7:::\n");
+        let sh = shadow_with_user(
+            Some("root:$6$x:1:0:99999:7:::\ndev:old:1::::::\n"),
+            "",
+            &user(),
+        );
+        assert_eq!(sh, "root:$6$x:1:0:99999:7:::\ndev:*:19000:0:99999:7:::\n");
+    }
+
+    #[test]
+    fn plan_lists_every_operation_in_order() {
+        let g = generate(&input(Mode::Exec(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo a\tb".into(),
+        ])));
+        let plan = g.text("plan").unwrap();
+        let lines: Vec<&str> = plan.lines().skip(1).collect();
+        assert_eq!(lines[0], "mode\texec");
+        assert_eq!(lines[1], "root\t9p\troot");
+        assert_eq!(lines[2], "user\tdev\t1000\t1000\t/home/dev");
+        assert_eq!(lines[3], "hostname\tcx5");
+        assert_eq!(lines[4], "share\tm0\t/home/dev\trw\t9p");
+        assert_eq!(
+            lines[5],
+            "symlink\t/home/dev/linux/drivers/net/dummy.ko\t/lib/modules/6.1.0/kernel/drivers/net/dummy.ko"
+        );
+        assert!(plan.contains("file\tpasswd\t/etc/passwd\t644\t0\t0\n"));
+        assert!(plan.contains("file\tsudoers\t/etc/sudoers\t440\t0\t0\n"));
+        assert!(
+            plan.contains("file\tssh_host_ed25519_key\t/etc/mkt/ssh_host_ed25519_key\t600\t0\t0\n")
+        );
+        assert!(plan.contains("cwd\t/home/dev/linux\n"));
+        assert!(plan.contains("setup\t/run/mkt/setup.sh\n"));
+        // The tab inside the argument is escaped, so argv survives intact.
+        assert!(plan.ends_with("exec\tsh\t-c\techo a\\tb\n"), "{plan}");
+    }
+
+    #[test]
+    fn sudoers_drop_in_only_when_the_trees_sudoers_is_readable() {
+        let mut i = input(Mode::Shell);
+        i.etc.sudoers_readable = true;
+        let g = generate(&i);
+        assert!(g.get("sudoers").is_none());
+        let f = g.get("sudoers-mkt").unwrap();
+        assert_eq!(f.dest.as_deref(), Some("/etc/sudoers.d/mkt"));
+        assert_eq!(f.mode, 0o440);
+        assert_eq!(
+            g.text("sudoers-mkt").unwrap(),
+            "dev ALL=(ALL:ALL) NOPASSWD: ALL\n"
+        );
+        i.etc.has_sudo = false;
+        let g = generate(&i);
+        assert!(g.get("sudoers").is_none() && g.get("sudoers-mkt").is_none());
+    }
+
+    #[test]
+    fn systemd_mode_gets_autologin_on_the_serial_console() {
+        let g = generate(&input(Mode::Systemd));
+        let f = g.get("autologin.conf").unwrap();
+        assert_eq!(
+            f.dest.as_deref(),
+            Some("/etc/systemd/system/serial-getty@ttyS0.service.d/mkt-autologin.conf")
+        );
+        assert!(
+            g.text("autologin.conf")
+                .unwrap()
+                .contains("--autologin dev ")
+        );
+        assert!(
+            generate(&input(Mode::Shell))
+                .get("autologin.conf")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn setup_script_configures_nat_network_and_depmod() {
+        let s = setup_script(&input(Mode::Shell));
+        assert!(s.starts_with("#!/bin/sh\n"));
+        assert!(s.contains("depmod -a 6.1.0"));
+        assert!(s.contains("ip addr add 10.0.2.15/24 dev eth0"));
+        assert!(s.contains("nameserver 10.0.2.3"));
+        let mut i = input(Mode::Shell);
+        i.net = false;
+        i.depmod_release = None;
+        let s = setup_script(&i);
+        assert!(!s.contains("eth0") && !s.contains("depmod"));
+    }
+
+    #[test]
+    fn sshd_drop_in_uses_mkts_keys() {
+        let g = generate(&input(Mode::Systemd));
+        let conf = g.text("sshd-mkt.conf").unwrap();
+        assert!(conf.contains("HostKey /etc/mkt/ssh_host_ed25519_key"));
+        assert!(conf.contains("AuthorizedKeysFile .ssh/authorized_keys /etc/mkt/authorized_keys"));
+    }
+
+    #[test]
+    fn escape_round_trips_special_characters() {
+        assert_eq!(escape("a\tb\nc\\d"), "a\\tb\\nc\\\\d");
+    }
+}

@@ -1,1 +1,13 @@
-//! QEMU command line (placeholder).
+//! The QEMU command line as data: profiles (machine type, bus, kernel words)
+//! and pure builders that turn a [`VmSpec`] into an argv. No I/O except
+//! loading profile files.
+
+pub mod args;
+pub mod profile;
+
+pub use args::{
+    Console, FsKind, Net, Port, Share, VmSpec, base_args, command_line, console_args, cpu_mem_args,
+    gdb_args, kernel_args, machine_args, mem_for_devices, net_args, ports_args, qemu_escape,
+    qmp_args, rng_args, share_args, shell_quote,
+};
+pub use profile::{Bus, DEFAULT_PROFILE, Profile, ProfileError, builtin_names, known_names};

@@ -1,0 +1,416 @@
+//! mkt's guest init: PID 1 of every `mkt run` guest, packed as /init into
+//! the initramfs mkt generates. Built by build.rs as a static binary with
+//! rustc alone (std, no crates), because it must run before any root file
+//! system (and its libc) is mounted.
+//!
+//! It does the fixed steps itself: mount /proc, /sys, /dev; load the modules
+//! packed in /modules (distro kernels); read the run's plan and files from
+//! /mkt (also packed into the initramfs); mount the rootfs share read-only under a tmpfs overlay (the
+//! stored tree is never written); carry out the plan (shares, links, files);
+//! switch root; then run the command (exec mode), systemd, or a shell.
+//! Everything run-specific comes from the plan, which the host generates
+//! and tests as a file.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+unsafe extern "C" {
+    fn mount(
+        src: *const i8,
+        target: *const i8,
+        fstype: *const i8,
+        flags: u64,
+        data: *const i8,
+    ) -> i32;
+    fn chroot(path: *const i8) -> i32;
+    fn sethostname(name: *const u8, len: usize) -> i32;
+    fn reboot(cmd: i32) -> i32;
+    fn sync();
+    fn syscall(n: i64, ...) -> i64;
+    fn setsid() -> i32;
+    fn ioctl(fd: i32, req: u64, ...) -> i32;
+    fn chown(path: *const i8, uid: u32, gid: u32) -> i32;
+}
+
+const MS_RDONLY: u64 = 1;
+const MS_MOVE: u64 = 8192;
+const RB_POWER_OFF: i32 = 0x4321fedc;
+const SYS_FINIT_MODULE: i64 = 313;
+const TIOCSCTTY: u64 = 0x540E;
+
+fn log(msg: &str) {
+    // The console is the serial line: the host shows it on failure.
+    let _ = writeln!(io::stderr(), "mkt-init: {msg}");
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn do_mount(src: &str, target: &str, fstype: &str, flags: u64, data: &str) -> io::Result<()> {
+    let _ = fs::create_dir_all(target);
+    let (s, t, f, d) = (c(src), c(target), c(fstype), c(data));
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            if fstype.is_empty() { std::ptr::null() } else { f.as_ptr() },
+            flags,
+            if data.is_empty() { std::ptr::null() } else { d.as_ptr() },
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(
+            e.kind(),
+            format!("mount {src} on {target} ({fstype} {data}): {e}"),
+        ))
+    }
+}
+
+fn poweroff() -> ! {
+    // SAFETY: sync and reboot take no pointers; PID 1 may power off.
+    unsafe {
+        sync();
+        reboot(RB_POWER_OFF);
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    log(msg);
+    log("cannot continue; powering off");
+    poweroff()
+}
+
+/// Loads the modules packed into the initramfs, in /modules/order order.
+fn load_modules() {
+    let Ok(order) = fs::read_to_string("/modules/order") else {
+        return;
+    };
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let path = format!("/modules/{name}");
+        let Ok(f) = File::open(&path) else {
+            log(&format!("missing module {path}"));
+            continue;
+        };
+        let empty = c("");
+        // SAFETY: finit_module reads the open fd and the empty params string.
+        let r = unsafe { syscall(SYS_FINIT_MODULE, f.as_raw_fd(), empty.as_ptr(), 0) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(17) {
+                log(&format!("loading {name}: {e}"));
+            }
+        }
+    }
+}
+
+/// Undoes the plan's escaping of tab, newline and backslash in fields.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(ch) = it.next() {
+        if ch == '\\' {
+            match it.next() {
+                Some('t') => out.push('\t'),
+                Some('n') => out.push('\n'),
+                Some(o) => out.push(o),
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct Plan {
+    mode: String,
+    root_kind: String,
+    root_tag: String,
+    ops: Vec<Vec<String>>,
+    user: Option<(String, u32, u32, String)>,
+    cwd: Option<String>,
+    hostname: Option<String>,
+    exec: Vec<String>,
+    setup: Option<String>,
+}
+
+fn parse_plan(text: &str) -> Plan {
+    let mut p = Plan {
+        mode: "exec".into(),
+        root_kind: "9p".into(),
+        root_tag: "root".into(),
+        ..Plan::default()
+    };
+    for line in text.lines() {
+        let f: Vec<String> = line.split('\t').map(unescape).collect();
+        let n = |i: usize| f.get(i).cloned().unwrap_or_default();
+        match f[0].as_str() {
+            "" => {}
+            "mode" => p.mode = n(1),
+            "root" => (p.root_kind, p.root_tag) = (n(1), n(2)),
+            "user" => {
+                p.user = Some((n(1), n(2).parse().unwrap_or(0), n(3).parse().unwrap_or(0), n(4)))
+            }
+            "cwd" => p.cwd = Some(n(1)),
+            "hostname" => p.hostname = Some(n(1)),
+            "exec" => p.exec = f[1..].to_vec(),
+            "setup" => p.setup = Some(n(1)),
+            _ => p.ops.push(f),
+        }
+    }
+    p
+}
+
+fn mount_share(kind: &str, tag: &str, target: &str, ro: bool) -> io::Result<()> {
+    let flags = if ro { MS_RDONLY } else { 0 };
+    if kind == "virtiofs" {
+        do_mount(tag, target, "virtiofs", flags, "")
+    } else {
+        do_mount(
+            tag,
+            target,
+            "9p",
+            flags,
+            "trans=virtio,version=9p2000.L,cache=loose,msize=512000",
+        )
+    }
+}
+
+/// Carries out one plan operation, with paths relative to the new root.
+fn apply(op: &[String], root: &str) -> io::Result<()> {
+    let at = |p: &str| format!("{root}{p}");
+    let arg = |i: usize| op.get(i).map(String::as_str).unwrap_or("");
+    match arg(0) {
+        "share" => mount_share(arg(4), arg(1), &at(arg(2)), arg(3) == "ro"),
+        "mkdir" => {
+            fs::create_dir_all(at(arg(1)))?;
+            let mode = u32::from_str_radix(arg(2), 8).unwrap_or(0o755);
+            fs::set_permissions(at(arg(1)), fs::Permissions::from_mode(mode))
+        }
+        "symlink" => {
+            let link = at(arg(2));
+            if let Some(parent) = Path::new(&link).parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let _ = fs::remove_file(&link);
+            symlink(arg(1), &link)
+        }
+        "file" => {
+            let dst = at(arg(2));
+            if let Some(parent) = Path::new(&dst).parent() {
+                fs::create_dir_all(parent)?;
+            }
+            let _ = fs::remove_file(&dst);
+            fs::copy(format!("/mkt/{}", arg(1)), &dst)?;
+            let mode = u32::from_str_radix(arg(3), 8).unwrap_or(0o644);
+            fs::set_permissions(&dst, fs::Permissions::from_mode(mode))?;
+            let (uid, gid) = (arg(4).parse().unwrap_or(0), arg(5).parse().unwrap_or(0));
+            let p = c(&dst);
+            // SAFETY: p is a valid NUL-terminated path.
+            if unsafe { chown(p.as_ptr(), uid, gid) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+        "tmpfs" => do_mount("tmpfs", &at(arg(1)), "tmpfs", 0, "mode=0755"),
+        other => Err(io::Error::other(format!("unknown plan operation {other:?}"))),
+    }
+}
+
+/// Moves the new root over / (the initramfs cannot be pivot_root'ed).
+fn switch_root(root: &str) -> io::Result<()> {
+    for m in ["/proc", "/sys", "/dev"] {
+        do_mount(m, &format!("{root}{m}"), "", MS_MOVE, "")?;
+    }
+    std::env::set_current_dir(root)?;
+    do_mount(".", "/", "", MS_MOVE, "")?;
+    let dot = c(".");
+    // SAFETY: dot is a valid path; PID 1 runs as root.
+    if unsafe { chroot(dot.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
+fn find_port(name: &str) -> Option<PathBuf> {
+    for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let n = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if n.trim() == name {
+            return Some(Path::new("/dev").join(e.file_name()));
+        }
+    }
+    None
+}
+
+fn open_port(name: &str) -> Option<File> {
+    let p = find_port(name)?;
+    fs::OpenOptions::new().write(true).open(p).ok()
+}
+
+fn user_env(cmd: &mut Command, user: &Option<(String, u32, u32, String)>) {
+    cmd.env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("TERM", std::env::var("TERM").unwrap_or_else(|_| "linux".into()))
+        .env("LANG", "C.UTF-8");
+    if let Some((name, uid, gid, home)) = user {
+        cmd.uid(*uid).gid(*gid);
+        cmd.env("HOME", home).env("USER", name).env("LOGNAME", name);
+    } else {
+        cmd.env("HOME", "/root").env("USER", "root").env("LOGNAME", "root");
+    }
+}
+
+/// Exec mode: run the command as the user with stdout/stderr on their own
+/// virtio-serial ports, then report the exit status on the status port.
+fn run_exec(p: &Plan) -> ! {
+    let (Some(out), Some(err), Some(mut status)) = (
+        open_port("mkt.stdout"),
+        open_port("mkt.stderr"),
+        open_port("mkt.status"),
+    ) else {
+        fail("virtio-serial ports mkt.stdout/mkt.stderr/mkt.status not found");
+    };
+    let code = if p.exec.is_empty() {
+        0
+    } else {
+        let mut cmd = Command::new(&p.exec[0]);
+        cmd.args(&p.exec[1..]);
+        user_env(&mut cmd, &p.user);
+        let cwd = p
+            .cwd
+            .clone()
+            .filter(|d| Path::new(d).is_dir())
+            .or_else(|| p.user.as_ref().map(|u| u.3.clone()))
+            .unwrap_or_else(|| "/".into());
+        cmd.current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err.try_clone().expect("dup")));
+        // SAFETY: setsid is async-signal-safe; the child gets its own session.
+        unsafe {
+            cmd.pre_exec(|| {
+                setsid();
+                Ok(())
+            });
+        }
+        match cmd.status() {
+            Ok(s) => s.code().unwrap_or_else(|| {
+                use std::os::unix::process::ExitStatusExt;
+                128 + s.signal().unwrap_or(0)
+            }),
+            Err(e) => {
+                let _ = writeln!(&err, "mkt: cannot run {}: {e}", p.exec[0]);
+                if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 }
+            }
+        }
+    };
+    let _ = writeln!(status, "EXIT {code}");
+    drop(status);
+    poweroff()
+}
+
+/// Shell mode: a login shell of the user on the console, power off after.
+fn run_shell(p: &Plan) -> ! {
+    let shell = "/bin/bash";
+    let shell = if Path::new(shell).exists() { shell } else { "/bin/sh" };
+    let mut cmd = Command::new(shell);
+    cmd.arg("-l");
+    user_env(&mut cmd, &p.user);
+    if let Some(u) = &p.user {
+        cmd.current_dir(&u.3);
+    }
+    // SAFETY: setsid and ioctl are async-signal-safe; the console becomes
+    // the shell's controlling terminal so job control and Ctrl-C work.
+    unsafe {
+        cmd.pre_exec(|| {
+            setsid();
+            ioctl(0, TIOCSCTTY, 1);
+            Ok(())
+        });
+    }
+    if let Err(e) = cmd.status() {
+        log(&format!("cannot start {shell}: {e}"));
+    }
+    poweroff()
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("mkt-init: this is mkt's guest init; it runs as PID 1 in a guest");
+        std::process::exit(2);
+    }
+    for (src, dst, fstype) in [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")] {
+        if let Err(e) = do_mount(src, dst, fstype, 0, "") {
+            log(&e.to_string());
+        }
+    }
+    load_modules();
+    let mut text = String::new();
+    if let Err(e) = File::open("/mkt/plan").and_then(|mut f| f.read_to_string(&mut text)) {
+        fail(&format!("reading /mkt/plan: {e}"));
+    }
+    let plan = parse_plan(&text);
+
+    // The stored tree, read-only, under a tmpfs overlay: the run's writes
+    // live in guest memory and vanish with it.
+    let root = "/newroot";
+    let steps = || -> io::Result<()> {
+        mount_share(&plan.root_kind, &plan.root_tag, "/lower", true)?;
+        do_mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
+        fs::create_dir_all("/rw/upper")?;
+        fs::create_dir_all("/rw/work")?;
+        do_mount(
+            "overlay",
+            root,
+            "overlay",
+            0,
+            "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work",
+        )
+    };
+    if let Err(e) = steps() {
+        fail(&e.to_string());
+    }
+    for op in &plan.ops {
+        if let Err(e) = apply(op, root) {
+            fail(&format!("plan step {}: {e}", op.join(" ")));
+        }
+    }
+    if let Some(h) = &plan.hostname {
+        // SAFETY: the pointer and length describe h's bytes.
+        unsafe { sethostname(h.as_ptr(), h.len()) };
+    }
+    if let Err(e) = switch_root(root) {
+        fail(&format!("switch root: {e}"));
+    }
+    if let Some(setup) = &plan.setup {
+        match Command::new("/bin/sh").arg(setup).status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => log(&format!("{setup} failed: {s}")),
+            Err(e) => log(&format!("cannot run {setup}: {e}")),
+        }
+    }
+    match plan.mode.as_str() {
+        "exec" => run_exec(&plan),
+        "shell" => run_shell(&plan),
+        "systemd" => {
+            let e = Command::new("/sbin/init").exec();
+            fail(&format!("cannot exec /sbin/init: {e}"))
+        }
+        m => fail(&format!("unknown mode {m:?}")),
+    }
+}

@@ -1,0 +1,1032 @@
+//! `mkt run`: resolve the kernel and rootfs, generate the guest files and
+//! initramfs into a private run directory, start QEMU, relay the command's
+//! output and exit status, and tear everything down whatever happens.
+
+use crate::config::{Config, Paths, Setup};
+use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
+use crate::host::{self, kvm};
+use crate::instance::{self, RunDir};
+use crate::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("rootfs {0:?} not found: not a directory, and no such name in {1} (known: {2})")]
+    NoRootfs(String, PathBuf, String),
+    #[error("no rootfs given: use --rootfs NAME|DIR, or set rootfs in the config")]
+    NoRootfsGiven,
+    #[error(
+        "--kernel {0}: neither a built kernel tree (arch/x86/boot/bzImage) nor a kernel image file"
+    )]
+    BadKernel(PathBuf),
+    #[error(
+        "no kernel: --kernel not given, no kernel in the config, the current directory is not a built kernel tree, and {0}/boot has no vmlinuz-*"
+    )]
+    NoKernel(PathBuf),
+    #[error("kernel tree {0}")]
+    Modules(PathBuf, #[source] guest::modules::ModulesError),
+    #[error("cannot read the kernel release from {0} (pass --modules DIR to name the modules)")]
+    NoRelease(PathBuf),
+    #[error("the kernel needs module {name} to boot, and {dir} does not have it")]
+    MissingBootModule { name: String, dir: PathBuf },
+    #[error("--boot-script {0}: {1}")]
+    BootScript(PathBuf, String),
+    #[error("setup {0:?} is not in the config{1}")]
+    NoSetup(String, String),
+    #[error("--profile")]
+    Profile(#[source] qemu::ProfileError),
+    #[error("cannot prepare the run directory")]
+    RunDir(#[source] instance::InstanceError),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] io::Error),
+    #[error("cannot start {0}")]
+    Spawn(PathBuf, #[source] io::Error),
+    #[error("{0}")]
+    Io(String, #[source] io::Error),
+    #[error("virtiofs needs virtiofsd, which is not installed (see `mkt doctor`), or use --fs 9p")]
+    NoVirtiofsd,
+    #[error("virtiofsd for {0} did not start: {1}")]
+    Virtiofsd(PathBuf, String),
+    #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
+    NoQemu,
+    #[error("the guest ended without reporting the command's exit status ({qemu}){}", last_lines(.console))]
+    NoStatus { qemu: String, console: String },
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+}
+
+fn last_lines(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(25)..];
+    let panic = lines.iter().find(|l| l.contains("Kernel panic"));
+    let mut s = String::new();
+    if let Some(p) = panic {
+        s += &format!("\n{}", p.trim());
+    }
+    if !tail.is_empty() {
+        s += "\nlast console lines:\n";
+        s += &tail.join("\n");
+    }
+    s
+}
+
+/// What `mkt run` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub setup: Option<String>,
+    pub rootfs: Option<String>,
+    pub kernel: Option<PathBuf>,
+    pub modules: Option<PathBuf>,
+    pub command: Vec<String>,
+    pub fs: Option<String>,
+    pub accel: Option<kvm::Accel>,
+    pub cpus: Option<u32>,
+    pub mem_mib: Option<u64>,
+    pub append: Vec<String>,
+    pub qemu_args: Vec<String>,
+    pub dirs: Vec<PathBuf>,
+    pub gdb_port: Option<u16>,
+    pub ssh_port: Option<u16>,
+    pub net_none: bool,
+    pub profile: Option<String>,
+    pub boot_script: Option<PathBuf>,
+    pub init: Option<String>,
+    pub keep: bool,
+    pub dry_run: bool,
+    pub quiet: bool,
+    pub verbose: bool,
+}
+
+/// The kernel to boot and how its modules reach the guest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kernel {
+    /// A built tree: bzImage, modules linked from the tree.
+    Tree { tree: PathBuf, release: String },
+    /// An image file with its modules dir (a distro kernel).
+    Image {
+        image: PathBuf,
+        release: String,
+        modules: Option<PathBuf>,
+    },
+}
+
+impl Kernel {
+    pub fn image(&self) -> PathBuf {
+        match self {
+            Kernel::Tree { tree, .. } => tree.join("arch/x86/boot/bzImage"),
+            Kernel::Image { image, .. } => image.clone(),
+        }
+    }
+}
+
+/// The release string in a bzImage's header (the "kernel_version" field).
+pub fn bzimage_release(data: &[u8]) -> Option<String> {
+    // Boot protocol: "HdrS" at 0x202; kernel_version pointer at 0x20e,
+    // relative to 0x200.
+    if data.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let off = u16::from_le_bytes([*data.get(0x20e)?, *data.get(0x20f)?]) as usize + 0x200;
+    let s = data.get(off..off + 256)?;
+    let end = s.iter().position(|&b| b == 0 || b == b' ')?;
+    String::from_utf8(s[..end].to_vec()).ok()
+}
+
+fn is_kernel_tree(dir: &Path) -> bool {
+    dir.join("arch/x86/boot/bzImage").is_file() && dir.join("Kbuild").exists()
+}
+
+/// --kernel, else the setup's or config's kernel, else the current
+/// directory when it is a built tree, else the rootfs's own newest kernel.
+pub fn resolve_kernel(
+    explicit: Option<&Path>,
+    modules: Option<&Path>,
+    cwd: &Path,
+    rootfs: &Path,
+) -> Result<Kernel, RunError> {
+    let tree = |t: &Path| -> Result<Kernel, RunError> {
+        let tm = guest::modules::tree_modules(t).map_err(|e| RunError::Modules(t.into(), e))?;
+        Ok(Kernel::Tree {
+            tree: t.to_path_buf(),
+            release: tm.release,
+        })
+    };
+    let image = |img: &Path, modules: Option<&Path>, root: Option<&Path>| {
+        let data = std::fs::read(img)
+            .map_err(|e| RunError::Io(format!("cannot read {}", img.display()), e))?;
+        let release = bzimage_release(&data)
+            .or_else(|| {
+                img.file_name()?
+                    .to_str()?
+                    .strip_prefix("vmlinuz-")
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| RunError::NoRelease(img.into()))?;
+        let modules = modules.map(Path::to_path_buf).or_else(|| {
+            let d = root?.join("lib/modules").join(&release);
+            d.is_dir().then_some(d)
+        });
+        Ok(Kernel::Image {
+            image: img.to_path_buf(),
+            release,
+            modules,
+        })
+    };
+    if let Some(k) = explicit {
+        if k.is_dir() {
+            if k.join("arch/x86/boot/bzImage").is_file() {
+                return tree(k);
+            }
+            return Err(RunError::BadKernel(k.into()));
+        }
+        if k.is_file() {
+            return image(k, modules, None);
+        }
+        return Err(RunError::BadKernel(k.into()));
+    }
+    if is_kernel_tree(cwd) {
+        return tree(cwd);
+    }
+    let boot = rootfs.join("boot");
+    let mut images: Vec<PathBuf> = std::fs::read_dir(&boot)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vmlinuz-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    images.sort();
+    match images.last() {
+        Some(img) => image(img, modules, Some(rootfs)),
+        None => Err(RunError::NoKernel(rootfs.into())),
+    }
+}
+
+/// --rootfs NAME|DIR (or the config's): a directory, or a name in the store.
+pub fn resolve_rootfs(arg: Option<&str>, store: &Path) -> Result<PathBuf, RunError> {
+    let arg = arg.ok_or(RunError::NoRootfsGiven)?;
+    let as_path = PathBuf::from(arg);
+    if as_path.is_dir() {
+        return Ok(std::fs::canonicalize(&as_path).unwrap_or(as_path));
+    }
+    let named = store.join(arg);
+    if !arg.contains('/') && named.is_dir() {
+        return Ok(named);
+    }
+    let known: Vec<String> = std::fs::read_dir(store)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    Err(RunError::NoRootfs(
+        arg.into(),
+        store.into(),
+        if known.is_empty() {
+            "none".into()
+        } else {
+            known.join(", ")
+        },
+    ))
+}
+
+/// Modules a distro kernel needs before it can mount the root and talk to mkt.
+pub const BOOT_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "9pnet_virtio",
+    "9p",
+    "virtiofs",
+    "overlay",
+];
+
+/// The modules to pack into the initramfs, decompressed.
+fn boot_modules(kernel: &Kernel, fs: GFs) -> Result<Vec<guest::initramfs::BootModule>, RunError> {
+    let Kernel::Image {
+        modules: Some(dir), ..
+    } = kernel
+    else {
+        return Ok(Vec::new());
+    };
+    let plan = guest::modules::resolve(dir, BOOT_MODULES)
+        .map_err(|e| RunError::Modules(dir.clone(), e))?;
+    let fs_modules: &[&str] = match fs {
+        GFs::NineP => &["9p", "9pnet_virtio"],
+        GFs::Virtiofs => &["virtiofs"],
+    };
+    for &must in fs_modules.iter().chain(&["overlay", "virtio_console"]) {
+        if plan.absent.iter().any(|a| a.replace('-', "_") == must) {
+            return Err(RunError::MissingBootModule {
+                name: must.into(),
+                dir: dir.clone(),
+            });
+        }
+    }
+    plan.needed
+        .iter()
+        .map(|rel| {
+            let data = guest::modules::decompress(&dir.join(rel))
+                .map_err(|e| RunError::Modules(dir.clone(), e))?;
+            let base = rel.file_name().and_then(|n| n.to_str()).unwrap_or("m.ko");
+            let name = base.split(".ko").next().unwrap_or(base).to_string() + ".ko";
+            Ok(guest::initramfs::BootModule { name, data })
+        })
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn host_user() -> GuestUser {
+    let uid = nix::unistd::getuid();
+    let gid = nix::unistd::getgid();
+    let pw = nix::unistd::User::from_uid(uid).ok().flatten();
+    let name = pw
+        .as_ref()
+        .map(|u| u.name.clone())
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| format!("u{uid}"));
+    let group = nix::unistd::Group::from_gid(gid)
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| name.clone());
+    // $HOME, not the passwd entry: the home a developer works in is the one
+    // shared at the same path.
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .or(pw.map(|u| u.dir))
+        .unwrap_or_else(|| "/".into());
+    GuestUser {
+        name,
+        uid: uid.as_raw(),
+        gid: gid.as_raw(),
+        group,
+        home,
+        shell: "/bin/sh".into(),
+    }
+}
+
+fn read_etc(rootfs: &Path) -> RootfsEtc {
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).ok();
+    RootfsEtc {
+        passwd: read("etc/passwd").unwrap_or_else(|| "root:x:0:0:root:/root:/bin/sh\n".into()),
+        group: read("etc/group").unwrap_or_else(|| "root:x:0:\n".into()),
+        shadow: read("etc/shadow"),
+        sudoers_readable: std::fs::File::open(rootfs.join("etc/sudoers")).is_ok(),
+        has_sudo: rootfs.join("usr/bin/sudo").exists(),
+        has_sshd: rootfs.join("usr/sbin/sshd").exists(),
+    }
+}
+
+/// Everything prepared for one boot, before anything is started.
+pub struct Prepared {
+    pub spec: VmSpec,
+    pub files: guest::Generated,
+    pub initrd: Vec<u8>,
+    pub accel_note: Option<String>,
+    pub exec: bool,
+    /// The virtiofsd binary when shares go over virtiofs.
+    pub virtiofsd: Option<PathBuf>,
+}
+
+/// Whether the kernel can mount a 9p root (built in or as a module).
+pub fn kernel_has_9p(kernel: &Kernel) -> bool {
+    match kernel {
+        Kernel::Tree { tree, .. } => std::fs::read_to_string(tree.join(".config"))
+            .map(|c| {
+                c.lines()
+                    .any(|l| l == "CONFIG_9P_FS=y" || l == "CONFIG_9P_FS=m")
+            })
+            .unwrap_or(true),
+        Kernel::Image {
+            modules: Some(dir), ..
+        } => guest::modules::resolve(dir, &["9p"])
+            .map(|p| p.absent.is_empty())
+            .unwrap_or(true),
+        Kernel::Image { .. } => true,
+    }
+}
+
+/// Resolves and generates everything, with no side effect but reading.
+pub fn prepare(
+    opts: &RunOptions,
+    config: &Config,
+    paths: &Paths,
+    run_dir: &Path,
+) -> Result<Prepared, RunError> {
+    let setup_name = opts.setup.clone().or_else(|| config.defaults.setup.clone());
+    let setup: Setup = match &setup_name {
+        Some(n) => config.setups.get(n).cloned().ok_or_else(|| {
+            let known: Vec<_> = config.setups.keys().cloned().collect();
+            RunError::NoSetup(
+                n.clone(),
+                config
+                    .file
+                    .as_ref()
+                    .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
+                    .unwrap_or_default(),
+            )
+        })?,
+        None => Setup::default(),
+    };
+    let rootfs_arg = opts
+        .rootfs
+        .clone()
+        .or(setup.rootfs.clone())
+        .or(config.defaults.rootfs.clone());
+    let rootfs = resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir)?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let kernel_arg = opts
+        .kernel
+        .clone()
+        .or(setup.kernel.clone())
+        .or(config.defaults.kernel.clone());
+    let kernel = resolve_kernel(
+        kernel_arg.as_deref(),
+        opts.modules.as_deref(),
+        &cwd,
+        &rootfs,
+    )?;
+    if let Some(script) = &opts.boot_script {
+        check_boot_script(script)?;
+    }
+
+    let probe = kvm::probe();
+    let (accel, accel_note) = kvm::choose(opts.accel.clone(), &probe);
+    let profile_name = opts
+        .profile
+        .clone()
+        .or(setup.profile.clone())
+        .unwrap_or_else(|| qemu::DEFAULT_PROFILE.to_string());
+    let user_profiles = paths.config_file.parent().map(|d| d.join("qemu-profiles"));
+    let profile =
+        Profile::load(&profile_name, user_profiles.as_deref()).map_err(RunError::Profile)?;
+    let qemu_bin = host::probe::find_program("qemu-system-x86_64").ok_or(RunError::NoQemu)?;
+
+    let fs = match opts.fs.as_deref() {
+        Some("virtiofs") => GFs::Virtiofs,
+        Some("9p") => GFs::NineP,
+        // 9p is the faster boot (docs/run.md); a kernel without 9p (Debian's
+        // cloud kernel has only virtiofs) gets virtiofs.
+        _ if kernel_has_9p(&kernel) => GFs::NineP,
+        _ => GFs::Virtiofs,
+    };
+    let virtiofsd = match fs {
+        GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or(RunError::NoVirtiofsd)?),
+        GFs::NineP => None,
+    };
+    let mut user = host_user();
+    user.shell = if rootfs.join("bin/bash").exists() {
+        "/bin/bash".into()
+    } else {
+        "/bin/sh".into()
+    };
+
+    // Host dirs shared at the same path: home (rw), --dir and config dirs,
+    // the kernel tree (ro) unless already inside one of them.
+    let mut shared: Vec<(PathBuf, bool)> = vec![(user.home.clone(), false)];
+    for d in opts
+        .dirs
+        .iter()
+        .chain(&setup.dirs)
+        .chain(&config.defaults.dirs)
+    {
+        let d = std::fs::canonicalize(d)
+            .map_err(|e| RunError::Io(format!("--dir {}", d.display()), e))?;
+        if !shared.iter().any(|(s, _)| d.starts_with(s)) {
+            shared.push((d, false));
+        }
+    }
+    let mut links = Vec::new();
+    let mut depmod_release = None;
+    match &kernel {
+        Kernel::Tree { tree, release } => {
+            let tree = std::fs::canonicalize(tree).unwrap_or(tree.clone());
+            if !shared.iter().any(|(s, _)| tree.starts_with(s)) {
+                shared.push((tree.clone(), true));
+            }
+            let tm = guest::modules::tree_modules(&tree)
+                .map_err(|e| RunError::Modules(tree.clone(), e))?;
+            links = guest::modules::link_plan(&tm, &tree);
+            depmod_release = Some(release.clone());
+        }
+        Kernel::Image {
+            release,
+            modules: Some(dir),
+            ..
+        } => {
+            let dir = std::fs::canonicalize(dir).unwrap_or(dir.clone());
+            let guest_dir = PathBuf::from("/lib/modules").join(release);
+            if dir != rootfs.join(guest_dir.strip_prefix("/").unwrap()) {
+                links.push((guest_dir, dir.clone()));
+                if !shared.iter().any(|(s, _)| dir.starts_with(s)) {
+                    shared.push((dir, true));
+                }
+            }
+        }
+        Kernel::Image { .. } => {}
+    }
+    let mounts: Vec<GuestMount> = shared
+        .iter()
+        .enumerate()
+        .map(|(i, (path, ro))| GuestMount {
+            tag: format!("m{i}"),
+            guest_path: path.clone(),
+            readonly: *ro,
+            kind: fs,
+        })
+        .collect();
+    let cwd_in_guest = shared
+        .iter()
+        .any(|(s, _)| cwd.starts_with(s))
+        .then(|| cwd.clone());
+
+    let exec = !opts.command.is_empty();
+    let mode = if exec {
+        Mode::Exec(opts.command.clone())
+    } else if opts.init.as_deref() == Some("shell") || !rootfs.join("lib/systemd/systemd").exists()
+    {
+        Mode::Shell
+    } else {
+        Mode::Systemd
+    };
+    let net = !opts.net_none;
+    let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
+    let input = PlanInput {
+        mode,
+        user,
+        hostname,
+        root: GuestMount {
+            tag: "root".into(),
+            guest_path: "/".into(),
+            readonly: true,
+            kind: fs,
+        },
+        mounts: mounts.clone(),
+        cwd: cwd_in_guest,
+        links,
+        depmod_release,
+        etc: read_etc(&rootfs),
+        ssh: None,
+        net,
+    };
+    let files = guest::generate(&input);
+    let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs)?)
+        .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
+
+    let qfs = |tag: &str, path: &Path, ro: bool| Share {
+        tag: tag.into(),
+        path: path.into(),
+        readonly: ro,
+        kind: match fs {
+            GFs::NineP => FsKind::NineP,
+            GFs::Virtiofs => FsKind::Virtiofs {
+                socket: run_dir.join(format!("vfs-{tag}.sock")),
+            },
+        },
+    };
+    let mut shares = vec![qfs("root", &rootfs, true)];
+    shares.extend(
+        mounts
+            .iter()
+            .map(|m| qfs(&m.tag, &m.guest_path, m.readonly)),
+    );
+
+    let mut append = vec!["console=ttyS0".to_string(), "panic=-1".into()];
+    if exec && !opts.verbose {
+        // Less serial output: under TCG every console byte costs time.
+        append.push("quiet".into());
+    }
+    append.extend(opts.append.iter().cloned());
+    let ports = if exec {
+        ["stdout", "stderr", "status"]
+            .iter()
+            .map(|n| Port {
+                name: format!("mkt.{n}"),
+                socket: run_dir.join(format!("{n}.sock")),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let net = if net {
+        Net::User {
+            ssh_port: if exec {
+                None
+            } else {
+                Some(
+                    opts.ssh_port
+                        .map_or_else(free_port, Ok)
+                        .map_err(|e| RunError::Io("cannot find a free port".into(), e))?,
+                )
+            },
+        }
+    } else {
+        Net::None
+    };
+    let cpus = opts.cpus.or(setup.cpus).unwrap_or_else(available_cpus);
+    let mem_mib = opts
+        .mem_mib
+        .or_else(|| {
+            setup
+                .mem
+                .as_deref()
+                .and_then(|m| crate::config::parse_mem_mib(m).ok())
+        })
+        .unwrap_or(1024);
+    let spec = VmSpec {
+        qemu: qemu_bin,
+        profile,
+        accel,
+        cpus,
+        mem_mib,
+        kernel: kernel.image(),
+        initrd: Some(run_dir.join("initrd")),
+        append,
+        shares,
+        console: if exec {
+            Console::Log(run_dir.join("console.log"))
+        } else {
+            Console::Interactive
+        },
+        ports,
+        qmp: run_dir.join("qmp.sock"),
+        net,
+        gdb_port: opts.gdb_port,
+        extra: opts.qemu_args.clone(),
+    };
+    Ok(Prepared {
+        spec,
+        files,
+        initrd,
+        accel_note,
+        exec,
+        virtiofsd,
+    })
+}
+
+/// CPUs this process may use (its affinity mask), at least 1.
+pub fn available_cpus() -> u32 {
+    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&i| set.is_set(i).unwrap_or(false))
+                .count() as u32
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
+fn check_boot_script(script: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |why: &str| RunError::BootScript(script.into(), why.into());
+    let meta = std::fs::metadata(script).map_err(|e| err(&e.to_string()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(err("not an executable file (chmod +x it)"));
+    }
+    let mut head = [0u8; 2];
+    std::fs::File::open(script)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| err(&e.to_string()))?;
+    if &head != b"#!" {
+        return Err(err("has no #! line"));
+    }
+    Ok(())
+}
+
+/// Writes the generated files and the initramfs into the run directory.
+fn write_run_files(p: &Prepared, run_dir: &Path) -> Result<(), RunError> {
+    let share = run_dir.join("share");
+    let w = |path: PathBuf, data: &[u8]| {
+        std::fs::write(&path, data).map_err(|e| RunError::Write(path.clone(), e))
+    };
+    std::fs::create_dir_all(&share).map_err(|e| RunError::Write(share.clone(), e))?;
+    for f in &p.files.files {
+        w(share.join(&f.name), &f.content)?;
+    }
+    w(run_dir.join("initrd"), &p.initrd)
+}
+
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: i32) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let _ = sigaction(s, &act);
+        }
+    }
+}
+
+/// Accepts QEMU's connection on `listener` and copies it to `sink`.
+fn relay(listener: UnixListener, mut sink: impl Write + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let Ok((mut s, _)) = listener.accept() else {
+            return kept;
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = sink.flush();
+                    if kept.len() < 4096 {
+                        kept.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+        }
+        kept
+    })
+}
+
+/// Kills QEMU if the relay threads are still blocked in accept after QEMU
+/// died: connecting to each listener unblocks them.
+fn unblock(sockets: &[PathBuf]) {
+    for s in sockets {
+        let _ = UnixStream::connect(s);
+    }
+}
+
+/// Helper processes that must not outlive the run.
+struct Daemons(Vec<Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The virtiofsd arguments for one share (rootless: no sandbox needs root).
+pub fn virtiofsd_args(share: &Share) -> Vec<String> {
+    let FsKind::Virtiofs { socket } = &share.kind else {
+        return Vec::new();
+    };
+    let mut a = vec![
+        format!("--socket-path={}", socket.display()),
+        format!("--shared-dir={}", share.path.display()),
+        "--cache=always".to_string(),
+        "--sandbox=none".to_string(),
+    ];
+    if share.readonly {
+        a.push("--readonly".into());
+    }
+    a
+}
+
+fn start_virtiofsd(bin: &Path, shares: &[Share], run_dir: &Path) -> Result<Daemons, RunError> {
+    let mut daemons = Daemons(Vec::new());
+    for share in shares {
+        let FsKind::Virtiofs { socket } = &share.kind else {
+            continue;
+        };
+        let log = run_dir.join(format!("virtiofsd-{}.log", share.tag));
+        let log_file = std::fs::File::create(&log).map_err(|e| RunError::Write(log.clone(), e))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(virtiofsd_args(share))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // SAFETY: prctl is async-signal-safe; virtiofsd dies with mkt.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(io::Error::from)
+            });
+        }
+        let child = cmd.spawn().map_err(|e| RunError::Spawn(bin.into(), e))?;
+        daemons.0.push(child);
+        let child = daemons.0.last_mut().unwrap();
+        // QEMU connects at start-up: the socket must exist first.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let err = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(RunError::Virtiofsd(
+                    share.path.clone(),
+                    format!("{status}: {}", err.trim()),
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(RunError::Virtiofsd(
+                    share.path.clone(),
+                    "no socket after 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(daemons)
+}
+
+fn spawn_qemu(argv: &[String], exec: bool) -> Result<Child, RunError> {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    if exec {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    }
+    cmd.stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; QEMU dies with mkt even on kill -9.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))
+}
+
+/// Runs a guest; returns mkt's exit status (the command's in exec mode).
+pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
+    paths.ensure_runtime_dir()?;
+    for stale in instance::clean_stale(&paths.runtime_dir) {
+        tracing::info!("removed stale run directory {}", stale.display());
+    }
+    let name = opts.setup.clone().unwrap_or_else(|| "run".into());
+    let mut run_dir = RunDir::create(&paths.runtime_dir, &name).map_err(RunError::RunDir)?;
+    let prepared = prepare(opts, config, paths, run_dir.path())?;
+    let argv = qemu::command_line(&prepared.spec);
+    if opts.dry_run {
+        println!("{}", qemu::shell_quote(&argv));
+        println!(
+            "# generated guest files (in {}/share):",
+            run_dir.path().display()
+        );
+        for f in &prepared.files.files {
+            println!(
+                "#   {}{}",
+                f.name,
+                f.dest
+                    .as_ref()
+                    .map(|d| format!(" -> {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        return Ok(0);
+    }
+    if let (Some(note), false) = (&prepared.accel_note, opts.quiet) {
+        eprintln!("mkt: {note}");
+    }
+    write_run_files(&prepared, run_dir.path())?;
+    if opts.keep {
+        run_dir.keep();
+    }
+    install_signal_handlers();
+
+    let mut relays = Vec::new();
+    let sockets: Vec<PathBuf> = prepared
+        .spec
+        .ports
+        .iter()
+        .map(|p| p.socket.clone())
+        .collect();
+    for port in &prepared.spec.ports {
+        let l = UnixListener::bind(&port.socket)
+            .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
+        relays.push((port.name.clone(), l));
+    }
+    let _daemons = match &prepared.virtiofsd {
+        Some(bin) => start_virtiofsd(bin, &prepared.spec.shares, run_dir.path())?,
+        None => Daemons(Vec::new()),
+    };
+    let started = Instant::now();
+    let mut child = spawn_qemu(&argv, prepared.exec)?;
+    let mut qemu_err = child.stderr.take().expect("piped stderr");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = qemu_err.read_to_string(&mut s);
+        s
+    });
+    let mut handles = Vec::new();
+    for (name, l) in relays {
+        let h = match name.as_str() {
+            "mkt.stdout" => relay(l, io::stdout()),
+            "mkt.stderr" => relay(l, io::stderr()),
+            _ => relay(l, io::sink()),
+        };
+        handles.push((name, h));
+    }
+
+    let status = loop {
+        if let Some(s) = child
+            .try_wait()
+            .map_err(|e| RunError::Io("waiting for QEMU".into(), e))?
+        {
+            break s;
+        }
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            unblock(&sockets);
+            return Err(RunError::Interrupted(sig).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    tracing::info!("QEMU ran {:.2?} and exited {status}", started.elapsed());
+    unblock(&sockets);
+    let mut exit_line = String::new();
+    for (name, h) in handles {
+        let kept = h.join().unwrap_or_default();
+        if name == "mkt.status" {
+            exit_line = String::from_utf8_lossy(&kept).into_owned();
+        }
+    }
+    let qemu_stderr = err_thread.join().unwrap_or_default();
+    if !prepared.exec {
+        return Ok(if status.success() { 0 } else { 1 });
+    }
+    if let Some(code) = exit_line
+        .lines()
+        .find_map(|l| l.strip_prefix("EXIT "))
+        .and_then(|c| c.trim().parse::<i32>().ok())
+    {
+        return Ok(code);
+    }
+    let console = std::fs::read_to_string(run_dir.path().join("console.log")).unwrap_or_default();
+    let qemu_desc = if qemu_stderr.trim().is_empty() {
+        format!("QEMU {status}")
+    } else {
+        format!("QEMU {status}: {}", qemu_stderr.trim())
+    };
+    Err(RunError::NoStatus {
+        qemu: qemu_desc,
+        console,
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bzimage_release_reads_the_header() {
+        let mut img = vec![0u8; 0x1000];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        let v = b"6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\0";
+        img[0x500..0x500 + v.len()].copy_from_slice(v);
+        assert_eq!(
+            bzimage_release(&img).as_deref(),
+            Some("6.1.0-57-cloud-amd64")
+        );
+        img[0x202] = b'X';
+        assert_eq!(bzimage_release(&img), None);
+    }
+
+    #[test]
+    fn rootfs_by_dir_or_name_with_known_names_in_error() {
+        let store = tempfile::tempdir().unwrap();
+        std::fs::create_dir(store.path().join("deb")).unwrap();
+        assert_eq!(
+            resolve_rootfs(Some("deb"), store.path()).unwrap(),
+            store.path().join("deb")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            resolve_rootfs(dir.path().to_str(), store.path()).unwrap(),
+            std::fs::canonicalize(dir.path()).unwrap()
+        );
+        let e = resolve_rootfs(Some("fc30"), store.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"fc30\"") && e.contains("known: deb"), "{e}");
+        assert!(matches!(
+            resolve_rootfs(None, store.path()),
+            Err(RunError::NoRootfsGiven)
+        ));
+    }
+
+    #[test]
+    fn kernel_resolution_order() {
+        let rootfs = tempfile::tempdir().unwrap();
+        let cwd = tempfile::tempdir().unwrap();
+        // Nothing anywhere: the error says where mkt looked.
+        let e = resolve_kernel(None, None, cwd.path(), rootfs.path()).unwrap_err();
+        assert!(matches!(e, RunError::NoKernel(_)));
+        // The rootfs's newest vmlinuz, with its modules dir.
+        std::fs::create_dir_all(rootfs.path().join("boot")).unwrap();
+        std::fs::create_dir_all(rootfs.path().join("lib/modules/6.1.0-9")).unwrap();
+        for v in ["6.1.0-1", "6.1.0-9"] {
+            std::fs::write(rootfs.path().join(format!("boot/vmlinuz-{v}")), b"x").unwrap();
+        }
+        let k = resolve_kernel(None, None, cwd.path(), rootfs.path()).unwrap();
+        assert_eq!(
+            k,
+            Kernel::Image {
+                image: rootfs.path().join("boot/vmlinuz-6.1.0-9"),
+                release: "6.1.0-9".into(),
+                modules: Some(rootfs.path().join("lib/modules/6.1.0-9")),
+            }
+        );
+        // A --kernel that is neither a tree nor a file.
+        let e = resolve_kernel(Some(cwd.path()), None, cwd.path(), rootfs.path()).unwrap_err();
+        assert!(e.to_string().contains("neither a built kernel tree"), "{e}");
+    }
+
+    #[test]
+    fn boot_script_must_be_executable_with_shebang() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path().join("boot.sh");
+        std::fs::write(&s, "echo hi\n").unwrap();
+        let e = check_boot_script(&s).unwrap_err().to_string();
+        assert!(e.contains("not an executable"), "{e}");
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check_boot_script(&s).unwrap_err().to_string();
+        assert!(e.contains("#!"), "{e}");
+        std::fs::write(&s, "#!/bin/sh\necho hi\n").unwrap();
+        check_boot_script(&s).unwrap();
+    }
+
+    #[test]
+    fn last_lines_quotes_the_panic() {
+        let console = "a\nb\nKernel panic - not syncing: No init found\nc\n";
+        let s = last_lines(console);
+        assert!(
+            s.starts_with("\nKernel panic - not syncing: No init found"),
+            "{s}"
+        );
+        assert!(s.contains("last console lines:\na\nb"));
+    }
+}

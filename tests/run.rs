@@ -1,0 +1,366 @@
+//! `mkt run` end to end: real QEMU (TCG) booting the fixture kernel tree and
+//! Debian's cloud kernel on the fixture rootfs. The rootless cases run as the
+//! unprivileged test user when the suite runs as root (CI).
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+struct Fx {
+    tree: PathBuf,
+    rootfs: PathBuf,
+    release: String,
+}
+
+fn fixtures() -> Option<Fx> {
+    let tree = common::kernel_tree()?;
+    let rootfs = common::rootfs()?;
+    common::program("qemu-system-x86_64")?;
+    let release = std::fs::read_to_string(tree.join("include/config/kernel.release"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Some(Fx {
+        tree,
+        rootfs,
+        release,
+    })
+}
+
+fn run_as(user: Option<&common::TestUser>, home: &Path, args: &[&str]) -> Output {
+    let mut c = common::mkt_as(user, home);
+    c.arg("run").args(args).current_dir(home);
+    c.output().expect("spawn mkt")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn exec_case(user: Option<&common::TestUser>) {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(user);
+    let o = run_as(
+        user,
+        home.path(),
+        &[
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            fx.tree.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "uname -r; echo err >&2; exit 7",
+        ],
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(7), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(out, format!("{}\n", fx.release));
+    assert!(err.lines().any(|l| l == "err"), "{err}");
+    // One line says which accelerator and why (TCG on this machine class).
+    assert!(err.contains("using TCG") || !err.contains("KVM"), "{err}");
+    // Nothing left behind in the runtime dir.
+    let runs = home.path().join("run/mkt/runs");
+    let left: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn exec_mode_streams_stdout_stderr_and_exit_code() {
+    exec_case(None);
+}
+
+#[test]
+fn exec_mode_works_rootless() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    if user.is_none() {
+        eprintln!("SKIP: not root; the other exec test already runs unprivileged");
+        return;
+    }
+    exec_case(user.as_ref());
+}
+
+/// A listing of the tree that changes when any file's content, size,
+/// mode or mtime changes (hashing every byte of a rootfs would be slow).
+fn tree_digest(root: &Path) -> Vec<(PathBuf, u64, u32, i64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            out.push((e.path(), m.size(), m.mode(), m.mtime()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn home_is_shared_rw_and_the_stored_tree_never_changes() {
+    let Some(fx) = fixtures() else { return };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(home.path().join("data.bin"), &data).unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(
+            &home.path().join("data.bin"),
+            Some(u.uid.into()),
+            Some(u.gid.into()),
+        )
+        .unwrap();
+    }
+    let before = tree_digest(&fx.rootfs);
+    let script = "cat data.bin; echo guest > from-guest.txt; \
+        sudo sh -c 'echo x > /etc/mkt-test; echo y > /usr/bin/mkt-test; rm -f /etc/hostname; touch /etc/passwd' >&2; \
+        test -f /etc/mkt-test && echo etc-written >&2";
+    let o = run_as(
+        user,
+        home.path(),
+        &[
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            fx.tree.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        o.stdout == data,
+        "1 MiB of output differs ({} bytes back)",
+        o.stdout.len()
+    );
+    assert!(
+        err.contains("etc-written"),
+        "guest root could not write /etc: {err}"
+    );
+    let f = home.path().join("from-guest.txt");
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "guest\n");
+    let want_uid = user
+        .map(|u| u.uid)
+        .unwrap_or_else(|| nix::unistd::getuid().as_raw());
+    assert_eq!(std::fs::metadata(&f).unwrap().uid(), want_uid);
+    assert!(
+        before == tree_digest(&fx.rootfs),
+        "the stored rootfs changed"
+    );
+}
+
+#[test]
+fn modules_of_the_tree_load_with_modprobe() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let o = run_as(
+        None,
+        home.path(),
+        &[
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            fx.tree.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "sudo modprobe dummy && grep -c '^dummy ' /proc/modules && ls -l /lib/modules/$(uname -r)/kernel/drivers/net/dummy.ko && test -e /boot/System.map-$(uname -r)",
+        ],
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.starts_with("1\n"), "{out}");
+    assert!(
+        out.contains(&format!("-> {}/drivers/net/dummy.ko", fx.tree.display())),
+        "{out}"
+    );
+}
+
+#[test]
+fn distro_cloud_kernel_boots_over_virtiofs() {
+    let Some(fx) = fixtures() else { return };
+    let Some(ck) = common::cloud_kernel() else {
+        return;
+    };
+    if mkt::host::probe::find_program("virtiofsd").is_none() {
+        return common::unavailable("virtiofsd (cargo install virtiofsd)").unwrap_or(());
+    }
+    let boot = ck.join("root/boot");
+    let image = std::fs::read_dir(&boot)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("vmlinuz-")
+        })
+        .unwrap();
+    let release = image
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .strip_prefix("vmlinuz-")
+        .unwrap()
+        .to_string();
+    let modules = ck.join("root/lib/modules").join(&release);
+    let home = common::temp_home(None);
+    let o = run_as(
+        None,
+        home.path(),
+        &[
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            image.to_str().unwrap(),
+            "--modules",
+            modules.to_str().unwrap(),
+            "--",
+            "uname",
+            "-r",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), format!("{release}\n"));
+}
+
+#[test]
+fn a_kernel_panic_is_an_error_quoting_the_panic() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let o = run_as(
+        None,
+        home.path(),
+        &[
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            fx.tree.to_str().unwrap(),
+            "--append",
+            "rdinit=/nonexistent",
+            "--",
+            "true",
+        ],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("without reporting the command's exit status"),
+        "{err}"
+    );
+    assert!(err.contains("Kernel panic"), "{err}");
+}
+
+#[test]
+fn two_runs_at_once_both_succeed() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let spawn = |n: &str| {
+        let mut c = common::mkt(home.path());
+        c.args([
+            "run",
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            fx.tree.to_str().unwrap(),
+            "--",
+            "echo",
+            n,
+        ]);
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let (a, b) = (spawn("one"), spawn("two"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(text(&a.stdout), "one\n", "{}", text(&a.stderr));
+    assert_eq!(text(&b.stdout), "two\n", "{}", text(&b.stderr));
+}
+
+#[test]
+fn bad_inputs_name_the_flag_or_value() {
+    let home = common::temp_home(None);
+    let o = run_as(
+        None,
+        home.path(),
+        &["--rootfs", "no-such-rootfs", "--", "true"],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("\"no-such-rootfs\""), "{err}");
+    let o = run_as(
+        None,
+        home.path(),
+        &["--rootfs", "/", "--kernel", "/nonexistent", "--", "true"],
+    );
+    assert!(
+        text(&o.stderr).contains("--kernel /nonexistent"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = run_as(
+        None,
+        home.path(),
+        &["--rootfs", "/", "--mem", "lots", "--", "true"],
+    );
+    assert!(
+        text(&o.stderr).contains("--mem \"lots\""),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn dry_run_prints_qemu_command_and_generated_files() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let o = run_as(
+        None,
+        home.path(),
+        &[
+            "--dry-run",
+            "--rootfs",
+            fx.rootfs.to_str().unwrap(),
+            "--kernel",
+            fx.tree.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+    );
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        out.starts_with(
+            &mkt::host::probe::find_program("qemu-system-x86_64")
+                .unwrap()
+                .display()
+                .to_string()
+        ),
+        "{out}"
+    );
+    assert!(out.contains("-kernel"), "{out}");
+    assert!(out.contains("passwd -> /etc/passwd"), "{out}");
+}
