@@ -44,6 +44,15 @@ pub enum Command {
     /// Boot a kernel on a rootfs tree: interactive console, or one command
     /// (`-- CMD ARGS...`) whose output and exit status become mkt's.
     Run(Box<RunArgs>),
+    /// Log into a running VM as you with mkt's key (no password, no prompts),
+    /// or run one command there.
+    Ssh {
+        /// The VM's name (its setup) [default: the only running one].
+        name: Option<String>,
+        /// The command to run instead of a login shell.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -180,6 +189,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Setup(args) => {
             let ctx = load_context(&cli.global)?;
             setup(&ctx, &args)
+        }
+        Command::Ssh { name, command } => {
+            let ctx = load_context(&cli.global)?;
+            crate::run::ssh(&ctx.paths, name.as_deref(), &command)
         }
         Command::Run(args) => {
             let ctx = load_context(&cli.global)?;

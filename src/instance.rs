@@ -9,8 +9,28 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// What `mkt ssh` (and later `mkt ps`) need to know of a running VM,
+/// stored as instance.json in its run directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub pid: u32,
+    pub ssh_port: Option<u16>,
+    pub user: String,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// Seconds since the epoch.
+    pub started: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
+    #[error("cannot write instance record {path}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create run directory {path}")]
     Create {
         path: PathBuf,
@@ -75,6 +95,20 @@ impl RunDir {
         &self.path
     }
 
+    /// Writes the instance record atomically (temp file + rename), so a
+    /// reader never sees half of it.
+    pub fn write_record(&self, r: &Record) -> Result<(), InstanceError> {
+        let path = self.path.join("instance.json");
+        let tmp = self.path.join(".instance.json.tmp");
+        let err = |source| InstanceError::Record {
+            path: path.clone(),
+            source,
+        };
+        let text = serde_json::to_vec_pretty(r).map_err(|e| err(io::Error::other(e)))?;
+        fs::write(&tmp, text).map_err(err)?;
+        fs::rename(&tmp, &path).map_err(err)
+    }
+
     /// Keep the directory after the run (for --keep).
     pub fn keep(&mut self) {
         self.keep = true;
@@ -116,6 +150,30 @@ pub fn clean_stale(runtime_dir: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// A run directory whose lock a live mkt holds.
+fn is_live(dir: &Path) -> bool {
+    match File::open(dir.join("lock")) {
+        Ok(f) => Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err(),
+        Err(_) => false,
+    }
+}
+
+/// The records of running VMs (stale run directories are removed first).
+pub fn list(runtime_dir: &Path) -> Vec<Record> {
+    clean_stale(runtime_dir);
+    let Ok(entries) = fs::read_dir(runs_dir(runtime_dir)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Record> = entries
+        .flatten()
+        .filter(|e| is_live(&e.path()))
+        .filter_map(|e| fs::read(e.path().join("instance.json")).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +207,25 @@ mod tests {
         let removed = clean_stale(rt.path());
         assert_eq!(removed, vec![runs.join("dead-1")]);
         assert!(runs.join("kept-2").exists());
+    }
+
+    #[test]
+    fn records_of_live_runs_are_listed() {
+        let rt = tempfile::tempdir().unwrap();
+        let d = RunDir::create(rt.path(), "cx5").unwrap();
+        let r = Record {
+            name: "cx5".into(),
+            pid: 42,
+            ssh_port: Some(2222),
+            user: "dev".into(),
+            kernel: "/k".into(),
+            rootfs: "/r".into(),
+            started: 1,
+        };
+        d.write_record(&r).unwrap();
+        assert_eq!(list(rt.path()), vec![r]);
+        drop(d);
+        assert!(list(rt.path()).is_empty());
     }
 
     #[test]

@@ -348,6 +348,8 @@ pub struct Prepared {
     pub exec: bool,
     /// The virtiofsd binary when shares go over virtiofs.
     pub virtiofsd: Option<PathBuf>,
+    pub user: String,
+    pub rootfs: PathBuf,
 }
 
 /// Whether the kernel can mount a 9p root (built in or as a module).
@@ -512,6 +514,11 @@ pub fn prepare(
         Mode::Systemd
     };
     let net = !opts.net_none;
+    let ssh_keys = if !exec && net && rootfs.join("usr/sbin/sshd").exists() {
+        Some(ensure_ssh_keys(&paths.data_dir.join("ssh"))?)
+    } else {
+        None
+    };
     let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
     let input = PlanInput {
         mode,
@@ -528,7 +535,13 @@ pub fn prepare(
         links,
         depmod_release,
         etc: read_etc(&rootfs),
-        ssh: None,
+        ssh: match (&ssh_keys, net) {
+            (Some(k), true) => Some(guest::SshSetup {
+                authorized_key: k.client_pub.clone(),
+                host_key: k.host_private.clone(),
+            }),
+            _ => None,
+        },
         net,
     };
     let files = guest::generate(&input);
@@ -623,7 +636,151 @@ pub fn prepare(
         accel_note,
         exec,
         virtiofsd,
+        user: input.user.name.clone(),
+        rootfs,
     })
+}
+
+/// mkt's SSH keys: one for the user (client) and one for every guest's sshd.
+#[derive(Debug, Clone)]
+pub struct SshKeys {
+    pub client_key: PathBuf,
+    pub client_pub: String,
+    pub host_private: String,
+    pub known_hosts: PathBuf,
+}
+
+/// The alias every guest's host key is pinned under in mkt's known_hosts.
+const HOST_KEY_ALIAS: &str = "mkt-guest";
+
+/// Creates (once) and reads mkt's SSH keys under `dir`.
+pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io_err = |what: &str, e| RunError::Io(format!("{what} in {}", dir.display()), e);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io_err("cannot create the ssh key directory", e))?;
+    let keygen = host::which("ssh-keygen").ok_or_else(|| {
+        RunError::Io(
+            "ssh-keygen not found (install openssh-client)".into(),
+            io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    for name in ["id_ed25519", "host_ed25519"] {
+        let key = dir.join(name);
+        if key.exists() {
+            continue;
+        }
+        let out = Command::new(&keygen)
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                &format!("mkt-{name}"),
+                "-f",
+            ])
+            .arg(&key)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| RunError::Spawn(keygen.clone(), e))?;
+        if !out.status.success() {
+            return Err(RunError::Io(
+                format!(
+                    "ssh-keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                io::Error::other("ssh-keygen"),
+            ));
+        }
+    }
+    let read = |n: &str| {
+        std::fs::read_to_string(dir.join(n)).map_err(|e| io_err(&format!("cannot read {n}"), e))
+    };
+    let host_pub = read("host_ed25519.pub")?;
+    let known_hosts = dir.join("known_hosts");
+    let line = format!("{HOST_KEY_ALIAS} {}", host_pub.trim());
+    if read("known_hosts").ok().as_deref().map(str::trim) != Some(line.as_str()) {
+        std::fs::write(&known_hosts, format!("{line}\n"))
+            .map_err(|e| RunError::Write(known_hosts.clone(), e))?;
+    }
+    Ok(SshKeys {
+        client_key: dir.join("id_ed25519"),
+        client_pub: read("id_ed25519.pub")?,
+        host_private: read("host_ed25519")?,
+        known_hosts,
+    })
+}
+
+/// The ssh command line that logs into a guest as the user, no prompts.
+pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "ssh".to_string(),
+        "-p".into(),
+        port.to_string(),
+        "-i".into(),
+        keys.client_key.display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        format!("HostKeyAlias={HOST_KEY_ALIAS}"),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", keys.known_hosts.display()),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        format!("{user}@127.0.0.1"),
+    ];
+    if !command.is_empty() {
+        a.push("--".into());
+        a.extend(command.iter().cloned());
+    }
+    a
+}
+
+/// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
+pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Result<i32> {
+    let running = instance::list(&paths.runtime_dir);
+    let rec = match name {
+        Some(n) => running.iter().find(|r| r.name == n).ok_or_else(|| {
+            anyhow::anyhow!("no running VM named {n:?} (running: {})", names(&running))
+        })?,
+        None => match running.as_slice() {
+            [one] => one,
+            [] => anyhow::bail!("no VM is running (start one with `mkt run`)"),
+            _ => anyhow::bail!("several VMs are running; name one: {}", names(&running)),
+        },
+    };
+    let port = rec.ssh_port.ok_or_else(|| {
+        anyhow::anyhow!(
+            "VM {:?} has no SSH port (started with --net none or a command)",
+            rec.name
+        )
+    })?;
+    let keys = ensure_ssh_keys(&paths.data_dir.join("ssh"))?;
+    let argv = ssh_argv(&keys, &rec.user, port, command);
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))?;
+    Ok(status.code().unwrap_or(255))
+}
+
+fn names(r: &[instance::Record]) -> String {
+    if r.is_empty() {
+        return "none".into();
+    }
+    r.iter()
+        .map(|r| r.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// CPUs this process may use (its affinity mask), at least 1.
@@ -657,7 +814,7 @@ fn check_boot_script(script: &Path) -> Result<(), RunError> {
 
 /// Writes the generated files and the initramfs into the run directory.
 fn write_run_files(p: &Prepared, run_dir: &Path) -> Result<(), RunError> {
-    let share = run_dir.join("share");
+    let share = run_dir.join("guest");
     let w = |path: PathBuf, data: &[u8]| {
         std::fs::write(&path, data).map_err(|e| RunError::Write(path.clone(), e))
     };
@@ -849,6 +1006,12 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     write_run_files(&prepared, run_dir.path())?;
     if opts.keep {
         run_dir.keep();
+        if !opts.quiet {
+            eprintln!(
+                "mkt: keeping the run directory {}",
+                run_dir.path().display()
+            );
+        }
     }
     install_signal_handlers();
 
@@ -870,6 +1033,25 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     };
     let started = Instant::now();
     let mut child = spawn_qemu(&argv, prepared.exec)?;
+    let ssh_port = match &prepared.spec.net {
+        Net::User { ssh_port } => *ssh_port,
+        Net::None => None,
+    };
+    run_dir.write_record(&instance::Record {
+        name: name.clone(),
+        pid: std::process::id(),
+        ssh_port,
+        user: prepared.user.clone(),
+        kernel: prepared.spec.kernel.clone(),
+        rootfs: prepared.rootfs.clone(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })?;
+    if let (Some(port), false) = (ssh_port, opts.quiet || prepared.exec) {
+        eprintln!("mkt: ssh on 127.0.0.1:{port} (`mkt ssh {name}`)");
+    }
     let mut qemu_err = child.stderr.take().expect("piped stderr");
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();

@@ -364,3 +364,93 @@ fn dry_run_prints_qemu_command_and_generated_files() {
     assert!(out.contains("-kernel"), "{out}");
     assert!(out.contains("passwd -> /etc/passwd"), "{out}");
 }
+
+#[test]
+fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
+    let Some(fx) = fixtures() else { return };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let cfg = home.path().join("mkt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[setup.cx5]\nrootfs = \"{}\"\nkernel = \"{}\"\n",
+            fx.rootfs.display(),
+            fx.tree.display()
+        ),
+    )
+    .unwrap();
+    let mut c = common::mkt_as(user, home.path());
+    c.args(["run", "cx5"])
+        .env("MKT_CONFIG", &cfg)
+        .current_dir(home.path());
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut vm = c.spawn().unwrap();
+    let mut stderr = std::io::BufReader::new(vm.stderr.take().unwrap());
+    let mut port_line = String::new();
+    use std::io::BufRead;
+    while stderr.read_line(&mut port_line).unwrap() > 0 && !port_line.contains("ssh on") {}
+    assert!(port_line.contains("ssh on 127.0.0.1:"), "{port_line}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let ok = loop {
+        let o = common::mkt_as(user, home.path())
+            .args([
+                "ssh",
+                "cx5",
+                "--",
+                "sh",
+                "-c",
+                "hostname; id -un; test -w $HOME",
+            ])
+            .env("MKT_CONFIG", &cfg)
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break Some(o);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    };
+    let run_dirs = home.path().join("run/mkt/runs");
+    let live: Vec<_> = std::fs::read_dir(&run_dirs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = vm.wait().unwrap();
+    let o = ok.expect("sshd did not answer within 180 s");
+    let want_user = user.map(|u| u.name.clone()).unwrap_or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .unwrap()
+            .unwrap()
+            .name
+    });
+    assert_eq!(text(&o.stdout), format!("cx5\n{want_user}\n"));
+    assert!(!status.success(), "mkt reports the signal");
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert!(!live[0].exists(), "run dir left behind");
+    // QEMU died with mkt: nothing still uses the run directory.
+    let procs = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok());
+    let needle = live[0].display().to_string();
+    assert!(
+        !procs
+            .into_iter()
+            .any(|c| String::from_utf8_lossy(&c).contains(&needle)),
+        "a process of the run survived"
+    );
+}

@@ -320,13 +320,18 @@ pub fn generate(input: &PlanInput) -> Generated {
         );
     }
     if input.mode == Mode::Systemd {
+        // Its own console unit rather than serial-getty@ttyS0: that one waits
+        // for dev-ttyS0.device, which never appears in trees without udev.
         g.add(
-            "autologin.conf",
+            "mkt-console.service",
             format!(
-                "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin {} --noclear --keep-baud 115200,57600,38400,9600 %I $TERM\n",
-                u.name
+                "[Unit]\nDescription=mkt console: {u} logged in on ttyS0\nAfter=systemd-user-sessions.service\n\n\
+                 [Service]\nExecStart=-/sbin/agetty --autologin {u} --noclear --keep-baud 115200,57600,38400,9600 ttyS0 $TERM\n\
+                 Type=idle\nRestart=always\nUtmpIdentifier=ttyS0\nTTYPath=/dev/ttyS0\nTTYReset=yes\nTTYVHangup=yes\n\
+                 IgnoreSIGPIPE=no\nSendSIGHUP=yes\n\n[Install]\nWantedBy=multi-user.target\n",
+                u = u.name
             ),
-            Some("/etc/systemd/system/serial-getty@ttyS0.service.d/mkt-autologin.conf"),
+            Some("/etc/systemd/system/mkt-console.service"),
             0o644,
         );
     }
@@ -369,6 +374,19 @@ pub fn generate(input: &PlanInput) -> Generated {
         if let Some(dest) = &f.dest {
             plan += &plan_line(&["file", &f.name, dest, &format!("{:o}", f.mode), "0", "0"]);
         }
+    }
+    if input.mode == Mode::Systemd {
+        let etc = "/etc/systemd/system";
+        plan += &plan_line(&[
+            "symlink",
+            &format!("{etc}/mkt-console.service"),
+            &format!("{etc}/multi-user.target.wants/mkt-console.service"),
+        ]);
+        plan += &plan_line(&[
+            "symlink",
+            "/dev/null",
+            &format!("{etc}/serial-getty@ttyS0.service"),
+        ]);
     }
     if let Some(cwd) = &input.cwd {
         plan += &plan_line(&["cwd", &p(cwd)]);
@@ -516,19 +534,24 @@ mod tests {
     #[test]
     fn systemd_mode_gets_autologin_on_the_serial_console() {
         let g = generate(&input(Mode::Systemd));
-        let f = g.get("autologin.conf").unwrap();
+        let f = g.get("mkt-console.service").unwrap();
         assert_eq!(
             f.dest.as_deref(),
-            Some("/etc/systemd/system/serial-getty@ttyS0.service.d/mkt-autologin.conf")
+            Some("/etc/systemd/system/mkt-console.service")
         );
+        let unit = g.text("mkt-console.service").unwrap();
+        assert!(unit.contains("--autologin dev "), "{unit}");
+        assert!(unit.contains("WantedBy=multi-user.target"));
+        let plan = g.text("plan").unwrap();
+        assert!(plan.contains(
+            "symlink\t/etc/systemd/system/mkt-console.service\t/etc/systemd/system/multi-user.target.wants/mkt-console.service\n"
+        ));
         assert!(
-            g.text("autologin.conf")
-                .unwrap()
-                .contains("--autologin dev ")
+            plan.contains("symlink\t/dev/null\t/etc/systemd/system/serial-getty@ttyS0.service\n")
         );
         assert!(
             generate(&input(Mode::Shell))
-                .get("autologin.conf")
+                .get("mkt-console.service")
                 .is_none()
         );
     }

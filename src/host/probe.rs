@@ -7,12 +7,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where distributions put virtiofsd outside `$PATH`.
-const VIRTIOFSD_PLACES: &[&str] = &[
-    "/usr/libexec/virtiofsd",
-    "/usr/lib/qemu/virtiofsd",
-    "/usr/lib/virtiofsd",
-];
+/// Where distributions put the Rust virtiofsd outside `$PATH`. (QEMU's
+/// old C virtiofsd in /usr/lib/qemu needs root and other flags: not used.)
+const VIRTIOFSD_PLACES: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/virtiofsd"];
 
 /// Finds a program mkt uses: `$PATH` first, then the places distributions
 /// (or `cargo install`) put it. `MKT_QEMU` / `MKT_VIRTIOFSD` override.
@@ -32,10 +29,8 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         let cargo_bin = std::env::var_os("HOME")
             .map(|h| Path::new(&h).join(".cargo/bin/virtiofsd"))
             .into_iter();
-        return VIRTIOFSD_PLACES
-            .iter()
-            .map(PathBuf::from)
-            .chain(cargo_bin)
+        return cargo_bin
+            .chain(VIRTIOFSD_PLACES.iter().map(PathBuf::from))
             .find(|p| p.is_file());
     }
     None

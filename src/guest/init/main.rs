@@ -161,6 +161,7 @@ fn parse_plan(text: &str) -> Plan {
         let n = |i: usize| f.get(i).cloned().unwrap_or_default();
         match f[0].as_str() {
             "" => {}
+            c if c.starts_with('#') => {}
             "mode" => p.mode = n(1),
             "root" => (p.root_kind, p.root_tag) = (n(1), n(2)),
             "user" => {
