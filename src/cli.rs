@@ -114,6 +114,10 @@ pub struct RunArgs {
     /// QEMU profile (qemu-profiles/NAME.toml): default, microvm, iommu.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
+    /// Script run as you once the guest has booted (executable, with #!);
+    /// its output goes to the console [default: the setup's boot_script].
+    #[arg(long, value_name = "FILE")]
+    pub boot_script: Option<PathBuf>,
     /// Interactive mode: the rootfs's systemd (default when present) or a
     /// plain login shell (faster, no services).
     #[arg(long, value_parser = ["systemd", "shell"])]
@@ -228,7 +232,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
         ssh_port: a.ssh_port,
         net_none: a.net == "none",
         profile: a.profile,
-        boot_script: None,
+        boot_script: a.boot_script,
         init: a.init,
         keep: a.keep,
         dry_run: a.dry_run,

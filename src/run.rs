@@ -410,9 +410,16 @@ pub fn prepare(
         &cwd,
         &rootfs,
     )?;
-    if let Some(script) = &opts.boot_script {
-        check_boot_script(script)?;
-    }
+    let boot_script = match opts.boot_script.as_ref().or(setup.boot_script.as_ref()) {
+        Some(script) => {
+            check_boot_script(script)?;
+            Some(
+                std::fs::read(script)
+                    .map_err(|e| RunError::BootScript(script.clone(), e.to_string()))?,
+            )
+        }
+        None => None,
+    };
 
     let probe = kvm::probe();
     let (accel, accel_note) = kvm::choose(opts.accel.clone(), &probe);
@@ -543,6 +550,7 @@ pub fn prepare(
             _ => None,
         },
         net,
+        boot_script,
     };
     let files = guest::generate(&input);
     let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs)?)

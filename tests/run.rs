@@ -454,3 +454,82 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
         "a process of the run survived"
     );
 }
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(needle))
+        .collect()
+}
+
+#[test]
+fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let args = [
+        "run",
+        "--rootfs",
+        fx.rootfs.to_str().unwrap(),
+        "--kernel",
+        fx.tree.to_str().unwrap(),
+    ];
+    let mut vm = common::mkt(home.path())
+        .args(args)
+        .args(["--", "sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let runs = home.path().join("run/mkt/runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dir = loop {
+        let found = std::fs::read_dir(&runs)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.join("instance.json").exists())
+            })
+            .ok()
+            .flatten();
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no instance record appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        !processes_mentioning(&dir.display().to_string()).is_empty(),
+        "QEMU is not running"
+    );
+    vm.kill().unwrap(); // SIGKILL: mkt gets no chance to clean up
+    vm.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_mentioning(&dir.display().to_string()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU outlived mkt's kill -9"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        dir.exists(),
+        "the killed run's directory is still there until the next run"
+    );
+    let o = common::mkt(home.path())
+        .args(args)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        !dir.exists(),
+        "the next run did not remove the stale run directory"
+    );
+}

@@ -94,6 +94,8 @@ pub struct PlanInput {
     pub etc: RootfsEtc,
     pub ssh: Option<SshSetup>,
     pub net: bool,
+    /// The boot script's content, run as the user once booted.
+    pub boot_script: Option<Vec<u8>>,
 }
 
 /// The run's generated guest files, packed into the initramfs's /mkt.
@@ -131,6 +133,9 @@ impl Generated {
         });
     }
 }
+
+/// Where the boot script is put in the guest.
+const BOOT_SCRIPT: &str = "/etc/mkt/boot-script";
 
 /// Escapes a plan field: tab, newline and backslash (what the init undoes).
 pub fn escape(s: &str) -> String {
@@ -335,6 +340,24 @@ pub fn generate(input: &PlanInput) -> Generated {
             0o644,
         );
     }
+    if let Some(script) = &input.boot_script {
+        // Under /etc, not /run: systemd mounts a fresh /run at boot.
+        g.add("boot-script", script.clone(), Some(BOOT_SCRIPT), 0o755);
+        if input.mode == Mode::Systemd {
+            g.add(
+                "mkt-boot-script.service",
+                format!(
+                    "[Unit]\nDescription=mkt boot script\nAfter=multi-user.target\n\n\
+                     [Service]\nType=oneshot\nUser={u}\nWorkingDirectory=~\nExecStart={BOOT_SCRIPT}\n\
+                     StandardOutput=journal+console\nStandardError=journal+console\n\n\
+                     [Install]\nWantedBy=multi-user.target\n",
+                    u = u.name
+                ),
+                Some("/etc/systemd/system/mkt-boot-script.service"),
+                0o644,
+            );
+        }
+    }
     g.add(
         "setup.sh",
         setup_script(input),
@@ -387,6 +410,16 @@ pub fn generate(input: &PlanInput) -> Generated {
             "/dev/null",
             &format!("{etc}/serial-getty@ttyS0.service"),
         ]);
+        if input.boot_script.is_some() {
+            plan += &plan_line(&[
+                "symlink",
+                &format!("{etc}/mkt-boot-script.service"),
+                &format!("{etc}/multi-user.target.wants/mkt-boot-script.service"),
+            ]);
+        }
+    }
+    if input.boot_script.is_some() {
+        plan += &plan_line(&["boot", BOOT_SCRIPT]);
     }
     if let Some(cwd) = &input.cwd {
         plan += &plan_line(&["cwd", &p(cwd)]);
@@ -453,6 +486,7 @@ mod tests {
                 host_key: "-----BEGIN OPENSSH PRIVATE KEY-----\n".into(),
             }),
             net: true,
+            boot_script: None,
         }
     }
 
@@ -576,6 +610,33 @@ mod tests {
         let conf = g.text("sshd-mkt.conf").unwrap();
         assert!(conf.contains("HostKey /etc/mkt/ssh_host_ed25519_key"));
         assert!(conf.contains("AuthorizedKeysFile .ssh/authorized_keys /etc/mkt/authorized_keys"));
+    }
+
+    #[test]
+    fn boot_script_runs_from_the_init_or_a_systemd_unit() {
+        let mut i = input(Mode::Shell);
+        i.boot_script = Some(b"#!/bin/sh\necho hi\n".to_vec());
+        let g = generate(&i);
+        assert_eq!(
+            g.get("boot-script").unwrap().dest.as_deref(),
+            Some(BOOT_SCRIPT)
+        );
+        assert_eq!(g.get("boot-script").unwrap().mode, 0o755);
+        assert!(
+            g.text("plan")
+                .unwrap()
+                .contains("boot\t/etc/mkt/boot-script\n")
+        );
+        assert!(g.get("mkt-boot-script.service").is_none());
+        i.mode = Mode::Systemd;
+        let g = generate(&i);
+        let unit = g.text("mkt-boot-script.service").unwrap();
+        assert!(unit.contains("User=dev\n") && unit.contains("ExecStart=/etc/mkt/boot-script\n"));
+        assert!(
+            g.text("plan")
+                .unwrap()
+                .contains("multi-user.target.wants/mkt-boot-script.service")
+        );
     }
 
     #[test]

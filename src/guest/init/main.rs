@@ -147,6 +147,7 @@ struct Plan {
     hostname: Option<String>,
     exec: Vec<String>,
     setup: Option<String>,
+    boot: Option<String>,
 }
 
 fn parse_plan(text: &str) -> Plan {
@@ -171,6 +172,7 @@ fn parse_plan(text: &str) -> Plan {
             "hostname" => p.hostname = Some(n(1)),
             "exec" => p.exec = f[1..].to_vec(),
             "setup" => p.setup = Some(n(1)),
+            "boot" => p.boot = Some(n(1)),
             _ => p.ops.push(f),
         }
     }
@@ -403,6 +405,20 @@ fn main() {
             Ok(s) if s.success() => {}
             Ok(s) => log(&format!("{setup} failed: {s}")),
             Err(e) => log(&format!("cannot run {setup}: {e}")),
+        }
+    }
+    // The boot script runs as the user before the command or shell (systemd
+    // mode runs it from a unit instead); its output goes to the console.
+    if let (Some(script), false) = (&plan.boot, plan.mode == "systemd") {
+        let mut cmd = Command::new(script);
+        user_env(&mut cmd, &plan.user);
+        if let Some(u) = &plan.user {
+            cmd.current_dir(&u.3);
+        }
+        match cmd.stdin(Stdio::null()).status() {
+            Ok(s) if s.success() => log("boot script: ok"),
+            Ok(s) => log(&format!("boot script {script} FAILED: {s}")),
+            Err(e) => log(&format!("boot script {script} FAILED: cannot run: {e}")),
         }
     }
     match plan.mode.as_str() {
