@@ -121,12 +121,8 @@ pub fn mkt_as(user: Option<&TestUser>, home: &Path) -> Command {
     let Some(u) = user else { return mkt(home) };
     let mut c = Command::new(shared_mkt());
     isolate(&mut c, home, Some(u));
+    // std drops root's supplementary groups when it sets the uid.
     c.uid(u.uid).gid(u.gid).env("USER", &u.name);
-    // Drop root's supplementary groups too.
-    // SAFETY: setgroups is a plain syscall on data prepared before the fork.
-    unsafe {
-        c.pre_exec(|| nix::unistd::setgroups(&[]).map_err(std::io::Error::from));
-    }
     c
 }
 
