@@ -53,6 +53,8 @@ pub enum Command {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Rootfs trees in mkt's store: pull one from an OCI image, list, remove.
+    Rootfs(RootfsArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -197,6 +199,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Ssh { name, command } => {
             let ctx = load_context(&cli.global)?;
             crate::run::ssh(&ctx.paths, name.as_deref(), &command)
+        }
+        Command::Rootfs(args) => {
+            let ctx = load_context(&cli.global)?;
+            crate::rootfs::cli(&ctx, args)
         }
         Command::Run(args) => {
             let ctx = load_context(&cli.global)?;
@@ -358,4 +364,46 @@ mod tests {
         assert_eq!(cli.global.verbose, 2);
         assert_eq!(cli.global.config.as_deref(), Some(Path::new("/x.toml")));
     }
+}
+
+#[derive(Debug, Args)]
+pub struct RootfsArgs {
+    #[command(subcommand)]
+    pub command: RootfsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootfsCommand {
+    /// Pull an OCI image from a registry (no Docker, no root) and unpack it
+    /// into the store, owners and modes kept in xattrs.
+    Pull(RootfsPullArgs),
+    /// List the trees in the store: name, source, digest, size, created.
+    List {
+        /// Print a JSON array (one object per tree) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a tree (and its metadata) from the store.
+    Rm {
+        /// The tree's name, as `mkt rootfs list` shows it.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RootfsPullArgs {
+    /// The image: `fedora:41`, `quay.io/x/y@sha256:...`, `127.0.0.1:5000/a/b:t`.
+    pub image: String,
+    /// Name of the tree in the store [default: from the image, e.g. fedora-41].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The platform to pick from a multi-platform image.
+    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: String,
+    /// Speak plain HTTP to the registry (loopback registries always are).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Replace an existing tree of the same name (atomically).
+    #[arg(long)]
+    pub force: bool,
 }

@@ -7,5 +7,8 @@ pub mod config;
 pub mod guest;
 pub mod host;
 pub mod instance;
+pub mod oci;
 pub mod qemu;
+pub mod rootfs;
 pub mod run;
+pub mod unpack;

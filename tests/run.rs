@@ -14,6 +14,20 @@ struct Fx {
     release: String,
 }
 
+impl Fx {
+    /// `--rootfs ROOTFS --kernel TREE` then `rest`.
+    fn args<'a>(&'a self, rest: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "--rootfs",
+            self.rootfs.to_str().unwrap(),
+            "--kernel",
+            self.tree.to_str().unwrap(),
+        ];
+        a.extend_from_slice(rest);
+        a
+    }
+}
+
 fn fixtures() -> Option<Fx> {
     let tree = common::kernel_tree()?;
     let rootfs = common::rootfs()?;
@@ -45,16 +59,7 @@ fn exec_case(user: Option<&common::TestUser>) {
     let o = run_as(
         user,
         home.path(),
-        &[
-            "--rootfs",
-            fx.rootfs.to_str().unwrap(),
-            "--kernel",
-            fx.tree.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "uname -r; echo err >&2; exit 7",
-        ],
+        &fx.args(&["--", "sh", "-c", "uname -r; echo err >&2; exit 7"]),
     );
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(o.status.code(), Some(7), "stdout:\n{out}\nstderr:\n{err}");
@@ -132,20 +137,7 @@ fn home_is_shared_rw_and_the_stored_tree_never_changes() {
     let script = "cat data.bin; echo guest > from-guest.txt; \
         sudo sh -c 'echo x > /etc/mkt-test; echo y > /usr/bin/mkt-test; rm -f /etc/hostname; touch /etc/passwd' >&2; \
         test -f /etc/mkt-test && echo etc-written >&2";
-    let o = run_as(
-        user,
-        home.path(),
-        &[
-            "--rootfs",
-            fx.rootfs.to_str().unwrap(),
-            "--kernel",
-            fx.tree.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    );
+    let o = run_as(user, home.path(), &fx.args(&["--", "sh", "-c", script]));
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(
@@ -176,16 +168,12 @@ fn modules_of_the_tree_load_with_modprobe() {
     let o = run_as(
         None,
         home.path(),
-        &[
-            "--rootfs",
-            fx.rootfs.to_str().unwrap(),
-            "--kernel",
-            fx.tree.to_str().unwrap(),
+        &fx.args(&[
             "--",
             "sh",
             "-c",
             "sudo modprobe dummy && grep -c '^dummy ' /proc/modules && ls -l /lib/modules/$(uname -r)/kernel/drivers/net/dummy.ko && test -e /boot/System.map-$(uname -r)",
-        ],
+        ]),
     );
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
@@ -254,16 +242,7 @@ fn a_kernel_panic_is_an_error_quoting_the_panic() {
     let o = run_as(
         None,
         home.path(),
-        &[
-            "--rootfs",
-            fx.rootfs.to_str().unwrap(),
-            "--kernel",
-            fx.tree.to_str().unwrap(),
-            "--append",
-            "rdinit=/nonexistent",
-            "--",
-            "true",
-        ],
+        &fx.args(&["--append", "rdinit=/nonexistent", "--", "true"]),
     );
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
@@ -280,16 +259,7 @@ fn two_runs_at_once_both_succeed() {
     let home = common::temp_home(None);
     let spawn = |n: &str| {
         let mut c = common::mkt(home.path());
-        c.args([
-            "run",
-            "--rootfs",
-            fx.rootfs.to_str().unwrap(),
-            "--kernel",
-            fx.tree.to_str().unwrap(),
-            "--",
-            "echo",
-            n,
-        ]);
+        c.arg("run").args(fx.args(&["--", "echo", n]));
         c.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         c.spawn().unwrap()
@@ -337,19 +307,7 @@ fn bad_inputs_name_the_flag_or_value() {
 fn dry_run_prints_qemu_command_and_generated_files() {
     let Some(fx) = fixtures() else { return };
     let home = common::temp_home(None);
-    let o = run_as(
-        None,
-        home.path(),
-        &[
-            "--dry-run",
-            "--rootfs",
-            fx.rootfs.to_str().unwrap(),
-            "--kernel",
-            fx.tree.to_str().unwrap(),
-            "--",
-            "true",
-        ],
-    );
+    let o = run_as(None, home.path(), &fx.args(&["--dry-run", "--", "true"]));
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(
@@ -469,15 +427,10 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
     let Some(fx) = fixtures() else { return };
     let home = common::temp_home(None);
-    let args = [
-        "run",
-        "--rootfs",
-        fx.rootfs.to_str().unwrap(),
-        "--kernel",
-        fx.tree.to_str().unwrap(),
-    ];
+    let args = fx.args(&[]);
     let mut vm = common::mkt(home.path())
-        .args(args)
+        .arg("run")
+        .args(&args)
         .args(["--", "sleep", "600"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -523,7 +476,8 @@ fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
         "the killed run's directory is still there until the next run"
     );
     let o = common::mkt(home.path())
-        .args(args)
+        .arg("run")
+        .args(&args)
         .args(["--", "true"])
         .output()
         .unwrap();

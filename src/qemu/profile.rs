@@ -228,7 +228,7 @@ mod tests {
                 "default",
                 "pc",
                 Bus::Pci,
-                &["i8042.noaux", "8250.nr_uarts=1"],
+                &["i8042.noaux", "8250.nr_uarts=1", "acpi=noirq"],
                 &[],
             ),
             (

@@ -1,0 +1,105 @@
+//! A rootless OCI registry client: references, credentials, manifests, and a
+//! digest-verified, content-addressed blob cache with resumable downloads.
+
+pub mod auth;
+pub mod blobs;
+pub mod manifest;
+pub mod reference;
+pub mod registry;
+
+pub use blobs::BlobStore;
+pub use reference::Reference;
+pub use registry::Registry;
+
+use std::path::PathBuf;
+
+/// Why talking to a registry or the blob cache failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("cannot read registry credentials")]
+    AuthFile(#[source] auth::AuthFileError),
+    #[error("cannot set up the HTTP client")]
+    Client(#[source] reqwest::Error),
+    #[error("cannot reach registry {registry} ({url})")]
+    Request {
+        registry: String,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("registry {registry} answered HTTP {status} for {what}{detail}")]
+    Status {
+        registry: String,
+        what: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("registry {registry} denied access to {repository}: {hint}")]
+    Unauthorized {
+        registry: String,
+        repository: String,
+        hint: String,
+    },
+    #[error("cannot get a token from {realm} for registry {registry}{detail}")]
+    Token {
+        realm: String,
+        registry: String,
+        detail: String,
+        #[source]
+        source: Option<reqwest::Error>,
+    },
+    #[error("manifest {reference} of {image}: {reason}")]
+    Manifest {
+        image: String,
+        reference: String,
+        reason: String,
+    },
+    #[error("blob {digest} from {registry}: {reason}")]
+    Blob {
+        registry: String,
+        digest: String,
+        reason: String,
+    },
+    #[error(
+        "blob {digest} from {registry}: the content's digest is sha256:{got}, not {digest}; the download was discarded"
+    )]
+    DigestMismatch {
+        registry: String,
+        digest: String,
+        got: String,
+    },
+    #[error(
+        "cannot read blob {digest} from {registry} (partial download kept, run again to resume)"
+    )]
+    BlobRead {
+        registry: String,
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot {op} blob cache file {}", .path.display())]
+    Cache {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex(&sha2::Sha256::digest(bytes)))
+}

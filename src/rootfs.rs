@@ -1,0 +1,821 @@
+//! mkt's rootfs store: `rootfs_dir/NAME/` trees pulled from OCI images, with
+//! their metadata in `rootfs_dir/.meta/NAME.json`.
+//!
+//! A pull unpacks into `rootfs_dir/.tmp-PID-NAME-XXXXXX` and renames it into
+//! place only when every layer is in, so an interrupted or failed pull never
+//! shows up as a tree. Temp dirs of dead processes (killed mid-pull) are
+//! swept by the next pull, list or rm.
+
+use crate::config::Paths;
+use crate::oci::manifest::{self, ImageConfig, Manifest, Platform};
+use crate::oci::{self, BlobStore, OciError, Reference, Registry, auth};
+use crate::unpack::{self, UnpackError, Unpacker};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Layers downloaded at once.
+const PARALLEL: usize = 4;
+const META_DIR: &str = ".meta";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error(
+        "invalid rootfs name {0:?}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+    )]
+    BadName(String),
+    #[error(transparent)]
+    Reference(#[from] oci::reference::ReferenceError),
+    #[error("invalid --platform: {0}")]
+    Platform(String),
+    #[error("rootfs {name} already exists at {} (--force replaces it)", .path.display())]
+    Exists { name: String, path: PathBuf },
+    #[error("no rootfs named {name} in {} (have: {known})", .store.display())]
+    NotFound {
+        name: String,
+        store: PathBuf,
+        known: String,
+    },
+    #[error("cannot pull {image}")]
+    Pull {
+        image: String,
+        #[source]
+        source: Box<OciError>,
+    },
+    #[error("cannot pull {image}: {reason}")]
+    Image { image: String, reason: String },
+    #[error("cannot unpack {image} into {}", .path.display())]
+    Unpack {
+        image: String,
+        path: PathBuf,
+        #[source]
+        source: Box<UnpackError>,
+    },
+    #[error("cannot {op} {}", .path.display())]
+    Store {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write rootfs metadata {}", .path.display())]
+    Meta {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn store_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let path = path.to_path_buf();
+    move |source| RootfsError::Store { op, path, source }
+}
+
+/// What `mkt rootfs list` shows, kept in `.meta/NAME.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub name: String,
+    /// The image as the user wrote it.
+    pub image: String,
+    /// Normalised: `docker.io/library/fedora:41`.
+    pub reference: String,
+    /// Digest of the image manifest unpacked (the platform's, for an index).
+    pub manifest_digest: String,
+    /// Digest of the index it was chosen from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<String>,
+    pub config_digest: String,
+    pub platform: String,
+    pub layers: Vec<String>,
+    /// The image's own creation time (from its config), if it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    /// When mkt pulled it (UTC, RFC 3339).
+    pub pulled: String,
+    /// Bytes of file content in the tree (hardlinked files counted once).
+    pub size: u64,
+    /// Paths in the tree.
+    pub entries: u64,
+}
+
+/// `mkt rootfs pull`'s options.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    pub image: String,
+    pub name: Option<String>,
+    pub platform: String,
+    pub insecure: bool,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+/// A finished pull.
+#[derive(Debug)]
+pub struct Pulled {
+    pub path: PathBuf,
+    pub meta: Meta,
+    pub downloaded: u64,
+    pub skipped_xattrs: Vec<String>,
+}
+
+/// Store names: safe as one path component, never hidden.
+pub fn check_name(name: &str) -> Result<(), RootfsError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(RootfsError::BadName(name.into()))
+    }
+}
+
+fn meta_path(paths: &Paths, name: &str) -> PathBuf {
+    paths.rootfs_dir.join(META_DIR).join(format!("{name}.json"))
+}
+
+/// Removes `.tmp-PID-…` and `.rm-PID-…` dirs whose process is gone.
+pub fn sweep_stale(store: &Path) {
+    let Ok(rd) = std::fs::read_dir(store) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix(".tmp-")
+            .or_else(|| name.strip_prefix(".rm-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {} left by an interrupted mkt", e.path().display());
+            let _ = unpack::remove_tree(&e.path());
+        }
+    }
+}
+
+/// A directory removed (whatever its modes) when dropped, unless kept.
+struct TempTree(Option<PathBuf>);
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take()
+            && let Err(e) = unpack::remove_tree(&p)
+        {
+            tracing::warn!("cannot remove {}: {e}", p.display());
+        }
+    }
+}
+
+fn new_temp(store: &Path, kind: &str, name: &str) -> Result<TempTree, RootfsError> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!(".{kind}-{}-{name}-", std::process::id()))
+        .tempdir_in(store)
+        .map_err(store_err("create a temporary directory in", store))?;
+    Ok(TempTree(Some(dir.keep())))
+}
+
+fn bars(quiet: bool) -> MultiProgress {
+    if quiet || !std::io::stderr().is_terminal() {
+        MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+    } else {
+        MultiProgress::with_draw_target(ProgressDrawTarget::stderr())
+    }
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+/// Pulls `opts.image` into the store. `cancel` (set by a signal handler)
+/// stops downloads and the unpack; whatever is half done is removed.
+pub fn pull(paths: &Paths, opts: &PullOptions, cancel: &AtomicBool) -> Result<Pulled, RootfsError> {
+    let started = Instant::now();
+    let reference = Reference::parse(&opts.image)?;
+    let platform = Platform::parse(&opts.platform).map_err(RootfsError::Platform)?;
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| reference.default_name());
+    check_name(&name)?;
+    let image = opts.image.clone();
+    let store = &paths.rootfs_dir;
+    for d in [store.clone(), store.join(META_DIR), paths.blob_dir.clone()] {
+        std::fs::create_dir_all(&d).map_err(store_err("create", &d))?;
+    }
+    sweep_stale(store);
+    let target = store.join(&name);
+    if target.symlink_metadata().is_ok() && !opts.force {
+        return Err(RootfsError::Exists { name, path: target });
+    }
+    let pull_err = |source: OciError| RootfsError::Pull {
+        image: image.clone(),
+        source: Box::new(source),
+    };
+    let image_err = |reason: String| RootfsError::Image {
+        image: image.clone(),
+        reason,
+    };
+
+    let env = |k: &str| std::env::var(k).ok();
+    let files = auth::auth_files(env, &paths.home);
+    let creds = auth::lookup(&files, &reference.registry, &reference.repository)
+        .map_err(|e| pull_err(OciError::AuthFile(e)))?;
+    if let Some(c) = &creds {
+        tracing::info!(
+            "using credentials for {} from {}",
+            reference.registry,
+            c.source.display()
+        );
+    }
+    let reg = Registry::new(&reference, opts.insecure, creds, files).map_err(pull_err)?;
+    let shown = reference.to_string();
+
+    // Manifest, through an index when there is one.
+    let (body, ctype, digest) = reg
+        .manifest(reference.manifest_ref(), &shown)
+        .map_err(pull_err)?;
+    let parsed = manifest::parse(&body, ctype.as_deref()).map_err(|reason| {
+        pull_err(OciError::Manifest {
+            image: shown.clone(),
+            reference: reference.manifest_ref().into(),
+            reason,
+        })
+    })?;
+    let (index_digest, manifest_digest, img) = match parsed {
+        Manifest::Image(m) => (None, digest, m),
+        Manifest::Index(entries) => {
+            let chosen = manifest::select(&entries, &platform).map_err(&image_err)?;
+            oci::reference::check_digest(&chosen.digest).map_err(&image_err)?;
+            tracing::info!("{shown}: {platform} is {}", chosen.digest);
+            let (body, ctype, d) = reg.manifest(&chosen.digest, &shown).map_err(pull_err)?;
+            match manifest::parse(&body, ctype.as_deref()) {
+                Ok(Manifest::Image(m)) => (Some(digest), d, m),
+                Ok(Manifest::Index(_)) => {
+                    return Err(image_err(format!(
+                        "{} is a nested index, which mkt does not follow",
+                        chosen.digest
+                    )));
+                }
+                Err(reason) => {
+                    return Err(pull_err(OciError::Manifest {
+                        image: shown.clone(),
+                        reference: chosen.digest.clone(),
+                        reason,
+                    }));
+                }
+            }
+        }
+    };
+    for l in &img.layers {
+        oci::reference::check_digest(&l.digest).map_err(&image_err)?;
+        if !manifest::is_layer(&l.media_type) {
+            return Err(image_err(format!(
+                "layer {} has media type {:?}, which is not a layer mkt can unpack",
+                l.digest, l.media_type
+            )));
+        }
+        if l.urls.as_ref().is_some_and(|u| !u.is_empty()) && l.media_type.contains("foreign") {
+            return Err(image_err(format!("layer {} is a foreign layer", l.digest)));
+        }
+    }
+    oci::reference::check_digest(&img.config.digest).map_err(&image_err)?;
+
+    let blobs = BlobStore::new(&paths.blob_dir);
+    let (config_path, _) = blobs
+        .fetch(
+            &reg,
+            &img.config.digest,
+            img.config.size,
+            &ProgressBar::hidden(),
+            cancel,
+        )
+        .map_err(pull_err)?;
+    let config_bytes = std::fs::read(&config_path).map_err(store_err("read", &config_path))?;
+    let config: ImageConfig = serde_json::from_slice(&config_bytes).unwrap_or_default();
+    if let (Some(os), Some(arch)) = (&config.os, &config.architecture)
+        && (os != &platform.os || arch != &platform.architecture)
+    {
+        return Err(image_err(format!(
+            "the image is {os}/{arch}, not {platform} (use --platform {os}/{arch} to pull it anyway)"
+        )));
+    }
+
+    // Unpack into a temp dir while the layers download; the xattr probe in
+    // Unpacker::new fails before any download on an unsuitable store.
+    let temp = new_temp(store, "tmp", &name)?;
+    let temp_path = temp.0.clone().expect("temp dir");
+    let mut unpacker = Unpacker::new(&temp_path).map_err(|source| RootfsError::Unpack {
+        image: image.clone(),
+        path: target.clone(),
+        source: Box::new(source),
+    })?;
+    let multi = bars(opts.quiet);
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {msg}",
+    )
+    .expect("static template")
+    .progress_chars("=> ");
+    let layer_bars: Vec<ProgressBar> = img
+        .layers
+        .iter()
+        .map(|l| {
+            let b = multi.add(ProgressBar::new(l.size).with_style(style.clone()));
+            b.set_prefix(short(&l.digest).to_string());
+            b
+        })
+        .collect();
+    let total_size: u64 = img.layers.iter().map(|l| l.size).sum();
+    let total = multi.add(
+        ProgressBar::new(img.layers.len() as u64).with_style(
+            ProgressStyle::with_template("{prefix:>12} {pos}/{len} layers unpacked, {msg}")
+                .expect("static template"),
+        ),
+    );
+    total.set_prefix("total");
+    total.set_message(format!("{} to fetch", human(total_size)));
+
+    let n = img.layers.len();
+    let next = AtomicUsize::new(0);
+    let downloaded = AtomicUsize::new(0);
+    let result: Result<(), RootfsError> = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..PARALLEL.min(n) {
+            let tx = tx.clone();
+            let (reg, blobs, img, next, layer_bars, downloaded) =
+                (&reg, &blobs, &img, &next, &layer_bars, &downloaded);
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n || cancel.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let l = &img.layers[i];
+                    let r = blobs.fetch(reg, &l.digest, l.size, &layer_bars[i], cancel);
+                    if let Ok((_, f)) = &r {
+                        downloaded.fetch_add(f.downloaded as usize, Ordering::Relaxed);
+                        layer_bars[i].set_message("downloaded");
+                    }
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut ready: Vec<Option<PathBuf>> = vec![None; n];
+        let mut run = || -> Result<(), RootfsError> {
+            for (i, l) in img.layers.iter().enumerate() {
+                while ready[i].is_none() {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(pull_err(OciError::Interrupted));
+                    }
+                    let wait = std::time::Duration::from_millis(200);
+                    match rx.recv_timeout(wait) {
+                        Ok((j, r)) => ready[j] = Some(r.map_err(pull_err)?.0),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(_) => return Err(pull_err(OciError::Interrupted)),
+                    }
+                }
+                let blob = ready[i].take().expect("just checked");
+                layer_bars[i].set_message("unpacking");
+                unpacker
+                    .unpack_layer(&blob, &l.digest, cancel)
+                    .map_err(|source| RootfsError::Unpack {
+                        image: image.clone(),
+                        path: target.clone(),
+                        source: Box::new(source),
+                    })?;
+                layer_bars[i].finish_with_message("unpacked");
+                total.inc(1);
+            }
+            Ok(())
+        };
+        let r = run();
+        if r.is_err() {
+            // Stop the other downloads; their partial files stay for a resume.
+            cancel.store(true, Ordering::Relaxed);
+        }
+        r
+    });
+    result?;
+    let stats = unpacker.finish().map_err(|source| RootfsError::Unpack {
+        image: image.clone(),
+        path: target.clone(),
+        source: Box::new(source),
+    })?;
+    total.finish_and_clear();
+    for b in &layer_bars {
+        b.finish_and_clear();
+    }
+
+    // What the tree holds now (layers overwrite and delete each other's files).
+    let (size, entries) = tree_size(&temp_path);
+    let meta = Meta {
+        name: name.clone(),
+        image: image.clone(),
+        reference: shown.clone(),
+        manifest_digest,
+        index_digest,
+        config_digest: img.config.digest.clone(),
+        platform: platform.to_string(),
+        layers: img.layers.iter().map(|l| l.digest.clone()).collect(),
+        created: config.created.clone(),
+        pulled: rfc3339_now(),
+        size,
+        entries,
+    };
+    commit(paths, &name, temp, &meta, opts.force)?;
+    tracing::info!("pulled {image} in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(Pulled {
+        path: target,
+        meta,
+        downloaded: downloaded.load(Ordering::Relaxed) as u64,
+        skipped_xattrs: stats.skipped_xattrs,
+    })
+}
+
+/// Moves the finished tree into place (swapping out an old one with
+/// --force) and writes its metadata.
+fn commit(
+    paths: &Paths,
+    name: &str,
+    mut temp: TempTree,
+    meta: &Meta,
+    force: bool,
+) -> Result<(), RootfsError> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    let store = &paths.rootfs_dir;
+    let target = store.join(name);
+    let temp_path = temp.0.clone().expect("temp dir");
+    let mpath = meta_path(paths, name);
+    let mtmp = mpath.with_extension(format!("json.{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(meta).map_err(|source| RootfsError::Meta {
+        path: mpath.clone(),
+        source,
+    })?;
+    std::fs::write(&mtmp, text).map_err(store_err("write", &mtmp))?;
+    let exists = target.symlink_metadata().is_ok();
+    let flags = if exists && force {
+        RenameFlags::RENAME_EXCHANGE
+    } else {
+        RenameFlags::RENAME_NOREPLACE
+    };
+    match renameat2(AT_FDCWD, &temp_path, AT_FDCWD, &target, flags) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = std::fs::remove_file(&mtmp);
+            if e == nix::errno::Errno::EEXIST {
+                return Err(RootfsError::Exists {
+                    name: name.into(),
+                    path: target,
+                });
+            }
+            return Err(store_err("move the unpacked tree to", &target)(e.into()));
+        }
+    }
+    if !(exists && force) {
+        // Nothing to clean: the temp dir is the tree now.
+        temp.0 = None;
+    }
+    std::fs::rename(&mtmp, &mpath).map_err(store_err("write", &mpath))?;
+    // With --force, `temp` now holds the old tree; dropping it removes it.
+    drop(temp);
+    Ok(())
+}
+
+/// One row of `mkt rootfs list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    pub name: String,
+    pub path: PathBuf,
+    /// `None` for a directory mkt did not pull (no metadata).
+    #[serde(flatten)]
+    pub meta: Option<Meta>,
+}
+
+/// The trees in the store, sorted by name.
+pub fn list(paths: &Paths) -> Result<Vec<Listed>, RootfsError> {
+    let store = &paths.rootfs_dir;
+    sweep_stale(store);
+    let rd = match std::fs::read_dir(store) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(store_err("read", store)(e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(store_err("read", store))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let meta = std::fs::read(meta_path(paths, &name))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+        out.push(Listed {
+            path: e.path(),
+            name,
+            meta,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Removes the tree `name` and its metadata. The tree disappears from the
+/// store at once (renamed away), then is deleted.
+pub fn remove(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
+    check_name(name)?;
+    let store = &paths.rootfs_dir;
+    sweep_stale(store);
+    let target = store.join(name);
+    if !target.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        let known: Vec<String> = list(paths)?.into_iter().map(|l| l.name).collect();
+        return Err(RootfsError::NotFound {
+            name: name.into(),
+            store: store.clone(),
+            known: if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            },
+        });
+    }
+    let grave = new_temp(store, "rm", name)?;
+    let grave_path = grave.0.clone().expect("temp dir");
+    // Over the empty temp dir: atomic, and the name is free at once.
+    std::fs::rename(&target, &grave_path).map_err(store_err("remove", &target))?;
+    let m = meta_path(paths, name);
+    match std::fs::remove_file(&m) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(store_err("remove", &m)(e));
+        }
+        _ => {}
+    }
+    let mut grave = grave;
+    let p = grave.0.take().expect("temp dir");
+    unpack::remove_tree(&p).map_err(store_err("remove", &p))?;
+    Ok(target)
+}
+
+/// Bytes of regular files (each inode once) and number of paths under `root`.
+fn tree_size(root: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            entries += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && (m.nlink() == 1 || seen.insert(m.ino())) {
+                bytes += m.len();
+            }
+        }
+    }
+    (bytes, entries)
+}
+
+/// `12.3 MiB`.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// Now, as `2026-11-29T10:37:51Z`.
+pub fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (civil-from-days, H. Hinnant).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The table `mkt rootfs list` prints.
+pub fn render_list(items: &[Listed]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "SOURCE".into(),
+        "DIGEST".into(),
+        "SIZE".into(),
+        "CREATED".into(),
+    ]];
+    for l in items {
+        rows.push(match &l.meta {
+            Some(m) => [
+                l.name.clone(),
+                m.reference.clone(),
+                short(&m.manifest_digest).to_string(),
+                human(m.size),
+                m.created.clone().unwrap_or_else(|| "-".into()),
+            ],
+            None => [
+                l.name.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+        });
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    CANCEL.store(true, Ordering::Relaxed);
+}
+
+/// The first Ctrl-C (or SIGTERM, SIGHUP) stops the pull cleanly; SA_RESETHAND makes
+/// a second one kill at once (the next pull sweeps what is left).
+fn catch_signals() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART | SaFlags::SA_RESETHAND,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { sigaction(sig, &act) };
+    }
+}
+
+/// `mkt rootfs ...`.
+pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Result<i32> {
+    use crate::cli::RootfsCommand as C;
+    use std::io::Write;
+    match args.command {
+        C::Pull(a) => {
+            let opts = PullOptions {
+                image: a.image,
+                name: a.name,
+                platform: a.platform,
+                insecure: a.insecure,
+                force: a.force,
+                quiet: ctx.quiet,
+            };
+            catch_signals();
+            let started = Instant::now();
+            let p = pull(&ctx.paths, &opts, &CANCEL)?;
+            if !p.skipped_xattrs.is_empty() {
+                let mut kinds: Vec<&str> = p.skipped_xattrs.iter().map(|s| s.as_str()).collect();
+                kinds.sort();
+                kinds.dedup();
+                tracing::warn!(
+                    "{} extended attributes could not be kept as a normal user: {}",
+                    p.skipped_xattrs.len(),
+                    kinds.join(", ")
+                );
+            }
+            if !ctx.quiet {
+                println!(
+                    "rootfs {} ready at {}: {} ({}), {} layers, {} downloaded, {} unpacked, {:.1} s",
+                    p.meta.name,
+                    p.path.display(),
+                    p.meta.reference,
+                    p.meta.manifest_digest,
+                    p.meta.layers.len(),
+                    human(p.downloaded),
+                    human(p.meta.size),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(0)
+        }
+        C::List { json } => {
+            let items = list(&ctx.paths)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &items)?;
+                writeln!(out)?;
+            } else if items.is_empty() {
+                if !ctx.quiet {
+                    writeln!(
+                        out,
+                        "no rootfs in {} (`mkt rootfs pull IMAGE` makes one)",
+                        ctx.paths.rootfs_dir.display()
+                    )?;
+                }
+            } else {
+                write!(out, "{}", render_list(&items))?;
+            }
+            Ok(0)
+        }
+        C::Rm { name } => {
+            let path = remove(&ctx.paths, &name)?;
+            if !ctx.quiet {
+                println!("removed rootfs {name} ({})", path.display());
+            }
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["fedora-41", "a", "b.t_1", "9x"] {
+            check_name(ok).unwrap();
+        }
+        for bad in ["", ".tmp-x", "-x", "a/b", "..", "a b", &"x".repeat(129)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn time_and_sizes() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 << 20), "3.0 MiB");
+    }
+
+    #[test]
+    fn sweeps_only_dead_processes_temp_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let dead = d.path().join(".tmp-999999999-x-abc");
+        let mine = d.path().join(format!(".tmp-{}-x-abc", std::process::id()));
+        let tree = d.path().join("x");
+        for p in [&dead, &mine, &tree] {
+            std::fs::create_dir(p).unwrap();
+        }
+        // A read-only dir inside is no obstacle.
+        std::fs::create_dir(dead.join("ro")).unwrap();
+        std::fs::write(dead.join("ro/f"), "x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dead.join("ro"), std::fs::Permissions::from_mode(0o500)).unwrap();
+        sweep_stale(d.path());
+        assert!(!dead.exists() && mine.exists() && tree.exists());
+    }
+}

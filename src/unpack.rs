@@ -1,0 +1,1050 @@
+//! Unpacking OCI layers into a directory as a normal user, safely.
+//!
+//! Every path is resolved with `openat2(RESOLVE_BENEATH)` from the target's
+//! file descriptor, so no entry can create, change or follow anything outside
+//! the target: absolute names and `..` are refused outright, and a symlink
+//! that would lead out (absolute, or climbing above the root) makes the
+//! entry that goes through it fail. Symlinks that stay inside (`bin ->
+//! usr/bin`) may be written through. The final component is never followed.
+//!
+//! What a normal user cannot create is recorded in QEMU's 9p `mapped-xattr`
+//! format (hw/9pfs/9p-local.c): `user.virtfs.uid`, `.gid`, `.mode` (u32
+//! little-endian, `mode` with the file-type bits), `.rdev` (u64 LE, glibc
+//! `dev_t` encoding). Device nodes and FIFOs become empty regular files
+//! carrying those. Symlinks cannot carry `user.*` xattrs on Linux, so their
+//! (rarely meaningful) owner is not recorded.
+//!
+//! On the host every file is readable by its owner and every directory
+//! readable and searchable (so the user, QEMU and `rm` can always walk the
+//! tree); setuid/setgid/sticky bits exist only in the xattrs. Directory
+//! modes and times are applied after all layers, deepest first, so mode-000
+//! and read-only directories can be filled first.
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::sys::stat::{Mode, UtimensatFlags, fchmod, fstatat, futimens, mkdirat, utimensat};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{UnlinkatFlags, linkat, symlinkat, unlinkat};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CString, OsStr};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub const XATTR_UID: &str = "user.virtfs.uid";
+pub const XATTR_GID: &str = "user.virtfs.gid";
+pub const XATTR_MODE: &str = "user.virtfs.mode";
+pub const XATTR_RDEV: &str = "user.virtfs.rdev";
+
+/// Why unpacking failed. Every variant names the layer (its digest) and,
+/// where there is one, the entry.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("layer {layer}: refused entry {entry:?}: {reason}")]
+    Refused {
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+    #[error("layer {layer}: cannot read the layer's tar stream{}", entry_note(.entry))]
+    Read {
+        layer: String,
+        entry: Option<String>,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {layer}: cannot {op} for entry {entry:?} under {}", .root.display())]
+    Write {
+        layer: String,
+        entry: String,
+        op: &'static str,
+        root: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "layer {layer}: the cached blob's digest is sha256:{got}; it was removed from the cache, pull again"
+    )]
+    Digest { layer: String, got: String },
+    #[error("cannot open layer blob {}", .path.display())]
+    Blob {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot prepare unpack target {}", .path.display())]
+    Target {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the file system of {} does not support user extended attributes (needed to record owners and modes; tmpfs before Linux 6.6 lacks them)",
+        .path.display()
+    )]
+    NoUserXattrs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set the final modes and times under {}", .root.display())]
+    Finish {
+        root: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn entry_note(e: &Option<String>) -> String {
+    e.as_ref()
+        .map(|e| format!(" (at entry {e:?})"))
+        .unwrap_or_default()
+}
+
+/// What an unpack did, for the summary and the tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    /// Bytes of regular-file content written.
+    pub bytes: u64,
+    /// Xattrs that could not be kept (`security.*`, `trusted.*`, on symlinks).
+    pub skipped_xattrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DirMeta {
+    host_mode: u32,
+    mtime: Option<i64>,
+}
+
+/// Unpacks layers, in order, into one target directory.
+pub struct Unpacker {
+    root: OwnedFd,
+    root_path: PathBuf,
+    dirs: HashMap<PathBuf, DirMeta>,
+    pub stats: Stats,
+}
+
+/// Where an error happened, filled in as an entry is processed.
+struct Ctx<'a> {
+    layer: &'a str,
+    entry: &'a str,
+    root: &'a Path,
+}
+
+enum Fail {
+    Refuse(String),
+    Io(&'static str, io::Error),
+    Read(io::Error),
+    NoXattrs(io::Error),
+    Interrupted,
+}
+
+impl Ctx<'_> {
+    fn err(&self, f: Fail) -> UnpackError {
+        match f {
+            Fail::Refuse(reason) => UnpackError::Refused {
+                layer: self.layer.into(),
+                entry: self.entry.into(),
+                reason,
+            },
+            Fail::Io(op, source) => UnpackError::Write {
+                layer: self.layer.into(),
+                entry: self.entry.into(),
+                op,
+                root: self.root.into(),
+                source,
+            },
+            Fail::Read(source) => UnpackError::Read {
+                layer: self.layer.into(),
+                entry: Some(self.entry.into()),
+                source,
+            },
+            Fail::NoXattrs(source) => UnpackError::NoUserXattrs {
+                path: self.root.into(),
+                source,
+            },
+            Fail::Interrupted => UnpackError::Interrupted,
+        }
+    }
+}
+
+fn io_fail(op: &'static str) -> impl Fn(Errno) -> Fail {
+    move |e| Fail::Io(op, io::Error::from(e))
+}
+
+/// The normalised components of an entry name: `./a//b/` → `a/b`.
+/// Absolute names and `..` are refused.
+pub fn normalize(raw: &[u8]) -> Result<PathBuf, String> {
+    if raw.first() == Some(&b'/') {
+        return Err("absolute path".into());
+    }
+    let mut out = PathBuf::new();
+    for comp in raw.split(|b| *b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => return Err("path has a `..` component".into()),
+            c => out.push(OsStr::from_bytes(c)),
+        }
+    }
+    Ok(out)
+}
+
+/// glibc's `makedev` encoding, which QEMU stores in `user.virtfs.rdev`.
+pub fn makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0xff)
+}
+
+fn fsetxattr(fd: BorrowedFd, name: &str, value: &[u8]) -> io::Result<()> {
+    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid fd, NUL-terminated name, and a buffer of value.len() bytes.
+    let r = unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            c.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTSUP))
+}
+
+/// Owner, group, full mode (with type bits) and device number, as QEMU's
+/// mapped-xattr security model reads them.
+fn record_owner(
+    fd: BorrowedFd,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    rdev: Option<u64>,
+) -> Result<(), Fail> {
+    let set = |name, v: &[u8]| {
+        fsetxattr(fd, name, v).map_err(|e| {
+            if is_unsupported(&e) {
+                Fail::NoXattrs(e)
+            } else {
+                Fail::Io("record the owner in xattrs", e)
+            }
+        })
+    };
+    set(XATTR_UID, &uid.to_le_bytes())?;
+    set(XATTR_GID, &gid.to_le_bytes())?;
+    set(XATTR_MODE, &mode.to_le_bytes())?;
+    if let Some(r) = rdev {
+        set(XATTR_RDEV, &r.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// A reader that hashes and counts what passes through.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// One entry, as read from the tar header and its PAX records.
+struct Item {
+    rel: PathBuf,
+    kind: tar::EntryType,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: i64,
+    link: Option<Vec<u8>>,
+    rdev: Option<u64>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Unpacker {
+    /// Prepares to unpack into `target`, an existing empty directory.
+    pub fn new(target: &Path) -> Result<Self, UnpackError> {
+        let terr = |source: io::Error| UnpackError::Target {
+            path: target.into(),
+            source,
+        };
+        let root = nix::fcntl::open(
+            target,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| terr(e.into()))?;
+        // Fail early, before any download is wasted, on a file system
+        // without user xattrs.
+        record_owner(root.as_fd(), 0, 0, libc::S_IFDIR | 0o755, None).map_err(|f| match f {
+            Fail::NoXattrs(source) => UnpackError::NoUserXattrs {
+                path: target.into(),
+                source,
+            },
+            Fail::Io(_, e) => terr(e),
+            _ => terr(io::Error::other("unexpected")),
+        })?;
+        let mut dirs = HashMap::new();
+        dirs.insert(
+            PathBuf::new(),
+            DirMeta {
+                host_mode: 0o755,
+                mtime: None,
+            },
+        );
+        Ok(Unpacker {
+            root,
+            root_path: target.into(),
+            dirs,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Opens `rel` beneath the root; symlinks inside the tree are followed,
+    /// ones leading out fail with EXDEV.
+    fn open_beneath(&self, rel: &Path, flags: OFlag) -> Result<OwnedFd, Errno> {
+        let path: &Path = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        loop {
+            match openat2(self.root.as_fd(), path, how) {
+                // A concurrent rename can make the kernel ask for a retry.
+                Err(Errno::EAGAIN) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn resolve_fail(e: Errno, what: &str) -> Fail {
+        match e {
+            Errno::EXDEV => {
+                Fail::Refuse(format!("{what} leads outside the tree through a symlink"))
+            }
+            Errno::ELOOP => Fail::Refuse(format!("{what} goes through too many symlinks")),
+            Errno::ENOTDIR => Fail::Refuse(format!(
+                "{what} goes through something that is not a directory"
+            )),
+            e => Fail::Io("open the parent directory", e.into()),
+        }
+    }
+
+    /// The directory that will hold `rel`, creating missing ancestors (as
+    /// root-owned 0755 directories, as Docker does).
+    fn parent_dir(&mut self, rel: &Path) -> Result<OwnedFd, Fail> {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY;
+        match self.open_beneath(parent, flags) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(Self::resolve_fail(e, "its path")),
+        }
+        let mut cur = PathBuf::new();
+        let mut cur_fd = self
+            .open_beneath(&cur, flags)
+            .map_err(io_fail("open the root"))?;
+        for comp in parent.components() {
+            let next = cur.join(comp);
+            cur_fd = match self.open_beneath(&next, flags) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    mkdirat(
+                        cur_fd.as_fd(),
+                        comp.as_os_str(),
+                        Mode::from_bits_truncate(0o700),
+                    )
+                    .map_err(io_fail("create a parent directory"))?;
+                    let fd = openat(
+                        cur_fd.as_fd(),
+                        comp.as_os_str(),
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(io_fail("open a new parent directory"))?;
+                    record_owner(fd.as_fd(), 0, 0, libc::S_IFDIR | 0o755, None)?;
+                    self.dirs.insert(
+                        next.clone(),
+                        DirMeta {
+                            host_mode: 0o755,
+                            mtime: None,
+                        },
+                    );
+                    self.open_beneath(&next, flags)
+                        .map_err(|e| Self::resolve_fail(e, "its path"))?
+                }
+                Err(e) => return Err(Self::resolve_fail(e, "its path")),
+            };
+            cur = next;
+        }
+        Ok(cur_fd)
+    }
+
+    /// Unpacks the layer blob at `blob` (gzip, zstd or plain tar, sniffed),
+    /// verifying on the way that its bytes still have the digest `layer`.
+    pub fn unpack_layer(
+        &mut self,
+        blob: &Path,
+        layer: &str,
+        cancel: &AtomicBool,
+    ) -> Result<(), UnpackError> {
+        let file = std::fs::File::open(blob).map_err(|source| UnpackError::Blob {
+            path: blob.into(),
+            source,
+        })?;
+        let mut raw = BufReader::with_capacity(
+            256 << 10,
+            Hashing {
+                inner: file,
+                hasher: Sha256::new(),
+            },
+        );
+        let read_err = |source: io::Error| UnpackError::Read {
+            layer: layer.into(),
+            entry: None,
+            source,
+        };
+        let head = raw.fill_buf().map_err(read_err)?.to_vec();
+        let result = (|| {
+            let reader: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
+                Box::new(flate2::read::MultiGzDecoder::new(&mut raw))
+            } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                Box::new(zstd::Decoder::with_buffer(&mut raw).map_err(read_err)?)
+            } else {
+                Box::new(&mut raw)
+            };
+            let mut decoded = BufReader::with_capacity(256 << 10, reader);
+            self.unpack_tar(&mut decoded, layer, cancel)?;
+            // The end of the archive may leave padding or compressed bytes.
+            io::copy(&mut decoded, &mut io::sink()).map_err(read_err)?;
+            Ok(())
+        })();
+        // Hash to the end even after a failure: a corrupt cached blob is
+        // reported (and dropped) as such, not as a broken layer.
+        let drained = io::copy(&mut raw, &mut io::sink());
+        let got = crate::oci::hex(&raw.into_inner().hasher.finalize());
+        if format!("sha256:{got}") != layer && !matches!(result, Err(UnpackError::Interrupted)) {
+            let _ = std::fs::remove_file(blob);
+            return Err(UnpackError::Digest {
+                layer: layer.into(),
+                got,
+            });
+        }
+        result?;
+        drained.map_err(read_err)?;
+        Ok(())
+    }
+
+    /// Unpacks one uncompressed tar stream as the layer `layer`.
+    pub fn unpack_tar<R: Read>(
+        &mut self,
+        r: R,
+        layer: &str,
+        cancel: &AtomicBool,
+    ) -> Result<(), UnpackError> {
+        let mut archive = tar::Archive::new(r);
+        let root = self.root_path.clone();
+        let read_err = |entry: Option<String>, source: io::Error| UnpackError::Read {
+            layer: layer.into(),
+            entry,
+            source,
+        };
+        // Paths this layer wrote: its whiteouts apply only to lower layers.
+        let mut touched: HashSet<PathBuf> = HashSet::new();
+        let mut last: Option<String> = None;
+        for entry in archive.entries().map_err(|e| read_err(None, e))? {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(UnpackError::Interrupted);
+            }
+            let mut entry = entry.map_err(|e| read_err(last.clone(), e))?;
+            let raw = entry.path_bytes().into_owned();
+            let name = String::from_utf8_lossy(&raw).into_owned();
+            let ctx = Ctx {
+                layer,
+                entry: &name,
+                root: &root,
+            };
+            let item = read_item(&mut entry, &raw).map_err(|f| ctx.err(f))?;
+            self.stats.entries += 1;
+            self.apply(item, &mut entry, &mut touched, cancel)
+                .map_err(|f| ctx.err(f))?;
+            last = Some(name);
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        it: Item,
+        data: &mut dyn Read,
+        touched: &mut HashSet<PathBuf>,
+        cancel: &AtomicBool,
+    ) -> Result<(), Fail> {
+        use tar::EntryType as T;
+        let Some(file_name) = it.rel.file_name().map(|n| n.to_os_string()) else {
+            // The archive's root entry ("./") describes the tree's root.
+            if !it.kind.is_dir() {
+                return Err(Fail::Refuse(
+                    "the tree's root can only be a directory".into(),
+                ));
+            }
+            record_owner(
+                self.root.as_fd(),
+                it.uid,
+                it.gid,
+                libc::S_IFDIR | it.mode,
+                None,
+            )?;
+            self.dirs.insert(
+                PathBuf::new(),
+                DirMeta {
+                    host_mode: host_dir_mode(it.mode),
+                    mtime: Some(it.mtime),
+                },
+            );
+            return Ok(());
+        };
+        let name_bytes = file_name.as_bytes();
+        if let Some(victim) = name_bytes.strip_prefix(b".wh.") {
+            return self.whiteout(&it.rel, victim, touched);
+        }
+        let mut p = it.rel.as_path();
+        while let Some(parent) = p.parent() {
+            touched.insert(parent.to_path_buf());
+            p = parent;
+        }
+        touched.insert(it.rel.clone());
+        let pfd = self.parent_dir(&it.rel)?;
+        let name = file_name.as_os_str();
+        match it.kind {
+            T::Directory => {
+                if !self.remove_existing(pfd.as_fd(), name, true)? {
+                    mkdirat(pfd.as_fd(), name, Mode::from_bits_truncate(0o700))
+                        .map_err(io_fail("create the directory"))?;
+                }
+                let fd = openat(
+                    pfd.as_fd(),
+                    name,
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(io_fail("open the directory"))?;
+                record_owner(fd.as_fd(), it.uid, it.gid, libc::S_IFDIR | it.mode, None)?;
+                self.set_xattrs(fd.as_fd(), &it.xattrs)?;
+                self.dirs.insert(
+                    it.rel.clone(),
+                    DirMeta {
+                        host_mode: host_dir_mode(it.mode),
+                        mtime: Some(it.mtime),
+                    },
+                );
+            }
+            T::Regular | T::Continuous | T::GNUSparse | T::Char | T::Block | T::Fifo => {
+                self.remove_existing(pfd.as_fd(), name, false)?;
+                let fd = openat(
+                    pfd.as_fd(),
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(io_fail("create the file"))?;
+                let mut f = std::fs::File::from(fd);
+                let type_bits = match it.kind {
+                    T::Char => libc::S_IFCHR,
+                    T::Block => libc::S_IFBLK,
+                    T::Fifo => libc::S_IFIFO,
+                    _ => {
+                        self.stats.bytes += copy_data(data, &mut f, cancel)?;
+                        libc::S_IFREG
+                    }
+                };
+                record_owner(f.as_fd(), it.uid, it.gid, type_bits | it.mode, it.rdev)?;
+                self.set_xattrs(f.as_fd(), &it.xattrs)?;
+                fchmod(f.as_fd(), Mode::from_bits_truncate(host_file_mode(it.mode)))
+                    .map_err(io_fail("set the file's mode"))?;
+                let t = TimeSpec::new(it.mtime, 0);
+                futimens(f.as_fd(), &t, &t).map_err(io_fail("set the file's time"))?;
+            }
+            T::Symlink => {
+                let target = it.link.clone().unwrap_or_default();
+                if target.is_empty() {
+                    return Err(Fail::Refuse("symlink with an empty target".into()));
+                }
+                self.remove_existing(pfd.as_fd(), name, false)?;
+                symlinkat(OsStr::from_bytes(&target), pfd.as_fd(), name)
+                    .map_err(io_fail("create the symlink"))?;
+                let t = TimeSpec::new(it.mtime, 0);
+                utimensat(pfd.as_fd(), name, &t, &t, UtimensatFlags::NoFollowSymlink)
+                    .map_err(io_fail("set the symlink's time"))?;
+                for (k, _) in &it.xattrs {
+                    self.stats
+                        .skipped_xattrs
+                        .push(format!("{k} (on a symlink)"));
+                }
+            }
+            T::Link => {
+                let raw = it.link.clone().unwrap_or_default();
+                let target = normalize(&raw).map_err(|r| {
+                    Fail::Refuse(format!(
+                        "hardlink target {:?}: {r}",
+                        String::from_utf8_lossy(&raw)
+                    ))
+                })?;
+                let tname = target
+                    .file_name()
+                    .ok_or_else(|| Fail::Refuse("hardlink to the tree's root".into()))?;
+                if target == it.rel {
+                    return Ok(());
+                }
+                let tparent = target.parent().unwrap_or(Path::new(""));
+                let tfd = self
+                    .open_beneath(tparent, OFlag::O_PATH | OFlag::O_DIRECTORY)
+                    .map_err(|e| match e {
+                        Errno::ENOENT => Fail::Refuse(format!(
+                            "hardlink target {:?} does not exist",
+                            target.display()
+                        )),
+                        e => Self::resolve_fail(e, "its hardlink target"),
+                    })?;
+                match fstatat(tfd.as_fd(), tname, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                        return Err(Fail::Refuse("hardlink to a directory".into()));
+                    }
+                    Ok(_) => {}
+                    Err(Errno::ENOENT) => {
+                        return Err(Fail::Refuse(format!(
+                            "hardlink target {:?} does not exist",
+                            target.display()
+                        )));
+                    }
+                    Err(e) => return Err(Fail::Io("inspect the hardlink target", e.into())),
+                }
+                self.remove_existing(pfd.as_fd(), name, false)?;
+                linkat(tfd.as_fd(), tname, pfd.as_fd(), name, AtFlags::empty())
+                    .map_err(io_fail("create the hardlink"))?;
+            }
+            other => {
+                return Err(Fail::Refuse(format!("unsupported entry type {other:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `.wh.NAME` removes NAME of lower layers; `.wh..wh..opq` empties its
+    /// directory of everything lower layers put there.
+    fn whiteout(
+        &mut self,
+        rel: &Path,
+        victim: &[u8],
+        touched: &HashSet<PathBuf>,
+    ) -> Result<(), Fail> {
+        let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if victim == b".wh..opq" {
+            let fd = match self.open_beneath(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => return Ok(()),
+                Err(e) => return Err(Self::resolve_fail(e, "its directory")),
+            };
+            return self.clear_lower(fd, &dir, touched);
+        }
+        if victim.starts_with(b".wh.") {
+            // Other aufs bookkeeping (.wh..wh.plnk, ...): not content.
+            return Ok(());
+        }
+        if victim.is_empty() || victim == b"." || victim == b".." {
+            return Err(Fail::Refuse("whiteout of nothing".into()));
+        }
+        let victim = OsStr::from_bytes(victim);
+        if touched.contains(&dir.join(victim)) {
+            return Ok(());
+        }
+        let pfd = match self.open_beneath(&dir, OFlag::O_PATH | OFlag::O_DIRECTORY) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(Self::resolve_fail(e, "its directory")),
+        };
+        self.remove_existing(pfd.as_fd(), victim, false)?;
+        Ok(())
+    }
+
+    fn clear_lower(
+        &mut self,
+        dirfd: OwnedFd,
+        rel: &Path,
+        touched: &HashSet<PathBuf>,
+    ) -> Result<(), Fail> {
+        let names =
+            list_dir(dirfd.as_fd()).map_err(|e| Fail::Io("list the directory", e.into()))?;
+        for n in names {
+            let child = rel.join(&n);
+            if !touched.contains(&child) {
+                self.remove_existing(dirfd.as_fd(), &n, false)?;
+                continue;
+            }
+            let st = fstatat(dirfd.as_fd(), n.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(io_fail("inspect an entry"))?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                let fd = openat(
+                    dirfd.as_fd(),
+                    n.as_os_str(),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(io_fail("open a directory"))?;
+                self.clear_lower(fd, &child, touched)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes whatever is at `name` (never following it); an existing
+    /// directory is kept when `keep_dir`. True when a directory was kept.
+    fn remove_existing(
+        &mut self,
+        dirfd: BorrowedFd,
+        name: &OsStr,
+        keep_dir: bool,
+    ) -> Result<bool, Fail> {
+        match fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Err(Errno::ENOENT) => Ok(false),
+            Err(e) => Err(Fail::Io("inspect the existing entry", e.into())),
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                if keep_dir {
+                    return Ok(true);
+                }
+                remove_at(dirfd, name).map_err(|e| Fail::Io("remove the existing directory", e))?;
+                Ok(false)
+            }
+            Ok(_) => {
+                unlinkat(dirfd, name, UnlinkatFlags::NoRemoveDir)
+                    .map_err(io_fail("remove the existing entry"))?;
+                Ok(false)
+            }
+        }
+    }
+
+    fn set_xattrs(&mut self, fd: BorrowedFd, xattrs: &[(String, Vec<u8>)]) -> Result<(), Fail> {
+        for (k, v) in xattrs {
+            let name = if k.starts_with("user.virtfs.") {
+                // Only mkt writes the ownership records.
+                self.stats.skipped_xattrs.push(k.clone());
+                continue;
+            } else if k.starts_with("user.") {
+                k.clone()
+            } else if k == "system.posix_acl_access" || k == "system.posix_acl_default" {
+                // Where QEMU's mapped-xattr model keeps ACLs.
+                format!("user.virtfs.{k}")
+            } else {
+                self.stats.skipped_xattrs.push(k.clone());
+                continue;
+            };
+            fsetxattr(fd, &name, v).map_err(|e| Fail::Io("set an extended attribute", e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the directories' final modes and times, deepest first.
+    pub fn finish(self) -> Result<Stats, UnpackError> {
+        let mut dirs: Vec<(&PathBuf, &DirMeta)> = self.dirs.iter().collect();
+        dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        let ferr = |e: Errno| UnpackError::Finish {
+            root: self.root_path.clone(),
+            source: e.into(),
+        };
+        for (rel, meta) in dirs {
+            let fd = match self.open_beneath(
+                rel,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+            ) {
+                Ok(fd) => fd,
+                // Removed or replaced by a later layer.
+                Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => continue,
+                Err(e) => return Err(ferr(e)),
+            };
+            fchmod(fd.as_fd(), Mode::from_bits_truncate(meta.host_mode)).map_err(ferr)?;
+            if let Some(m) = meta.mtime {
+                let t = TimeSpec::new(m, 0);
+                futimens(fd.as_fd(), &t, &t).map_err(ferr)?;
+            }
+        }
+        Ok(self.stats)
+    }
+}
+
+fn host_file_mode(mode: u32) -> u32 {
+    (mode & 0o777) | 0o400
+}
+
+fn host_dir_mode(mode: u32) -> u32 {
+    (mode & 0o777) | 0o500
+}
+
+fn copy_data(
+    data: &mut dyn Read,
+    out: &mut std::fs::File,
+    cancel: &AtomicBool,
+) -> Result<u64, Fail> {
+    let mut buf = [0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let k = match data.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Fail::Read(e)),
+        };
+        out.write_all(&buf[..k])
+            .map_err(|e| Fail::Io("write the file", e))?;
+        n += k as u64;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Fail::Interrupted);
+        }
+    }
+}
+
+fn pax_number(v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?;
+    // mtime may carry a fraction: "1700000000.123".
+    s.split('.').next()?.parse().ok()
+}
+
+fn read_item<R: Read>(entry: &mut tar::Entry<R>, raw: &[u8]) -> Result<Item, Fail> {
+    let rel = normalize(raw).map_err(Fail::Refuse)?;
+    let h = entry.header().clone();
+    let kind = h.entry_type();
+    let num = |r: io::Result<u64>| r.map_err(Fail::Read);
+    // An empty numeric field is 0 (as Go's archive/tar, hence Docker, reads it).
+    let blank = |f: &[u8]| f.iter().all(|b| *b == 0 || *b == b' ');
+    let old = h.as_old();
+    let field = |f: &[u8], r: io::Result<u64>| if blank(f) { Ok(0) } else { num(r) };
+    let mut uid = field(&old.uid, h.uid())? as u32;
+    let mut gid = field(&old.gid, h.gid())? as u32;
+    let mode = field(&old.mode, h.mode().map(u64::from))? as u32 & 0o7777;
+    let mut mtime = field(&old.mtime, h.mtime())? as i64;
+    let mut xattrs = Vec::new();
+    if let Some(pax) = entry.pax_extensions().map_err(Fail::Read)? {
+        for ext in pax {
+            let ext = ext.map_err(Fail::Read)?;
+            let key = ext.key_bytes();
+            let v = ext.value_bytes();
+            match key {
+                b"uid" => uid = pax_number(v).unwrap_or(uid as i64) as u32,
+                b"gid" => gid = pax_number(v).unwrap_or(gid as i64) as u32,
+                b"mtime" => mtime = pax_number(v).unwrap_or(mtime),
+                _ => {
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        xattrs.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
+                    }
+                }
+            }
+        }
+    }
+    let link = entry.link_name_bytes().map(|l| l.into_owned());
+    let rdev = match kind {
+        tar::EntryType::Char | tar::EntryType::Block => Some(makedev(
+            num(h.device_major().map(|m| u64::from(m.unwrap_or(0))))?,
+            num(h.device_minor().map(|m| u64::from(m.unwrap_or(0))))?,
+        )),
+        _ => None,
+    };
+    Ok(Item {
+        rel,
+        kind,
+        uid,
+        gid,
+        mode,
+        mtime,
+        link,
+        rdev,
+        xattrs,
+    })
+}
+
+fn list_dir(fd: BorrowedFd) -> Result<Vec<std::ffi::OsString>, Errno> {
+    let dup = fd
+        .try_clone_to_owned()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    let mut dir = nix::dir::Dir::from_fd(dup)?;
+    let mut names = Vec::new();
+    for e in dir.iter() {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(OsStr::from_bytes(n).to_os_string());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes `name` in `dirfd` and everything below it, never following
+/// symlinks and making read-only or mode-000 directories writable first.
+fn remove_at(dirfd: BorrowedFd, name: &OsStr) -> io::Result<()> {
+    let st = fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Ok(unlinkat(dirfd, name, UnlinkatFlags::NoRemoveDir)?);
+    }
+    if st.st_mode & 0o700 != 0o700 {
+        nix::sys::stat::fchmodat(
+            dirfd,
+            name,
+            Mode::from_bits_truncate(0o700),
+            // Checked to be a directory above; Linux cannot chmod a symlink.
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
+    }
+    let fd = openat(
+        dirfd,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    for n in list_dir(fd.as_fd())? {
+        remove_at(fd.as_fd(), &n)?;
+    }
+    Ok(unlinkat(dirfd, name, UnlinkatFlags::RemoveDir)?)
+}
+
+/// Removes the tree at `path` (which must not be a symlink) with everything
+/// in it, whatever its directories' modes. A missing path is fine.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no file name"));
+    };
+    let pfd = nix::fcntl::open(
+        parent,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    match remove_at(pfd.as_fd(), name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_normalised_or_refused() {
+        for (raw, want) in [
+            ("./a//b/", Some("a/b")),
+            ("a", Some("a")),
+            ("./", Some("")),
+            ("a/./b", Some("a/b")),
+        ] {
+            assert_eq!(
+                normalize(raw.as_bytes()).ok(),
+                want.map(PathBuf::from),
+                "{raw}"
+            );
+        }
+        assert_eq!(normalize(b"/etc/passwd").unwrap_err(), "absolute path");
+        for raw in ["../x", "a/../b", "a/.."] {
+            assert!(
+                normalize(raw.as_bytes()).unwrap_err().contains(".."),
+                "{raw}"
+            );
+        }
+    }
+
+    #[test]
+    fn device_numbers_use_glibcs_encoding() {
+        assert_eq!(makedev(1, 3), 0x103);
+        assert_eq!(makedev(8, 17), 0x811);
+        assert_eq!(makedev(259, 0x12345), 0x1231_0345);
+        assert_eq!(makedev(0x12345, 7), libc::makedev(0x12345, 7));
+    }
+
+    fn tar_of(entries: &[(tar::EntryType, &str, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, name, link_or_data) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+            let old = h.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            let data: &[u8] = if kind.is_symlink() || kind.is_hard_link() {
+                old.linkname[..link_or_data.len()].copy_from_slice(link_or_data.as_bytes());
+                b""
+            } else {
+                link_or_data.as_bytes()
+            };
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_escapes_are_refused() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let (target, outside) = (d.path().join("t"), d.path().join("out"));
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let no = AtomicBool::new(false);
+        let mut u = Unpacker::new(&target).unwrap();
+        let one = tar_of(&[
+            (T::Directory, "d/", ""),
+            (T::Regular, "d/old", "o"),
+            (T::Regular, "keep", "k"),
+            (T::Symlink, "lib", "d"),
+        ]);
+        u.unpack_tar(one.as_slice(), "sha256:one", &no).unwrap();
+        let two = tar_of(&[
+            (T::Regular, "d/.wh..wh..opq", ""),
+            (T::Regular, "lib/new", "n"),
+            (T::Link, "keep2", "keep"),
+        ]);
+        u.unpack_tar(two.as_slice(), "sha256:two", &no).unwrap();
+        let out = outside.to_str().unwrap();
+        let bad = tar_of(&[(T::Symlink, "esc", out), (T::Regular, "esc/pwned", "x")]);
+        let e = u
+            .unpack_tar(bad.as_slice(), "sha256:bad", &no)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "layer sha256:bad: refused entry \"esc/pwned\": its path leads outside the tree through a symlink"
+        );
+        u.finish().unwrap();
+        assert!(!target.join("d/old").exists());
+        assert_eq!(std::fs::read_to_string(target.join("d/new")).unwrap(), "n");
+        assert_eq!(std::fs::read_to_string(target.join("keep2")).unwrap(), "k");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        remove_tree(&target).unwrap();
+        assert!(!target.exists());
+    }
+}
