@@ -82,8 +82,8 @@ pub struct RunArgs {
     /// Modules directory for a kernel image (its /lib/modules/<release>).
     #[arg(long, value_name = "DIR")]
     pub modules: Option<PathBuf>,
-    /// How the rootfs and shared dirs reach the guest [default: 9p, or
-    /// virtiofs for a kernel without 9p].
+    /// How the rootfs and shared dirs reach the guest [default: virtiofs
+    /// when virtiofsd is installed and the kernel has it, else 9p].
     #[arg(long, value_parser = ["9p", "virtiofs"])]
     pub fs: Option<String>,
     /// Accelerator [default: KVM when really usable, else TCG].

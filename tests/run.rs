@@ -53,14 +53,16 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn exec_case(user: Option<&common::TestUser>) {
+/// `fs`: None for mkt's default (virtiofs when virtiofsd exists), else --fs.
+fn exec_case(user: Option<&common::TestUser>, fs: Option<&str>) {
     let Some(fx) = fixtures() else { return };
     let home = common::temp_home(user);
-    let o = run_as(
-        user,
-        home.path(),
-        &fx.args(&["--", "sh", "-c", "uname -r; echo err >&2; exit 7"]),
-    );
+    let mut args = vec![];
+    if let Some(fs) = fs {
+        args.extend(["--fs", fs]);
+    }
+    args.extend(["--", "sh", "-c", "uname -r; echo err >&2; exit 7"]);
+    let o = run_as(user, home.path(), &fx.args(&args));
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(o.status.code(), Some(7), "stdout:\n{out}\nstderr:\n{err}");
     assert_eq!(out, format!("{}\n", fx.release));
@@ -77,7 +79,7 @@ fn exec_case(user: Option<&common::TestUser>) {
 
 #[test]
 fn exec_mode_streams_stdout_stderr_and_exit_code() {
-    exec_case(None);
+    exec_case(None, Some("9p"));
 }
 
 #[test]
@@ -89,7 +91,7 @@ fn exec_mode_works_rootless() {
         eprintln!("SKIP: not root; the other exec test already runs unprivileged");
         return;
     }
-    exec_case(user.as_ref());
+    exec_case(user.as_ref(), None);
 }
 
 /// A listing of the tree that changes when any file's content, size,
@@ -321,6 +323,15 @@ fn dry_run_prints_qemu_command_and_generated_files() {
     );
     assert!(out.contains("-kernel"), "{out}");
     assert!(out.contains("passwd -> /etc/passwd"), "{out}");
+    // The default transport: virtiofs when virtiofsd is there, else 9p.
+    if mkt::host::probe::find_program("virtiofsd").is_some() {
+        assert!(
+            out.contains("vhost-user-fs-pci") && !out.contains("virtio-9p"),
+            "{out}"
+        );
+    } else {
+        assert!(out.contains("virtio-9p-pci"), "{out}");
+    }
 }
 
 #[test]

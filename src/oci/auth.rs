@@ -348,7 +348,10 @@ mod tests {
         );
         std::fs::write(
             &a,
-            format!(r#"{{"auths":{{"r.io":{{"auth":"{}"}}}}}}"#, b64("a:pw-s3cr3t")),
+            format!(
+                r#"{{"auths":{{"r.io":{{"auth":"{}"}}}}}}"#,
+                b64("a:pw-s3cr3t")
+            ),
         )
         .unwrap();
         let c = lookup(&files, "r.io", "x").unwrap().unwrap();
