@@ -55,6 +55,27 @@ pub enum Command {
     },
     /// Rootfs trees in mkt's store: pull one from an OCI image, list, remove.
     Rootfs(RootfsArgs),
+    /// List the running VMs (name, pid, SSH port, uptime, kernel, rootfs).
+    Ps {
+        /// Print the instance records as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Power a running VM off (ACPI through QMP), then quit it after
+    /// --timeout; mkt's usual cleanup follows.
+    Stop {
+        /// The VM's name [default: the only running one].
+        name: Option<String>,
+        /// Stop every running VM.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+        /// Skip the power-off request: quit QEMU at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to power off before quitting it.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -195,6 +216,25 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Setup(args) => {
             let ctx = load_context(&cli.global)?;
             setup(&ctx, &args)
+        }
+        Command::Ps { json } => {
+            let ctx = load_context(&cli.global)?;
+            crate::run::ps(&ctx.paths, json)
+        }
+        Command::Stop {
+            name,
+            all,
+            force,
+            timeout,
+        } => {
+            let ctx = load_context(&cli.global)?;
+            crate::run::stop(
+                &ctx.paths,
+                name.as_deref(),
+                all,
+                force,
+                std::time::Duration::from_secs(timeout),
+            )
         }
         Command::Ssh { name, command } => {
             let ctx = load_context(&cli.global)?;

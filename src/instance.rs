@@ -21,6 +21,40 @@ pub struct Record {
     pub rootfs: PathBuf,
     /// Seconds since the epoch.
     pub started: u64,
+    /// QEMU's QMP socket, for `mkt stop`.
+    #[serde(default)]
+    pub qmp: Option<PathBuf>,
+}
+
+/// Sends one QMP command (after the capabilities handshake) and returns
+/// QEMU's answer line.
+pub fn qmp(socket: &Path, command: &str) -> io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    let mut line = String::new();
+    // Greeting, then the answer to qmp_capabilities; events may interleave.
+    r.read_line(&mut line)?;
+    writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#)?;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line.contains("\"return\"") {
+            break;
+        }
+    }
+    writeln!(w, r#"{{"execute":"{command}"}}"#)?;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(String::new());
+        }
+        if line.contains("\"return\"") || line.contains("\"error\"") {
+            return Ok(line.trim().to_string());
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +255,7 @@ mod tests {
             kernel: "/k".into(),
             rootfs: "/r".into(),
             started: 1,
+            qmp: None,
         };
         d.write_record(&r).unwrap();
         assert_eq!(list(rt.path()), vec![r]);

@@ -800,6 +800,107 @@ pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Res
     Ok(status.code().unwrap_or(255))
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `mkt ps`: the running VMs, as a table or JSON.
+pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
+    let running = instance::list(&paths.runtime_dir);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&running)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:>8} {:>6} {:>8}  KERNEL / ROOTFS",
+        "NAME", "PID", "SSH", "UP"
+    );
+    for r in &running {
+        let up = now_secs().saturating_sub(r.started);
+        println!(
+            "{:<16} {:>8} {:>6} {:>7}s  {} on {}",
+            r.name,
+            r.pid,
+            r.ssh_port
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            up,
+            r.kernel.display(),
+            r.rootfs.display()
+        );
+    }
+    Ok(0)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while pid_alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// `mkt stop`: an ACPI power-off request through QMP, then (after
+/// `timeout`, or at once with `force`) QMP quit, then signals to mkt. The
+/// VM's own mkt does the cleanup, as for any other end of the run.
+pub fn stop(
+    paths: &Paths,
+    name: Option<&str>,
+    all: bool,
+    force: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let running = instance::list(&paths.runtime_dir);
+    let targets: Vec<&instance::Record> = match (name, all) {
+        (_, true) => running.iter().collect(),
+        (Some(n), false) => vec![running.iter().find(|r| r.name == n).ok_or_else(|| {
+            anyhow::anyhow!("no running VM named {n:?} (running: {})", names(&running))
+        })?],
+        (None, false) => match running.as_slice() {
+            [one] => vec![one],
+            [] => anyhow::bail!("no VM is running"),
+            _ => anyhow::bail!(
+                "several VMs are running; name one or use --all: {}",
+                names(&running)
+            ),
+        },
+    };
+    for r in targets {
+        let qmp = r.qmp.as_deref();
+        let mut stopped = false;
+        if !force && let Some(q) = qmp {
+            let _ = instance::qmp(q, "system_powerdown");
+            stopped = wait_gone(r.pid, timeout);
+        }
+        if !stopped && let Some(q) = qmp {
+            let _ = instance::qmp(q, "quit");
+            stopped = wait_gone(r.pid, Duration::from_secs(5));
+        }
+        if !stopped {
+            use nix::sys::signal::{Signal, kill};
+            let pid = nix::unistd::Pid::from_raw(r.pid as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            if !wait_gone(r.pid, Duration::from_secs(5)) {
+                let _ = kill(pid, Signal::SIGKILL);
+                wait_gone(r.pid, Duration::from_secs(5));
+                instance::clean_stale(&paths.runtime_dir);
+            }
+        }
+        println!("stopped {}", r.name);
+    }
+    Ok(0)
+}
+
 fn names(r: &[instance::Record]) -> String {
     if r.is_empty() {
         return "none".into();
@@ -1178,10 +1279,8 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         user: prepared.user.clone(),
         kernel: prepared.spec.kernel.clone(),
         rootfs: prepared.rootfs.clone(),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        started: now_secs(),
+        qmp: Some(prepared.spec.qmp.clone()),
     })?;
     if let (Some(port), false) = (ssh_port, opts.quiet || prepared.exec) {
         eprintln!("mkt: ssh on 127.0.0.1:{port} (`mkt ssh {name}`)");

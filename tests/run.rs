@@ -486,6 +486,11 @@ fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
         dir.exists(),
         "the killed run's directory is still there until the next run"
     );
+    let ps = common::mkt(home.path())
+        .args(["ps", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&ps.stdout).trim(), "[]", "mkt ps shows a ghost");
     let o = common::mkt(home.path())
         .arg("run")
         .args(&args)
@@ -497,4 +502,54 @@ fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
         !dir.exists(),
         "the next run did not remove the stale run directory"
     );
+}
+
+#[test]
+fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let mut vm = common::mkt(home.path())
+        .arg("run")
+        .args(fx.args(&["--", "sleep", "600"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let listed = loop {
+        let o = common::mkt(home.path())
+            .args(["ps", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if v.as_array().is_some_and(|a| !a.is_empty()) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mkt ps never listed the VM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(listed[0]["name"], "run");
+    assert_eq!(listed[0]["pid"], vm.id());
+    // Let the guest boot far enough to be worth stopping.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let o = common::mkt(home.path())
+        .args(["stop", "run", "--timeout", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "stopped run\n");
+    let status = vm.wait().unwrap();
+    assert!(
+        !status.success(),
+        "a stopped command run does not report success"
+    );
+    let runs = home.path().join("run/mkt/runs");
+    let left: Vec<_> = std::fs::read_dir(&runs).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let o = common::mkt(home.path()).args(["stop"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("no VM is running"));
 }
