@@ -55,6 +55,15 @@ pub enum Command {
     },
     /// Rootfs trees in mkt's store: pull one from an OCI image, list, remove.
     Rootfs(RootfsArgs),
+    /// Run a setup's test script in its VM (the running one, else a fresh
+    /// boot) and print TEST PASSED or TEST FAILED.
+    Test {
+        /// The setup [default: the config's default setup].
+        setup: Option<String>,
+        /// The test script [default: the setup's `test`].
+        #[arg(long, value_name = "FILE")]
+        script: Option<PathBuf>,
+    },
     /// List the running VMs (name, pid, SSH port, uptime, kernel, rootfs).
     Ps {
         /// Print the instance records as JSON.
@@ -145,9 +154,13 @@ pub struct RunArgs {
     /// plain login shell (faster, no services).
     #[arg(long, value_parser = ["systemd", "shell"])]
     pub init: Option<String>,
-    /// Keep the run directory (generated files, console log) and print it.
+    /// Keep the run directory (generated files) and print it.
     #[arg(long)]
     pub keep: bool,
+    /// Start another VM even when SETUP is already running (default: attach
+    /// to it over ssh).
+    #[arg(long)]
+    pub new: bool,
     /// Print the QEMU command line and the generated guest files; boot nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -217,6 +230,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             let ctx = load_context(&cli.global)?;
             setup(&ctx, &args)
         }
+        Command::Test { setup, script } => {
+            let ctx = load_context(&cli.global)?;
+            crate::run::test(&ctx.config, &ctx.paths, setup, script, cli.global.quiet)
+        }
         Command::Ps { json } => {
             let ctx = load_context(&cli.global)?;
             crate::run::ps(&ctx.paths, json)
@@ -281,6 +298,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
         boot_script: a.boot_script,
         init: a.init,
         keep: a.keep,
+        new: a.new,
         dry_run: a.dry_run,
         quiet: g.quiet,
         verbose: g.verbose > 0,

@@ -56,8 +56,12 @@ pub enum RunError {
     Virtiofsd(PathBuf, String),
     #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
     NoQemu,
-    #[error("the guest ended without reporting the command's exit status ({qemu}){}", last_lines(.console))]
-    NoStatus { qemu: String, console: String },
+    #[error("the guest ended without reporting the command's exit status ({qemu}){}\nconsole log: {}", last_lines(.console), .log.display())]
+    NoStatus {
+        qemu: String,
+        console: String,
+        log: PathBuf,
+    },
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
 }
@@ -99,6 +103,8 @@ pub struct RunOptions {
     pub boot_script: Option<PathBuf>,
     pub init: Option<String>,
     pub keep: bool,
+    /// Start another VM even when the setup is already running.
+    pub new: bool,
     pub dry_run: bool,
     pub quiet: bool,
     pub verbose: bool,
@@ -646,7 +652,7 @@ pub fn prepare(
         append,
         shares,
         console: if exec {
-            Console::Log(run_dir.join("console.log"))
+            Console::Log(console_log(paths, setup_name.as_deref().unwrap_or("run")))
         } else {
             Console::Interactive
         },
@@ -1018,6 +1024,66 @@ fn host_depmod(
     )
 }
 
+/// `mkt test`: the setup's test script as the user, in the running VM of
+/// the setup (over ssh) or in a fresh command-mode boot; TEST PASSED/FAILED.
+pub fn test(
+    config: &Config,
+    paths: &Paths,
+    setup: Option<String>,
+    script: Option<PathBuf>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    let name = setup
+        .or_else(|| config.defaults.setup.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no setup: name one, or set defaults.setup in the config")
+        })?;
+    let s = config
+        .setups
+        .get(&name)
+        .ok_or_else(|| RunError::NoSetup(name.clone(), String::new()))?;
+    let script = script.or_else(|| s.test.clone()).ok_or_else(|| {
+        anyhow::anyhow!("setup {name:?} has no `test` script in the config (or pass --script FILE)")
+    })?;
+    check_boot_script(&script).map_err(|e| match e {
+        RunError::BootScript(p, why) => anyhow::anyhow!("test script {}: {why}", p.display()),
+        e => e.into(),
+    })?;
+    let script = std::fs::canonicalize(&script)?;
+    let command = vec![script.display().to_string()];
+    let running = instance::list(&paths.runtime_dir)
+        .into_iter()
+        .any(|r| r.name == name && r.ssh_port.is_some());
+    let code = if running {
+        ssh(paths, Some(&name), &command)?
+    } else {
+        let opts = RunOptions {
+            setup: Some(name.clone()),
+            command,
+            // The script must be visible in the guest at its host path.
+            dirs: script.parent().map(Path::to_path_buf).into_iter().collect(),
+            quiet,
+            ..RunOptions::default()
+        };
+        run(&opts, config, paths)?
+    };
+    if code == 0 {
+        println!("TEST PASSED ({name}: {})", script.display());
+        Ok(0)
+    } else {
+        println!("TEST FAILED ({name}: {} exited {code})", script.display());
+        Ok(1)
+    }
+}
+
+/// Where a command run's serial console goes: the run log dir, so it
+/// (boot script output included) survives the run.
+fn console_log(paths: &Paths, name: &str) -> PathBuf {
+    let dir = paths.logs_dir.join("run");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{name}-{}-{}.log", now_secs(), std::process::id()))
+}
+
 /// CPUs this process may use (its affinity mask), at least 1.
 pub fn available_cpus() -> u32 {
     nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
@@ -1214,15 +1280,32 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         tracing::info!("removed stale run directory {}", stale.display());
     }
     let name = opts.setup.clone().unwrap_or_else(|| "run".into());
+    // As MKT did: running a setup that already runs attaches to it.
+    if let (Some(setup), false, false) = (&opts.setup, opts.new, opts.dry_run)
+        && let Some(rec) = instance::list(&paths.runtime_dir)
+            .into_iter()
+            .find(|r| &r.name == setup)
+    {
+        if rec.ssh_port.is_none() {
+            anyhow::bail!(
+                "{setup} is already running (pid {}) without SSH (a command run or --net none); use --new for another VM",
+                rec.pid
+            );
+        }
+        if !opts.quiet {
+            eprintln!(
+                "mkt: {setup} is already running (pid {}): attaching over ssh (--new starts another)",
+                rec.pid
+            );
+        }
+        return ssh(paths, Some(setup), &opts.command);
+    }
     let mut run_dir = RunDir::create(&paths.runtime_dir, &name).map_err(RunError::RunDir)?;
     let prepared = prepare(opts, config, paths, run_dir.path())?;
     let argv = qemu::command_line(&prepared.spec);
     if opts.dry_run {
         println!("{}", qemu::shell_quote(&argv));
-        println!(
-            "# generated guest files (in {}/share):",
-            run_dir.path().display()
-        );
+        println!("# generated guest files (packed into the initramfs's /mkt):");
         for f in &prepared.files.files {
             println!(
                 "#   {}{}",
@@ -1337,7 +1420,11 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     {
         return Ok(code);
     }
-    let console = std::fs::read_to_string(run_dir.path().join("console.log")).unwrap_or_default();
+    let log = match &prepared.spec.console {
+        Console::Log(p) => p.clone(),
+        Console::Interactive => PathBuf::new(),
+    };
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
     let qemu_desc = if qemu_stderr.trim().is_empty() {
         format!("QEMU {status}")
     } else {
@@ -1346,6 +1433,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     Err(RunError::NoStatus {
         qemu: qemu_desc,
         console,
+        log,
     }
     .into())
 }

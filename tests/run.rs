@@ -387,6 +387,12 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
         }
         std::thread::sleep(std::time::Duration::from_secs(2));
     };
+    // Running the same setup again attaches to it instead of booting.
+    let attach = common::mkt_as(user, home.path())
+        .args(["run", "cx5", "--", "hostname"])
+        .env("MKT_CONFIG", &cfg)
+        .output()
+        .unwrap();
     let run_dirs = home.path().join("run/mkt/runs");
     let live: Vec<_> = std::fs::read_dir(&run_dirs)
         .unwrap()
@@ -407,6 +413,12 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
             .name
     });
     assert_eq!(text(&o.stdout), format!("cx5\n{want_user}\n"));
+    assert_eq!(text(&attach.stdout), "cx5\n", "{}", text(&attach.stderr));
+    assert!(
+        text(&attach.stderr).contains("already running"),
+        "{}",
+        text(&attach.stderr)
+    );
     assert!(!status.success(), "mkt reports the signal");
     assert_eq!(live.len(), 1, "{live:?}");
     assert!(!live[0].exists(), "run dir left behind");
@@ -552,4 +564,120 @@ fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
     let o = common::mkt(home.path()).args(["stop"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("no VM is running"));
+}
+
+fn write_script(dir: &Path, name: &str, body: &str, user: Option<&common::TestUser>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(&p, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+    p
+}
+
+#[test]
+fn mkt_test_passes_and_fails_with_the_scripts_status() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let ok = write_script(
+        home.path(),
+        "ok.sh",
+        "#!/bin/sh\necho checking $(hostname)\n",
+        None,
+    );
+    let bad = write_script(
+        home.path(),
+        "bad.sh",
+        "#!/bin/sh\necho broken >&2\nexit 3\n",
+        None,
+    );
+    let cfg = home.path().join("mkt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[setup.t1]\nrootfs = \"{r}\"\nkernel = \"{k}\"\ntest = \"{ok}\"\n\n[setup.t2]\nrootfs = \"{r}\"\nkernel = \"{k}\"\ntest = \"{bad}\"\n",
+            r = fx.rootfs.display(),
+            k = fx.tree.display(),
+            ok = ok.display(),
+            bad = bad.display()
+        ),
+    )
+    .unwrap();
+    let o = common::mkt(home.path())
+        .args(["test", "t1"])
+        .env("MKT_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("checking t1\n") && out.contains("TEST PASSED"),
+        "{out}"
+    );
+    let o = common::mkt(home.path())
+        .args(["test", "t2"])
+        .env("MKT_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stdout).contains("TEST FAILED"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(text(&o.stdout).contains("exited 3"), "{}", text(&o.stdout));
+    assert!(text(&o.stderr).contains("broken"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn boot_script_output_lands_in_the_run_log_and_failures_are_reported() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let good = write_script(
+        home.path(),
+        "good.sh",
+        "#!/bin/sh\necho boot-script-ran-as $(id -un)\n",
+        None,
+    );
+    let bad = write_script(home.path(), "bad.sh", "#!/bin/sh\nexit 4\n", None);
+    for (script, want) in [(&good, "boot script: ok"), (&bad, "FAILED")] {
+        let o = common::mkt(home.path())
+            .arg("run")
+            .args(fx.args(&["--boot-script", script.to_str().unwrap(), "--", "true"]))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        let logs = home.path().join(".local/state/mkt/logs/run");
+        let newest = std::fs::read_dir(&logs)
+            .unwrap()
+            .flatten()
+            .max_by_key(|e| e.metadata().unwrap().modified().unwrap())
+            .unwrap()
+            .path();
+        let log = std::fs::read_to_string(&newest).unwrap();
+        assert!(
+            log.contains(want),
+            "{want:?} not in {}:\n{log}",
+            newest.display()
+        );
+        if want == "boot script: ok" {
+            assert!(log.contains("boot-script-ran-as "), "{log}");
+        }
+    }
+    // Checked before boot: not executable.
+    let plain = home.path().join("plain.sh");
+    std::fs::write(&plain, "echo hi\n").unwrap();
+    let o = common::mkt(home.path())
+        .arg("run")
+        .args(fx.args(&["--boot-script", plain.to_str().unwrap(), "--", "true"]))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("--boot-script"),
+        "{}",
+        text(&o.stderr)
+    );
 }
