@@ -64,6 +64,15 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         script: Option<PathBuf>,
     },
+    /// Reload, in the running VM, the modules whose .ko changed in the
+    /// kernel tree since boot (edit, `make`, reload: no reboot).
+    ModulesReload {
+        /// The VM's name [default: the only running one].
+        name: Option<String>,
+        /// Reload every loaded module of the tree, changed or not.
+        #[arg(long)]
+        all: bool,
+    },
     /// List the running VMs (name, pid, SSH port, uptime, kernel, rootfs).
     Ps {
         /// Print the instance records as JSON.
@@ -233,6 +242,14 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Test { setup, script } => {
             let ctx = load_context(&cli.global)?;
             crate::run::test(&ctx.config, &ctx.paths, setup, script, cli.global.quiet)
+        }
+        Command::ModulesReload { name, all } => {
+            let ctx = load_context(&cli.global)?;
+            let mut cmd = vec!["mkt".to_string(), "modules-reload".to_string()];
+            if all {
+                cmd.push("--all".into());
+            }
+            crate::run::ssh(&ctx.paths, name.as_deref(), &cmd)
         }
         Command::Ps { json } => {
             let ctx = load_context(&cli.global)?;

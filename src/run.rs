@@ -503,6 +503,7 @@ pub fn prepare(
                 Some(files) => extra_files = files,
                 None => depmod_release = Some(release.clone()),
             }
+            extra_files.push(modules_boot_record(&links, release));
         }
         Kernel::Image {
             release,
@@ -917,6 +918,31 @@ fn names(r: &[instance::Record]) -> String {
         .join(", ")
 }
 
+/// The size and mtime of every tree module at boot, for `mkt
+/// modules-reload` in the guest (what the guest would see: same files).
+fn modules_boot_record(links: &[(PathBuf, PathBuf)], release: &str) -> guest::GenFile {
+    use std::os::unix::fs::MetadataExt;
+    let kernel_dir = PathBuf::from("/lib/modules").join(release).join("kernel");
+    let mut text = String::new();
+    for (link, target) in links.iter().filter(|(l, _)| l.starts_with(&kernel_dir)) {
+        if let Ok(m) = std::fs::metadata(target) {
+            text += &format!(
+                "{}\t{}\t{}\t{}\n",
+                link.display(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec()
+            );
+        }
+    }
+    guest::GenFile {
+        name: "modules.boot".into(),
+        content: text.into_bytes(),
+        dest: Some("/etc/mkt/modules.boot".into()),
+        mode: 0o644,
+    }
+}
+
 /// The files depmod makes; the rest of /lib/modules/REL is links to the tree.
 const DEPMOD_OUTPUTS: &[&str] = &[
     "modules.dep",
@@ -1201,7 +1227,12 @@ pub fn virtiofsd_args(share: &Share) -> Vec<String> {
     let mut a = vec![
         format!("--socket-path={}", socket.display()),
         format!("--shared-dir={}", share.path.display()),
-        "--cache=always".to_string(),
+        // Only the stored rootfs is never changed behind the guest's back;
+        // home and the kernel tree must show the host's edits and rebuilds.
+        format!(
+            "--cache={}",
+            if share.tag == "root" { "always" } else { "auto" }
+        ),
         "--sandbox=none".to_string(),
     ];
     if share.readonly {

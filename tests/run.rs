@@ -393,6 +393,11 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
         .env("MKT_CONFIG", &cfg)
         .output()
         .unwrap();
+    let reload = common::mkt_as(user, home.path())
+        .args(["modules-reload", "cx5"])
+        .env("MKT_CONFIG", &cfg)
+        .output()
+        .unwrap();
     let run_dirs = home.path().join("run/mkt/runs");
     let live: Vec<_> = std::fs::read_dir(&run_dirs)
         .unwrap()
@@ -679,5 +684,76 @@ fn boot_script_output_lands_in_the_run_log_and_failures_are_reported() {
         text(&o.stderr).contains("--boot-script"),
         "{}",
         text(&o.stderr)
+    );
+}
+
+#[test]
+fn modules_reload_reloads_exactly_the_rebuilt_module() {
+    let Some(fx) = fixtures() else { return };
+    let Some(_) = common::program("make") else {
+        return;
+    };
+    let home = common::temp_home(None);
+    // A private copy of the built tree: the rebuild must not touch the fixture.
+    let work = tempfile::Builder::new()
+        .prefix("mkt-tree-")
+        .tempdir()
+        .unwrap();
+    let tree = work.path().join("linux");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&fx.tree)
+        .arg(&tree)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let go = home.path().join("go");
+    let script = format!(
+        "sudo modprobe dummy && (cat /sys/module/dummy/version 2>/dev/null || echo v-none); \
+         mkt modules-reload; echo ready; \
+         while [ ! -e {go} ]; do sleep 0.2; done; \
+         mkt modules-reload && cat /sys/module/dummy/version && mkt modules-reload",
+        go = go.display()
+    );
+    let mut vm = common::mkt(home.path())
+        .args(["run", "--rootfs", fx.rootfs.to_str().unwrap(), "--kernel"])
+        .arg(&tree)
+        .args(["--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(vm.stdout.take().unwrap());
+    let mut seen = String::new();
+    use std::io::BufRead;
+    while !seen.contains("ready\n") {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let o = vm.wait_with_output().unwrap();
+            panic!("guest ended early:\n{seen}\n{}", text(&o.stderr));
+        }
+        seen += &line;
+    }
+    // Rebuild only dummy.ko, with a version the loaded module will show.
+    let src = tree.join("drivers/net/dummy.c");
+    let c = std::fs::read_to_string(&src).unwrap();
+    std::fs::write(&src, format!("{c}\nMODULE_VERSION(\"mkt-2\");\n")).unwrap();
+    let make = std::process::Command::new("make")
+        .arg("-C")
+        .arg(&tree)
+        .args(["-s", "CC=ccache gcc", "drivers/net/dummy.ko"])
+        .env("CCACHE_DISABLE", "1")
+        .output()
+        .unwrap();
+    assert!(make.status.success(), "{}", text(&make.stderr));
+    std::fs::write(&go, "").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = vm.wait().unwrap();
+    let all = seen + &rest;
+    assert!(status.success(), "{all}");
+    assert_eq!(
+        all,
+        "v-none\nno modules changed\nready\nreloaded: dummy\nmkt-2\nno modules changed\n"
     );
 }

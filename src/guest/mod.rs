@@ -420,6 +420,8 @@ pub fn generate(input: &PlanInput) -> Generated {
     if input.boot_script.is_some() {
         plan += &plan_line(&["boot", BOOT_SCRIPT]);
     }
+    // `mkt modules-reload` and friends inside the guest.
+    plan += &plan_line(&["install-self", "/usr/local/bin/mkt"]);
     if let Some(cwd) = &input.cwd {
         plan += &plan_line(&["cwd", &p(cwd)]);
     }

@@ -313,17 +313,22 @@ fn parse_plan(text: &str) -> Plan {
     p
 }
 
-fn mount_share(kind: &str, tag: &str, target: &str, ro: bool) -> io::Result<()> {
+/// `coherent`: the host may change the files while the guest runs (home,
+/// the kernel tree being rebuilt), so 9p must not cache them loosely. The
+/// stored rootfs never changes: it gets the fast, loose cache.
+fn mount_share(kind: &str, tag: &str, target: &str, ro: bool, coherent: bool) -> io::Result<()> {
     let flags = if ro { MS_RDONLY } else { 0 };
     if kind == "virtiofs" {
+        // virtiofsd's --cache decides coherency on the host side.
         do_mount(tag, target, "virtiofs", flags, "")
     } else {
+        let cache = if coherent { "mmap" } else { "loose" };
         do_mount(
             tag,
             target,
             "9p",
             flags,
-            "trans=virtio,version=9p2000.L,cache=loose,msize=512000",
+            &format!("trans=virtio,version=9p2000.L,cache={cache},msize=512000"),
         )
     }
 }
@@ -333,7 +338,7 @@ fn apply(op: &[String], root: &str) -> io::Result<()> {
     let at = |p: &str| format!("{root}{p}");
     let arg = |i: usize| op.get(i).map(String::as_str).unwrap_or("");
     match arg(0) {
-        "share" => mount_share(arg(4), arg(1), &at(arg(2)), arg(3) == "ro"),
+        "share" => mount_share(arg(4), arg(1), &at(arg(2)), arg(3) == "ro", true),
         "mkdir" => {
             fs::create_dir_all(at(arg(1)))?;
             let mode = u32::from_str_radix(arg(2), 8).unwrap_or(0o755);
@@ -365,6 +370,15 @@ fn apply(op: &[String], root: &str) -> io::Result<()> {
             Ok(())
         }
         "tmpfs" => do_mount("tmpfs", &at(arg(1)), "tmpfs", 0, "mode=0755"),
+        // mkt inside the guest is this same static binary.
+        "install-self" => {
+            let dst = at(arg(1));
+            if let Some(parent) = Path::new(&dst).parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::copy("/init", &dst)?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
+        }
         other => Err(io::Error::other(format!("unknown plan operation {other:?}"))),
     }
 }
@@ -486,9 +500,150 @@ fn run_shell(p: &Plan) -> ! {
     poweroff()
 }
 
+/// Where the boot-time size/mtime of every tree module is recorded.
+const MODULES_BOOT: &str = "/etc/mkt/modules.boot";
+
+/// (size, mtime seconds, mtime nanoseconds) of what `path` points to.
+fn stamp(path: &str) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ok()?;
+    Some((m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+fn module_name(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.split(".ko").next().unwrap_or(base).replace('-', "_")
+}
+
+/// The modules that depend on `m` (they must go first when it is unloaded).
+fn holders(m: &str) -> Vec<String> {
+    fs::read_dir(format!("/sys/module/{m}/holders"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Post-order: every holder of `m` before `m` itself.
+fn unload_order(m: &str, out: &mut Vec<String>) {
+    if out.iter().any(|x| x == m) {
+        return;
+    }
+    for h in holders(m) {
+        unload_order(&h, out);
+    }
+    if !out.iter().any(|x| x == m) {
+        out.push(m.to_string());
+    }
+}
+
+/// `mkt modules-reload [--all]` in the guest: reload, in dependency order,
+/// the loaded modules whose .ko changed in the build tree since boot (or
+/// since the last reload); with --all, every loaded module of the tree.
+fn modules_reload(args: &[String]) -> i32 {
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { geteuid() } != 0 {
+        // Loading modules needs root; the user has passwordless sudo.
+        let e = Command::new("sudo")
+            .args(["-n", "/usr/local/bin/mkt", "modules-reload"])
+            .args(args)
+            .exec();
+        eprintln!("mkt: modules-reload needs root, and sudo failed: {e}");
+        return 1;
+    }
+    let all = args.iter().any(|a| a == "--all");
+    let Ok(text) = fs::read_to_string(MODULES_BOOT) else {
+        eprintln!("mkt: {MODULES_BOOT} missing: this guest was not booted from a kernel tree by mkt");
+        return 1;
+    };
+    let mut records: Vec<(String, String)> = Vec::new(); // (path, stamp line)
+    let mut changed: Vec<String> = Vec::new();
+    let mut paths: std::collections::HashMap<String, String> = Default::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 4 {
+            continue;
+        }
+        let now = stamp(f[0]);
+        let then = (f[1].parse().ok(), f[2].parse().ok(), f[3].parse().ok());
+        let name = module_name(f[0]);
+        paths.insert(name.clone(), f[0].to_string());
+        let differs = match now {
+            Some((a, b, c)) => (Some(a), Some(b), Some(c)) != then,
+            None => false,
+        };
+        if differs || all {
+            changed.push(name);
+        }
+        let fresh = now.map_or(line.to_string(), |(a, b, c)| format!("{}\t{a}\t{b}\t{c}", f[0]));
+        records.push((f[0].to_string(), fresh));
+    }
+    let loaded: Vec<String> = fs::read_to_string("/proc/modules")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').next().map(str::to_string))
+        .collect();
+    let (to_reload, not_loaded): (Vec<String>, Vec<String>) =
+        changed.into_iter().partition(|m| loaded.contains(m));
+    if !not_loaded.is_empty() && !all {
+        println!("changed, not loaded (modprobe will load the new one): {}", not_loaded.join(" "));
+    }
+    if to_reload.is_empty() {
+        println!("no modules changed");
+        return 0;
+    }
+    let mut order = Vec::new();
+    for m in &to_reload {
+        unload_order(m, &mut order);
+    }
+    for m in &order {
+        let name = c(m);
+        // SAFETY: name is a valid C string; O_NONBLOCK (2048) fails when busy.
+        if unsafe { syscall(176, name.as_ptr(), 2048) } != 0 {
+            eprintln!("mkt: cannot unload {m}: {}", io::Error::last_os_error());
+            return 1;
+        }
+    }
+    let mut reloaded = Vec::new();
+    for m in order.iter().rev() {
+        let Some(path) = paths.get(m) else {
+            eprintln!("mkt: {m} was unloaded but is not a module of the tree: modprobe it");
+            continue;
+        };
+        let loaded = File::open(path).and_then(|f| {
+            let empty = c("");
+            // SAFETY: finit_module reads the open fd and the empty params.
+            match unsafe { syscall(SYS_FINIT_MODULE, f.as_raw_fd(), empty.as_ptr(), 0) } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
+        match loaded {
+            Ok(()) => reloaded.push(m.clone()),
+            Err(e) => {
+                eprintln!("mkt: cannot load {path}: {e}");
+                return 1;
+            }
+        }
+    }
+    let text: String = records.iter().map(|(_, l)| format!("{l}\n")).collect();
+    let _ = fs::write(MODULES_BOOT, text);
+    println!("reloaded: {}", reloaded.join(" "));
+    0
+}
+
 fn main() {
     if std::process::id() != 1 {
-        eprintln!("mkt-init: this is mkt's guest init; it runs as PID 1 in a guest");
+        let args: Vec<String> = std::env::args().collect();
+        if args.get(1).map(String::as_str) == Some("modules-reload") {
+            std::process::exit(modules_reload(&args[2..]));
+        }
+        eprintln!("usage: mkt modules-reload [--all]  (mkt's guest side; PID 1 of mkt guests)");
         std::process::exit(2);
     }
     for (src, dst, fstype) in [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")] {
@@ -507,7 +662,7 @@ fn main() {
     // live in guest memory and vanish with it.
     let root = "/newroot";
     let steps = || -> io::Result<()> {
-        mount_share(&plan.root_kind, &plan.root_tag, "/lower", true)?;
+        mount_share(&plan.root_kind, &plan.root_tag, "/lower", true, false)?;
         do_mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
         fs::create_dir_all("/rw/upper")?;
         fs::create_dir_all("/rw/work")?;
