@@ -424,6 +424,12 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
         "{}",
         text(&attach.stderr)
     );
+    assert_eq!(
+        text(&reload.stdout),
+        "no modules changed\n",
+        "{}",
+        text(&reload.stderr)
+    );
     assert!(!status.success(), "mkt reports the signal");
     assert_eq!(live.len(), 1, "{live:?}");
     assert!(!live[0].exists(), "run dir left behind");
