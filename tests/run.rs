@@ -393,6 +393,10 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
         .env("MKT_CONFIG", &cfg)
         .output()
         .unwrap();
+    let ps = common::mkt_as(user, home.path())
+        .args(["ps", "--json"])
+        .output()
+        .unwrap();
     let reload = common::mkt_as(user, home.path())
         .args(["modules-reload", "cx5"])
         .env("MKT_CONFIG", &cfg)
@@ -424,6 +428,11 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
         "{}",
         text(&attach.stderr)
     );
+    let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let port = port_line.trim().rsplit(':').next().unwrap();
+    let port: u64 = port.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(ps[0]["name"], "cx5", "{ps}");
+    assert_eq!(ps[0]["ssh_port"], port, "{ps}");
     assert_eq!(
         text(&reload.stdout),
         "no modules changed\n",
