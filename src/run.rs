@@ -1231,7 +1231,11 @@ pub fn virtiofsd_args(share: &Share) -> Vec<String> {
         // home and the kernel tree must show the host's edits and rebuilds.
         format!(
             "--cache={}",
-            if share.tag == "root" { "always" } else { "auto" }
+            if share.tag == "root" {
+                "always"
+            } else {
+                "auto"
+            }
         ),
         "--sandbox=none".to_string(),
     ];
