@@ -55,6 +55,9 @@ pub enum Command {
     },
     /// Rootfs trees in mkt's store: pull one from an OCI image, list, remove.
     Rootfs(RootfsArgs),
+    /// Build a kernel (or rdma-core, iproute2, QEMU) tree inside a rootfs,
+    /// rootless: silent with one status line, outputs owned by you.
+    Build(Box<BuildArgs>),
     /// Run a setup's test script in its VM (the running one, else a fresh
     /// boot) and print TEST PASSED or TEST FAILED.
     Test {
@@ -278,6 +281,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             let ctx = load_context(&cli.global)?;
             crate::rootfs::cli(&ctx, args)
         }
+        Command::Build(a) => {
+            let ctx = load_context(&cli.global)?;
+            let opts = crate::build::BuildOptions {
+                project: a.project,
+                rootfs: a.rootfs,
+                dir: a.directory,
+                clean: a.clean,
+                shell: a.shell,
+                kconfig: a.kconfig,
+                dirs: a.dir,
+                recipe: a.recipe,
+                kernel_headers: a.with_kernel_headers,
+                args: a.args,
+                quiet: ctx.quiet,
+                verbose: cli.global.verbose > 0,
+            };
+            crate::build::build(&opts, &ctx.config, &ctx.paths)
+        }
         Command::Run(args) => {
             let ctx = load_context(&cli.global)?;
             let opts = run_options(*args, &cli.global)?;
@@ -481,4 +502,45 @@ pub struct RootfsPullArgs {
     /// Replace an existing tree of the same name (atomically).
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// What to build: kernel (or linux), rdma-core, iproute2, qemu, custom
+    /// (with --recipe) [default: what the directory is]; without -C, the
+    /// config's tree for it.
+    #[arg(value_parser = crate::build::PROJECT_NAMES)]
+    pub project: Option<String>,
+    /// Rootfs to build in: a name in mkt's store or a directory.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub rootfs: Option<String>,
+    /// The source tree [default: the current directory].
+    #[arg(short = 'C', long = "directory", value_name = "DIR")]
+    pub directory: Option<PathBuf>,
+    /// Run the project's clean first (make clean; rm -rf build).
+    #[arg(long)]
+    pub clean: bool,
+    /// An interactive shell in the build environment instead of a build;
+    /// `-- ARGS` go to the shell (e.g. `-- -c 'make menuconfig'`).
+    #[arg(long)]
+    pub shell: bool,
+    /// Kernel: (re)generate the minimal VM config (tinyconfig +
+    /// kvm_guest.config + mkt's fragment) [default: when there is no .config].
+    #[arg(long)]
+    pub kconfig: bool,
+    /// Bind a host directory read-write at the same path (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub dir: Vec<PathBuf>,
+    /// Run this shell script (sh -e, in the tree) instead of the project's
+    /// steps; it gets MKT_JOBS, CC with ccache, and `-- ARGS` as "$@".
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shell", "clean", "kconfig"])]
+    pub recipe: Option<PathBuf>,
+    /// Use a kernel tree's uapi headers (`make headers` there, then bound
+    /// over the rootfs's /usr/include for this run), so user space builds
+    /// against them [default TREE: the config's kernel].
+    #[arg(long, value_name = "TREE", num_args = 0..=1, require_equals = true)]
+    pub with_kernel_headers: Option<Option<PathBuf>>,
+    /// Extra arguments for make (ninja for rdma-core and QEMU), e.g. W=1.
+    #[arg(last = true, value_name = "MAKE ARGS")]
+    pub args: Vec<String>,
 }

@@ -2,11 +2,13 @@
 //!
 //! `main.rs` is a thin shell over this library; each module owns one concern.
 
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod guest;
 pub mod host;
 pub mod instance;
+pub mod ns;
 pub mod oci;
 pub mod qemu;
 pub mod rootfs;

@@ -1,0 +1,1216 @@
+//! Entering a rootfs tree without root: a user namespace that maps only the
+//! caller's own uid/gid (so every file a build writes belongs to the caller),
+//! plus mount, pid, uts and ipc namespaces, and `pivot_root` into the tree.
+//!
+//! The mount sequence is data: [`plan`] turns a [`Layout`] into a list of
+//! [`Op`]s (pure, given a [`TreeView`] of the rootfs, so it is unit-tested
+//! without privileges), and a small executor carries the ops out in the
+//! child. The stored tree is only ever bind-mounted read-only; when a mount
+//! point is missing from it (e.g. `/home/you`), the directory above is
+//! "shadowed": a tmpfs goes over it and its entries are bound back one by
+//! one, so the new mount point can be created in memory.
+//!
+//! Process layout: mkt forks C1, which unshares the namespaces and writes its
+//! own id maps; C1 forks C2, PID 1 of the new pid namespace, which mounts
+//! (a new /proc needs a process inside the pid namespace), pivots, forks the
+//! command (C3) and reaps until it exits. C3 reports the moment it execs
+//! (or why it could not get there) over a close-on-exec pipe.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+/// What a path is in the rootfs, as the planner needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink(PathBuf),
+    /// Device nodes, sockets, fifos: skipped when a directory is shadowed.
+    Other,
+    Missing,
+}
+
+/// Read access to the rootfs for the planner; a fake in the tests.
+pub trait TreeView {
+    /// The kind of `path` itself (symlinks are not followed).
+    fn kind(&self, path: &Path) -> Kind;
+    /// The entries of directory `dir`, sorted by name.
+    fn children(&self, dir: &Path) -> Vec<(OsString, Kind)>;
+}
+
+/// The real file system.
+pub struct HostFs;
+
+impl TreeView for HostFs {
+    fn kind(&self, path: &Path) -> Kind {
+        match std::fs::symlink_metadata(path) {
+            Err(_) => Kind::Missing,
+            Ok(m) if m.is_dir() => Kind::Dir,
+            Ok(m) if m.is_file() => Kind::File,
+            Ok(m) if m.file_type().is_symlink() => std::fs::read_link(path)
+                .map(Kind::Symlink)
+                .unwrap_or(Kind::Other),
+            Ok(_) => Kind::Other,
+        }
+    }
+
+    fn children(&self, dir: &Path) -> Vec<(OsString, Kind)> {
+        let mut v: Vec<(OsString, Kind)> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| (e.file_name(), self.kind(&e.path())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// One thing mounted inside the tree, at `dst` (an absolute path inside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub dst: PathBuf,
+    pub what: What,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum What {
+    /// A host directory (`dir`) or file, read-only or read-write.
+    Bind { src: PathBuf, dir: bool, ro: bool },
+    /// An empty, writable tmpfs.
+    Tmpfs,
+    /// A new procfs for the new pid namespace.
+    Proc,
+    /// A minimal /dev: a tmpfs with the host's harmless character devices
+    /// bound in, a private devpts, /dev/shm and the usual symlinks.
+    Dev,
+}
+
+impl Mount {
+    pub fn bind(src: impl Into<PathBuf>, dst: impl Into<PathBuf>, ro: bool) -> Mount {
+        Mount {
+            dst: dst.into(),
+            what: What::Bind {
+                src: src.into(),
+                dir: true,
+                ro,
+            },
+        }
+    }
+    pub fn bind_file(src: impl Into<PathBuf>, dst: impl Into<PathBuf>) -> Mount {
+        Mount {
+            dst: dst.into(),
+            what: What::Bind {
+                src: src.into(),
+                dir: false,
+                ro: true,
+            },
+        }
+    }
+    pub fn new(dst: impl Into<PathBuf>, what: What) -> Mount {
+        Mount {
+            dst: dst.into(),
+            what,
+        }
+    }
+}
+
+/// The root file system of the namespace: the stored tree plus mounts.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The rootfs directory on the host: only ever a bind source.
+    pub rootfs: PathBuf,
+    /// An empty host directory where the new root is assembled (the rootfs
+    /// bound there read-only) and then pivoted into. Separate from the
+    /// rootfs so that shadowing never hides a bind source.
+    pub staging: PathBuf,
+    pub mounts: Vec<Mount>,
+}
+
+/// The host devices a build may use, bound into the private /dev.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// One step of the mount sequence; paths are host paths (before the pivot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Stop our mounts propagating back to the host (and vice versa).
+    MakeRprivate,
+    Bind {
+        src: PathBuf,
+        dst: PathBuf,
+        ro: bool,
+    },
+    Tmpfs {
+        dst: PathBuf,
+    },
+    Proc {
+        dst: PathBuf,
+    },
+    Devpts {
+        dst: PathBuf,
+    },
+    /// A directory in a tmpfs of ours (EEXIST is fine).
+    Mkdir {
+        path: PathBuf,
+    },
+    /// An empty file in a tmpfs of ours, as a file mount point.
+    Touch {
+        path: PathBuf,
+    },
+    Symlink {
+        target: PathBuf,
+        path: PathBuf,
+    },
+    /// Make `dst` the root and detach the old one.
+    PivotRoot {
+        new_root: PathBuf,
+    },
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::MakeRprivate => write!(f, "mount --make-rprivate /"),
+            Op::Bind { src, dst, ro } => write!(
+                f,
+                "bind {} on {}{}",
+                src.display(),
+                dst.display(),
+                if *ro { " read-only" } else { "" }
+            ),
+            Op::Tmpfs { dst } => write!(f, "mount tmpfs on {}", dst.display()),
+            Op::Proc { dst } => write!(f, "mount proc on {}", dst.display()),
+            Op::Devpts { dst } => write!(f, "mount devpts on {}", dst.display()),
+            Op::Mkdir { path } => write!(f, "mkdir {}", path.display()),
+            Op::Touch { path } => write!(f, "create {}", path.display()),
+            Op::Symlink { target, path } => {
+                write!(f, "symlink {} -> {}", path.display(), target.display())
+            }
+            Op::PivotRoot { new_root } => write!(f, "pivot_root into {}", new_root.display()),
+        }
+    }
+}
+
+/// Where a mounted subtree comes from, for the planner's bookkeeping.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// A read-only view of this rootfs directory: mount points must exist.
+    Rootfs(PathBuf),
+    /// A tmpfs of ours: mount points can be created.
+    Tmpfs,
+    /// A host bind or a special file system: assumed to have what we need.
+    Opaque,
+}
+
+struct Planner<'a> {
+    view: &'a dyn TreeView,
+    staging: PathBuf,
+    /// (path inside, origin), in mount order.
+    mounts: Vec<(PathBuf, Origin)>,
+    ops: Vec<Op>,
+}
+
+/// The mount sequence for `layout`: pure, given the view of the rootfs.
+/// Mounts are ordered by depth (stable), so `/home/you` comes before
+/// `/home/you/src/linux`.
+pub fn plan(layout: &Layout, view: &dyn TreeView) -> Vec<Op> {
+    let mut p = Planner {
+        view,
+        staging: layout.staging.clone(),
+        mounts: vec![(PathBuf::from("/"), Origin::Rootfs(layout.rootfs.clone()))],
+        ops: vec![
+            Op::MakeRprivate,
+            Op::Bind {
+                src: layout.rootfs.clone(),
+                dst: layout.staging.clone(),
+                ro: true,
+            },
+        ],
+    };
+    let mut mounts: Vec<&Mount> = layout.mounts.iter().collect();
+    mounts.sort_by_key(|m| m.dst.components().count());
+    for m in mounts {
+        let dir = !matches!(m.what, What::Bind { dir: false, .. });
+        p.ensure(&m.dst, dir);
+        p.mount(m);
+    }
+    p.ops.push(Op::PivotRoot {
+        new_root: layout.staging.clone(),
+    });
+    p.ops
+}
+
+impl Planner<'_> {
+    fn host(&self, inside: &Path) -> PathBuf {
+        self.staging
+            .join(inside.strip_prefix("/").unwrap_or(inside))
+    }
+
+    /// The deepest mount containing `inside`.
+    fn covering(&self, inside: &Path) -> (PathBuf, Origin) {
+        self.mounts
+            .iter()
+            .rev()
+            .find(|(p, _)| inside.starts_with(p))
+            .cloned()
+            .expect("/ is always mounted")
+    }
+
+    /// Makes sure mount point `inside` exists (a directory if `dir`).
+    fn ensure(&mut self, inside: &Path, dir: bool) {
+        let (prefix, origin) = self.covering(inside);
+        let rel: Vec<&OsStr> = inside
+            .strip_prefix(&prefix)
+            .unwrap_or(Path::new(""))
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        match origin {
+            Origin::Opaque => {}
+            Origin::Tmpfs => {
+                let mut cur = prefix.clone();
+                for (i, c) in rel.iter().enumerate() {
+                    cur.push(c);
+                    let last = i + 1 == rel.len();
+                    let path = self.host(&cur);
+                    self.ops.push(if last && !dir {
+                        Op::Touch { path }
+                    } else {
+                        Op::Mkdir { path }
+                    });
+                }
+            }
+            Origin::Rootfs(base) => {
+                // The first component that is not what we need: a missing
+                // entry, a symlink (which could point anywhere, even out of
+                // the tree), or the wrong kind at the end.
+                let mut cur = base.clone();
+                for (i, c) in rel.iter().enumerate() {
+                    cur.push(c);
+                    let last = i + 1 == rel.len();
+                    let ok = match self.view.kind(&cur) {
+                        Kind::Dir => !last || dir,
+                        Kind::File => last && !dir,
+                        _ => false,
+                    };
+                    if !ok {
+                        let mut parent = prefix.clone();
+                        parent.extend(&rel[..i]);
+                        let mut parent_src = base.clone();
+                        parent_src.extend(&rel[..i]);
+                        self.shadow(&parent, &parent_src, c);
+                        self.ensure(inside, dir);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts a tmpfs over `inside` and binds back (read-only) every entry of
+    /// the rootfs directory `src` except `except`, which is then made anew.
+    fn shadow(&mut self, inside: &Path, src: &Path, except: &OsStr) {
+        self.ops.push(Op::Tmpfs {
+            dst: self.host(inside),
+        });
+        self.mounts.push((inside.to_path_buf(), Origin::Tmpfs));
+        for (name, kind) in self.view.children(src) {
+            if name == except {
+                continue;
+            }
+            let child = inside.join(&name);
+            let path = self.host(&child);
+            let from = src.join(&name);
+            match kind {
+                Kind::Dir => {
+                    self.ops.push(Op::Mkdir { path: path.clone() });
+                    self.ops.push(Op::Bind {
+                        src: from.clone(),
+                        dst: path,
+                        ro: true,
+                    });
+                    self.mounts.push((child, Origin::Rootfs(from)));
+                }
+                Kind::File => {
+                    self.ops.push(Op::Touch { path: path.clone() });
+                    self.ops.push(Op::Bind {
+                        src: from,
+                        dst: path,
+                        ro: true,
+                    });
+                }
+                Kind::Symlink(target) => self.ops.push(Op::Symlink { target, path }),
+                Kind::Other | Kind::Missing => {}
+            }
+        }
+    }
+
+    fn mount(&mut self, m: &Mount) {
+        let dst = self.host(&m.dst);
+        match &m.what {
+            What::Bind { src, ro, dir } => {
+                self.ops.push(Op::Bind {
+                    src: src.clone(),
+                    dst,
+                    ro: *ro,
+                });
+                if *dir {
+                    self.mounts.push((m.dst.clone(), Origin::Opaque));
+                }
+            }
+            What::Tmpfs => {
+                self.ops.push(Op::Tmpfs { dst });
+                self.mounts.push((m.dst.clone(), Origin::Tmpfs));
+            }
+            What::Proc => {
+                self.ops.push(Op::Proc { dst });
+                self.mounts.push((m.dst.clone(), Origin::Opaque));
+            }
+            What::Dev => {
+                self.ops.push(Op::Tmpfs { dst: dst.clone() });
+                for d in DEVICES {
+                    self.ops.push(Op::Touch { path: dst.join(d) });
+                    self.ops.push(Op::Bind {
+                        src: Path::new("/dev").join(d),
+                        dst: dst.join(d),
+                        ro: false,
+                    });
+                }
+                for (dir, op) in [
+                    (
+                        "pts",
+                        Op::Devpts {
+                            dst: dst.join("pts"),
+                        },
+                    ),
+                    (
+                        "shm",
+                        Op::Tmpfs {
+                            dst: dst.join("shm"),
+                        },
+                    ),
+                ] {
+                    self.ops.push(Op::Mkdir {
+                        path: dst.join(dir),
+                    });
+                    self.ops.push(op);
+                }
+                for (name, target) in [
+                    ("ptmx", "pts/ptmx"),
+                    ("fd", "/proc/self/fd"),
+                    ("stdin", "/proc/self/fd/0"),
+                    ("stdout", "/proc/self/fd/1"),
+                    ("stderr", "/proc/self/fd/2"),
+                ] {
+                    self.ops.push(Op::Symlink {
+                        target: target.into(),
+                        path: dst.join(name),
+                    });
+                }
+                self.mounts.push((m.dst.clone(), Origin::Opaque));
+            }
+        }
+    }
+}
+
+/// Why entering the tree or running the command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NsError {
+    #[error("path {0:?} contains a NUL byte")]
+    Nul(OsString),
+    #[error("cannot create a pipe")]
+    Pipe(#[source] Errno),
+    #[error("cannot fork")]
+    Fork(#[source] Errno),
+    #[error("cannot wait for the namespace's init")]
+    Wait(#[source] Errno),
+    #[error("entering the rootfs failed at: {step}")]
+    Setup {
+        step: String,
+        #[source]
+        source: Errno,
+    },
+    #[error("cannot run {program:?} inside the rootfs")]
+    Exec {
+        program: OsString,
+        #[source]
+        source: Errno,
+    },
+    #[error("the namespace's init ended without reporting (status {0})")]
+    Vanished(i32),
+}
+
+/// A command to run inside a [`Layout`].
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub layout: Layout,
+    pub hostname: String,
+    /// The working directory inside the tree.
+    pub cwd: PathBuf,
+    /// argv; argv[0] is looked up in the PATH given in `env`.
+    pub argv: Vec<OsString>,
+    /// The whole environment of the command.
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Where the command's output goes.
+pub enum Output<'a> {
+    /// The caller's stdin, stdout and stderr (for an interactive shell).
+    Inherit,
+    /// stdout and stderr both to this file or pipe; stdin from /dev/null.
+    To(&'a OwnedFd),
+}
+
+/// How the command ended, and how long entering took.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    /// The exit status, or 128 + the signal that killed it.
+    pub status: i32,
+    /// From the first fork to the command's exec.
+    pub enter: Duration,
+}
+
+// Step numbers C1..C3 report on the pipe; op i is OP_BASE + i.
+const STEP_UNSHARE: u32 = 1;
+const STEP_SETGROUPS: u32 = 2;
+const STEP_UID_MAP: u32 = 3;
+const STEP_GID_MAP: u32 = 4;
+const STEP_FORK: u32 = 5;
+const STEP_HOSTNAME: u32 = 6;
+const STEP_CHDIR: u32 = 7;
+const STEP_STDIO: u32 = 8;
+const STEP_EXEC: u32 = 9;
+const OP_BASE: u32 = 1000;
+const MSG_OK: u32 = 0;
+const MSG_ERR: u32 = 1;
+
+/// Everything the children need, converted before the fork so that they
+/// only make system calls.
+struct Prepared {
+    ops: Vec<(Op, PreparedOp)>,
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+    hostname: OsString,
+    cwd: CString,
+    /// argv[0] resolved against each PATH entry (absolute paths: itself).
+    candidates: Vec<CString>,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+}
+
+enum PreparedOp {
+    MakeRprivate,
+    Bind(CString, CString, bool),
+    Tmpfs(CString),
+    Proc(CString),
+    Devpts(CString),
+    Mkdir(CString),
+    Touch(CString),
+    Symlink(CString, CString),
+    PivotRoot(CString),
+}
+
+fn cstr(s: &OsStr) -> Result<CString, NsError> {
+    CString::new(s.as_bytes()).map_err(|_| NsError::Nul(s.to_owned()))
+}
+
+fn prepare(spec: &Spec, ops: Vec<Op>) -> Result<Prepared, NsError> {
+    let p = |p: &Path| cstr(p.as_os_str());
+    let ops = ops
+        .into_iter()
+        .map(|op| {
+            let prepared = match &op {
+                Op::MakeRprivate => PreparedOp::MakeRprivate,
+                Op::Bind { src, dst, ro } => PreparedOp::Bind(p(src)?, p(dst)?, *ro),
+                Op::Tmpfs { dst } => PreparedOp::Tmpfs(p(dst)?),
+                Op::Proc { dst } => PreparedOp::Proc(p(dst)?),
+                Op::Devpts { dst } => PreparedOp::Devpts(p(dst)?),
+                Op::Mkdir { path } => PreparedOp::Mkdir(p(path)?),
+                Op::Touch { path } => PreparedOp::Touch(p(path)?),
+                Op::Symlink { target, path } => PreparedOp::Symlink(p(target)?, p(path)?),
+                Op::PivotRoot { new_root } => PreparedOp::PivotRoot(p(new_root)?),
+            };
+            Ok((op, prepared))
+        })
+        .collect::<Result<Vec<_>, NsError>>()?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let gid = nix::unistd::getegid().as_raw();
+    let prog = spec.argv.first().cloned().unwrap_or_default();
+    let path_var = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| "/usr/bin:/bin".into());
+    let candidates = if prog.as_bytes().contains(&b'/') {
+        vec![cstr(&prog)?]
+    } else {
+        std::env::split_paths(&path_var)
+            .map(|d| cstr(d.join(&prog).as_os_str()))
+            .collect::<Result<_, _>>()?
+    };
+    Ok(Prepared {
+        ops,
+        uid_map: format!("{uid} {uid} 1\n").into_bytes(),
+        gid_map: format!("{gid} {gid} 1\n").into_bytes(),
+        hostname: spec.hostname.clone().into(),
+        cwd: p(&spec.cwd)?,
+        candidates,
+        argv: spec
+            .argv
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<Result<_, _>>()?,
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.clone();
+                kv.push("=");
+                kv.push(v);
+                cstr(&kv)
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn now_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Enters the tree and runs the command; returns when it has exited.
+pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, NsError> {
+    let ops = plan(&spec.layout, view);
+    let prep = prepare(spec, ops)?;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    let out_fd = match out {
+        Output::Inherit => None,
+        Output::To(fd) => Some(fd.as_raw_fd()),
+    };
+    let t0 = now_ns();
+    // SAFETY: the child only makes system calls on data prepared above
+    // (glibc's fork also keeps malloc usable in the child), then exits with
+    // _exit, never returning into the caller's code.
+    let c1 = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
+        ForkResult::Child => {
+            drop(rd);
+            let code = child1(&prep, wr.as_raw_fd(), out_fd);
+            // SAFETY: _exit skips atexit handlers and destructors that belong
+            // to the parent's copy of the process state.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(wr);
+    // While the command runs, terminal signals are for it, not for mkt.
+    let _ignore = IgnoreSignals::new();
+    let read_msg = || {
+        let mut msg = [0u8; 16];
+        let mut got = 0;
+        while got < msg.len() {
+            match nix::unistd::read(&rd, &mut msg[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        (got == msg.len()).then_some(msg)
+    };
+    // The OK message (sent just before exec), then either end-of-file (the
+    // exec worked) or the exec's error.
+    let first = read_msg();
+    let second = first
+        .filter(|m| m[0..4] == MSG_OK.to_ne_bytes())
+        .and_then(|_| read_msg());
+    drop(rd);
+    let status = loop {
+        match waitpid(c1, None) {
+            Ok(WaitStatus::Exited(_, c)) => break c,
+            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(NsError::Wait(e)),
+        }
+    };
+    let Some(msg) = first else {
+        return Err(NsError::Vanished(status));
+    };
+    let field = |m: &[u8; 16], r: std::ops::Range<usize>| -> [u8; 4] { m[r].try_into().unwrap() };
+    for m in [Some(msg), second].into_iter().flatten() {
+        if u32::from_ne_bytes(field(&m, 0..4)) == MSG_ERR {
+            let step = u32::from_ne_bytes(field(&m, 4..8));
+            let errno = Errno::from_raw(i32::from_ne_bytes(field(&m, 8..12)));
+            return Err(step_error(step, errno, &prep, spec));
+        }
+    }
+    let at = u64::from_ne_bytes(msg[8..16].try_into().unwrap());
+    Ok(Exit {
+        status,
+        enter: Duration::from_nanos(at.saturating_sub(t0)),
+    })
+}
+
+fn step_error(step: u32, source: Errno, prep: &Prepared, spec: &Spec) -> NsError {
+    let step = match step {
+        STEP_EXEC => {
+            return NsError::Exec {
+                program: spec.argv.first().cloned().unwrap_or_default(),
+                source,
+            };
+        }
+        STEP_UNSHARE => {
+            "unshare(user, mount, pid, uts, ipc) (user namespaces disabled? `mkt doctor` checks)"
+                .to_string()
+        }
+        STEP_SETGROUPS => "write /proc/self/setgroups".into(),
+        STEP_UID_MAP => "write /proc/self/uid_map".into(),
+        STEP_GID_MAP => "write /proc/self/gid_map".into(),
+        STEP_FORK => "fork inside the namespace".into(),
+        STEP_HOSTNAME => "sethostname".into(),
+        STEP_CHDIR => format!("chdir {}", spec.cwd.display()),
+        STEP_STDIO => "redirect stdio".into(),
+        n => prep
+            .ops
+            .get(n.wrapping_sub(OP_BASE) as usize)
+            .map(|(op, _)| op.to_string())
+            .unwrap_or_else(|| format!("step {n}")),
+    };
+    NsError::Setup { step, source }
+}
+
+/// Ignores SIGINT/SIGQUIT in mkt while a child runs (like system(3)); the
+/// child resets them. Restored on drop.
+struct IgnoreSignals(Vec<(Signal, nix::sys::signal::SigAction)>);
+
+impl IgnoreSignals {
+    fn new() -> Self {
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+        let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+        let mut old = Vec::new();
+        for s in [Signal::SIGINT, Signal::SIGQUIT] {
+            // SAFETY: installing SIG_IGN runs no code in signal context.
+            if let Ok(prev) = unsafe { sigaction(s, &ign) } {
+                old.push((s, prev));
+            }
+        }
+        IgnoreSignals(old)
+    }
+}
+
+impl Drop for IgnoreSignals {
+    fn drop(&mut self) {
+        for (s, prev) in &self.0 {
+            // SAFETY: restores the handler that was installed before.
+            unsafe {
+                let _ = nix::sys::signal::sigaction(*s, prev);
+            }
+        }
+    }
+}
+
+fn report(fd: i32, kind: u32, step: u32, errno: i32, at: u64) {
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&kind.to_ne_bytes());
+    msg[4..8].copy_from_slice(&step.to_ne_bytes());
+    if kind == MSG_ERR {
+        msg[8..12].copy_from_slice(&errno.to_ne_bytes());
+    } else {
+        msg[8..16].copy_from_slice(&at.to_ne_bytes());
+    }
+    // SAFETY: writing a stack buffer to a pipe we own; 16 bytes < PIPE_BUF,
+    // so the message arrives whole.
+    unsafe {
+        libc::write(fd, msg.as_ptr().cast(), msg.len());
+    }
+}
+
+/// Reports a failed step and returns the exit code for it.
+fn fail(fd: i32, step: u32, e: Errno) -> i32 {
+    report(fd, MSG_ERR, step, e as i32, 0);
+    127
+}
+
+fn write_file(path: &str, data: &[u8]) -> Result<(), Errno> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    f.write_all(data)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+}
+
+fn reset_signals() {
+    use nix::sys::signal::{SigHandler, signal};
+    for s in [Signal::SIGINT, Signal::SIGQUIT] {
+        // SAFETY: restoring the default disposition runs no code.
+        unsafe {
+            let _ = signal(s, SigHandler::SigDfl);
+        }
+    }
+}
+
+/// C1: new namespaces, own id maps, then the pid namespace's init.
+fn child1(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
+    reset_signals();
+    // Die with mkt: an orphaned build is never wanted.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let flags = CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    if let Err(e) = nix::sched::unshare(flags) {
+        return fail(fd, STEP_UNSHARE, e);
+    }
+    // An unprivileged process may map only its own ids, and only after
+    // giving up setgroups(2) (which could drop a group that denies access).
+    if let Err(e) = write_file("/proc/self/setgroups", b"deny") {
+        return fail(fd, STEP_SETGROUPS, e);
+    }
+    if let Err(e) = write_file("/proc/self/uid_map", &p.uid_map) {
+        return fail(fd, STEP_UID_MAP, e);
+    }
+    if let Err(e) = write_file("/proc/self/gid_map", &p.gid_map) {
+        return fail(fd, STEP_GID_MAP, e);
+    }
+    // unshare(CLONE_NEWPID) applies to children only: C2 is PID 1.
+    // SAFETY: as for the first fork; C2 ends with _exit.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => fail(fd, STEP_FORK, e),
+        Ok(ForkResult::Child) => {
+            let code = init(p, fd, out);
+            // SAFETY: see run().
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            // SAFETY: closing C1's copy of the report pipe, so that mkt sees
+            // end-of-file once the command has exec'd.
+            unsafe {
+                libc::close(fd);
+            }
+            wait_exit(child)
+        }
+    }
+}
+
+fn wait_exit(pid: Pid) -> i32 {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => return c,
+            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return 127,
+        }
+    }
+}
+
+/// C2, PID 1: mounts, pivots, runs the command and reaps every orphan.
+fn init(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if let Err(e) = nix::unistd::sethostname(&p.hostname) {
+        return fail(fd, STEP_HOSTNAME, e);
+    }
+    for (i, (_, op)) in p.ops.iter().enumerate() {
+        if let Err(e) = execute(op) {
+            return fail(fd, OP_BASE + i as u32, e);
+        }
+    }
+    // SAFETY: C3 only makes system calls and ends in exec or _exit.
+    let cmd = match unsafe { nix::unistd::fork() } {
+        Err(e) => return fail(fd, STEP_FORK, e),
+        Ok(ForkResult::Child) => {
+            let code = command(p, fd, out);
+            // SAFETY: see run().
+            unsafe { libc::_exit(code) }
+        }
+        Ok(ForkResult::Parent { child }) => child,
+    };
+    // SAFETY: closing our copy of the report pipe (C3 holds its own), so
+    // mkt sees end-of-file once C3 has exec'd.
+    unsafe {
+        libc::close(fd);
+    }
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(pid, c)) if pid == cmd => return c,
+            Ok(WaitStatus::Signaled(pid, s, _)) if pid == cmd => return 128 + s as i32,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return 127,
+        }
+    }
+}
+
+/// C3: the command, in the working directory, with the prepared env.
+fn command(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
+    if let Err(e) = nix::unistd::chdir(p.cwd.as_c_str()) {
+        return fail(fd, STEP_CHDIR, e);
+    }
+    if let Some(out) = out {
+        // SAFETY: plain fd juggling on descriptors this process owns.
+        let ok = unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+            null >= 0
+                && libc::dup2(null, 0) >= 0
+                && libc::dup2(out, 1) >= 0
+                && libc::dup2(out, 2) >= 0
+        };
+        if !ok {
+            return fail(fd, STEP_STDIO, Errno::last());
+        }
+    }
+    let mut argv: Vec<*const libc::c_char> = p.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = p.env.iter().map(|a| a.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    report(fd, MSG_OK, 0, 0, now_ns());
+    let mut last = Errno::ENOENT;
+    for prog in &p.candidates {
+        // SAFETY: argv and envp are NULL-terminated arrays of pointers to
+        // CStrings that outlive the call; execve only returns on failure.
+        unsafe {
+            libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        }
+        let e = Errno::last();
+        if e != Errno::ENOENT && e != Errno::ENOTDIR {
+            last = e;
+        }
+    }
+    // A second message after the OK one: exec failed (a successful exec
+    // closes the pipe instead).
+    fail(fd, STEP_EXEC, last)
+}
+
+fn execute(op: &PreparedOp) -> Result<(), Errno> {
+    use nix::mount::mount;
+    let none: Option<&str> = None;
+    match op {
+        PreparedOp::MakeRprivate => {
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        }
+        PreparedOp::Bind(src, dst, ro) => {
+            mount(
+                Some(src.as_c_str()),
+                dst.as_c_str(),
+                none,
+                MsFlags::MS_BIND,
+                none,
+            )?;
+            if *ro {
+                // A remount in a user namespace must keep the flags the
+                // source mount has locked (nosuid, nodev, ...).
+                let st = nix::sys::statvfs::statvfs(dst.as_c_str())?;
+                let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                use nix::sys::statvfs::FsFlags as F;
+                for (f, m) in [
+                    (F::ST_NOSUID, MsFlags::MS_NOSUID),
+                    (F::ST_NODEV, MsFlags::MS_NODEV),
+                    (F::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                    (F::ST_NOATIME, MsFlags::MS_NOATIME),
+                    (F::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+                    (F::ST_RELATIME, MsFlags::MS_RELATIME),
+                ] {
+                    if st.flags().contains(f) {
+                        flags |= m;
+                    }
+                }
+                mount(none, dst.as_c_str(), none, flags, none)?;
+            }
+            Ok(())
+        }
+        PreparedOp::Tmpfs(dst) => mount(
+            Some("tmpfs"),
+            dst.as_c_str(),
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        PreparedOp::Proc(dst) => mount(
+            Some("proc"),
+            dst.as_c_str(),
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            none,
+        ),
+        PreparedOp::Devpts(dst) => mount(
+            Some("devpts"),
+            dst.as_c_str(),
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=620"),
+        ),
+        PreparedOp::Mkdir(path) => {
+            match nix::unistd::mkdir(path.as_c_str(), Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        PreparedOp::Touch(path) => {
+            let fd = nix::fcntl::open(
+                path.as_c_str(),
+                nix::fcntl::OFlag::O_CREAT
+                    | nix::fcntl::OFlag::O_WRONLY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )?;
+            drop(fd);
+            Ok(())
+        }
+        PreparedOp::Symlink(target, path) => std::os::unix::fs::symlink(
+            OsStr::from_bytes(target.as_bytes()),
+            OsStr::from_bytes(path.as_bytes()),
+        )
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))),
+        PreparedOp::PivotRoot(new_root) => {
+            // pivot_root(".", ".") stacks the old root on the new one; a
+            // lazy unmount of "." then drops it, so the read-only tree needs
+            // no directory for the old root.
+            nix::unistd::chdir(new_root.as_c_str())?;
+            nix::unistd::pivot_root(".", ".")?;
+            nix::mount::umount2(".", MntFlags::MNT_DETACH)?;
+            nix::unistd::chdir("/")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A rootfs as a map of host paths to kinds.
+    struct Fake(BTreeMap<PathBuf, Kind>);
+
+    impl Fake {
+        fn new(entries: &[(&str, Kind)]) -> Fake {
+            Fake(
+                entries
+                    .iter()
+                    .map(|(p, k)| (PathBuf::from(p), k.clone()))
+                    .collect(),
+            )
+        }
+    }
+
+    impl TreeView for Fake {
+        fn kind(&self, path: &Path) -> Kind {
+            if path == Path::new("/r") {
+                return Kind::Dir;
+            }
+            self.0.get(path).cloned().unwrap_or(Kind::Missing)
+        }
+        fn children(&self, dir: &Path) -> Vec<(OsString, Kind)> {
+            self.0
+                .iter()
+                .filter(|(p, _)| p.parent() == Some(dir))
+                .map(|(p, k)| (p.file_name().unwrap().to_owned(), k.clone()))
+                .collect()
+        }
+    }
+
+    fn bind(src: &str, dst: &str, ro: bool) -> Op {
+        Op::Bind {
+            src: src.into(),
+            dst: dst.into(),
+            ro,
+        }
+    }
+    fn mkdir(p: &str) -> Op {
+        Op::Mkdir { path: p.into() }
+    }
+    fn touch(p: &str) -> Op {
+        Op::Touch { path: p.into() }
+    }
+    fn tmpfs(p: &str) -> Op {
+        Op::Tmpfs { dst: p.into() }
+    }
+
+    fn debian() -> Fake {
+        Fake::new(&[
+            ("/r/etc", Kind::Dir),
+            ("/r/etc/passwd", Kind::File),
+            ("/r/etc/resolv.conf", Kind::Symlink("/run/x".into())),
+            ("/r/etc/hosts", Kind::File),
+            ("/r/home", Kind::Dir),
+            ("/r/home/debian", Kind::Dir),
+            ("/r/tmp", Kind::Dir),
+            ("/r/proc", Kind::Dir),
+            ("/r/usr", Kind::Dir),
+            ("/r/bin", Kind::Symlink("usr/bin".into())),
+        ])
+    }
+
+    /// Each case: the mounts asked for, and the ops expected between the
+    /// rootfs bind and the pivot.
+    #[test]
+    fn plan_table() {
+        let cases: Vec<(&str, Vec<Mount>, Vec<Op>)> = vec![
+            ("nothing to mount", vec![], vec![]),
+            (
+                "existing mount points are used as they are",
+                vec![
+                    Mount::new("/proc", What::Proc),
+                    Mount::new("/tmp", What::Tmpfs),
+                    Mount::bind_file("/t/passwd", "/etc/passwd"),
+                ],
+                vec![
+                    Op::Proc {
+                        dst: "/s/proc".into(),
+                    },
+                    tmpfs("/s/tmp"),
+                    bind("/t/passwd", "/s/etc/passwd", true),
+                ],
+            ),
+            (
+                "a source tree under /tmp is created in the tmpfs, parents first",
+                vec![
+                    Mount::bind("/tmp/a/linux", "/tmp/a/linux", false),
+                    Mount::new("/tmp", What::Tmpfs),
+                ],
+                vec![
+                    tmpfs("/s/tmp"),
+                    mkdir("/s/tmp/a"),
+                    mkdir("/s/tmp/a/linux"),
+                    bind("/tmp/a/linux", "/s/tmp/a/linux", false),
+                ],
+            ),
+            (
+                "a missing home shadows /home and binds its entries back",
+                vec![
+                    Mount::bind("/home/u", "/home/u", true),
+                    Mount::bind("/home/u/src/linux", "/home/u/src/linux", false),
+                ],
+                vec![
+                    tmpfs("/s/home"),
+                    mkdir("/s/home/debian"),
+                    bind("/r/home/debian", "/s/home/debian", true),
+                    mkdir("/s/home/u"),
+                    bind("/home/u", "/s/home/u", true),
+                    bind("/home/u/src/linux", "/s/home/u/src/linux", false),
+                ],
+            ),
+            (
+                "a symlinked file mount point is replaced, never followed",
+                vec![Mount::bind_file("/etc/resolv.conf", "/etc/resolv.conf")],
+                vec![
+                    tmpfs("/s/etc"),
+                    touch("/s/etc/hosts"),
+                    bind("/r/etc/hosts", "/s/etc/hosts", true),
+                    touch("/s/etc/passwd"),
+                    bind("/r/etc/passwd", "/s/etc/passwd", true),
+                    touch("/s/etc/resolv.conf"),
+                    bind("/etc/resolv.conf", "/s/etc/resolv.conf", true),
+                ],
+            ),
+            (
+                "a path through a symlink shadows the root itself",
+                vec![Mount::bind("/bin/x", "/bin/x", false)],
+                vec![
+                    tmpfs("/s"),
+                    mkdir("/s/etc"),
+                    bind("/r/etc", "/s/etc", true),
+                    mkdir("/s/home"),
+                    bind("/r/home", "/s/home", true),
+                    mkdir("/s/proc"),
+                    bind("/r/proc", "/s/proc", true),
+                    mkdir("/s/tmp"),
+                    bind("/r/tmp", "/s/tmp", true),
+                    mkdir("/s/usr"),
+                    bind("/r/usr", "/s/usr", true),
+                    mkdir("/s/bin"),
+                    mkdir("/s/bin/x"),
+                    bind("/bin/x", "/s/bin/x", false),
+                ],
+            ),
+            (
+                "a second target in a shadowed dir reuses the tmpfs",
+                vec![
+                    Mount::bind("/home/a", "/home/a", true),
+                    Mount::bind("/home/b", "/home/b", false),
+                ],
+                vec![
+                    tmpfs("/s/home"),
+                    mkdir("/s/home/debian"),
+                    bind("/r/home/debian", "/s/home/debian", true),
+                    mkdir("/s/home/a"),
+                    bind("/home/a", "/s/home/a", true),
+                    mkdir("/s/home/b"),
+                    bind("/home/b", "/s/home/b", false),
+                ],
+            ),
+        ];
+        let view = debian();
+        for (name, mounts, want) in cases {
+            let ops = plan(
+                &Layout {
+                    rootfs: "/r".into(),
+                    staging: "/s".into(),
+                    mounts,
+                },
+                &view,
+            );
+            assert_eq!(ops[0], Op::MakeRprivate, "{name}");
+            assert_eq!(ops[1], bind("/r", "/s", true), "{name}");
+            assert_eq!(
+                ops.last(),
+                Some(&Op::PivotRoot {
+                    new_root: "/s".into()
+                }),
+                "{name}"
+            );
+            assert_eq!(ops[2..ops.len() - 1], want[..], "{name}");
+        }
+    }
+
+    #[test]
+    fn dev_is_a_tmpfs_with_host_devices_and_private_ptys() {
+        let ops = plan(
+            &Layout {
+                rootfs: "/r".into(),
+                staging: "/s".into(),
+                mounts: vec![Mount::new("/dev", What::Dev)],
+            },
+            &Fake::new(&[("/r/dev", Kind::Dir)]),
+        );
+        assert_eq!(ops[2], tmpfs("/s/dev"));
+        assert!(ops.contains(&bind("/dev/null", "/s/dev/null", false)));
+        assert!(ops.contains(&bind("/dev/tty", "/s/dev/tty", false)));
+        assert!(ops.contains(&Op::Devpts {
+            dst: "/s/dev/pts".into()
+        }));
+        assert!(ops.contains(&Op::Symlink {
+            target: "pts/ptmx".into(),
+            path: "/s/dev/ptmx".into()
+        }));
+    }
+
+    #[test]
+    fn ops_name_themselves_for_errors() {
+        assert_eq!(
+            bind("/a", "/s/a", true).to_string(),
+            "bind /a on /s/a read-only"
+        );
+        assert_eq!(tmpfs("/s/tmp").to_string(), "mount tmpfs on /s/tmp");
+    }
+}

@@ -1,0 +1,565 @@
+//! `mkt build` end to end: the fixture rootfs entered rootless, a copy of the
+//! fixture kernel tree rebuilt after a one-file change, a compile error, the
+//! generated VM config, and project discovery. The rootless cases run as the
+//! unprivileged test user when the suite runs as root (CI).
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use common::TestUser;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn build_as(user: Option<&TestUser>, home: &Path, dir: &Path, args: &[&str]) -> Output {
+    let mut c = common::mkt_as(user, home);
+    c.arg("build").args(args).current_dir(dir);
+    c.output().expect("spawn mkt")
+}
+
+/// A command run as the test user (when Some), failing the test on error.
+fn sh_as(user: Option<&TestUser>, script: &str) {
+    let mut c = Command::new("sh");
+    c.args(["-ec", script]);
+    if let Some(u) = user {
+        c.uid(u.uid).gid(u.gid);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{script}: {}", text(&o.stderr));
+}
+
+/// A temporary directory the test user owns.
+fn user_dir(user: Option<&TestUser>, prefix: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(d.path(), Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+    d
+}
+
+fn uid_of(user: Option<&TestUser>) -> u32 {
+    user.map_or_else(|| nix::unistd::getuid().as_raw(), |u| u.uid)
+}
+
+/// Path, size, mtime and mode of every entry under `root`'s /etc and the top.
+fn digest(root: &Path) -> Vec<(PathBuf, u64, i64, u32)> {
+    let mut v = Vec::new();
+    for dir in [root.to_path_buf(), root.join("etc"), root.join("usr")] {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            v.push((e.path(), m.size(), m.mtime(), m.mode()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// (a) + (c): a copy of the built fixture tree, one driver file changed,
+/// rebuilt as the unprivileged user; then a syntax error fails the build.
+#[test]
+fn one_file_rebuild_as_the_user_then_a_compile_error() {
+    let Some(fixture) = common::kernel_tree() else {
+        return;
+    };
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let work = user_dir(user, "mkt-build-tree-");
+    let tree = work.path().join("linux");
+    // Copied as the user (cp -a keeps the mtimes, so make sees an up-to-date
+    // tree). objtool's build records absolute paths: relocate them, as if
+    // the tree had been built here (prepare.sh builds in linux.tmp).
+    let (fx, t) = (fixture.display(), tree.display());
+    sh_as(
+        user,
+        &format!(
+            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
+             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'"
+        ),
+    );
+    let dummy = tree.join("drivers/net/dummy.c");
+    let marker = tree.join(".mkt-test-marker");
+    sh_as(
+        user,
+        &format!(
+            "touch {m}; echo 'static const char mkt_marker[] __used = \"mkt-build-marker-1\";' >> {d}",
+            m = marker.display(),
+            d = dummy.display()
+        ),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    let r = rootfs.to_str().unwrap();
+    let before = digest(&rootfs);
+    let t0 = Instant::now();
+    let o = build_as(user, home.path(), &tree, &["--rootfs", r]);
+    let wall = t0.elapsed();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    eprintln!("one-file rebuild (with the first relink): {wall:?}\n{err}");
+    let status = err
+        .lines()
+        .find(|l| l.contains("built linux"))
+        .unwrap_or("");
+    assert!(status.contains(&tree.display().to_string()), "{err}");
+    assert!(status.contains("log: "), "{err}");
+    let ko = std::fs::read(tree.join("drivers/net/dummy.ko")).unwrap();
+    assert!(
+        ko.windows(18).any(|w| w == b"mkt-build-marker-1"),
+        "dummy.ko lacks the new string"
+    );
+    // Every file the build wrote (and the whole copy) belongs to the user.
+    let uid = uid_of(user);
+    let find = Command::new("find")
+        .arg(&tree)
+        .args([
+            "-newer",
+            marker.to_str().unwrap(),
+            "-type",
+            "f",
+            "-printf",
+            "%U %p\n",
+        ])
+        .output()
+        .unwrap();
+    let changed = text(&find.stdout);
+    assert!(changed.contains("dummy.ko"), "{changed}");
+    let foreign: Vec<&str> = changed
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{uid} ")))
+        .collect();
+    assert!(foreign.is_empty(), "not owned by {uid}: {foreign:?}");
+    assert_eq!(digest(&rootfs), before, "the stored rootfs changed");
+
+    // --with-kernel-headers: user space sees this tree's uapi headers (a
+    // new one here) in /usr/include, for that run only.
+    sh_as(
+        user,
+        &format!(
+            "echo '#define MKT_UAPI_TEST 1' > {}/include/uapi/linux/mkt_uapi_test.h",
+            tree.display()
+        ),
+    );
+    let ip = user_dir(user, "mkt-iproute2-hdr-");
+    sh_as(
+        user,
+        &format!(
+            "cd {}; mkdir ip; printf '#!/bin/sh\\ntouch config.mk\\n' > configure; chmod +x configure; \
+             printf 'all:\\n\\tgrep -q MKT_UAPI_TEST /usr/include/linux/mkt_uapi_test.h\\n' > Makefile",
+            ip.path().display()
+        ),
+    );
+    let headers = format!("--with-kernel-headers={}", tree.display());
+    let o = build_as(user, home.path(), ip.path(), &["--rootfs", r, &headers]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = build_as(user, home.path(), ip.path(), &["--rootfs", r]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert_eq!(digest(&rootfs), before, "the stored rootfs changed");
+
+    // (c) A syntax error: exit 1, the error line and the log path.
+    sh_as(
+        user,
+        &format!("echo 'static int mkt_broken = ;' >> {}", dummy.display()),
+    );
+    let o = build_as(user, home.path(), &tree, &["--rootfs", r]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("drivers/net/dummy.c") && l.contains("error:")),
+        "{err}"
+    );
+    let log = err
+        .lines()
+        .find_map(|l| l.strip_prefix("mkt: log: "))
+        .unwrap_or_else(|| panic!("no log path in: {err}"));
+    let log_text = std::fs::read_to_string(log).unwrap();
+    assert!(log_text.contains("mkt_broken"), "{log_text}");
+}
+
+/// (f) The minimal VM config generated in a fresh, unconfigured tree,
+/// inside the rootfs: the fragment's key options survive, the report is
+/// printed. `-- olddefconfig` makes the build step a no-op.
+#[test]
+fn kconfig_is_generated_in_an_unconfigured_tree() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let tarball = Path::new("/usr/src/linux-source-6.1.tar.xz");
+    if !tarball.exists() {
+        common::unavailable::<()>(
+            "/usr/src/linux-source-6.1.tar.xz (apt install linux-source-6.1)",
+        );
+        return;
+    }
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let work = user_dir(user, "mkt-kconfig-");
+    let tree = work.path().join("linux");
+    sh_as(
+        user,
+        &format!(
+            "mkdir {t}; tar -xf {x} -C {t} --strip-components=1",
+            t = tree.display(),
+            x = tarball.display()
+        ),
+    );
+    let t0 = Instant::now();
+    let o = build_as(
+        user,
+        home.path(),
+        &tree,
+        &["--rootfs", rootfs.to_str().unwrap(), "--", "olddefconfig"],
+    );
+    let err = text(&o.stderr);
+    eprintln!("config generation: {:?}\n{err}", t0.elapsed());
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    let config = std::fs::read_to_string(tree.join(".config")).unwrap();
+    for want in ["CONFIG_9P_FS=y", "CONFIG_DUMMY=m", "CONFIG_VIRTIO_PCI=y"] {
+        assert!(config.lines().any(|l| l == want), "{want} missing");
+    }
+    assert!(
+        err.contains("kconfig: generated .config;") && err.contains("options of mkt's fragment"),
+        "{err}"
+    );
+    let meta = std::fs::metadata(tree.join(".config")).unwrap();
+    assert_eq!(meta.uid(), uid_of(user));
+}
+
+/// (d) The namespace through the library, as the current user: own uid
+/// mapped to itself, a PID 1, the rootfs visible and read-only, entry in
+/// milliseconds.
+#[test]
+fn library_enters_the_rootfs_as_the_caller() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    use mkt::ns::{Layout, Mount, Output as NsOut, Spec, What};
+    let staging = tempfile::tempdir().unwrap();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let spec = Spec {
+        layout: Layout {
+            rootfs: rootfs.clone(),
+            staging: staging.path().to_path_buf(),
+            mounts: vec![
+                Mount::new("/proc", What::Proc),
+                Mount::new("/dev", What::Dev),
+                Mount::new("/tmp", What::Tmpfs),
+            ],
+        },
+        hostname: "mkt-test".into(),
+        cwd: "/".into(),
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "id -u; cat /proc/self/uid_map; hostname; cat /proc/1/status | grep ^Pid; ls /; \
+             touch /usr/mkt-x 2>/dev/null && echo WRITABLE; echo ok > /tmp/x && cat /tmp/x"
+                .into(),
+        ],
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+    };
+    let before = digest(&rootfs);
+    let fd: std::os::fd::OwnedFd = out.reopen().unwrap().into();
+    let exit = mkt::ns::run(&spec, &mkt::ns::HostFs, NsOut::To(&fd)).unwrap();
+    let got = std::fs::read_to_string(out.path()).unwrap();
+    assert_eq!(exit.status, 0, "{got}");
+    let uid = nix::unistd::getuid().as_raw();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines[0], uid.to_string(), "{got}");
+    let map: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(map, [uid.to_string(), uid.to_string(), "1".into()], "{got}");
+    assert_eq!(lines[2], "mkt-test");
+    assert!(lines[3].starts_with("Pid:\t1"), "{got}");
+    for top in ["usr", "etc", "bin"] {
+        assert!(lines.contains(&top), "{top} not in / : {got}");
+    }
+    assert!(!got.contains("WRITABLE"), "the rootfs is writable: {got}");
+    assert!(got.ends_with("ok\n"), "{got}");
+    assert!(!rootfs.join("usr/mkt-x").exists());
+    assert_eq!(digest(&rootfs), before, "the stored rootfs changed");
+    // A failed mount is reported by name, with the errno as its cause.
+    let mut bad = spec.clone();
+    bad.layout
+        .mounts
+        .push(Mount::bind("/nonexistent-mkt", "/tmp/x", true));
+    let e = mkt::ns::run(&bad, &mkt::ns::HostFs, NsOut::To(&fd)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("failed at: bind /nonexistent-mkt on "),
+        "{e}"
+    );
+    assert!(std::error::Error::source(&e).is_some());
+    // A missing program is an error naming it, not a silent 127.
+    let mut missing = spec.clone();
+    missing.argv = vec!["no-such-program".into()];
+    let e = mkt::ns::run(&missing, &mkt::ns::HostFs, NsOut::To(&fd)).unwrap_err();
+    assert!(matches!(e, mkt::ns::NsError::Exec { .. }), "{e:?}");
+    assert!(e.to_string().contains("no-such-program"), "{e}");
+    eprintln!("entered in {:?}", exit.enter);
+    assert!(
+        exit.enter.as_millis() < 1000,
+        "entering took {:?}",
+        exit.enter
+    );
+}
+
+/// (d) The same through the binary as the unprivileged user: `--shell --
+/// -c CMD` runs in the build environment, with a passwd entry and the home.
+#[test]
+fn shell_runs_as_the_user_with_a_passwd_entry() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let passwd_before = std::fs::read(rootfs.join("etc/passwd")).unwrap();
+    let o = build_as(
+        user,
+        home.path(),
+        home.path(),
+        &[
+            "--shell",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--",
+            "-c",
+            "id -u; whoami; pwd; echo $HOME; cat /proc/1/status | grep ^Pid",
+        ],
+    );
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", text(&o.stderr));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], uid_of(user).to_string());
+    let name = user.map_or_else(
+        || {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .unwrap()
+                .unwrap()
+                .name
+        },
+        |u| u.name.clone(),
+    );
+    assert_eq!(lines[1], name);
+    // The cwd is a read-write bind (the "source tree"), the same path.
+    assert_eq!(lines[2], home.path().to_str().unwrap());
+    assert_eq!(lines[3], home.path().to_str().unwrap());
+    assert!(lines[4].starts_with("Pid:\t1"), "{out}");
+    assert_eq!(
+        std::fs::read(rootfs.join("etc/passwd")).unwrap(),
+        passwd_before
+    );
+    // The shell's exit status is mkt's.
+    let o = build_as(
+        user,
+        home.path(),
+        home.path(),
+        &[
+            "--shell",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--",
+            "-c",
+            "exit 7",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(7));
+}
+
+/// (b) A directory that is no project: the message says what was looked
+/// for; exit 1. Needs no fixture.
+#[test]
+fn an_empty_directory_is_not_a_project() {
+    let home = common::temp_home(None);
+    let empty = tempfile::tempdir().unwrap();
+    let o = build_as(
+        None,
+        home.path(),
+        empty.path(),
+        &["--rootfs", "/nonexistent"],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no project found in"), "{err}");
+    for what in ["Linux kernel", "rdma-core", "iproute2", "QEMU", "Kbuild"] {
+        assert!(err.contains(what), "{what} not named: {err}");
+    }
+    // A named project that the directory is not.
+    let o = build_as(
+        None,
+        home.path(),
+        empty.path(),
+        &["qemu", "-C", "/nonexistent"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("/nonexistent"));
+}
+
+fn write_exec(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// (b) An iproute2-like tree is recognised and built with its steps
+/// (configure once, then make) inside the rootfs.
+#[test]
+fn an_iproute2_like_tree_is_configured_and_built() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let tree = user_dir(user, "mkt-iproute2-");
+    let t = tree.path();
+    std::fs::create_dir(t.join("ip")).unwrap();
+    write_exec(
+        &t.join("configure"),
+        "#!/bin/sh\necho \"configured=$(id -u)\" > config.mk\n",
+    );
+    std::fs::write(
+        t.join("Makefile"),
+        "all:\n\techo \"built $(MAKEFLAGS) $(CC) $(EXTRA)\" > ip/ip.out\n",
+    )
+    .unwrap();
+    if let Some(u) = user {
+        sh_as(
+            None,
+            &format!("chown -R {}:{} {}", u.uid, u.gid, t.display()),
+        );
+    }
+    let r = rootfs.to_str().unwrap();
+    let o = build_as(
+        user,
+        home.path(),
+        t,
+        &["iproute2", "--rootfs", r, "--", "EXTRA=x"],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("built iproute2"), "{err}");
+    let uid = uid_of(user);
+    assert_eq!(
+        std::fs::read_to_string(t.join("config.mk")).unwrap(),
+        format!("configured={uid}\n")
+    );
+    let out = std::fs::read_to_string(t.join("ip/ip.out")).unwrap();
+    assert!(out.contains("ccache gcc") && out.contains(" x"), "{out}");
+    assert_eq!(std::fs::metadata(t.join("ip/ip.out")).unwrap().uid(), uid);
+    // Naming another project than the tree is an error.
+    let o = build_as(user, home.path(), t, &["qemu", "--rootfs", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("is not a qemu tree"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+/// (e) The mount plan for the real fixture rootfs: a home missing from the
+/// tree shadows /home, and nothing is ever mounted read-write from it.
+#[test]
+fn mount_plan_on_the_fixture_rootfs() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    use mkt::ns::{Layout, Mount, Op};
+    let layout = Layout {
+        rootfs: rootfs.clone(),
+        staging: "/stage".into(),
+        mounts: vec![
+            Mount::bind("/home/nobody-here", "/home/nobody-here", true),
+            Mount::bind("/home/nobody-here/src", "/home/nobody-here/src", false),
+        ],
+    };
+    let ops = mkt::ns::plan(&layout, &mkt::ns::HostFs);
+    assert!(ops.contains(&Op::Tmpfs {
+        dst: "/stage/home".into()
+    }));
+    assert!(ops.contains(&Op::Mkdir {
+        path: "/stage/home/nobody-here".into()
+    }));
+    for op in &ops {
+        if let Op::Bind { src, ro, .. } = op
+            && src.starts_with(&rootfs)
+        {
+            assert!(ro, "{op}");
+        }
+    }
+}
+
+/// A custom project: --recipe runs the script in the tree with MKT_JOBS and
+/// the make args as "$@"; `custom` without a recipe is an error.
+#[test]
+fn a_recipe_runs_in_the_tree_as_the_user() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let tree = user_dir(user, "mkt-recipe-");
+    let t = tree.path();
+    let recipe = t.join("recipe.sh");
+    std::fs::write(
+        &recipe,
+        "echo \"jobs=$MKT_JOBS uid=$(id -u) cc=$CC args=$*\" > out.txt\n",
+    )
+    .unwrap();
+    let r = rootfs.to_str().unwrap();
+    let rec = recipe.to_str().unwrap();
+    let o = build_as(
+        user,
+        home.path(),
+        t,
+        &["--recipe", rec, "--rootfs", r, "--", "a", "b"],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("built custom (recipe "), "{err}");
+    let out = std::fs::read_to_string(t.join("out.txt")).unwrap();
+    let uid = uid_of(user);
+    assert!(out.starts_with("jobs="), "{out}");
+    assert!(
+        out.contains(&format!(" uid={uid} cc=ccache gcc args=a b")),
+        "{out}"
+    );
+    assert_eq!(std::fs::metadata(t.join("out.txt")).unwrap().uid(), uid);
+    // A failing recipe is a failed build.
+    std::fs::write(&recipe, "echo 'recipe: error: broken'\nfalse\necho never\n").unwrap();
+    let o = build_as(user, home.path(), t, &["--recipe", rec, "--rootfs", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("recipe: error: broken"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = build_as(user, home.path(), t, &["custom", "--rootfs", r]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("needs --recipe"),
+        "{}",
+        text(&o.stderr)
+    );
+}
