@@ -142,6 +142,21 @@ fn one_file_rebuild_as_the_user_then_a_compile_error() {
     assert!(foreign.is_empty(), "not owned by {uid}: {foreign:?}");
     assert_eq!(digest(&rootfs), before, "the stored rootfs changed");
 
+    // The rebuilt module loads in a guest booted from the rebuilt tree.
+    let o = common::mkt_as(user, home.path())
+        .args(["run", "--rootfs", r, "--kernel"])
+        .arg(&tree)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "sudo modprobe dummy && grep -c '^dummy ' /proc/modules && \
+             grep -c mkt-build-marker-1 /lib/modules/$(uname -r)/kernel/drivers/net/dummy.ko",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&o.stdout), "1\n1\n", "{}", text(&o.stderr));
+
     // --with-kernel-headers: user space sees this tree's uapi headers (a
     // new one here) in /usr/include, for that run only.
     sh_as(
