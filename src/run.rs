@@ -696,6 +696,13 @@ pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| io_err("cannot create the ssh key directory", e))?;
+    // Two runs starting at once must not both generate (or read half of)
+    // the keys: serialise on a lock file.
+    let lock_path = dir.join("lock");
+    let lock_file =
+        std::fs::File::create(&lock_path).map_err(|e| io_err("cannot create the lock", e))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io_err("cannot lock", e.into()))?;
     let keygen = host::which("ssh-keygen").ok_or_else(|| {
         RunError::Io(
             "ssh-keygen not found (install openssh-client)".into(),

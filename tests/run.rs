@@ -273,6 +273,61 @@ fn two_runs_at_once_both_succeed() {
 }
 
 #[test]
+fn two_interactive_runs_at_once_get_different_ssh_ports() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let spawn = || {
+        let mut c = common::mkt(home.path());
+        c.arg("run").args(fx.args(&["--init", "shell"]));
+        c.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let port_of = |vm: &mut std::process::Child| -> u16 {
+        use std::io::BufRead;
+        let mut err = std::io::BufReader::new(vm.stderr.take().unwrap());
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 {
+            if let Some(rest) = line.split("ssh on 127.0.0.1:").nth(1) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no ssh line: {line}");
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    let (pa, pb) = (port_of(&mut a), port_of(&mut b));
+    assert_ne!(pa, pb);
+    let ps = common::mkt(home.path())
+        .args(["ps", "--json"])
+        .output()
+        .unwrap();
+    let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let mut ports: Vec<u64> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ssh_port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    let mut want = vec![u64::from(pa), u64::from(pb)];
+    want.sort();
+    assert_eq!(ports, want, "{ps}");
+    let o = common::mkt(home.path())
+        .args(["stop", "--all", "--force"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    a.wait().unwrap();
+    b.wait().unwrap();
+    let left: Vec<_> = std::fs::read_dir(home.path().join("run/mkt/runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn bad_inputs_name_the_flag_or_value() {
     let home = common::temp_home(None);
     let o = run_as(
