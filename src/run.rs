@@ -1455,6 +1455,22 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     if !prepared.exec {
         return Ok(if status.success() { 0 } else { 1 });
     }
+    let log = match &prepared.spec.console {
+        Console::Log(p) => p.clone(),
+        Console::Interactive => PathBuf::new(),
+    };
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    // A failing boot script is reported, not left for the log to hide.
+    if let Some(line) = console
+        .lines()
+        .find(|l| l.contains("mkt-init: boot script") && l.contains("FAILED"))
+    {
+        eprintln!(
+            "mkt: warning: {} (console log: {})",
+            line.trim_start_matches("mkt-init: "),
+            log.display()
+        );
+    }
     if let Some(code) = exit_line
         .lines()
         .find_map(|l| l.strip_prefix("EXIT "))
@@ -1462,11 +1478,6 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     {
         return Ok(code);
     }
-    let log = match &prepared.spec.console {
-        Console::Log(p) => p.clone(),
-        Console::Interactive => PathBuf::new(),
-    };
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
     let qemu_desc = if qemu_stderr.trim().is_empty() {
         format!("QEMU {status}")
     } else {

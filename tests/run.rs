@@ -739,6 +739,15 @@ fn boot_script_output_lands_in_the_run_log_and_failures_are_reported() {
         );
         if want == "boot script: ok" {
             assert!(log.contains("boot-script-ran-as "), "{log}");
+            assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
+        } else {
+            // Reported on stderr too, with the log's path.
+            let err = text(&o.stderr);
+            assert!(
+                err.contains("mkt: warning: boot script") && err.contains("FAILED"),
+                "{err}"
+            );
+            assert!(err.contains(&newest.display().to_string()), "{err}");
         }
     }
     // Checked before boot: not executable.
