@@ -349,24 +349,18 @@ pub fn error_lines(log: &str) -> Vec<&str> {
 fn timestamp() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    // "YYYY-mm-ddTHH:MM:SSZ" -> "YYYYmmdd-HHMMSS"
+    let t = crate::rootfs::rfc3339(secs);
     format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
+        "{}{}{}-{}{}{}",
+        &t[0..4],
+        &t[5..7],
+        &t[8..10],
+        &t[11..13],
+        &t[14..16],
+        &t[17..19]
     )
 }
 
@@ -410,25 +404,15 @@ fn prepare_env(
     rootfs: PathBuf,
     src: PathBuf,
 ) -> Result<Env, BuildError> {
-    let uid = nix::unistd::getuid();
-    let gid = nix::unistd::getgid();
-    let user = nix::unistd::User::from_uid(uid).ok().flatten();
-    let name = user
-        .as_ref()
-        .map(|u| u.name.clone())
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| format!("u{uid}"));
-    let group = nix::unistd::Group::from_gid(gid)
-        .ok()
-        .flatten()
-        .map(|g| g.name)
-        .unwrap_or_else(|| name.clone());
-    let home = paths.home.clone();
-    let shell = ["/bin/bash", "/bin/sh"]
+    // The same user `mkt run` recreates in guests, with the home mkt uses.
+    let mut user = crate::run::host_user();
+    user.home = paths.home.clone();
+    user.shell = ["/bin/bash", "/bin/sh"]
         .into_iter()
         .find(|s| rootfs.join(&s[1..]).exists())
         .unwrap_or("/bin/sh")
         .to_string();
+    let (name, home, shell) = (user.name.clone(), user.home.clone(), user.shell.clone());
 
     let work = tempfile::Builder::new()
         .prefix("mkt-build-")
@@ -445,15 +429,6 @@ fn prepare_env(
         Ok(p)
     };
     let base = |n: &str| fs::read_to_string(rootfs.join("etc").join(n)).unwrap_or_default();
-    // The same user entries `mkt run` gives the guest.
-    let user = crate::guest::GuestUser {
-        name: name.clone(),
-        uid: uid.as_raw(),
-        gid: gid.as_raw(),
-        group: group.clone(),
-        home: home.clone(),
-        shell: shell.clone(),
-    };
     let passwd = write(
         "passwd",
         &crate::guest::passwd_with_user(&base("passwd"), &user),

@@ -303,7 +303,8 @@ pub fn free_port() -> io::Result<u16> {
         .port())
 }
 
-fn host_user() -> GuestUser {
+/// The invoking user as guests and builds recreate it.
+pub fn host_user() -> GuestUser {
     let uid = nix::unistd::getuid();
     let gid = nix::unistd::getgid();
     let pw = nix::unistd::User::from_uid(uid).ok().flatten();
