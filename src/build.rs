@@ -493,6 +493,7 @@ fn prepare_env(
             rootfs: rootfs.clone(),
             staging,
             mounts,
+            writable: false,
         },
         rootfs,
         src,
@@ -565,6 +566,7 @@ impl Env {
             cwd: self.src.clone(),
             argv: argv.iter().map(OsString::from).collect(),
             env: self.env.clone(),
+            ids: ns::Ids::Own,
         }
     }
 
@@ -654,7 +656,7 @@ fn newer(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn open_log(dir: &Path, project: &str) -> Result<(PathBuf, fs::File), BuildError> {
+pub(crate) fn open_log(dir: &Path, project: &str) -> Result<(PathBuf, fs::File), BuildError> {
     fs::create_dir_all(dir).map_err(|e| BuildError::Create(dir.into(), e))?;
     let ts = timestamp();
     for n in 0.. {

@@ -200,6 +200,7 @@ pub struct Ctx {
     pub paths: Paths,
     pub config: Config,
     pub quiet: bool,
+    pub verbose: bool,
 }
 
 fn load_context(global: &Global) -> Result<Ctx> {
@@ -216,6 +217,7 @@ fn load_context(global: &Global) -> Result<Ctx> {
         paths,
         config,
         quiet: global.quiet,
+        verbose: global.verbose > 0,
     })
 }
 
@@ -484,6 +486,42 @@ pub enum RootfsCommand {
         /// The tree's name, as `mkt rootfs list` shows it.
         name: String,
     },
+    /// Build a tree from a recipe (rootfs-recipes/NAME.toml, shipped with
+    /// mkt; your own in ~/.config/mkt/recipes/; or a path): base, packages,
+    /// files, setup commands; real owners kept with your subordinate ids.
+    Build(RootfsBuildArgs),
+    /// Print the tree's directory.
+    Path {
+        /// The tree's name.
+        name: String,
+    },
+    /// A shell (or `-- CMD`) inside the tree, as its root, for a look:
+    /// read-only unless --rw.
+    Shell {
+        /// The tree's name.
+        name: String,
+        /// Let changes reach the stored tree (e.g. `apt install`).
+        #[arg(long)]
+        rw: bool,
+        /// The command to run instead of a login shell.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Drop cached blobs and recipe bases that no stored tree needs.
+    Gc,
+}
+
+#[derive(Debug, Args)]
+pub struct RootfsBuildArgs {
+    /// The recipe: a shipped name (debian-bookworm, ubuntu-24.04, fc30,
+    /// fc41), one of yours, or a path to a .toml file.
+    pub recipe: String,
+    /// Name of the tree in the store [default: the recipe's].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace an existing tree of the same name (atomically).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

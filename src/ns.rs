@@ -137,6 +137,9 @@ pub struct Layout {
     /// rootfs so that shadowing never hides a bind source.
     pub staging: PathBuf,
     pub mounts: Vec<Mount>,
+    /// Bind the tree read-write (recipe steps, `mkt rootfs shell --rw`);
+    /// builds only ever see it read-only.
+    pub writable: bool,
 }
 
 /// The host devices a build may use, bound into the private /dev.
@@ -235,7 +238,7 @@ pub fn plan(layout: &Layout, view: &dyn TreeView) -> Vec<Op> {
             Op::Bind {
                 src: layout.rootfs.clone(),
                 dst: layout.staging.clone(),
-                ro: true,
+                ro: !layout.writable,
             },
         ],
     };
@@ -453,6 +456,11 @@ pub enum NsError {
     },
     #[error("the namespace's init ended without reporting (status {0})")]
     Vanished(i32),
+    #[error("{helper} failed to map the subordinate ids: {detail}")]
+    MapHelper {
+        helper: &'static str,
+        detail: String,
+    },
 }
 
 /// A command to run inside a [`Layout`].
@@ -466,6 +474,251 @@ pub struct Spec {
     pub argv: Vec<OsString>,
     /// The whole environment of the command.
     pub env: Vec<(OsString, OsString)>,
+    /// Whose ids exist inside.
+    pub ids: Ids,
+}
+
+/// The user namespace's id maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ids {
+    /// Only the caller's own uid/gid, mapped to themselves: every file the
+    /// command writes belongs to the caller (builds).
+    Own,
+    /// The caller is uid/gid 0 inside and its subordinate ranges are 1..:
+    /// a package manager can chown (recipe steps as a normal user).
+    /// Written by the setuid newuidmap/newgidmap helpers.
+    Mapped {
+        uids: Vec<IdRange>,
+        gids: Vec<IdRange>,
+    },
+    /// No user namespace: the host's ids (the caller is root).
+    Host,
+}
+
+/// One line of a uid_map/gid_map: `inside outside count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
+}
+
+/// Why the caller cannot own a tree's ids.
+#[derive(Debug, thiserror::Error)]
+pub enum IdsError {
+    #[error(
+        "{user} has no subordinate {kind} range in {file}, which a rootless package install needs \
+         (to chown files to the image's users); ask an admin to run: \
+         sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+    )]
+    NoRange {
+        user: String,
+        kind: &'static str,
+        file: &'static str,
+    },
+    #[error("{0} not found: install it (Debian: uidmap, Fedora: shadow-utils)")]
+    NoHelper(&'static str),
+}
+
+impl Ids {
+    /// The ids a tree needs its owners kept with: the host's for root, else
+    /// 0 = the caller plus the caller's first subordinate range as 1...
+    pub fn for_owners() -> Result<Ids, IdsError> {
+        let uid = nix::unistd::geteuid();
+        if uid.is_root() {
+            return Ok(Ids::Host);
+        }
+        let gid = nix::unistd::getegid().as_raw();
+        let user = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| uid.to_string());
+        let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+        let range = |file: &'static str, kind: &'static str| {
+            crate::host::probe::subid_ranges(&read(file), &user, uid.as_raw())
+                .into_iter()
+                .find(|(_, c)| *c >= 1)
+                .map(|(s, c)| (s as u32, c.min(u32::MAX as u64 - 1) as u32))
+                .ok_or_else(|| IdsError::NoRange {
+                    user: user.clone(),
+                    kind,
+                    file,
+                })
+        };
+        let (us, uc) = range("/etc/subuid", "uid")?;
+        let (gs, gc) = range("/etc/subgid", "gid")?;
+        for h in ["newuidmap", "newgidmap"] {
+            if crate::host::probe::find_program(h).is_none() {
+                return Err(IdsError::NoHelper(h));
+            }
+        }
+        let map = |own: u32, start: u32, count: u32| {
+            vec![
+                IdRange {
+                    inside: 0,
+                    outside: own,
+                    count: 1,
+                },
+                IdRange {
+                    inside: 1,
+                    outside: start,
+                    count,
+                },
+            ]
+        };
+        Ok(Ids::Mapped {
+            uids: map(uid.as_raw(), us, uc),
+            gids: map(gid, gs, gc),
+        })
+    }
+
+    /// The host uid that `inside` is, under this mapping.
+    pub fn host_uid(&self, inside: u32) -> Option<u32> {
+        match self {
+            Ids::Host => Some(inside),
+            Ids::Own => None,
+            Ids::Mapped { uids, .. } => outside(uids, inside),
+        }
+    }
+}
+
+fn outside(map: &[IdRange], inside: u32) -> Option<u32> {
+    map.iter()
+        .find(|r| inside >= r.inside && inside - r.inside < r.count)
+        .map(|r| r.outside + (inside - r.inside))
+}
+
+/// Runs newuidmap/newgidmap for `pid` (which has just unshared its user
+/// namespace); the setuid helpers check the ranges against /etc/sub[ug]id.
+fn write_maps(pid: Pid, uids: &[IdRange], gids: &[IdRange]) -> Result<(), NsError> {
+    for (helper, map) in [("newuidmap", uids), ("newgidmap", gids)] {
+        let mut cmd = std::process::Command::new(helper);
+        cmd.arg(pid.to_string());
+        for r in map {
+            cmd.args([
+                r.inside.to_string(),
+                r.outside.to_string(),
+                r.count.to_string(),
+            ]);
+        }
+        let out = cmd.output().map_err(|e| NsError::MapHelper {
+            helper,
+            detail: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(NsError::MapHelper {
+                helper,
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `argv` (a host program, looked up in PATH) in a new user namespace
+/// with `ids` mapped, as uid 0 there, and returns its exit status. No other
+/// namespace and no pivot: for host tools that must chown into a tree
+/// (`tar -x`, `rm -r`, virtiofsd). With [`Ids::Host`] it runs directly.
+pub fn run_mapped(argv: &[OsString], ids: &Ids, out: Option<i32>) -> Result<i32, NsError> {
+    let child = spawn_mapped(argv, ids, &[], out)?;
+    let _ignore = IgnoreSignals::new();
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(NsError::Wait(e)),
+        }
+    }
+}
+
+/// Starts `argv` as [`run_mapped`] does and returns its pid at once; it
+/// dies with mkt (PDEATHSIG). `keep_fds` stay open in it; `out`, when
+/// given, becomes its stdout and stderr (stdin /dev/null).
+pub fn spawn_mapped(
+    argv: &[OsString],
+    ids: &Ids,
+    keep_fds: &[i32],
+    out: Option<i32>,
+) -> Result<Pid, NsError> {
+    let argv_c: Vec<CString> = argv.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let prog = argv.first().cloned().unwrap_or_default();
+    let candidates: Vec<CString> = if prog.as_bytes().contains(&b'/') {
+        vec![cstr(&prog)?]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|d| cstr(d.join(&prog).as_os_str()))
+            .collect::<Result<_, _>>()?
+    };
+    let userns = matches!(ids, Ids::Mapped { .. });
+    let (ready_rd, ready_wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    // SAFETY: the child only makes system calls on data prepared above, then
+    // execs or _exits.
+    match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
+        ForkResult::Child => {
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            reset_signals();
+            for fd in keep_fds {
+                // SAFETY: clearing close-on-exec on an fd the caller passed.
+                unsafe { libc::fcntl(*fd, libc::F_SETFD, 0) };
+            }
+            if let Some(out) = out {
+                // SAFETY: plain fd juggling on descriptors this process owns.
+                unsafe {
+                    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                    libc::dup2(null, 0);
+                    libc::dup2(out, 1);
+                    libc::dup2(out, 2);
+                }
+            }
+            if userns {
+                if nix::sched::unshare(CloneFlags::CLONE_NEWUSER).is_err() {
+                    // SAFETY: see above.
+                    unsafe { libc::_exit(126) }
+                }
+                let _ = nix::unistd::write(&ready_wr, b"u");
+                let mut b = [0u8; 1];
+                if nix::unistd::read(&go_rd, &mut b) != Ok(1) {
+                    // SAFETY: see above.
+                    unsafe { libc::_exit(126) }
+                }
+            }
+            for prog in &candidates {
+                // SAFETY: NULL-terminated argv of live CStrings; the
+                // environment is the caller's.
+                unsafe { libc::execv(prog.as_ptr(), argv_p.as_ptr()) };
+            }
+            // SAFETY: see above.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            drop(ready_wr);
+            drop(go_rd);
+            if let Ids::Mapped { uids, gids } = ids {
+                let mut b = [0u8; 1];
+                if nix::unistd::read(&ready_rd, &mut b) != Ok(1) {
+                    let _ = waitpid(child, None);
+                    return Err(NsError::Setup {
+                        step: "unshare(user) for the mapped namespace".into(),
+                        source: Errno::EPERM,
+                    });
+                }
+                if let Err(e) = write_maps(child, uids, gids) {
+                    drop(go_wr);
+                    let _ = waitpid(child, None);
+                    return Err(e);
+                }
+                let _ = nix::unistd::write(&go_wr, b"g");
+            }
+            Ok(child)
+        }
+    }
 }
 
 /// Where the command's output goes.
@@ -503,6 +756,7 @@ const MSG_ERR: u32 = 1;
 /// only make system calls.
 struct Prepared {
     ops: Vec<(Op, PreparedOp)>,
+    ids: Ids,
     uid_map: Vec<u8>,
     gid_map: Vec<u8>,
     hostname: OsString,
@@ -566,6 +820,7 @@ fn prepare(spec: &Spec, ops: Vec<Op>) -> Result<Prepared, NsError> {
     };
     Ok(Prepared {
         ops,
+        ids: spec.ids.clone(),
         uid_map: format!("{uid} {uid} 1\n").into_bytes(),
         gid_map: format!("{gid} {gid} 1\n").into_bytes(),
         hostname: spec.hostname.clone().into(),
@@ -608,6 +863,12 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
         Output::Inherit => None,
         Output::To(fd) => Some(fd.as_raw_fd()),
     };
+    // For Ids::Mapped: C1 says "unshared" on `ready`, mkt runs the map
+    // helpers on it and says "go".
+    let (ready_rd, ready_wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    let sync = (ready_wr.as_raw_fd(), go_rd.as_raw_fd());
     let t0 = now_ns();
     // SAFETY: the child only makes system calls on data prepared above
     // (glibc's fork also keeps malloc usable in the child), then exits with
@@ -615,7 +876,7 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
     let c1 = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
             drop(rd);
-            let code = child1(&prep, wr.as_raw_fd(), out_fd);
+            let code = child1(&prep, wr.as_raw_fd(), out_fd, sync);
             // SAFETY: _exit skips atexit handlers and destructors that belong
             // to the parent's copy of the process state.
             unsafe { libc::_exit(code) }
@@ -623,6 +884,22 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
         ForkResult::Parent { child } => child,
     };
     drop(wr);
+    drop(ready_wr);
+    drop(go_rd);
+    if let Ids::Mapped { uids, gids } = &prep.ids {
+        let mut b = [0u8; 1];
+        // No byte: C1 failed to unshare and reports it below.
+        if nix::unistd::read(&ready_rd, &mut b) == Ok(1) {
+            if let Err(e) = write_maps(c1, uids, gids) {
+                drop(go_wr);
+                let _ = waitpid(c1, None);
+                return Err(e);
+            }
+            let _ = nix::unistd::write(&go_wr, b"g");
+        }
+    }
+    drop(go_wr);
+    drop(ready_rd);
     // While the command runs, terminal signals are for it, not for mkt.
     let _ignore = IgnoreSignals::new();
     let read_msg = || {
@@ -772,28 +1049,48 @@ fn reset_signals() {
 }
 
 /// C1: new namespaces, own id maps, then the pid namespace's init.
-fn child1(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
+fn child1(p: &Prepared, fd: i32, out: Option<i32>, (ready, go): (i32, i32)) -> i32 {
     reset_signals();
     // Die with mkt: an orphaned build is never wanted.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    let flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWNS
+    let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC;
+    if p.ids != Ids::Host {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
     if let Err(e) = nix::sched::unshare(flags) {
         return fail(fd, STEP_UNSHARE, e);
     }
-    // An unprivileged process may map only its own ids, and only after
-    // giving up setgroups(2) (which could drop a group that denies access).
-    if let Err(e) = write_file("/proc/self/setgroups", b"deny") {
-        return fail(fd, STEP_SETGROUPS, e);
-    }
-    if let Err(e) = write_file("/proc/self/uid_map", &p.uid_map) {
-        return fail(fd, STEP_UID_MAP, e);
-    }
-    if let Err(e) = write_file("/proc/self/gid_map", &p.gid_map) {
-        return fail(fd, STEP_GID_MAP, e);
+    match p.ids {
+        Ids::Host => {}
+        Ids::Mapped { .. } => {
+            // SAFETY: one-byte reads and writes on pipes this process owns.
+            let ok = unsafe {
+                let b = [b'u'];
+                let mut g = [0u8];
+                libc::write(ready, b.as_ptr().cast(), 1) == 1
+                    && libc::read(go, g.as_mut_ptr().cast(), 1) == 1
+            };
+            if !ok {
+                return fail(fd, STEP_UID_MAP, Errno::EPERM);
+            }
+        }
+        Ids::Own => {
+            // An unprivileged process may map only its own ids, and only
+            // after giving up setgroups(2) (which could drop a group that
+            // denies access).
+            if let Err(e) = write_file("/proc/self/setgroups", b"deny") {
+                return fail(fd, STEP_SETGROUPS, e);
+            }
+            if let Err(e) = write_file("/proc/self/uid_map", &p.uid_map) {
+                return fail(fd, STEP_UID_MAP, e);
+            }
+            if let Err(e) = write_file("/proc/self/gid_map", &p.gid_map) {
+                return fail(fd, STEP_GID_MAP, e);
+            }
+        }
     }
     // unshare(CLONE_NEWPID) applies to children only: C2 is PID 1.
     // SAFETY: as for the first fork; C2 ends with _exit.
@@ -1167,6 +1464,7 @@ mod tests {
                     rootfs: "/r".into(),
                     staging: "/s".into(),
                     mounts,
+                    writable: false,
                 },
                 &view,
             );
@@ -1190,6 +1488,7 @@ mod tests {
                 rootfs: "/r".into(),
                 staging: "/s".into(),
                 mounts: vec![Mount::new("/dev", What::Dev)],
+                writable: false,
             },
             &Fake::new(&[("/r/dev", Kind::Dir)]),
         );

@@ -22,6 +22,12 @@ pub enum RunError {
     NoRootfs(String, PathBuf, String),
     #[error("no rootfs given: use --rootfs NAME|DIR, or set rootfs in the config")]
     NoRootfsGiven,
+    #[error("rootfs {0} is not built yet; run without --dry-run (or `mkt rootfs build {0}`) first")]
+    WouldBuild(String),
+    #[error("cannot build the rootfs")]
+    Rootfs(#[source] Box<crate::rootfs::RootfsError>),
+    #[error("cannot serve {} with its owners", .0.display())]
+    Owners(PathBuf, #[source] crate::ns::IdsError),
     #[error(
         "--kernel {0}: neither a built kernel tree (arch/x86/boot/bzImage) nor a kernel image file"
     )]
@@ -355,6 +361,9 @@ pub struct Prepared {
     pub exec: bool,
     /// The virtiofsd binary when shares go over virtiofs.
     pub virtiofsd: Option<PathBuf>,
+    /// The id map the root share's virtiofsd runs under (a tree with
+    /// subordinate-id owners), else the caller's own ids.
+    pub root_ids: Option<crate::ns::Ids>,
     pub user: String,
     pub rootfs: PathBuf,
 }
@@ -416,7 +425,56 @@ pub fn prepare(
         .clone()
         .or(setup.rootfs.clone())
         .or(config.defaults.rootfs.clone());
-    let rootfs = resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir)?;
+    let rootfs = match resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir) {
+        Ok(r) => r,
+        Err(e @ (RunError::NoRootfs(..) | RunError::NoRootfsGiven)) => {
+            // A recipe's name (or, with none given, the default recipe):
+            // build it on first use, as MKT pulled its image.
+            let name = rootfs_arg
+                .clone()
+                .unwrap_or_else(|| crate::rootfs::recipe::DEFAULT.to_string());
+            let user_dir = crate::rootfs::builder::user_recipes(paths);
+            if name.contains('/') || !crate::rootfs::recipe::exists(&name, &user_dir) {
+                return Err(e);
+            }
+            if opts.dry_run {
+                return Err(RunError::WouldBuild(name));
+            }
+            eprintln!(
+                "mkt: no rootfs {name} in {}: building it from its recipe (once; `mkt rootfs build {name}`)",
+                paths.rootfs_dir.display()
+            );
+            let b = crate::rootfs::builder::build(
+                paths,
+                &crate::rootfs::builder::BuildOptions {
+                    recipe: name,
+                    name: None,
+                    force: false,
+                    quiet: opts.quiet,
+                    verbose: opts.verbose,
+                },
+                &std::sync::atomic::AtomicBool::new(false),
+            )
+            .map_err(|e| RunError::Rootfs(Box::new(e)))?;
+            b.path
+        }
+        Err(e) => return Err(e),
+    };
+    // A tree whose owners are shifted by the user's subordinate ids is
+    // served from a user namespace with the same map, so the guest sees
+    // its real owners (root's files as root's, setuid sudo working).
+    let root_ids = match rootfs
+        .parent()
+        .filter(|p| *p == paths.rootfs_dir)
+        .and_then(|_| rootfs.file_name())
+        .and_then(|n| crate::rootfs::meta(paths, &n.to_string_lossy()))
+        .map(|m| m.owners)
+    {
+        Some(crate::rootfs::Owners::Mapped) if !nix::unistd::geteuid().is_root() => {
+            Some(crate::ns::Ids::for_owners().map_err(|e| RunError::Owners(rootfs.clone(), e))?)
+        }
+        _ => None,
+    };
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let kernel_arg = opts
         .kernel
@@ -455,7 +513,16 @@ pub fn prepare(
     let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
     let fs = match opts.fs.as_deref() {
         Some("virtiofs") => GFs::Virtiofs,
-        Some("9p") => GFs::NineP,
+        Some("9p") => {
+            if root_ids.is_some() {
+                tracing::warn!(
+                    "9p shows {} with host ids (your subordinate ids), not its real owners; virtiofs shows them",
+                    rootfs.display()
+                );
+            }
+            GFs::NineP
+        }
+        _ if root_ids.is_some() && have_virtiofsd => GFs::Virtiofs,
         // Both boot equally fast; virtiofs is ~1.8x faster on file-heavy
         // work (docs/run.md, BENCHMARKS), so it is the default when it can be.
         _ if have_virtiofsd && kernel_has(&kernel, Guestfs::Virtiofs) => GFs::Virtiofs,
@@ -671,6 +738,7 @@ pub fn prepare(
         accel_note,
         exec,
         virtiofsd,
+        root_ids: if fs == GFs::Virtiofs { root_ids } else { None },
         user: input.user.name.clone(),
         rootfs,
     })
@@ -1216,13 +1284,17 @@ fn unblock(sockets: &[PathBuf]) {
 }
 
 /// Helper processes that must not outlive the run.
-struct Daemons(Vec<Child>);
+struct Daemons(Vec<Child>, Vec<nix::unistd::Pid>);
 
 impl Drop for Daemons {
     fn drop(&mut self) {
         for c in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for pid in &self.1 {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(*pid, None);
         }
     }
 }
@@ -1253,14 +1325,51 @@ pub fn virtiofsd_args(share: &Share) -> Vec<String> {
     a
 }
 
-fn start_virtiofsd(bin: &Path, shares: &[Share], run_dir: &Path) -> Result<Daemons, RunError> {
-    let mut daemons = Daemons(Vec::new());
+fn start_virtiofsd(
+    bin: &Path,
+    shares: &[Share],
+    run_dir: &Path,
+    root_ids: Option<&crate::ns::Ids>,
+) -> Result<Daemons, RunError> {
+    let mut daemons = Daemons(Vec::new(), Vec::new());
     for share in shares {
         let FsKind::Virtiofs { socket } = &share.kind else {
             continue;
         };
         let log = run_dir.join(format!("virtiofsd-{}.log", share.tag));
         let log_file = std::fs::File::create(&log).map_err(|e| RunError::Write(log.clone(), e))?;
+        if let (Some(ids), "root") = (root_ids, share.tag.as_str()) {
+            use std::os::fd::AsRawFd;
+            let argv: Vec<std::ffi::OsString> = std::iter::once(bin.as_os_str().to_owned())
+                .chain(virtiofsd_args(share).into_iter().map(Into::into))
+                .collect();
+            let pid = crate::ns::spawn_mapped(&argv, ids, &[], Some(log_file.as_raw_fd()))
+                .map_err(|e| RunError::Virtiofsd(share.path.clone(), e.to_string()))?;
+            daemons.1.push(pid);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !socket.exists() {
+                if let Ok(
+                    nix::sys::wait::WaitStatus::Exited(..)
+                    | nix::sys::wait::WaitStatus::Signaled(..),
+                ) = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+                {
+                    daemons.1.pop();
+                    let err = std::fs::read_to_string(&log).unwrap_or_default();
+                    return Err(RunError::Virtiofsd(
+                        share.path.clone(),
+                        err.trim().to_string(),
+                    ));
+                }
+                if Instant::now() > deadline {
+                    return Err(RunError::Virtiofsd(
+                        share.path.clone(),
+                        "no socket after 10 s".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            continue;
+        }
         let mut cmd = Command::new(bin);
         cmd.args(virtiofsd_args(share))
             .stdin(Stdio::null())
@@ -1389,8 +1498,13 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         relays.push((port.name.clone(), l));
     }
     let _daemons = match &prepared.virtiofsd {
-        Some(bin) => start_virtiofsd(bin, &prepared.spec.shares, run_dir.path())?,
-        None => Daemons(Vec::new()),
+        Some(bin) => start_virtiofsd(
+            bin,
+            &prepared.spec.shares,
+            run_dir.path(),
+            prepared.root_ids.as_ref(),
+        )?,
+        None => Daemons(Vec::new(), Vec::new()),
     };
     let started = Instant::now();
     let mut child = spawn_qemu(&argv, prepared.exec)?;

@@ -275,6 +275,7 @@ fn library_enters_the_rootfs_as_the_caller() {
                 Mount::new("/dev", What::Dev),
                 Mount::new("/tmp", What::Tmpfs),
             ],
+            writable: false,
         },
         hostname: "mkt-test".into(),
         cwd: "/".into(),
@@ -286,6 +287,7 @@ fn library_enters_the_rootfs_as_the_caller() {
                 .into(),
         ],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        ids: mkt::ns::Ids::Own,
     };
     let before = digest(&rootfs);
     let fd: std::os::fd::OwnedFd = out.reopen().unwrap().into();
@@ -505,6 +507,7 @@ fn mount_plan_on_the_fixture_rootfs() {
             Mount::bind("/home/nobody-here", "/home/nobody-here", true),
             Mount::bind("/home/nobody-here/src", "/home/nobody-here/src", false),
         ],
+        writable: false,
     };
     let ops = mkt::ns::plan(&layout, &mkt::ns::HostFs);
     assert!(ops.contains(&Op::Tmpfs {

@@ -6,6 +6,9 @@
 //! shows up as a tree. Temp dirs of dead processes (killed mid-pull) are
 //! swept by the next pull, list or rm.
 
+pub mod builder;
+pub mod recipe;
+
 use crate::config::Paths;
 use crate::oci::manifest::{self, ImageConfig, Manifest, Platform};
 use crate::oci::{self, BlobStore, OciError, Reference, Registry, auth};
@@ -62,6 +65,38 @@ pub enum RootfsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Recipe(#[from] recipe::RecipeError),
+    #[error("cannot build rootfs {name} as this user")]
+    Owners {
+        name: String,
+        #[source]
+        source: crate::ns::IdsError,
+    },
+    #[error("cannot open the build log")]
+    Log(#[source] Box<crate::build::BuildError>),
+    #[error("{program} is not installed (Debian/Ubuntu: apt install {package})")]
+    Missing {
+        program: &'static str,
+        package: &'static str,
+    },
+    #[error("cannot enter the tree of rootfs {name}")]
+    Enter {
+        name: String,
+        #[source]
+        source: crate::ns::NsError,
+    },
+    #[error(
+        "building rootfs {name} failed: {step} exited with status {status}; nothing was stored\n  {tail}\nlog: {}",
+        .log.display()
+    )]
+    Step {
+        name: String,
+        step: String,
+        status: i32,
+        tail: String,
+        log: PathBuf,
+    },
     #[error("cannot write rootfs metadata {}", .path.display())]
     Meta {
         path: PathBuf,
@@ -70,7 +105,10 @@ pub enum RootfsError {
     },
 }
 
-fn store_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
+pub(crate) fn store_err(
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> RootfsError {
     let path = path.to_path_buf();
     move |source| RootfsError::Store { op, path, source }
 }
@@ -100,6 +138,43 @@ pub struct Meta {
     pub size: u64,
     /// Paths in the tree.
     pub entries: u64,
+    /// The recipe it was built from (`mkt rootfs build`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
+    /// How the tree keeps its files' owners.
+    #[serde(default)]
+    pub owners: Owners,
+}
+
+/// How a stored tree keeps the image's owners, modes and devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owners {
+    /// In QEMU's `user.virtfs.*` xattrs; the host files are the user's.
+    #[default]
+    Xattrs,
+    /// Real owners: made by root.
+    Host,
+    /// Real owners shifted by the user's subordinate ids (0 is the user,
+    /// 1.. the first subuid range): made in a user namespace.
+    Mapped,
+}
+
+impl Owners {
+    pub fn of(ids: &crate::ns::Ids) -> Owners {
+        match ids {
+            crate::ns::Ids::Host => Owners::Host,
+            crate::ns::Ids::Mapped { .. } => Owners::Mapped,
+            crate::ns::Ids::Own => Owners::Xattrs,
+        }
+    }
+}
+
+/// The metadata of the stored tree `name`, if mkt made it.
+pub fn meta(paths: &Paths, name: &str) -> Option<Meta> {
+    std::fs::read(meta_path(paths, name))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// `mkt rootfs pull`'s options.
@@ -137,7 +212,7 @@ pub fn check_name(name: &str) -> Result<(), RootfsError> {
     }
 }
 
-fn meta_path(paths: &Paths, name: &str) -> PathBuf {
+pub(crate) fn meta_path(paths: &Paths, name: &str) -> PathBuf {
     paths.rootfs_dir.join(META_DIR).join(format!("{name}.json"))
 }
 
@@ -159,25 +234,25 @@ pub fn sweep_stale(store: &Path) {
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             tracing::info!("removing {} left by an interrupted mkt", e.path().display());
-            let _ = unpack::remove_tree(&e.path());
+            let _ = remove_any(&e.path());
         }
     }
 }
 
 /// A directory removed (whatever its modes) when dropped, unless kept.
-struct TempTree(Option<PathBuf>);
+pub(crate) struct TempTree(pub(crate) Option<PathBuf>);
 
 impl Drop for TempTree {
     fn drop(&mut self) {
         if let Some(p) = self.0.take()
-            && let Err(e) = unpack::remove_tree(&p)
+            && let Err(e) = remove_any(&p)
         {
             tracing::warn!("cannot remove {}: {e}", p.display());
         }
     }
 }
 
-fn new_temp(store: &Path, kind: &str, name: &str) -> Result<TempTree, RootfsError> {
+pub(crate) fn new_temp(store: &Path, kind: &str, name: &str) -> Result<TempTree, RootfsError> {
     let dir = tempfile::Builder::new()
         .prefix(&format!(".{kind}-{}-{name}-", std::process::id()))
         .tempdir_in(store)
@@ -185,7 +260,7 @@ fn new_temp(store: &Path, kind: &str, name: &str) -> Result<TempTree, RootfsErro
     Ok(TempTree(Some(dir.keep())))
 }
 
-fn bars(quiet: bool) -> MultiProgress {
+pub(crate) fn bars(quiet: bool) -> MultiProgress {
     if quiet || !std::io::stderr().is_terminal() {
         MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
     } else {
@@ -202,6 +277,36 @@ fn short(digest: &str) -> &str {
 /// stops downloads and the unpack; whatever is half done is removed.
 pub fn pull(paths: &Paths, opts: &PullOptions, cancel: &AtomicBool) -> Result<Pulled, RootfsError> {
     let started = Instant::now();
+    let u = pull_unpacked(paths, opts, cancel)?;
+    let target = paths.rootfs_dir.join(&u.meta.name);
+    commit(paths, &u.meta.name.clone(), u.temp, &u.meta, opts.force)?;
+    tracing::info!(
+        "pulled {} in {:.1} s",
+        opts.image,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Pulled {
+        path: target,
+        meta: u.meta,
+        downloaded: u.downloaded,
+        skipped_xattrs: u.skipped_xattrs,
+    })
+}
+
+/// A pulled image unpacked into a temp dir of the store, not yet in place.
+pub(crate) struct Unpacked {
+    pub temp: TempTree,
+    pub meta: Meta,
+    pub downloaded: u64,
+    pub skipped_xattrs: Vec<String>,
+}
+
+/// Downloads and unpacks `opts.image` into a temp dir of the store.
+pub(crate) fn pull_unpacked(
+    paths: &Paths,
+    opts: &PullOptions,
+    cancel: &AtomicBool,
+) -> Result<Unpacked, RootfsError> {
     let reference = Reference::parse(&opts.image)?;
     let platform = Platform::parse(&opts.platform).map_err(RootfsError::Platform)?;
     let name = opts
@@ -435,11 +540,11 @@ pub fn pull(paths: &Paths, opts: &PullOptions, cancel: &AtomicBool) -> Result<Pu
         pulled: rfc3339_now(),
         size,
         entries,
+        recipe: None,
+        owners: Owners::Xattrs,
     };
-    commit(paths, &name, temp, &meta, opts.force)?;
-    tracing::info!("pulled {image} in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(Pulled {
-        path: target,
+    Ok(Unpacked {
+        temp,
         meta,
         downloaded: downloaded.load(Ordering::Relaxed) as u64,
         skipped_xattrs: stats.skipped_xattrs,
@@ -448,7 +553,7 @@ pub fn pull(paths: &Paths, opts: &PullOptions, cancel: &AtomicBool) -> Result<Pu
 
 /// Moves the finished tree into place (swapping out an old one with
 /// --force) and writes its metadata.
-fn commit(
+pub(crate) fn commit(
     paths: &Paths,
     name: &str,
     mut temp: TempTree,
@@ -566,12 +671,38 @@ pub fn remove(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
     }
     let mut grave = grave;
     let p = grave.0.take().expect("temp dir");
-    unpack::remove_tree(&p).map_err(store_err("remove", &p))?;
+    remove_any(&p).map_err(store_err("remove", &p))?;
     Ok(target)
 }
 
+/// Removes a tree whatever its owners: a tree with subordinate-id owners
+/// (built in a user namespace) is removed from inside such a namespace.
+pub fn remove_any(path: &Path) -> std::io::Result<()> {
+    match unpack::remove_tree(path) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EPERM) =>
+        {
+            let Ok(ids @ crate::ns::Ids::Mapped { .. }) = crate::ns::Ids::for_owners() else {
+                return Err(e);
+            };
+            let argv = ["rm", "-rf", "--one-file-system", "--"]
+                .map(std::ffi::OsString::from)
+                .into_iter()
+                .chain([path.as_os_str().to_owned()])
+                .collect::<Vec<_>>();
+            match crate::ns::run_mapped(&argv, &ids, None) {
+                Ok(0) => Ok(()),
+                Ok(s) => Err(std::io::Error::other(format!("rm -rf exited with {s}"))),
+                Err(ne) => Err(std::io::Error::other(ne)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Bytes of regular files (each inode once) and number of paths under `root`.
-fn tree_size(root: &Path) -> (u64, u64) {
+pub(crate) fn tree_size(root: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::HashSet::new();
     let (mut bytes, mut entries) = (0u64, 0u64);
@@ -654,7 +785,11 @@ pub fn render_list(items: &[Listed]) -> String {
         rows.push(match &l.meta {
             Some(m) => [
                 l.name.clone(),
-                m.reference.clone(),
+                if m.recipe.is_some() {
+                    m.image.clone()
+                } else {
+                    m.reference.clone()
+                },
                 short(&m.manifest_digest).to_string(),
                 human(m.size),
                 m.created.clone().unwrap_or_else(|| "-".into()),
@@ -774,7 +909,173 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
             }
             Ok(0)
         }
+        C::Build(a) => {
+            catch_signals();
+            let opts = builder::BuildOptions {
+                recipe: a.recipe,
+                name: a.name,
+                force: a.force,
+                quiet: ctx.quiet,
+                verbose: ctx.verbose,
+            };
+            let b = builder::build(&ctx.paths, &opts, &CANCEL)?;
+            if !ctx.quiet {
+                println!(
+                    "rootfs {} ready at {}: recipe {}, {}{}",
+                    b.meta.name,
+                    b.path.display(),
+                    b.meta.reference,
+                    human(b.meta.size),
+                    if b.reused_base {
+                        ", cached base reused"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(0)
+        }
+        C::Path { name } => {
+            println!("{}", stored(&ctx.paths, &name)?.display());
+            Ok(0)
+        }
+        C::Shell { name, rw, command } => Ok(shell(&ctx.paths, &name, rw, &command)?),
+        C::Gc => {
+            let (files, bytes) = gc(&ctx.paths)?;
+            if !ctx.quiet {
+                println!("removed {files} unused blobs, {} freed", human(bytes));
+            }
+            Ok(0)
+        }
     }
+}
+
+/// The directory of the stored tree `name`, or a clear error.
+pub fn stored(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
+    check_name(name)?;
+    let p = paths.rootfs_dir.join(name);
+    if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        return Ok(p);
+    }
+    let known: Vec<String> = list(paths)?.into_iter().map(|l| l.name).collect();
+    Err(RootfsError::NotFound {
+        name: name.into(),
+        store: paths.rootfs_dir.clone(),
+        known: if known.is_empty() {
+            "none".into()
+        } else {
+            known.join(", ")
+        },
+    })
+}
+
+/// `mkt rootfs shell`: the tree entered as its root (its real owners when
+/// it keeps them), /proc, /dev and /tmp of its own, the host network.
+fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<i32, RootfsError> {
+    use crate::ns::{Ids, Layout, Mount, Spec, What};
+    let tree = stored(paths, name)?;
+    let ids = match meta(paths, name).map(|m| m.owners) {
+        Some(Owners::Host | Owners::Mapped) => {
+            Ids::for_owners().map_err(|source| RootfsError::Owners {
+                name: name.into(),
+                source,
+            })?
+        }
+        _ if nix::unistd::geteuid().is_root() => Ids::Host,
+        _ => Ids::Own,
+    };
+    let staging = tempfile::Builder::new()
+        .prefix("mkt-shell-")
+        .tempdir()
+        .map_err(store_err(
+            "create a temporary directory in",
+            &std::env::temp_dir(),
+        ))?;
+    let argv: Vec<std::ffi::OsString> = if command.is_empty() {
+        vec!["/bin/sh".into(), "-l".into()]
+    } else {
+        command.iter().map(Into::into).collect()
+    };
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), "/root".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+    if let Some(t) = std::env::var_os("TERM") {
+        env.push(("TERM".into(), t));
+    }
+    let spec = Spec {
+        layout: Layout {
+            rootfs: tree,
+            staging: staging.path().to_path_buf(),
+            mounts: vec![
+                Mount::new("/proc", What::Proc),
+                Mount::new("/dev", What::Dev),
+                Mount::new("/tmp", What::Tmpfs),
+            ],
+            writable: rw,
+        },
+        hostname: name.into(),
+        cwd: "/".into(),
+        argv,
+        env,
+        ids,
+    };
+    let exit = crate::ns::run(&spec, &crate::ns::HostFs, crate::ns::Output::Inherit).map_err(
+        |source| RootfsError::Enter {
+            name: name.into(),
+            source,
+        },
+    )?;
+    Ok(exit.status)
+}
+
+/// `mkt rootfs gc`: removes blobs (and recipe base tarballs, and partial
+/// downloads) that no stored tree's metadata names. (files, bytes) freed.
+pub fn gc(paths: &Paths) -> Result<(u64, u64), RootfsError> {
+    use std::collections::HashSet;
+    let mut keep: HashSet<String> = HashSet::new();
+    for l in list(paths)? {
+        if let Some(m) = l.meta {
+            for d in m.layers.iter().chain([&m.config_digest]) {
+                keep.insert(d.strip_prefix("sha256:").unwrap_or(d).to_string());
+            }
+        }
+    }
+    let (mut files, mut bytes) = (0, 0);
+    for (sub, suffix) in [("sha256", ""), ("recipes", ".tar")] {
+        let dir = paths.blob_dir.join(sub);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hex = name.strip_suffix(suffix).unwrap_or(&name);
+            if keep.contains(hex) {
+                continue;
+            }
+            // A partial download of a running pull is kept while it runs.
+            if name.contains(".partial") && recently_modified(&e.path()) {
+                continue;
+            }
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(e.path()).map_err(store_err("remove", &e.path()))?;
+            files += 1;
+            bytes += size;
+        }
+    }
+    Ok((files, bytes))
+}
+
+fn recently_modified(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|d| d.as_secs() < 600)
 }
 
 #[cfg(test)]
