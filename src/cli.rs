@@ -509,6 +509,15 @@ pub enum RootfsCommand {
     },
     /// Drop cached blobs and recipe bases that no stored tree needs.
     Gc,
+    /// (internal) Unpack layer blobs with real owners; run by `pull` as
+    /// root of a user namespace with your subordinate ids.
+    #[command(hide = true)]
+    UnpackLayers {
+        #[arg(long)]
+        into: PathBuf,
+        /// DIGEST=PATH, in layer order.
+        layers: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -540,6 +549,10 @@ pub struct RootfsPullArgs {
     /// Replace an existing tree of the same name (atomically).
     #[arg(long)]
     pub force: bool,
+    /// How to keep the image's owners: real (as root, or with your
+    /// subordinate ids), xattrs (QEMU's mapped-xattr records), auto.
+    #[arg(long, value_enum, default_value_t)]
+    pub owners: crate::rootfs::OwnersChoice,
 }
 
 #[derive(Debug, Args)]

@@ -114,6 +114,11 @@ pub struct Stats {
     pub bytes: u64,
     /// Xattrs that could not be kept (`security.*`, `trusted.*`, on symlinks).
     pub skipped_xattrs: Vec<String>,
+    /// Real mode: entries whose owner has no id here (kept as root's).
+    pub unmapped_owners: u64,
+    /// Real mode: device nodes that could not be created, kept as files
+    /// with their xattr record.
+    pub devices_as_files: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -122,11 +127,23 @@ struct DirMeta {
     mtime: Option<i64>,
 }
 
+/// How owners, setuid bits and devices are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// In QEMU's mapped-xattr attributes (a normal user).
+    Xattrs,
+    /// For real: chown, full modes, mknod (root, or root of a user
+    /// namespace mapping the image's ids; devices it may not create are
+    /// kept as xattr-carrying files as in `Xattrs`).
+    Real,
+}
+
 /// Unpacks layers, in order, into one target directory.
 pub struct Unpacker {
     root: OwnedFd,
     root_path: PathBuf,
     dirs: HashMap<PathBuf, DirMeta>,
+    record: Record,
     pub stats: Stats,
 }
 
@@ -283,6 +300,11 @@ struct Item {
 impl Unpacker {
     /// Prepares to unpack into `target`, an existing empty directory.
     pub fn new(target: &Path) -> Result<Self, UnpackError> {
+        Self::with_record(target, Record::Xattrs)
+    }
+
+    /// As [`Unpacker::new`], keeping owners as `record` says.
+    pub fn with_record(target: &Path, record: Record) -> Result<Self, UnpackError> {
         let terr = |source: io::Error| UnpackError::Target {
             path: target.into(),
             source,
@@ -295,7 +317,11 @@ impl Unpacker {
         .map_err(|e| terr(e.into()))?;
         // Fail early, before any download is wasted, on a file system
         // without user xattrs.
-        record_owner(root.as_fd(), 0, 0, libc::S_IFDIR | 0o755, None).map_err(|f| match f {
+        let probe = match record {
+            Record::Xattrs => record_owner(root.as_fd(), 0, 0, libc::S_IFDIR | 0o755, None),
+            Record::Real => Ok(()),
+        };
+        probe.map_err(|f| match f {
             Fail::NoXattrs(source) => UnpackError::NoUserXattrs {
                 path: target.into(),
                 source,
@@ -315,8 +341,92 @@ impl Unpacker {
             root,
             root_path: target.into(),
             dirs,
+            record,
             stats: Stats::default(),
         })
+    }
+
+    /// Keeps the entry's owner (and, for `Xattrs`, its full mode and
+    /// device number) on the open file `fd`.
+    fn own(
+        &mut self,
+        fd: BorrowedFd,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        rdev: Option<u64>,
+    ) -> Result<(), Fail> {
+        match self.record {
+            Record::Xattrs => record_owner(fd, uid, gid, mode, rdev),
+            Record::Real => match nix::unistd::fchown(fd, Some(uid.into()), Some(gid.into())) {
+                Ok(()) => Ok(()),
+                // An id the user namespace does not map.
+                Err(Errno::EINVAL) => {
+                    self.stats.unmapped_owners += 1;
+                    Ok(())
+                }
+                Err(e) => Err(Fail::Io("set the owner", e.into())),
+            },
+        }
+    }
+
+    /// The mode a file gets on the host.
+    fn file_mode(&self, mode: u32) -> u32 {
+        match self.record {
+            Record::Xattrs => host_file_mode(mode),
+            Record::Real => mode & 0o7777,
+        }
+    }
+
+    /// The mode a directory gets on the host (applied last).
+    fn dir_mode(&self, mode: u32) -> u32 {
+        match self.record {
+            Record::Xattrs => host_dir_mode(mode),
+            Record::Real => mode & 0o7777,
+        }
+    }
+
+    /// Real mode: a device node or FIFO made with mknod. False when this
+    /// process may not (devices in a user namespace).
+    fn mknod(&mut self, pfd: BorrowedFd, name: &OsStr, it: &Item) -> Result<bool, Fail> {
+        use tar::EntryType as T;
+        let kind = match it.kind {
+            T::Char => nix::sys::stat::SFlag::S_IFCHR,
+            T::Block => nix::sys::stat::SFlag::S_IFBLK,
+            _ => nix::sys::stat::SFlag::S_IFIFO,
+        };
+        let perm = Mode::from_bits_truncate(it.mode & 0o7777);
+        match nix::sys::stat::mknodat(pfd, name, kind, perm, it.rdev.unwrap_or(0) as _) {
+            Ok(()) => {}
+            Err(Errno::EPERM) if kind != nix::sys::stat::SFlag::S_IFIFO => {
+                self.stats.devices_as_files += 1;
+                return Ok(false);
+            }
+            Err(e) => return Err(Fail::Io("create the device node", e.into())),
+        }
+        match nix::unistd::fchownat(
+            pfd,
+            name,
+            Some(it.uid.into()),
+            Some(it.gid.into()),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EINVAL) => self.stats.unmapped_owners += 1,
+            Err(e) => return Err(Fail::Io("set the owner", e.into())),
+        }
+        // mknod applied the umask; the node was just made, not a symlink.
+        nix::sys::stat::fchmodat(
+            pfd,
+            name,
+            perm,
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(io_fail("set the node's mode"))?;
+        let t = TimeSpec::new(it.mtime, 0);
+        utimensat(pfd, name, &t, &t, UtimensatFlags::NoFollowSymlink)
+            .map_err(io_fail("set the node's time"))?;
+        Ok(true)
     }
 
     /// Opens `rel` beneath the root; symlinks inside the tree are followed,
@@ -384,7 +494,7 @@ impl Unpacker {
                         Mode::empty(),
                     )
                     .map_err(io_fail("open a new parent directory"))?;
-                    record_owner(fd.as_fd(), 0, 0, libc::S_IFDIR | 0o755, None)?;
+                    self.own(fd.as_fd(), 0, 0, libc::S_IFDIR | 0o755, None)?;
                     self.dirs.insert(
                         next.clone(),
                         DirMeta {
@@ -510,17 +620,16 @@ impl Unpacker {
                     "the tree's root can only be a directory".into(),
                 ));
             }
-            record_owner(
-                self.root.as_fd(),
-                it.uid,
-                it.gid,
-                libc::S_IFDIR | it.mode,
-                None,
-            )?;
+            let root = self
+                .root
+                .try_clone()
+                .map_err(|e| Fail::Io("open the root", e))?;
+            self.own(root.as_fd(), it.uid, it.gid, libc::S_IFDIR | it.mode, None)?;
+            let host_mode = self.dir_mode(it.mode);
             self.dirs.insert(
                 PathBuf::new(),
                 DirMeta {
-                    host_mode: host_dir_mode(it.mode),
+                    host_mode,
                     mtime: Some(it.mtime),
                 },
             );
@@ -551,18 +660,23 @@ impl Unpacker {
                     Mode::empty(),
                 )
                 .map_err(io_fail("open the directory"))?;
-                record_owner(fd.as_fd(), it.uid, it.gid, libc::S_IFDIR | it.mode, None)?;
+                self.own(fd.as_fd(), it.uid, it.gid, libc::S_IFDIR | it.mode, None)?;
                 self.set_xattrs(fd.as_fd(), &it.xattrs)?;
+                let host_mode = self.dir_mode(it.mode);
                 self.dirs.insert(
                     it.rel.clone(),
                     DirMeta {
-                        host_mode: host_dir_mode(it.mode),
+                        host_mode,
                         mtime: Some(it.mtime),
                     },
                 );
             }
             T::Regular | T::Continuous | T::GNUSparse | T::Char | T::Block | T::Fifo => {
                 self.remove_existing(pfd.as_fd(), name, false)?;
+                let special = matches!(it.kind, T::Char | T::Block | T::Fifo);
+                if special && self.record == Record::Real && self.mknod(pfd.as_fd(), name, &it)? {
+                    return Ok(());
+                }
                 let fd = openat(
                     pfd.as_fd(),
                     name,
@@ -584,9 +698,19 @@ impl Unpacker {
                         libc::S_IFREG
                     }
                 };
-                record_owner(f.as_fd(), it.uid, it.gid, type_bits | it.mode, it.rdev)?;
+                if special {
+                    // A device kept as a file: its record says what it is.
+                    record_owner(f.as_fd(), it.uid, it.gid, type_bits | it.mode, it.rdev)?;
+                }
+                self.own(f.as_fd(), it.uid, it.gid, type_bits | it.mode, it.rdev)?;
                 self.set_xattrs(f.as_fd(), &it.xattrs)?;
-                fchmod(f.as_fd(), Mode::from_bits_truncate(host_file_mode(it.mode)))
+                // After the chown, which clears setuid bits.
+                let host_mode = if special {
+                    host_file_mode(it.mode)
+                } else {
+                    self.file_mode(it.mode)
+                };
+                fchmod(f.as_fd(), Mode::from_bits_truncate(host_mode))
                     .map_err(io_fail("set the file's mode"))?;
                 let t = TimeSpec::new(it.mtime, 0);
                 futimens(f.as_fd(), &t, &t).map_err(io_fail("set the file's time"))?;
@@ -599,6 +723,19 @@ impl Unpacker {
                 self.remove_existing(pfd.as_fd(), name, false)?;
                 symlinkat(OsStr::from_bytes(&target), pfd.as_fd(), name)
                     .map_err(io_fail("create the symlink"))?;
+                if self.record == Record::Real {
+                    match nix::unistd::fchownat(
+                        pfd.as_fd(),
+                        name,
+                        Some(it.uid.into()),
+                        Some(it.gid.into()),
+                        AtFlags::AT_SYMLINK_NOFOLLOW,
+                    ) {
+                        Ok(()) => {}
+                        Err(Errno::EINVAL) => self.stats.unmapped_owners += 1,
+                        Err(e) => return Err(Fail::Io("set the symlink's owner", e.into())),
+                    }
+                }
                 let t = TimeSpec::new(it.mtime, 0);
                 utimensat(pfd.as_fd(), name, &t, &t, UtimensatFlags::NoFollowSymlink)
                     .map_err(io_fail("set the symlink's time"))?;
@@ -757,6 +894,11 @@ impl Unpacker {
                 continue;
             } else if k.starts_with("user.") {
                 k.clone()
+            } else if self.record == Record::Real
+                && (k == "security.capability" || k.starts_with("system.posix_acl_"))
+            {
+                // Root (of the namespace) can set these for real.
+                k.clone()
             } else if k == "system.posix_acl_access" || k == "system.posix_acl_default" {
                 // Where QEMU's mapped-xattr model keeps ACLs.
                 format!("user.virtfs.{k}")
@@ -764,7 +906,17 @@ impl Unpacker {
                 self.stats.skipped_xattrs.push(k.clone());
                 continue;
             };
-            fsetxattr(fd, &name, v).map_err(|e| Fail::Io("set an extended attribute", e))?;
+            match fsetxattr(fd, &name, v) {
+                Ok(()) => {}
+                // A capability or ACL this kernel or namespace refuses
+                // (malformed, or for ids it does not map): skipped, like
+                // what a normal user cannot set.
+                Err(e) if !name.starts_with("user.") => {
+                    tracing::debug!("cannot set {name}: {e}");
+                    self.stats.skipped_xattrs.push(k.clone());
+                }
+                Err(e) => return Err(Fail::Io("set an extended attribute", e)),
+            }
         }
         Ok(())
     }

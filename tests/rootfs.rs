@@ -624,7 +624,8 @@ fn pull_list_rm(user: Option<&common::TestUser>) {
     let home = common::temp_home(user);
     let h = home.path();
     let image = reg.image("test/main:v1");
-    let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "pull", &image]));
+    let (o, out, err) =
+        run(common::mkt_as(user, h).args(["rootfs", "pull", "--owners", "xattrs", &image]));
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("rootfs main-v1 ready"), "{out}");
     let tree = store(h).join("main-v1");
@@ -666,8 +667,14 @@ fn pull_list_rm(user: Option<&common::TestUser>) {
         "{err}"
     );
     std::fs::write(tree.join("marker"), "old tree").unwrap();
-    let (o, _, err) =
-        run(common::mkt_as(user, h).args(["-q", "rootfs", "pull", "--force", &image]));
+    let (o, _, err) = run(common::mkt_as(user, h).args([
+        "-q",
+        "rootfs",
+        "pull",
+        "--force",
+        "--owners=xattrs",
+        &image,
+    ]));
     assert!(o.status.success(), "{err}");
     assert!(!tree.join("marker").exists());
     check_main_tree(&tree);
@@ -1038,7 +1045,12 @@ fn umoci_built_image_with_whiteout_pulls() {
 
     let home = common::temp_home(None);
     let h = home.path();
-    let (o, out, err) = run(common::mkt(h).args(["rootfs", "pull", &reg.image("umoci/img:t")]));
+    let (o, out, err) = run(common::mkt(h).args([
+        "rootfs",
+        "pull",
+        "--owners=xattrs",
+        &reg.image("umoci/img:t"),
+    ]));
     assert!(o.status.success(), "{out}{err}");
     let t = store(h).join("img-t");
     assert_eq!(std::fs::read_to_string(t.join("etc/keep")).unwrap(), "keep");
@@ -1059,6 +1071,11 @@ fn umoci_built_image_with_whiteout_pulls() {
 /// target, content and time (owners and modes as recorded in xattrs), and
 /// `dst` has nothing more.
 fn assert_same_tree(src: &Path, dst: &Path) {
+    assert_same_tree_with(src, dst, owner)
+}
+
+/// As [`assert_same_tree`], reading (uid, gid, mode) of `dst` with `owner`.
+fn assert_same_tree_with(src: &Path, dst: &Path, owner: impl Fn(&Path) -> (u32, u32, u32)) {
     let rel = |p: &Path, base: &Path| p.strip_prefix(base).unwrap().to_path_buf();
     let (a, b): (Vec<PathBuf>, Vec<PathBuf>) = (
         scan(src).iter().map(|p| rel(p, src)).collect(),
@@ -1149,9 +1166,86 @@ fn pulled_tree_matches_its_source_tree() {
 
     let home = common::temp_home(None);
     let h = home.path();
-    let (o, out, err) = run(common::mkt(h).args(["rootfs", "pull", &reg.image("test/tree:1")]));
+    let image = reg.image("test/tree:1");
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "pull", "--owners=xattrs", &image]));
     assert!(o.status.success(), "{out}{err}");
     assert_same_tree(&src, &store(h).join("tree-1"));
+
+    // Real owners: as root, the host's ids are the image's.
+    if nix::unistd::getuid().is_root() {
+        let (o, out, err) = run(common::mkt(h).args(["rootfs", "pull", "--name=real", &image]));
+        assert!(o.status.success(), "{out}{err}");
+        assert_same_tree_with(&src, &store(h).join("real"), |p| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid(), m.mode())
+        });
+        let (_, out, _) = run(common::mkt(h).args(["rootfs", "list", "--json"]));
+        assert!(out.contains("\"owners\": \"host\""), "{out}");
+    }
+}
+
+/// The host ids an image's ids become under a subuid-mapped pull: 0 is the
+/// user, n > 0 is the first subordinate id + n - 1.
+fn mapped(user: &common::TestUser) -> impl Fn(&Path) -> (u32, u32, u32) {
+    let range = |f: &str, id: u32| {
+        mkt::host::probe::subid_ranges(&std::fs::read_to_string(f).unwrap(), &user.name, id)[0].0
+            as u32
+    };
+    let (su, sg) = (
+        range("/etc/subuid", user.uid),
+        range("/etc/subgid", user.uid),
+    );
+    let (uid, gid) = (user.uid, user.gid);
+    move |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        let back = |host: u32, own: u32, sub: u32| {
+            if host == own { 0 } else { host - sub + 1 }
+        };
+        (back(m.uid(), uid, su), back(m.gid(), gid, sg), m.mode())
+    }
+}
+
+/// As a normal user with a subuid range, a pull keeps real owners and
+/// modes (setuid included) through a user namespace; devices, which it may
+/// not create there, keep their xattr record; `rm` removes it all.
+#[test]
+fn unprivileged_pull_keeps_real_owners_with_subuids() {
+    let Some(Some(user)) = common::unprivileged_user() else {
+        if !nix::unistd::getuid().is_root() {
+            eprintln!("SKIP: needs root to run as MKT_TEST_USER");
+        }
+        return;
+    };
+    let Some(reg) = Registry::start() else { return };
+    let l = Layout::new();
+    let img = l.image(&main_image(), "amd64");
+    reg.push_raw(&l, &img, "test/main", "v1");
+    let home = common::temp_home(Some(&user));
+    let h = home.path();
+    let image = reg.image("test/main:v1");
+    let (o, out, err) = run(common::mkt_as(Some(&user), h).args(["rootfs", "pull", &image]));
+    assert!(o.status.success(), "{out}{err}");
+    let t = store(h).join("main-v1");
+    let own = mapped(&user);
+    assert_eq!(own(&t.join("usr/bin/su")), (0, 0, libc::S_IFREG | 0o4755));
+    assert_eq!(
+        own(&t.join("home/user/notes")),
+        (1000, 1001, libc::S_IFREG | 0o640)
+    );
+    assert_eq!(own(&t.join("secret")), (0, 0, libc::S_IFDIR));
+    assert_eq!(own(&t.join("tmp")).2, libc::S_IFDIR | 0o1777);
+    assert_eq!(own(&t.join("dev/initctl")), (0, 0, libc::S_IFIFO | 0o600));
+    // A device node: a file carrying its record.
+    assert_eq!(owner(&t.join("dev/sda")), (0, 6, libc::S_IFBLK | 0o660));
+    assert_eq!(
+        std::fs::read_to_string(t.join("usr/bin/su")).unwrap(),
+        "su binary"
+    );
+    let (_, out, _) = run(common::mkt_as(Some(&user), h).args(["rootfs", "list", "--json"]));
+    assert!(out.contains("\"owners\": \"mapped\""), "{out}");
+    let (o, out, err) = run(common::mkt_as(Some(&user), h).args(["rootfs", "rm", "main-v1"]));
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(store_entries(h), Vec::<String>::new());
 }
 
 /// A token issuer for docker-registry's `auth: token` mode: RS256 JWTs
@@ -1405,7 +1499,7 @@ fn docs_cover_rootfs_subcommands() {
     let text = std::fs::read_to_string(root.join("docs/rootfs.md")).unwrap();
     let cmd = mkt::cli::Cli::command();
     let rootfs = cmd.find_subcommand("rootfs").unwrap();
-    for sub in rootfs.get_subcommands() {
+    for sub in rootfs.get_subcommands().filter(|s| !s.is_hide_set()) {
         assert!(
             text.contains(&format!("mkt rootfs {}", sub.get_name())),
             "{}",

@@ -123,10 +123,10 @@ pub const PREREQUISITES: &[Prerequisite] = &[
         required: false,
     },
     Prerequisite {
-        program: "debootstrap",
-        purpose: "builds Debian/Ubuntu rootfs recipes",
-        debian: "sudo apt-get install -y debootstrap",
-        fedora: "sudo dnf install -y debootstrap",
+        program: "mmdebstrap",
+        purpose: "builds Debian/Ubuntu rootfs recipes (mkt rootfs build, the default rootfs)",
+        debian: "sudo apt-get install -y mmdebstrap",
+        fedora: "sudo dnf install -y mmdebstrap",
         required: false,
     },
     Prerequisite {

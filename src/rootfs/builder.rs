@@ -266,6 +266,7 @@ fn image_base(
             insecure: false,
             force: true,
             quiet: opts.quiet,
+            owners: super::OwnersChoice::Auto,
         },
         cancel,
     )?;

@@ -67,6 +67,10 @@ pub enum RootfsError {
     },
     #[error(transparent)]
     Recipe(#[from] recipe::RecipeError),
+    #[error(
+        "cannot unpack {image}: the unpack in your user namespace exited with status {status} (its error is above)"
+    )]
+    MappedUnpack { image: String, status: i32 },
     #[error("cannot build rootfs {name} as this user")]
     Owners {
         name: String,
@@ -186,6 +190,44 @@ pub struct PullOptions {
     pub insecure: bool,
     pub force: bool,
     pub quiet: bool,
+    pub owners: OwnersChoice,
+}
+
+/// `--owners`: how a pull keeps the image's owners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OwnersChoice {
+    /// Real owners when root or with a subuid range, else xattrs.
+    #[default]
+    Auto,
+    /// Always in `user.virtfs.*` xattrs.
+    Xattrs,
+    /// Real owners, or an error saying how to get a subuid range.
+    Real,
+}
+
+/// Where and how a pull unpacks.
+enum How {
+    /// In this process.
+    Here(unpack::Record, Owners),
+    /// In `mkt rootfs unpack-layers`, run as root of a user namespace with
+    /// the user's subordinate ids, after the downloads.
+    Mapped(crate::ns::Ids),
+}
+
+fn how(choice: OwnersChoice, name: &str) -> Result<How, RootfsError> {
+    use crate::ns::Ids;
+    if choice == OwnersChoice::Xattrs {
+        return Ok(How::Here(unpack::Record::Xattrs, Owners::Xattrs));
+    }
+    match Ids::for_owners() {
+        Ok(Ids::Host) => Ok(How::Here(unpack::Record::Real, Owners::Host)),
+        Ok(ids) => Ok(How::Mapped(ids)),
+        Err(e) if choice == OwnersChoice::Real => Err(RootfsError::Owners {
+            name: name.into(),
+            source: e,
+        }),
+        Err(_) => Ok(How::Here(unpack::Record::Xattrs, Owners::Xattrs)),
+    }
 }
 
 /// A finished pull.
@@ -421,11 +463,18 @@ pub(crate) fn pull_unpacked(
     // Unpacker::new fails before any download on an unsuitable store.
     let temp = new_temp(store, "tmp", &name)?;
     let temp_path = temp.0.clone().expect("temp dir");
-    let mut unpacker = Unpacker::new(&temp_path).map_err(|source| RootfsError::Unpack {
-        image: image.clone(),
-        path: target.clone(),
-        source: Box::new(source),
-    })?;
+    let how = how(opts.owners, &name)?;
+    let mut unpacker = match &how {
+        How::Here(record, _) => Some(Unpacker::with_record(&temp_path, *record).map_err(
+            |source| RootfsError::Unpack {
+                image: image.clone(),
+                path: target.clone(),
+                source: Box::new(source),
+            },
+        )?),
+        How::Mapped(_) => None,
+    };
+    let mut later: Vec<(String, PathBuf)> = Vec::new();
     let multi = bars(opts.quiet);
     let style = ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {msg}",
@@ -494,6 +543,10 @@ pub(crate) fn pull_unpacked(
                     }
                 }
                 let blob = ready[i].take().expect("just checked");
+                let Some(unpacker) = unpacker.as_mut() else {
+                    later.push((l.digest.clone(), blob));
+                    continue;
+                };
                 layer_bars[i].set_message("unpacking");
                 unpacker
                     .unpack_layer(&blob, &l.digest, cancel)
@@ -515,11 +568,46 @@ pub(crate) fn pull_unpacked(
         r
     });
     result?;
-    let stats = unpacker.finish().map_err(|source| RootfsError::Unpack {
-        image: image.clone(),
-        path: target.clone(),
-        source: Box::new(source),
-    })?;
+    let (stats, owners) = match (unpacker, &how) {
+        (Some(u), How::Here(_, owners)) => (
+            u.finish().map_err(|source| RootfsError::Unpack {
+                image: image.clone(),
+                path: target.clone(),
+                source: Box::new(source),
+            })?,
+            *owners,
+        ),
+        (_, How::Mapped(ids)) => {
+            total.set_message("unpacking with your subordinate ids");
+            let exe =
+                std::env::current_exe().map_err(store_err("find", Path::new("/proc/self/exe")))?;
+            let mut argv: Vec<std::ffi::OsString> = vec![
+                exe.into(),
+                "rootfs".into(),
+                "unpack-layers".into(),
+                "--into".into(),
+                temp_path.clone().into(),
+            ];
+            argv.extend(later.iter().map(|(d, p)| {
+                let mut a = std::ffi::OsString::from(format!("{d}="));
+                a.push(p);
+                a
+            }));
+            let status =
+                crate::ns::run_mapped(&argv, ids, None).map_err(|source| RootfsError::Enter {
+                    name: name.clone(),
+                    source,
+                })?;
+            if status != 0 {
+                return Err(RootfsError::MappedUnpack {
+                    image: image.clone(),
+                    status,
+                });
+            }
+            (unpack::Stats::default(), Owners::Mapped)
+        }
+        _ => unreachable!("an unpacker exactly when unpacking here"),
+    };
     total.finish_and_clear();
     for b in &layer_bars {
         b.finish_and_clear();
@@ -541,7 +629,7 @@ pub(crate) fn pull_unpacked(
         size,
         entries,
         recipe: None,
-        owners: Owners::Xattrs,
+        owners,
     };
     Ok(Unpacked {
         temp,
@@ -854,6 +942,7 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
                 insecure: a.insecure,
                 force: a.force,
                 quiet: ctx.quiet,
+                owners: a.owners,
             };
             catch_signals();
             let started = Instant::now();
@@ -931,6 +1020,30 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
                     } else {
                         ""
                     }
+                );
+            }
+            Ok(0)
+        }
+        C::UnpackLayers { into, layers } => {
+            catch_signals();
+            let mut u = Unpacker::with_record(&into, unpack::Record::Real)?;
+            for l in &layers {
+                let (digest, blob) = l
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("expected DIGEST=PATH, got {l:?}"))?;
+                u.unpack_layer(Path::new(blob), digest, &CANCEL)?;
+            }
+            let stats = u.finish()?;
+            if stats.unmapped_owners > 0 {
+                tracing::warn!(
+                    "{} entries have owners outside your subordinate ids; they belong to root",
+                    stats.unmapped_owners
+                );
+            }
+            if stats.devices_as_files > 0 {
+                tracing::info!(
+                    "{} device nodes kept as files with their xattr record",
+                    stats.devices_as_files
                 );
             }
             Ok(0)
