@@ -1517,3 +1517,80 @@ fn docs_cover_rootfs_subcommands() {
         }
     }
 }
+
+/// A recipe on an image base, built by the unprivileged user: the image
+/// (the fixture Debian tree, served by the test registry) is pulled with
+/// real owners, then the packages are installed with the image's own
+/// package manager from Debian's mirror, inside the tree as its root.
+#[test]
+fn image_based_recipe_installs_packages_with_the_images_package_manager() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let Some(fixture) = common::rootfs() else {
+        return;
+    };
+    let Some(reg) = Registry::start() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let tarball = work.path().join("layer.tar");
+    let st = Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "-C"])
+        .arg(&fixture)
+        .args(["-cf"])
+        .arg(&tarball)
+        // What apt does not need, to keep the layer small.
+        .args([
+            "--exclude=./.complete",
+            "--exclude=./usr/share/doc",
+            "--exclude=./usr/share/man",
+            "--exclude=./usr/share/locale",
+            "--exclude=./usr/include",
+            "--exclude=./usr/lib/gcc",
+            "--exclude=./usr/libexec/gcc",
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let raw = std::fs::read(&tarball).unwrap();
+    let diff_id = sha256_digest(&raw);
+    let l = Layout::new();
+    let img = l.image(
+        &[(raw, "application/vnd.oci.image.layer.v1.tar", diff_id)],
+        "amd64",
+    );
+    reg.push_raw(&l, &img, "fixture/bookworm", "1");
+
+    let home = common::temp_home(user.as_ref());
+    let h = home.path();
+    let recipe = h.join("deb-img.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "description = \"test: image base\"\npackages = [\"hello\"]\n\
+             setup = [\"hello > /etc/hello-out\"]\n[base]\nimage = \"{}\"\n",
+            reg.image("fixture/bookworm:1")
+        ),
+    )
+    .unwrap();
+    let (o, out, err) = run(common::mkt_as(user.as_ref(), h)
+        .args(["rootfs", "build"])
+        .arg(&recipe));
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("rootfs deb-img ready"), "{out}");
+    let t = store(h).join("deb-img");
+    assert_eq!(
+        std::fs::read_to_string(t.join("etc/hello-out")).unwrap(),
+        "Hello, world!\n"
+    );
+    let owners = if user.is_some() { "mapped" } else { "host" };
+    let (_, out, _) = run(common::mkt_as(user.as_ref(), h).args(["rootfs", "list", "--json"]));
+    assert!(out.contains(&format!("\"owners\": \"{owners}\"")), "{out}");
+    assert!(out.contains("\"recipe\": \"deb-img\""), "{out}");
+    // The image's blobs are cached: a rebuild downloads nothing.
+    let (o, out, err) = run(common::mkt_as(user.as_ref(), h)
+        .args(["rootfs", "build", "--force"])
+        .arg(&recipe));
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("cached base reused"), "{out}");
+}
