@@ -175,6 +175,12 @@ pub fn clean_stale(runtime_dir: &Path) -> Vec<PathBuf> {
             continue;
         }
         if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            // A dead run's VFIO bindings and tap go first; if that fails
+            // (say, not root), the record stays for a run that can.
+            if let Err(e) = recover(&dir) {
+                tracing::warn!("run directory {} left over: {e}", dir.display());
+                continue;
+            }
             if fs::remove_dir_all(&dir).is_ok() {
                 removed.push(dir);
             }
@@ -182,6 +188,12 @@ pub fn clean_stale(runtime_dir: &Path) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// Undoes what a dead run changed outside its directory.
+fn recover(dir: &Path) -> Result<(), String> {
+    crate::vfio::recover(dir, None).map_err(|e| format!("restoring its VFIO devices: {e}"))?;
+    crate::net::recover(dir).map_err(|e| format!("deleting its tap device: {e}"))
 }
 
 /// A run directory whose lock a live mkt holds.
