@@ -270,9 +270,11 @@ impl Sysfs {
     }
 
     fn write(&self, path: &Path, value: &str) -> Result<(), VfioError> {
-        // No create: like sysfs, a missing attribute is an error.
+        // No create: like sysfs, a missing attribute is an error. (sysfs
+        // ignores the truncation; a fake tree needs it.)
         let r = fs::OpenOptions::new()
             .write(true)
+            .truncate(true)
             .open(path)
             .and_then(|mut f| f.write_all(value.as_bytes()));
         r.map_err(|source| VfioError::Write {
