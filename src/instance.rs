@@ -276,6 +276,47 @@ mod tests {
     }
 
     #[test]
+    fn the_sweep_gives_a_dead_runs_vfio_devices_back() {
+        let tree = crate::vfio::fake::Tree::new();
+        tree.device("0000:05:00.0", "3", Some("vfio-pci"));
+        tree.driver("mlx5_core");
+        let rt = tempfile::tempdir().unwrap();
+        let dead = runs_dir(rt.path()).join("cx5-1");
+        fs::create_dir_all(&dead).unwrap();
+        File::create(dead.join("lock")).unwrap();
+        let state = crate::vfio::State {
+            root: tree.root().to_path_buf(),
+            devices: vec![crate::vfio::Device {
+                bdf: "0000:05:00.0".into(),
+                group: "3".into(),
+                driver: Some("mlx5_core".into()),
+            }],
+        };
+        fs::write(
+            dead.join(crate::vfio::STATE_FILE),
+            serde_json::to_vec(&state).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(clean_stale(rt.path()), vec![dead.clone()]);
+        let drivers = tree.root().join("sys/bus/pci/drivers");
+        let read = |p: &str| fs::read_to_string(drivers.join(p)).unwrap();
+        assert_eq!(read("vfio-pci/unbind"), "0000:05:00.0");
+        assert_eq!(read("mlx5_core/bind"), "0000:05:00.0");
+        // A state that cannot be restored keeps the directory for later.
+        fs::create_dir_all(&dead).unwrap();
+        File::create(dead.join("lock")).unwrap();
+        let mut gone = state.clone();
+        gone.root = rt.path().join("nonexistent");
+        fs::write(
+            dead.join(crate::vfio::STATE_FILE),
+            serde_json::to_vec(&gone).unwrap(),
+        )
+        .unwrap();
+        assert!(clean_stale(rt.path()).is_empty());
+        assert!(dead.exists());
+    }
+
+    #[test]
     fn kept_run_dir_survives_drop() {
         let rt = tempfile::tempdir().unwrap();
         let mut d = RunDir::create(rt.path(), "k").unwrap();
