@@ -613,7 +613,13 @@ pub fn prepare(
         Mode::Systemd
     };
     let net = net_mode != net::Mode::None;
-    let dhcp = matches!(net_mode, net::Mode::Tap | net::Mode::Bridge(_));
+    // A bridge normally has a DHCP server; a bare tap may never get one,
+    // so the guest waits less before booting on without an address.
+    let dhcp = match net_mode {
+        net::Mode::Bridge(_) => Some(30),
+        net::Mode::Tap => Some(5),
+        _ => None,
+    };
     let sriov = num_vfs.map(|n| {
         let sys = host_sysfs();
         let ids: Option<Vec<_>> = opts

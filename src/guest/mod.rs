@@ -98,8 +98,8 @@ pub struct PlanInput {
     pub ssh: Option<SshSetup>,
     pub net: bool,
     /// The network is a real one (bridge, tap): eth0 gets its address by
-    /// DHCP instead of QEMU NAT's fixed one.
-    pub dhcp: bool,
+    /// DHCP instead of QEMU NAT's fixed one, giving up after this many seconds.
+    pub dhcp: Option<u32>,
     /// SR-IOV: virtual functions to create in the guest after boot.
     pub sriov: Option<Sriov>,
     /// The boot script's content, run as the user once booted.
@@ -400,7 +400,7 @@ pub fn generate(input: &PlanInput) -> Generated {
     if let Some(script) = setup_script(input) {
         g.add("setup.sh", script, Some("/run/mkt/setup.sh"), 0o755);
     }
-    if input.net && !input.dhcp {
+    if input.net && input.dhcp.is_none() {
         g.add(
             "resolv.conf",
             "nameserver 10.0.2.3\n",
@@ -473,9 +473,9 @@ pub fn generate(input: &PlanInput) -> Generated {
     if let Some(cwd) = &input.cwd {
         plan += &plan_line(&["cwd", &p(cwd)]);
     }
-    if input.net && input.dhcp {
+    if let (true, Some(secs)) = (input.net, input.dhcp) {
         // The init's DHCP client; it writes resolv.conf from the lease.
-        plan += &plan_line(&["dhcp", "eth0", &input.hostname]);
+        plan += &plan_line(&["dhcp", "eth0", &input.hostname, &secs.to_string()]);
     } else if input.net {
         let (addr, mask, gw) = NAT_GUEST;
         plan += &plan_line(&["net", "eth0", addr, mask, gw]);
@@ -550,7 +550,7 @@ mod tests {
                 host_key: "-----BEGIN OPENSSH PRIVATE KEY-----\n".into(),
             }),
             net: true,
-            dhcp: false,
+            dhcp: None,
             sriov: None,
             boot_script: None,
         }
@@ -559,10 +559,10 @@ mod tests {
     #[test]
     fn dhcp_replaces_the_fixed_address() {
         let mut i = input(Mode::Exec(vec!["true".into()]));
-        i.dhcp = true;
+        i.dhcp = Some(30);
         let g = generate(&i);
         let plan = g.text("plan").unwrap();
-        assert!(plan.contains("dhcp\teth0\tcx5\n"), "{plan}");
+        assert!(plan.contains("dhcp\teth0\tcx5\t30\n"), "{plan}");
         assert!(!plan.contains("net\t") && g.get("resolv.conf").is_none());
     }
 

@@ -316,7 +316,7 @@ fn dhcp_socket(dev: &str) -> io::Result<std::net::UdpSocket> {
 /// socket bound to the device (no raw sockets: the kernel sends a
 /// broadcast from 0.0.0.0 on an interface without an address), then sets
 /// the address, netmask, default route and /etc/resolv.conf.
-fn dhcp(dev: &str, host: &str) -> io::Result<String> {
+fn dhcp(dev: &str, host: &str, timeout: u64) -> io::Result<String> {
     use std::time::{Duration, Instant};
     ifup(dev, None)?;
     let mac = hwaddr(dev)?;
@@ -325,7 +325,7 @@ fn dhcp(dev: &str, host: &str) -> io::Result<String> {
     let mut seed = [0u8; 4];
     let _ = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
     let xid = u32::from_ne_bytes(seed);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
     // Waits for a reply of `kind` (or a NAK), resending `req` with backoff.
     let exchange = |req: &[u8], kinds: &[u8]| -> io::Result<Lease> {
         let mut wait = Duration::from_millis(500);
@@ -347,7 +347,8 @@ fn dhcp(dev: &str, host: &str) -> io::Result<String> {
                 }
             }
             if Instant::now() > deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no DHCP answer in 30 s"));
+                let msg = format!("no DHCP answer in {timeout} s");
+                return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
             }
             wait = (wait * 2).min(Duration::from_secs(4));
         }
@@ -480,8 +481,8 @@ struct Plan {
     setup: Option<String>,
     boot: Option<String>,
     net: Option<(String, String, String, String)>,
-    /// (device, hostname): configure the device by DHCP.
-    dhcp: Option<(String, String)>,
+    /// (device, hostname, timeout in seconds): configure the device by DHCP.
+    dhcp: Option<(String, String, u64)>,
 }
 
 fn parse_plan(text: &str) -> Plan {
@@ -508,7 +509,7 @@ fn parse_plan(text: &str) -> Plan {
             "setup" => p.setup = Some(n(1)),
             "boot" => p.boot = Some(n(1)),
             "net" => p.net = Some((n(1), n(2), n(3), n(4))),
-            "dhcp" => p.dhcp = Some((n(1), n(2))),
+            "dhcp" => p.dhcp = Some((n(1), n(2), n(3).parse().unwrap_or(30))),
             _ => p.ops.push(f),
         }
     }
@@ -899,8 +900,8 @@ fn main() {
     {
         log(&e.to_string());
     }
-    if let Some((dev, host)) = &plan.dhcp {
-        match dhcp(dev, host) {
+    if let Some((dev, host, timeout)) = &plan.dhcp {
+        match dhcp(dev, host, *timeout) {
             Ok(done) => log(&done),
             Err(e) => log(&format!("DHCP on {dev} FAILED: {e}")),
         }
