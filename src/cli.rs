@@ -152,9 +152,18 @@ pub struct RunArgs {
     /// Host port forwarded to the guest's SSH port [default: a free one].
     #[arg(long, value_name = "N")]
     pub ssh_port: Option<u16>,
-    /// Guest networking: user-mode NAT or none.
-    #[arg(long, value_parser = ["nat", "none"], default_value = "nat")]
-    pub net: String,
+    /// Guest networking: user-mode NAT, none, a tap, or a tap on a bridge
+    /// (br0 by default) with DHCP in the guest; tap and bridge need
+    /// CAP_NET_ADMIN [default: the setup's, else nat].
+    #[arg(long, value_name = "nat|none|tap|bridge[=BR]", value_parser = parse_net)]
+    pub net: Option<String>,
+    /// Pass a host PCI function through with VFIO (repeatable; needs root
+    /// unless already bound to vfio-pci).
+    #[arg(long, value_name = "BDF")]
+    pub pci: Vec<String>,
+    /// Attach an NVMe scratch disk of SIZE (a sparse file kept per setup).
+    #[arg(long, value_name = "SIZE")]
+    pub nvme: Option<String>,
     /// QEMU profile (qemu-profiles/NAME.toml): default, microvm, iommu.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
@@ -309,6 +318,10 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+fn parse_net(s: &str) -> std::result::Result<String, String> {
+    config::check_net(s).map(|()| s.to_string())
+}
+
 fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
     use crate::host::kvm::Accel;
     let mem_mib = a
@@ -333,7 +346,14 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
         dirs: a.dir,
         gdb_port: a.gdbserver,
         ssh_port: a.ssh_port,
-        net_none: a.net == "none",
+        net_none: false,
+        net: a.net,
+        pci: a.pci,
+        nvme_mib: a
+            .nvme
+            .as_deref()
+            .map(|m| config::parse_mem_mib(m).map_err(|e| anyhow::anyhow!("--nvme {m:?}: {e}")))
+            .transpose()?,
         profile: a.profile,
         boot_script: a.boot_script,
         init: a.init,

@@ -104,6 +104,13 @@ pub struct Setup {
     /// Guest network: `nat`, `none`, `tap`, `bridge` or `bridge=IFNAME`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<String>,
+    /// The guest NIC's MAC address on a bridge or tap [default: derived
+    /// from the setup name].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Size of the NVMe scratch disk, such as `"1G"` (none when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<String>,
     /// Extra directories shared into this guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<PathBuf>,
@@ -259,6 +266,25 @@ impl Config {
                 && let Err(reason) = check_net(net)
             {
                 return Err(doc.bad_value(tree, &["setup", name, "net"], None, net, reason));
+            }
+            if let Some(mac) = &mut setup.mac {
+                match check_mac(mac) {
+                    Ok(norm) => *mac = norm,
+                    Err(reason) => {
+                        return Err(doc.bad_value(
+                            tree,
+                            &["setup", name, "mac"],
+                            None,
+                            mac,
+                            reason,
+                        ));
+                    }
+                }
+            }
+            if let Some(size) = &setup.nvme
+                && let Err(reason) = parse_mem_mib(size)
+            {
+                return Err(doc.bad_value(tree, &["setup", name, "nvme"], None, size, reason));
             }
             if setup.cpus == Some(0) {
                 let reason = "a guest needs at least one CPU".to_string();
@@ -422,8 +448,25 @@ pub fn normalize_pci(addr: &str) -> Result<String, String> {
     Ok(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
 }
 
+/// Normalises a unicast MAC address `aa:bb:cc:dd:ee:ff` to lowercase.
+pub fn check_mac(mac: &str) -> Result<String, String> {
+    let octets: Vec<&str> = mac.trim().split(':').collect();
+    if octets.len() != 6
+        || !octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err("expected a MAC address such as 02:6d:6b:74:00:01".into());
+    }
+    let first = u8::from_str_radix(octets[0], 16).map_err(|e| e.to_string())?;
+    if first & 1 == 1 {
+        return Err("a multicast address cannot be a NIC's (the first octet must be even)".into());
+    }
+    Ok(octets.join(":").to_ascii_lowercase())
+}
+
 /// Checks a `net` value: `nat`, `none`, `tap`, `bridge` or `bridge=IFNAME`.
-fn check_net(net: &str) -> Result<(), String> {
+pub fn check_net(net: &str) -> Result<(), String> {
     match net {
         "nat" | "none" | "tap" | "bridge" => Ok(()),
         _ => match net.strip_prefix("bridge=") {
@@ -919,6 +962,19 @@ mod tests {
     }
 
     #[test]
+    fn mac_and_nvme_values() {
+        let cfg = parse("[setup.a]\nmac = \"0A:6D:6B:00:00:01\"\nnvme = \"2G\"\n").unwrap();
+        assert_eq!(cfg.setups["a"].mac.as_deref(), Some("0a:6d:6b:00:00:01"));
+        for bad in ["01:00:00:00:00:00", "0a:6d:6b:00:00", "zz:00:00:00:00:00"] {
+            assert!(check_mac(bad).is_err(), "{bad}");
+        }
+        let err = parse("[setup.a]\nnvme = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`setup.a.nvme`"), "{err}");
+    }
+
+    #[test]
     fn default_setup_must_exist() {
         let err = parse("[defaults]\nsetup = \"nope\"\n")
             .unwrap_err()
@@ -1027,6 +1083,8 @@ mod tests {
             cpus: Some(1),
             mem: Some("x".into()),
             net: Some("x".into()),
+            mac: Some("x".into()),
+            nvme: Some("x".into()),
             dirs: vec!["x".into()],
         };
         assert_eq!(keys_of(&cfg.defaults), keys_of(&all_defaults));

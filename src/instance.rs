@@ -175,6 +175,12 @@ pub fn clean_stale(runtime_dir: &Path) -> Vec<PathBuf> {
             continue;
         }
         if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            // A dead run's VFIO bindings and tap go first; if that fails
+            // (say, not root), the record stays for a run that can.
+            if let Err(e) = recover(&dir) {
+                tracing::warn!("run directory {} left over: {e}", dir.display());
+                continue;
+            }
             if fs::remove_dir_all(&dir).is_ok() {
                 removed.push(dir);
             }
@@ -182,6 +188,12 @@ pub fn clean_stale(runtime_dir: &Path) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// Undoes what a dead run changed outside its directory.
+fn recover(dir: &Path) -> Result<(), String> {
+    crate::vfio::recover(dir, None).map_err(|e| format!("restoring its VFIO devices: {e}"))?;
+    crate::net::recover(dir).map_err(|e| format!("deleting its tap device: {e}"))
 }
 
 /// A run directory whose lock a live mkt holds.
@@ -261,6 +273,47 @@ mod tests {
         assert_eq!(list(rt.path()), vec![r]);
         drop(d);
         assert!(list(rt.path()).is_empty());
+    }
+
+    #[test]
+    fn the_sweep_gives_a_dead_runs_vfio_devices_back() {
+        let tree = crate::vfio::fake::Tree::new();
+        tree.device("0000:05:00.0", "3", Some("vfio-pci"));
+        tree.driver("mlx5_core");
+        let rt = tempfile::tempdir().unwrap();
+        let dead = runs_dir(rt.path()).join("cx5-1");
+        fs::create_dir_all(&dead).unwrap();
+        File::create(dead.join("lock")).unwrap();
+        let state = crate::vfio::State {
+            root: tree.root().to_path_buf(),
+            devices: vec![crate::vfio::Device {
+                bdf: "0000:05:00.0".into(),
+                group: "3".into(),
+                driver: Some("mlx5_core".into()),
+            }],
+        };
+        fs::write(
+            dead.join(crate::vfio::STATE_FILE),
+            serde_json::to_vec(&state).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(clean_stale(rt.path()), vec![dead.clone()]);
+        let drivers = tree.root().join("sys/bus/pci/drivers");
+        let read = |p: &str| fs::read_to_string(drivers.join(p)).unwrap();
+        assert_eq!(read("vfio-pci/unbind"), "0000:05:00.0");
+        assert_eq!(read("mlx5_core/bind"), "0000:05:00.0");
+        // A state that cannot be restored keeps the directory for later.
+        fs::create_dir_all(&dead).unwrap();
+        File::create(dead.join("lock")).unwrap();
+        let mut gone = state.clone();
+        gone.root = rt.path().join("nonexistent");
+        fs::write(
+            dead.join(crate::vfio::STATE_FILE),
+            serde_json::to_vec(&gone).unwrap(),
+        )
+        .unwrap();
+        assert!(clean_stale(rt.path()).is_empty());
+        assert!(dead.exists());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use crate::config::{Config, Paths, Setup};
 use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
 use crate::host::{self, kvm};
 use crate::instance::{self, RunDir};
+use crate::net;
 use crate::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -70,6 +71,12 @@ pub enum RunError {
     },
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::VfioError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
 }
 
 fn last_lines(console: &str) -> String {
@@ -105,6 +112,12 @@ pub struct RunOptions {
     pub gdb_port: Option<u16>,
     pub ssh_port: Option<u16>,
     pub net_none: bool,
+    /// `--net`: nat, none, tap, bridge, bridge=BR [default: the setup's, nat].
+    pub net: Option<String>,
+    /// Host PCI functions to pass through, added to the setup's.
+    pub pci: Vec<String>,
+    /// Size of the NVMe scratch disk in MiB.
+    pub nvme_mib: Option<u64>,
     pub profile: Option<String>,
     pub boot_script: Option<PathBuf>,
     pub init: Option<String>,
@@ -366,6 +379,9 @@ pub struct Prepared {
     pub root_ids: Option<crate::ns::Ids>,
     pub user: String,
     pub rootfs: PathBuf,
+    pub net_mode: net::Mode,
+    /// The NVMe disk's size, when there is one (the file is made at run).
+    pub nvme_mib: Option<u64>,
 }
 
 /// A guest file system a kernel may lack.
@@ -500,14 +516,64 @@ pub fn prepare(
 
     let probe = kvm::probe();
     let (accel, accel_note) = kvm::choose(opts.accel.clone(), &probe);
-    let profile_name = opts
-        .profile
-        .clone()
-        .or(setup.profile.clone())
-        .unwrap_or_else(|| qemu::DEFAULT_PROFILE.to_string());
+    // Passed through: --pci, the setup's pci, and the functions its guest
+    // hands on to a nested guest (they must reach that guest first).
+    let mut pci: Vec<String> = Vec::new();
+    for a in opts.pci.iter().chain(&setup.pci).chain(&setup.nested_pci) {
+        let bdf = crate::config::normalize_pci(a)
+            .map_err(|e| RunError::Invalid(format!("--pci {a:?}"), e))?;
+        if !pci.contains(&bdf) {
+            pci.push(bdf);
+        }
+    }
+    let num_vfs = setup.num_of_vfs.filter(|&n| n > 0 && !pci.is_empty());
+    let explicit_profile = opts.profile.clone().or(setup.profile.clone());
+    // Nested passthrough needs the guest's own IOMMU; SR-IOV needs PCIe
+    // (the capability sits in extended config space): both get q35.
+    let wants_iommu = !setup.nested_pci.is_empty() || num_vfs.is_some();
+    let profile_name = explicit_profile.clone().unwrap_or_else(|| {
+        if wants_iommu {
+            "iommu"
+        } else {
+            qemu::DEFAULT_PROFILE
+        }
+        .to_string()
+    });
     let user_profiles = paths.config_file.parent().map(|d| d.join("qemu-profiles"));
     let profile =
         Profile::load(&profile_name, user_profiles.as_deref()).map_err(RunError::Profile)?;
+    let nvme_mib = match (opts.nvme_mib, &setup.nvme) {
+        (Some(m), _) => Some(m),
+        (None, Some(s)) => {
+            Some(crate::config::parse_mem_mib(s).map_err(|e| RunError::Invalid("nvme".into(), e))?)
+        }
+        (None, None) => None,
+    };
+    if profile.bus == qemu::Bus::Mmio && (!pci.is_empty() || nvme_mib.is_some()) {
+        return Err(RunError::Invalid(
+            format!("profile {profile_name}"),
+            "it has no PCI bus, which --pci and --nvme need (use the default or iommu profile)"
+                .into(),
+        ));
+    }
+    if num_vfs.is_some() && !qemu::is_pcie(&profile) {
+        return Err(RunError::Invalid(
+            "num_of_vfs".into(),
+            format!(
+                "SR-IOV needs a PCI Express machine, and profile {profile_name} is not one (use profile iommu)"
+            ),
+        ));
+    }
+    let net_mode = if opts.net_none {
+        net::Mode::None
+    } else {
+        match opts.net.as_deref().or(setup.net.as_deref()) {
+            Some(s) => {
+                net::Mode::parse(s).map_err(|e| RunError::Invalid(format!("--net {s}"), e))?
+            }
+            None => net::Mode::Nat,
+        }
+    };
     let qemu_bin = host::probe::find_program("qemu-system-x86_64").ok_or(RunError::NoQemu)?;
 
     let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
@@ -613,7 +679,28 @@ pub fn prepare(
     } else {
         Mode::Systemd
     };
-    let net = !opts.net_none;
+    let net = net_mode != net::Mode::None;
+    // A bridge normally has a DHCP server; a bare tap may never get one,
+    // so the guest waits less before booting on without an address.
+    let dhcp = match net_mode {
+        net::Mode::Bridge(_) => Some(30),
+        net::Mode::Tap => Some(5),
+        _ => None,
+    };
+    let sriov = num_vfs.map(|n| {
+        let sys = host_sysfs();
+        let ids: Option<Vec<_>> = opts
+            .pci
+            .iter()
+            .chain(&setup.pci)
+            .filter_map(|a| crate::config::normalize_pci(a).ok())
+            .map(|b| sys.ids(&b))
+            .collect();
+        guest::Sriov {
+            num_vfs: n,
+            ids: ids.unwrap_or_default(),
+        }
+    });
     let ssh_keys = if !exec && net && rootfs.join("usr/sbin/sshd").exists() {
         Some(ensure_ssh_keys(&paths.data_dir.join("ssh"))?)
     } else {
@@ -644,6 +731,8 @@ pub fn prepare(
             _ => None,
         },
         net,
+        dhcp,
+        sriov,
         boot_script,
     };
     let files = guest::generate(&input);
@@ -685,8 +774,23 @@ pub fn prepare(
     } else {
         Vec::new()
     };
-    let net = if net {
-        Net::User {
+    let mac = setup
+        .mac
+        .clone()
+        .unwrap_or_else(|| net::mac_for(setup_name.as_deref().unwrap_or("mkt")));
+    let net = match &net_mode {
+        net::Mode::Tap => Net::Tap { fd: None, mac },
+        // Without CAP_NET_ADMIN, a configured qemu-bridge-helper can still
+        // put the VM on the bridge.
+        net::Mode::Bridge(br) => match net::bridge_helper(br) {
+            Some(helper) if !net::has_net_admin() => Net::BridgeHelper {
+                bridge: br.clone(),
+                helper,
+                mac,
+            },
+            _ => Net::Tap { fd: None, mac },
+        },
+        _ if net => Net::User {
             ssh_port: if exec {
                 None
             } else {
@@ -696,9 +800,8 @@ pub fn prepare(
                         .map_err(|e| RunError::Io("cannot find a free port".into(), e))?,
                 )
             },
-        }
-    } else {
-        Net::None
+        },
+        _ => Net::None,
     };
     let cpus = opts.cpus.or(setup.cpus).unwrap_or_else(available_cpus);
     let mem_mib = opts
@@ -710,6 +813,14 @@ pub fn prepare(
                 .and_then(|m| crate::config::parse_mem_mib(m).ok())
         })
         .unwrap_or(1024);
+    // Passed devices pin DMA memory: the default grows with them (MKT's
+    // rule); an explicit --mem is taken as is.
+    let mem_mib = if opts.mem_mib.is_some() {
+        mem_mib
+    } else {
+        qemu::mem_for_devices(mem_mib, pci.len())
+    };
+    let nvme_name = setup_name.as_deref().unwrap_or("run");
     let spec = VmSpec {
         qemu: qemu_bin,
         profile,
@@ -728,6 +839,11 @@ pub fn prepare(
         ports,
         qmp: run_dir.join("qmp.sock"),
         net,
+        pci,
+        nvme: nvme_mib.map(|_| qemu::Nvme {
+            path: paths.data_dir.join("nvme").join(format!("{nvme_name}.img")),
+            serial: format!("mkt-{nvme_name}"),
+        }),
         gdb_port: opts.gdb_port,
         extra: opts.qemu_args.clone(),
     };
@@ -741,6 +857,8 @@ pub fn prepare(
         root_ids: if fs == GFs::Virtiofs { root_ids } else { None },
         user: input.user.name.clone(),
         rootfs,
+        net_mode,
+        nvme_mib,
     })
 }
 
@@ -1407,18 +1525,60 @@ fn start_virtiofsd(
     Ok(daemons)
 }
 
-fn spawn_qemu(argv: &[String], exec: bool) -> Result<Child, RunError> {
+/// The sysfs VFIO works on: the host's, or (tests) $MKT_SYSFS_ROOT — never
+/// for a set-id or file-capability mkt (AT_SECURE).
+fn host_sysfs() -> crate::vfio::Sysfs {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
+    match std::env::var_os("MKT_SYSFS_ROOT") {
+        Some(root) if !secure => crate::vfio::Sysfs::new(root),
+        _ => crate::vfio::Sysfs::default(),
+    }
+}
+
+/// Makes the sparse disk file `path` at least `mib` MiB (never shrinks it:
+/// that would cut off data).
+fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| RunError::Write(dir.into(), e))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| RunError::Write(path.into(), e))?;
+    let want = mib.saturating_mul(1 << 20);
+    let len = f
+        .metadata()
+        .map_err(|e| RunError::Write(path.into(), e))?
+        .len();
+    if len < want {
+        f.set_len(want)
+            .map_err(|e| RunError::Write(path.into(), e))?;
+    }
+    Ok(())
+}
+
+fn spawn_qemu(argv: &[String], exec: bool, keep_fd: Option<i32>) -> Result<Child, RunError> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if exec {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
     }
     cmd.stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe; QEMU dies with mkt even on kill -9.
+    // SAFETY: prctl and fcntl are async-signal-safe; QEMU dies with mkt
+    // even on kill -9, and inherits the tap fd (`fd=N` names it).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(io::Error::from)
+                .map_err(io::Error::from)?;
+            if let Some(fd) = keep_fd
+                && libc::fcntl(fd, libc::F_SETFD, 0) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
         });
     }
     cmd.spawn()
@@ -1453,8 +1613,8 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         return ssh(paths, Some(setup), &opts.command);
     }
     let mut run_dir = RunDir::create(&paths.runtime_dir, &name).map_err(RunError::RunDir)?;
-    let prepared = prepare(opts, config, paths, run_dir.path())?;
-    let argv = qemu::command_line(&prepared.spec);
+    let mut prepared = prepare(opts, config, paths, run_dir.path())?;
+    let mut argv = qemu::command_line(&prepared.spec);
     if opts.dry_run {
         println!("{}", qemu::shell_quote(&argv));
         println!("# generated guest files (packed into the initramfs's /mkt):");
@@ -1485,6 +1645,56 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     }
     install_signal_handlers();
 
+    // The privileged steps: checked up front, undone when the run ends
+    // (these guards drop before run_dir), and after kill -9 by the next
+    // run's sweep of stale run directories.
+    let wants_tap = matches!(prepared.spec.net, Net::Tap { .. });
+    if wants_tap {
+        net::check_privilege(&prepared.net_mode)?;
+    }
+    let _vfio = if prepared.spec.pci.is_empty() {
+        None
+    } else {
+        let sys = host_sysfs();
+        let devices = sys.check(&prepared.spec.pci)?;
+        sys.check_privilege(&devices)?;
+        Some(sys.bind(&devices, &run_dir.path().join(crate::vfio::STATE_FILE))?)
+    };
+    if let (Some(n), Some(mib)) = (&prepared.spec.nvme, prepared.nvme_mib) {
+        ensure_disk(&n.path, mib)?;
+    }
+    let tap = if let Net::Tap { mac, .. } = &prepared.spec.net {
+        let bridge = match &prepared.net_mode {
+            net::Mode::Bridge(b) => Some(b.as_str()),
+            _ => None,
+        };
+        let tap = net::Tap::create(
+            &format!("mkt{}", std::process::id()),
+            bridge,
+            run_dir.path(),
+        )?;
+        // The tap exists and QEMU gets its fd: nothing else needs the
+        // capability (the kernel deletes the tap with the last fd).
+        net::drop_net_admin();
+        if !opts.quiet && !prepared.exec {
+            eprintln!(
+                "mkt: guest NIC {mac} on tap {}{}",
+                tap.name,
+                bridge
+                    .map(|b| format!(" in bridge {b}"))
+                    .unwrap_or_default()
+            );
+        }
+        prepared.spec.net = Net::Tap {
+            fd: Some(tap.fd()),
+            mac: mac.clone(),
+        };
+        argv = qemu::command_line(&prepared.spec);
+        Some(tap)
+    } else {
+        None
+    };
+
     let mut relays = Vec::new();
     let sockets: Vec<PathBuf> = prepared
         .spec
@@ -1507,10 +1717,10 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         None => Daemons(Vec::new(), Vec::new()),
     };
     let started = Instant::now();
-    let mut child = spawn_qemu(&argv, prepared.exec)?;
+    let mut child = spawn_qemu(&argv, prepared.exec, tap.as_ref().map(|t| t.fd()))?;
     let ssh_port = match &prepared.spec.net {
         Net::User { ssh_port } => *ssh_port,
-        Net::None => None,
+        _ => None,
     };
     run_dir.write_record(&instance::Record {
         name: name.clone(),

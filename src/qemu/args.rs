@@ -55,6 +55,27 @@ pub enum Net {
     User {
         ssh_port: Option<u16>,
     },
+    /// A tap device mkt opened (and attached to a bridge); QEMU inherits
+    /// `fd`. `None` until the tap exists (dry runs show a placeholder).
+    Tap {
+        fd: Option<i32>,
+        mac: String,
+    },
+    /// qemu-bridge-helper (setuid, configured in /etc/qemu/bridge.conf)
+    /// creates the tap: the unprivileged path to a bridge.
+    BridgeHelper {
+        bridge: String,
+        helper: PathBuf,
+        mac: String,
+    },
+}
+
+/// A raw file attached as an NVMe controller with one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nvme {
+    pub path: PathBuf,
+    /// The controller's serial number, shown in the guest's sysfs.
+    pub serial: String,
 }
 
 /// Everything needed to start one guest.
@@ -77,6 +98,9 @@ pub struct VmSpec {
     /// The QMP socket QEMU listens on.
     pub qmp: PathBuf,
     pub net: Net,
+    /// Host PCI functions (`DDDD:BB:DD.F`) passed through with VFIO.
+    pub pci: Vec<String>,
+    pub nvme: Option<Nvme>,
     /// Serves the gdb stub on 127.0.0.1:PORT.
     pub gdb_port: Option<u16>,
     /// Raw QEMU arguments, last so they can add to anything above.
@@ -112,6 +136,10 @@ pub fn command_line(spec: &VmSpec) -> Vec<String> {
     }
     argv.extend(ports_args(&spec.ports, bus));
     argv.extend(net_args(&spec.net, bus));
+    argv.extend(pci_args(&spec.pci, is_pcie(&spec.profile)));
+    if let Some(nvme) = &spec.nvme {
+        argv.extend(nvme_args(nvme));
+    }
     if let Some(port) = spec.gdb_port {
         argv.extend(gdb_args(port));
     }
@@ -300,7 +328,72 @@ pub fn net_args(net: &Net, bus: Bus) -> Vec<String> {
                 format!("{},netdev=net0", bus.virtio("virtio-net")),
             ]
         }
+        Net::Tap { fd, mac } => {
+            // The fd is the tap mkt opened and QEMU inherited; a dry run
+            // shows where it goes.
+            let fd = fd.map_or_else(|| "TAP_FD".to_owned(), |f| f.to_string());
+            vec![
+                "-netdev".into(),
+                format!("tap,id=net0,fd={fd}"),
+                "-device".into(),
+                format!("{},netdev=net0,mac={mac}", bus.virtio("virtio-net")),
+            ]
+        }
+        Net::BridgeHelper {
+            bridge,
+            helper,
+            mac,
+        } => vec![
+            "-netdev".into(),
+            format!(
+                "bridge,id=net0,br={},helper={}",
+                qemu_escape(bridge),
+                escape_path(helper)
+            ),
+            "-device".into(),
+            format!("{},netdev=net0,mac={mac}", bus.virtio("virtio-net")),
+        ],
     }
+}
+
+/// Whether the machine is PCI Express (q35): passed-through devices then go
+/// behind their own root port, where their extended config space (SR-IOV,
+/// ATS, ACS capabilities) is visible to the guest.
+pub fn is_pcie(profile: &Profile) -> bool {
+    profile
+        .machine
+        .split(',')
+        .next()
+        .is_some_and(|m| m.starts_with("q35"))
+}
+
+/// VFIO passthrough of host PCI functions; on PCIe machines one
+/// pcie-root-port each.
+pub fn pci_args(devices: &[String], pcie: bool) -> Vec<String> {
+    let mut args = Vec::new();
+    for (i, bdf) in devices.iter().enumerate() {
+        if pcie {
+            args.extend([
+                "-device".into(),
+                format!("pcie-root-port,id=vfio-rp{i},chassis={}", i + 1),
+                "-device".into(),
+                format!("vfio-pci,host={bdf},bus=vfio-rp{i}"),
+            ]);
+        } else {
+            args.extend(["-device".into(), format!("vfio-pci,host={bdf}")]);
+        }
+    }
+    args
+}
+
+/// An NVMe controller backed by a raw file.
+pub fn nvme_args(nvme: &Nvme) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("file={},if=none,id=nvm,format=raw", escape_path(&nvme.path)),
+        "-device".into(),
+        format!("nvme,serial={},drive=nvm", qemu_escape(&nvme.serial)),
+    ]
 }
 
 /// The gdb stub, on loopback only.
@@ -601,6 +694,85 @@ mod tests {
     }
 
     #[test]
+    fn net_args_tap_and_bridge_helper() {
+        let mac = "0a:6d:6b:01:02:03".to_string();
+        let cases = [
+            (
+                Net::Tap {
+                    fd: Some(5),
+                    mac: mac.clone(),
+                },
+                "-netdev tap,id=net0,fd=5 -device virtio-net-pci,netdev=net0,mac=0a:6d:6b:01:02:03",
+            ),
+            (
+                Net::Tap {
+                    fd: None,
+                    mac: mac.clone(),
+                },
+                "-netdev tap,id=net0,fd=TAP_FD -device virtio-net-pci,netdev=net0,mac=0a:6d:6b:01:02:03",
+            ),
+            (
+                Net::BridgeHelper {
+                    bridge: "br0".into(),
+                    helper: "/usr/lib/qemu/qemu-bridge-helper".into(),
+                    mac,
+                },
+                "-netdev bridge,id=net0,br=br0,helper=/usr/lib/qemu/qemu-bridge-helper \
+                 -device virtio-net-pci,netdev=net0,mac=0a:6d:6b:01:02:03",
+            ),
+        ];
+        for (net, want) in cases {
+            assert_eq!(net_args(&net, Bus::Pci), split(want), "{net:?}");
+        }
+    }
+
+    #[test]
+    fn pci_args_table() {
+        let two = vec!["0000:05:00.0".to_string(), "0000:05:00.1".to_string()];
+        let cases = [
+            (vec![], true, ""),
+            (
+                two.clone(),
+                false,
+                "-device vfio-pci,host=0000:05:00.0 -device vfio-pci,host=0000:05:00.1",
+            ),
+            (
+                two,
+                true,
+                "-device pcie-root-port,id=vfio-rp0,chassis=1 \
+                 -device vfio-pci,host=0000:05:00.0,bus=vfio-rp0 \
+                 -device pcie-root-port,id=vfio-rp1,chassis=2 \
+                 -device vfio-pci,host=0000:05:00.1,bus=vfio-rp1",
+            ),
+        ];
+        for (devs, pcie, want) in cases {
+            assert_eq!(pci_args(&devs, pcie), split(want), "{devs:?} {pcie}");
+        }
+        let pcie: Vec<(&str, bool)> = ["default", "microvm", "iommu"]
+            .iter()
+            .map(|n| (*n, is_pcie(&profile(n))))
+            .collect();
+        assert_eq!(
+            pcie,
+            [("default", false), ("microvm", false), ("iommu", true)]
+        );
+    }
+
+    #[test]
+    fn nvme_args_escape_the_path() {
+        let n = Nvme {
+            path: "/d/a,b.img".into(),
+            serial: "mkt-x".into(),
+        };
+        assert_eq!(
+            nvme_args(&n),
+            split(
+                "-drive file=/d/a,,b.img,if=none,id=nvm,format=raw -device nvme,serial=mkt-x,drive=nvm"
+            )
+        );
+    }
+
+    #[test]
     fn small_builders() {
         assert_eq!(
             qmp_args(Path::new("/run/q,mp.sock")),
@@ -695,6 +867,11 @@ mod tests {
             net: Net::User {
                 ssh_port: Some(10022),
             },
+            pci: vec!["0000:05:00.0".into()],
+            nvme: Some(Nvme {
+                path: "/d/nvme/cx5.img".into(),
+                serial: "mkt-cx5".into(),
+            }),
             gdb_port: Some(1234),
             extra: words(&["-s"]),
         };
@@ -749,6 +926,14 @@ mod tests {
             "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22",
             "-device",
             "virtio-net-pci,netdev=net0",
+            "-device",
+            "pcie-root-port,id=vfio-rp0,chassis=1",
+            "-device",
+            "vfio-pci,host=0000:05:00.0,bus=vfio-rp0",
+            "-drive",
+            "file=/d/nvme/cx5.img,if=none,id=nvm,format=raw",
+            "-device",
+            "nvme,serial=mkt-cx5,drive=nvm",
             "-gdb",
             "tcp:127.0.0.1:1234",
             "-s",
@@ -772,6 +957,8 @@ mod tests {
             ports: vec![],
             qmp: "/q".into(),
             net: Net::None,
+            pci: vec![],
+            nvme: None,
             gdb_port: None,
             extra: vec![],
         };
