@@ -345,6 +345,29 @@ pub fn error_lines(log: &str) -> Vec<&str> {
     pick[pick.len().saturating_sub(n)..].to_vec()
 }
 
+/// Removes this user's `mkt-build-PID-*` work dirs whose mkt is gone: a
+/// build killed by a signal has no chance to remove its own.
+pub fn sweep_work_dirs(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("mkt-build-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let mine = e.metadata().is_ok_and(|m| m.uid() == me && m.is_dir());
+        if mine && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {} left by a killed mkt build", e.path().display());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// `YYYYmmdd-HHMMSS` (UTC) for log names.
 fn timestamp() -> String {
     let secs = std::time::SystemTime::now()
@@ -414,8 +437,9 @@ fn prepare_env(
         .to_string();
     let (name, home, shell) = (user.name.clone(), user.home.clone(), user.shell.clone());
 
+    sweep_work_dirs(&std::env::temp_dir());
     let work = tempfile::Builder::new()
-        .prefix("mkt-build-")
+        .prefix(&format!("mkt-build-{}-", std::process::id()))
         .tempdir()
         .map_err(|e| BuildError::Create(std::env::temp_dir(), e))?;
     let files = work.path().join("files");
@@ -988,6 +1012,23 @@ mod tests {
             argv(steps(&Project::RdmaCore, &StepInput::default())),
             ["./build.sh", "ninja -C build -j0"]
         );
+    }
+
+    #[test]
+    fn work_dirs_of_dead_builds_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A pid that cannot be running (above pid_max's ceiling).
+        let dead = tmp.path().join("mkt-build-4194304-abc");
+        let live = tmp
+            .path()
+            .join(format!("mkt-build-{}-abc", std::process::id()));
+        let other = tmp.path().join("mkt-build-x");
+        for d in [&dead, &live, &other] {
+            fs::create_dir_all(d.join("root")).unwrap();
+        }
+        sweep_work_dirs(tmp.path());
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 
     #[test]

@@ -646,7 +646,10 @@ pub fn prepare(
         } => {
             let dir = std::fs::canonicalize(dir).unwrap_or(dir.clone());
             let guest_dir = PathBuf::from("/lib/modules").join(release);
-            if dir != rootfs.join(guest_dir.strip_prefix("/").unwrap()) {
+            // The rootfs's own modules (its own kernel) are there already;
+            // compared canonically, as /lib is often a link to usr/lib.
+            let in_rootfs = rootfs.join(guest_dir.strip_prefix("/").unwrap());
+            if dir != std::fs::canonicalize(&in_rootfs).unwrap_or(in_rootfs) {
                 links.push((guest_dir, dir.clone()));
                 if !shared.iter().any(|(s, _)| dir.starts_with(s)) {
                     shared.push((dir, true));
