@@ -581,3 +581,36 @@ fn a_recipe_runs_in_the_tree_as_the_user() {
         text(&o.stderr)
     );
 }
+
+/// The foundation's fixture kernel is configured and built by `mkt build`
+/// itself (tests/fixtures/prepare.sh): Debian's linux-source-6.1 with no
+/// .config, so mkt generated tinyconfig + kvm_guest.config + its fragment;
+/// every boot test in tests/run.rs and tests/boot.rs boots this bzImage.
+#[test]
+fn fixture_kernel_was_configured_and_built_by_mkt_build() {
+    let Some(tree) = common::kernel_tree() else {
+        return;
+    };
+    let log = std::fs::read_to_string(tree.join(".mkt-build.log"))
+        .unwrap_or_else(|e| panic!("{}/.mkt-build.log: {e}", tree.display()));
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("$ ")).collect();
+    assert!(lines[0].starts_with("$ make tinyconfig"), "{lines:?}");
+    assert!(
+        lines[1].starts_with(
+            "$ scripts/kconfig/merge_config.sh -m .config kernel/configs/kvm_guest.config"
+        ) && lines[1].ends_with("/vm.config"),
+        "{lines:?}"
+    );
+    assert!(lines[2].starts_with("$ make olddefconfig"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("$ make -j")),
+        "{lines:?}"
+    );
+    assert!(log.contains("mkt: kconfig: generated .config"), "{log}");
+    let config = std::fs::read_to_string(tree.join(".config")).unwrap();
+    for opt in ["CONFIG_VIRTIO_FS=y", "CONFIG_9P_FS=y", "CONFIG_DUMMY=m"] {
+        assert!(config.lines().any(|l| l == opt), "{opt}");
+    }
+    assert!(tree.join("arch/x86/boot/bzImage").is_file());
+    assert!(tree.join("drivers/net/dummy.ko").is_file());
+}

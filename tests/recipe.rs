@@ -237,6 +237,43 @@ fn default_recipe_builds_on_first_run_and_boots_its_own_kernel() {
         out.contains("debian-bookworm  recipe:debian-bookworm"),
         "{out}"
     );
+
+    // The recipe carries iproute2's build dependencies (MKT's support
+    // image): Debian's iproute2 source is discovered and built in it.
+    let Some(curl) = common::program("curl") else {
+        return;
+    };
+    let src = home.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let st = std::process::Command::new(curl)
+        .args(["-fsSL", "-o"])
+        .arg(src.join("iproute2.tar.xz"))
+        .arg("http://deb.debian.org/debian/pool/main/i/iproute2/iproute2_6.1.0.orig.tar.xz")
+        .status()
+        .unwrap();
+    assert!(st.success(), "download iproute2's source from Debian");
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(src.join("iproute2.tar.xz"))
+        .arg("-C")
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let tree = src.join("iproute2-6.1.0");
+    let o = common::mkt(home.path())
+        .args(["build", "--rootfs", "debian-bookworm", "-C"])
+        .arg(&tree)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(err.contains("iproute2"), "{err}");
+    let ip = tree.join("ip/ip");
+    let meta = std::fs::metadata(&ip).unwrap();
+    assert_eq!(meta.uid(), nix::unistd::getuid().as_raw());
+    let o = std::process::Command::new(&ip).arg("-V").output().unwrap();
+    assert!(text(&o).0.contains("ip utility"), "{}", text(&o).0);
 }
 
 /// A user with neither root nor a subuid range is told how to get one.
