@@ -120,7 +120,7 @@ pub fn state_line(r: &Record) -> String {
         (State::Done, Some(3)) => "done: new findings; a check could not run".to_string(),
         (State::Done, e) => format!("done (exit {e:?})"),
         (State::Failed, _) => format!("failed: {}", r.error.as_deref().unwrap_or("?")),
-        (State::Queued, _) => "queued (another job holds the scratch tree)".into(),
+        (State::Queued, _) => "queued (starting, or waiting for another job's scratch tree)".into(),
         (State::Running, _) => "running".into(),
     };
     format!(
