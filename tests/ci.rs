@@ -373,3 +373,80 @@ fn errors_name_what_is_wrong() {
     let err = text(&o.stderr);
     assert!(err.contains("\"nope\" is not a commit"), "{err}");
 }
+
+/// iproute2 (a small stand-in with its shape): the warnings build with
+/// `mkt build`'s steps on both revisions, checkpatch from the config's
+/// kernel tree (`--no-tree`), the kernel-only checks disabled.
+#[test]
+fn iproute2_commit_gets_a_warnings_build_and_checkpatch() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(kernel) = common::kernel_tree() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let work = common::temp_home(user);
+    let cfg = home.path().join(".config/mkt");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!("[defaults]\nkernel = \"{}\"\n", kernel.display()),
+    )
+    .unwrap();
+    if let Some(u) = user {
+        sh_as(
+            None,
+            home.path(),
+            &format!("chown -R {}:{} .config", u.uid, u.gid),
+        );
+    }
+    sh_as(
+        user,
+        work.path(),
+        r#"mkdir iproute2; cd iproute2; git init -q -b main
+        git config user.name 'Mkt Test'; git config user.email mkt@example.invalid
+        mkdir ip
+        printf '#!/bin/sh\necho CONFIGURED=1 > config.mk\n' > configure; chmod +x configure
+        printf 'CC ?= cc\nall:\n\t$(CC) -Wall -c ip/ip.c -o ip/ip.o\nclean:\n\trm -f ip/*.o config.mk\n' > Makefile
+        printf 'config.mk\n*.o\n' > .gitignore
+        printf '// SPDX-License-Identifier: GPL-2.0\nint main(void)\n{\n\tint old;\n\n\treturn 0;\n}\n' > ip/ip.c
+        git add -A; git commit -q -s -m 'ip: base' -m 'With a pre-existing warning.'
+        sed -i 's/^\tint old;$/\tint fresh;\n\tint old;/' ip/ip.c
+        git commit -q -a -s -m 'ip: add a variable' -m 'Never used.'"#,
+    );
+    let repo = work.path().join("iproute2");
+    let o = ci(
+        user,
+        home.path(),
+        &repo,
+        &[
+            "iproute2",
+            "--wait",
+            "--json",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+        ],
+    );
+    let report: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&o.stdout), text(&o.stderr)));
+    assert_eq!(o.status.code(), Some(1), "{report:#}");
+    let w = new_findings(&report, "warnings");
+    assert_eq!(w.len(), 1, "{report:#}");
+    assert_eq!(w[0]["file"], "ip/ip.c");
+    assert_eq!(w[0]["line"], 4);
+    assert!(
+        w[0]["message"].as_str().unwrap().contains("fresh"),
+        "{report:#}"
+    );
+    assert_eq!(check(&report, "warnings")["preexisting"], 1);
+    assert_eq!(check(&report, "checkpatch")["status"], "ran", "{report:#}");
+    for c in ["sparse", "smatch", "clang"] {
+        assert_eq!(check(&report, c)["status"], "disabled", "{report:#}");
+    }
+    assert_eq!(report["project"], "iproute2");
+}

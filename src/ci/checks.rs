@@ -714,10 +714,19 @@ fn userspace(
             ..Default::default()
         };
         let mut out_all = String::new();
-        for build::Step(argv) in build::steps(project, &input) {
-            let (st, out) = r.run(&format!("{}: {}", &rev[..12], argv.join(" ")), &argv)?;
+        let steps = build::steps(project, &input);
+        for (i, build::Step(argv)) in steps.iter().enumerate() {
+            let (st, out) = r.run(&format!("{}: {}", &rev[..12], argv.join(" ")), argv)?;
             out_all += &out;
-            if st != 0 && argv[0] != "make" && argv[0] != "ninja" {
+            // A failed clean is harmless; a failed build counts when it
+            // says why (compile errors are findings), else it did not run.
+            let clean = argv[0] == "rm" || argv.get(1).is_some_and(|a| a == "clean");
+            let last = i + 1 == steps.len();
+            let explained = last
+                && findings::parse_compiler(&out, &tree.to_string_lossy())
+                    .iter()
+                    .any(|f| f.severity == "error");
+            if st != 0 && !clean && !explained {
                 results.insert(
                     "warnings",
                     CheckResult::not_run(
