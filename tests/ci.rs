@@ -83,7 +83,8 @@ git commit -q -a -s -m 'net: dummy: add mkt_ci_peek' -m 'Reads a user pointer as
 git rev-parse HEAD > ../c2
 
 sed -i 's|/\* dummy.c: a dummy net driver|/* dummy.c: a dummy network driver|' drivers/net/dummy.c
-git commit -q -a -s -m 'net: dummy: reword the first comment' -m 'Network, not net.'
+git commit -q -a -s -m 'net: dummy: reword the first comment' -m 'Network, not net.' \
+    -m 'Change-Id: I0123456789abcdef0123456789abcdef01234567'
 git rev-parse HEAD > ../c3
 "#;
 
@@ -308,7 +309,8 @@ fn kernel_commits_report_exactly_what_they_introduce() {
         "{out}"
     );
 
-    // smatch and clang are not in the fixture rootfs: "not run", exit 2.
+    // smatch and clang are not in the fixture rootfs: "not run", exit 2
+    // (3 with the gerrit Change-Id checkpatch now reports).
     let o = ci(
         user,
         home.path(),
@@ -319,13 +321,15 @@ fn kernel_commits_report_exactly_what_they_introduce() {
             "--wait",
             "--rootfs",
             r,
-            "--no-checkpatch",
             "--no-sparse",
             "--no-warnings",
+            "--no-ignore-gerrit",
         ],
     );
     let out = text(&o.stdout);
-    assert_eq!(o.status.code(), Some(2), "{out}{}", text(&o.stderr));
+    assert_eq!(o.status.code(), Some(3), "{out}{}", text(&o.stderr));
+    assert!(out.contains("checkpatch: 1 new"), "{out}");
+    assert!(out.contains("GERRIT_CHANGE_ID"), "{out}");
     assert!(
         out.contains("smatch: NOT RUN (smatch is not installed in the rootfs"),
         "{out}"
@@ -334,7 +338,10 @@ fn kernel_commits_report_exactly_what_they_introduce() {
         out.contains("clang: NOT RUN (clang is not installed in the rootfs"),
         "{out}"
     );
-    assert!(out.contains("not run: smatch, clang (exit 2"), "{out}");
+    assert!(
+        out.contains("1 new finding; not run: smatch, clang (exit 3"),
+        "{out}"
+    );
 
     // Every job is listed.
     let o = ci(user, home.path(), &repo, &["--status"]);

@@ -616,10 +616,11 @@ fn kernel(
         .iter()
         .filter(|f| {
             let (d, n) = f.rsplit_once('/').unwrap_or(("", f));
-            let cmd = tree
+            // Objects were deleted before the build: only what it compiled is there.
+            !tree
                 .join(d)
-                .join(format!(".{}.o.cmd", n.trim_end_matches(".c")));
-            !cmd.exists()
+                .join(format!("{}.o", n.trim_end_matches(".c")))
+                .exists()
         })
         .map(String::as_str)
         .collect();
@@ -752,6 +753,34 @@ fn userspace(
     Ok(())
 }
 
+/// checkpatch.pl's command line; pure.
+fn checkpatch_argv(
+    script: &str,
+    no_tree: bool,
+    codespell: bool,
+    ignore_gerrit: bool,
+    patch: &str,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "perl".into(),
+        script.into(),
+        "--show-types".into(),
+        "--no-summary".into(),
+        "--color=never".into(),
+    ];
+    if no_tree {
+        argv.push("--no-tree".into());
+    }
+    if codespell {
+        argv.push("--codespell".into());
+    }
+    if ignore_gerrit {
+        argv.extend(["--ignore".into(), "GERRIT_CHANGE_ID".into()]);
+    }
+    argv.push(patch.into());
+    argv
+}
+
 /// checkpatch.pl on `git format-patch` of REV: every finding is the patch's.
 fn checkpatch(
     r: &mut Runner,
@@ -790,23 +819,13 @@ fn checkpatch(
     let patch = git::format_patch(&r.tree, commit)?;
     let p = r.env.files.join("patch");
     fs::write(&p, &patch).map_err(|e| CiError::Write(p.clone(), e))?;
-    let mut argv: Vec<String> = vec![
-        "perl".into(),
-        script,
-        "--show-types".into(),
-        "--no-summary".into(),
-        "--color=never".into(),
-    ];
-    if no_tree {
-        argv.push("--no-tree".into());
-    }
-    if have("codespell") {
-        argv.push("--codespell".into());
-    }
-    if req.ignore_gerrit {
-        argv.extend(["--ignore".into(), "GERRIT_CHANGE_ID".into()]);
-    }
-    argv.push(format!("{MKT_DIR}/patch"));
+    let argv = checkpatch_argv(
+        &script,
+        no_tree,
+        have("codespell"),
+        req.ignore_gerrit,
+        &format!("{MKT_DIR}/patch"),
+    );
     let (st, out) = r.run("checkpatch", &argv)?;
     let found = findings::parse_checkpatch(&out);
     if st > 1 || (st == 1 && found.is_empty()) {
@@ -834,6 +853,31 @@ fn checkpatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpatch_command_lines() {
+        let j = |v: Vec<String>| v.join(" ");
+        assert_eq!(
+            j(checkpatch_argv(
+                "scripts/checkpatch.pl",
+                false,
+                true,
+                true,
+                "/p"
+            )),
+            "perl scripts/checkpatch.pl --show-types --no-summary --color=never --codespell --ignore GERRIT_CHANGE_ID /p"
+        );
+        assert_eq!(
+            j(checkpatch_argv(
+                "/k/scripts/checkpatch.pl",
+                true,
+                false,
+                false,
+                "/p"
+            )),
+            "perl /k/scripts/checkpatch.pl --show-types --no-summary --color=never --no-tree /p"
+        );
+    }
 
     #[test]
     fn scratch_names() {

@@ -93,8 +93,9 @@ pub fn load(jobs: &Path, id: u64) -> Result<Record, CiError> {
     let text = fs::read_to_string(&p).map_err(|_| CiError::NoJob(id))?;
     let mut r: Record =
         serde_json::from_str(&text).map_err(|e| CiError::BadRecord(p.clone(), e.to_string()))?;
-    // A queued or running job whose process is gone died without a word.
-    if matches!(r.state, State::Queued | State::Running) && !alive(r.pid) {
+    // A queued or running job whose process is gone died without a word
+    // (pid 0: the detached process has not recorded itself yet).
+    if matches!(r.state, State::Queued | State::Running) && r.pid != 0 && !alive(r.pid) {
         r.state = State::Failed;
         r.error = Some(format!(
             "the job's process ({}) ended without finishing; see the log",

@@ -157,7 +157,15 @@ pub fn ci(opts: &CiOptions, config: &Config, paths: &Paths) -> anyhow::Result<i3
         return Ok(report.exit);
     }
     job::save(&dir, &record)?;
-    let pid = spawn_detached(id, &record.log, opts.config_file.as_deref())?;
+    let pid = match spawn_detached(id, &record.log, opts.config_file.as_deref()) {
+        Ok(pid) => pid,
+        Err(e) => {
+            record.state = State::Failed;
+            record.error = Some(e.to_string());
+            job::save(&dir, &record)?;
+            return Err(e.into());
+        }
+    };
     if opts.json {
         let v = serde_json::json!({"job": id, "pid": pid, "log": record.log});
         println!("{v}");
