@@ -17,7 +17,7 @@ use crate::ns::{self, Layout, Mount, What};
 pub const VM_CONFIG: &str = include_str!("../configs/vm.config");
 
 /// Where mkt's generated files appear inside the tree.
-const MKT_DIR: &str = "/tmp/.mkt";
+pub(crate) const MKT_DIR: &str = "/tmp/.mkt";
 
 /// What a source tree is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -406,21 +406,22 @@ pub struct BuildOptions {
     pub verbose: bool,
 }
 
-/// Everything needed to enter the rootfs for one source tree.
-struct Env {
-    rootfs: PathBuf,
-    src: PathBuf,
-    layout: Layout,
-    env: Vec<(OsString, OsString)>,
+/// Everything needed to enter the rootfs for one source tree (also used
+/// by `mkt ci`).
+pub(crate) struct Env {
+    pub(crate) rootfs: PathBuf,
+    pub(crate) src: PathBuf,
+    pub(crate) layout: Layout,
+    pub(crate) env: Vec<(OsString, OsString)>,
     shell: String,
-    ccache: bool,
+    pub(crate) ccache: bool,
     /// Host directory shown read-only at [`MKT_DIR`] inside.
-    files: PathBuf,
+    pub(crate) files: PathBuf,
     /// Holds the generated passwd/group/vm.config and the staging dir.
     _work: tempfile::TempDir,
 }
 
-fn prepare_env(
+pub(crate) fn prepare_env(
     opts: &BuildOptions,
     config: &Config,
     paths: &Paths,
@@ -578,7 +579,7 @@ impl Env {
         Ok(Ok(()))
     }
 
-    fn spec(&self, argv: &[String]) -> ns::Spec {
+    pub(crate) fn spec(&self, argv: &[String]) -> ns::Spec {
         ns::Spec {
             layout: self.layout.clone(),
             // The host's name: kbuild bakes `hostname` into the kernel
@@ -596,7 +597,7 @@ impl Env {
 
     /// Runs one step with its output appended to `log` (and copied to
     /// stderr when `stream`).
-    fn run_logged(
+    pub(crate) fn run_logged(
         &self,
         argv: &[String],
         log: &fs::File,
@@ -633,7 +634,7 @@ impl Env {
     }
 }
 
-fn resolve_src(opts: &BuildOptions, config: &Config) -> Result<PathBuf, BuildError> {
+pub(crate) fn resolve_src(opts: &BuildOptions, config: &Config) -> Result<PathBuf, BuildError> {
     let from_config = |p: &str| match p {
         "kernel" | "linux" => config.defaults.kernel.clone(),
         "rdma-core" => config.defaults.rdma_core.clone(),
@@ -655,7 +656,7 @@ fn resolve_src(opts: &BuildOptions, config: &Config) -> Result<PathBuf, BuildErr
     Ok(c)
 }
 
-fn check_wanted(want: &str, dir: &Path, found: &Project) -> Result<(), BuildError> {
+pub(crate) fn check_wanted(want: &str, dir: &Path, found: &Project) -> Result<(), BuildError> {
     let ok = match want {
         "kernel" | "linux" => matches!(found, Project::Kernel { .. }),
         w => w == found.name(),

@@ -58,6 +58,10 @@ pub enum Command {
     /// Build a kernel (or rdma-core, iproute2, QEMU) tree inside a rootfs,
     /// rootless: silent with one status line, outputs owned by you.
     Build(Box<BuildArgs>),
+    /// Static analysis of a commit (checkpatch, sparse, smatch, a W=1 build,
+    /// clang) over the directories it touches, reporting only what it
+    /// introduced; in the background unless --wait.
+    Ci(Box<CiArgs>),
     /// Run a setup's test script in its VM (the running one, else a fresh
     /// boot) and print TEST PASSED or TEST FAILED.
     Test {
@@ -309,6 +313,33 @@ pub fn run(cli: Cli) -> Result<i32> {
                 verbose: cli.global.verbose > 0,
             };
             crate::build::build(&opts, &ctx.config, &ctx.paths)
+        }
+        Command::Ci(a) => {
+            let ctx = load_context(&cli.global)?;
+            let opts = crate::ci::CiOptions {
+                project: a.project,
+                dir: a.directory,
+                rev: a.rev,
+                rootfs: a.rootfs,
+                no_checkpatch: a.no_checkpatch,
+                no_sparse: a.no_sparse,
+                no_smatch: a.no_smatch,
+                no_warnings: a.no_warnings,
+                no_clang: a.no_clang,
+                show_all: a.show_all,
+                no_ignore_gerrit: a.no_ignore_gerrit,
+                kernel_config: a.kernel_config,
+                json: a.json,
+                junit: a.junit,
+                wait: a.wait,
+                status: a.status,
+                log: a.log,
+                run_job: a.run_job,
+                config_file: cli.global.config.clone(),
+                quiet: ctx.quiet,
+                verbose: cli.global.verbose > 0,
+            };
+            crate::ci::ci(&opts, &ctx.config, &ctx.paths)
         }
         Command::Run(args) => {
             let ctx = load_context(&cli.global)?;
@@ -614,4 +645,66 @@ pub struct BuildArgs {
     /// Extra arguments for make (ninja for rdma-core and QEMU), e.g. W=1.
     #[arg(last = true, value_name = "MAKE ARGS")]
     pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CiArgs {
+    /// What the tree is: kernel (or linux), rdma-core, iproute2 [default:
+    /// what REV's tree is]; without -C, the config's tree for it.
+    #[arg(value_parser = ["kernel", "linux", "rdma-core", "iproute2"])]
+    pub project: Option<String>,
+    /// The source repository [default: the current directory].
+    #[arg(short = 'C', long = "directory", value_name = "DIR")]
+    pub directory: Option<PathBuf>,
+    /// The commit to check, against its first parent [default: HEAD].
+    #[arg(long, value_name = "REV")]
+    pub rev: Option<String>,
+    /// Rootfs the analysers run in: a name in mkt's store or a directory.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub rootfs: Option<String>,
+    /// Skip checkpatch.pl.
+    #[arg(long)]
+    pub no_checkpatch: bool,
+    /// Skip sparse (make C=2).
+    #[arg(long)]
+    pub no_sparse: bool,
+    /// Skip smatch.
+    #[arg(long)]
+    pub no_smatch: bool,
+    /// Skip the W=1 warnings build.
+    #[arg(long)]
+    pub no_warnings: bool,
+    /// Skip the clang (CC=clang) build.
+    #[arg(long)]
+    pub no_clang: bool,
+    /// Report every finding at REV, not only those the commit introduced.
+    #[arg(long)]
+    pub show_all: bool,
+    /// Let checkpatch complain about gerrit Change-Id tags.
+    #[arg(long)]
+    pub no_ignore_gerrit: bool,
+    /// Kernel config to analyse with (mkt ci's equivalent of the issue's
+    /// `--config`, which is mkt's config file) [default: mkt build's VM config
+    /// plus the options the touched files need].
+    #[arg(long, value_name = "FILE")]
+    pub kernel_config: Option<PathBuf>,
+    /// Print the report (with --wait or --status ID) or the job id as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the report as JUnit XML to FILE when the job ends.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Run in the foreground and exit 0 (nothing new), 1 (new findings),
+    /// 2 (a check could not run) or 3 (both).
+    #[arg(long)]
+    pub wait: bool,
+    /// Show job ID's state and report (every job without ID).
+    #[arg(long, value_name = "ID", num_args = 0..=1, conflicts_with_all = ["log", "wait"])]
+    pub status: Option<Option<u64>>,
+    /// Print job ID's log.
+    #[arg(long, value_name = "ID", conflicts_with = "wait")]
+    pub log: Option<u64>,
+    /// Internal: the detached process running job ID.
+    #[arg(long, value_name = "ID", hide = true)]
+    pub run_job: Option<u64>,
 }

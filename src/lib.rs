@@ -3,6 +3,7 @@
 //! `main.rs` is a thin shell over this library; each module owns one concern.
 
 pub mod build;
+pub mod ci;
 pub mod cli;
 pub mod config;
 pub mod guest;

@@ -5,7 +5,7 @@
 # for a busybox-size image (~6 MiB) and a Debian-size one (the fixture rootfs),
 # each run from an empty store and blob cache. As root, the timed commands run
 # as the unprivileged user ($MKT_TEST_USER, default mkt-ci), as users would.
-# Usage: tests/bench/pull.sh [RUNS]   (default 5)
+# Usage: tests/bench/pull.sh [RUNS]   (default 5; MKT_BENCH_OWNERS=xattrs|real picks --owners)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 runs=${1:-5}
@@ -63,13 +63,16 @@ as_user() { if [ -n "$user" ]; then su -s /bin/bash "$user" -c "$1"; else bash -
 u=$work/run
 as_user "mkdir -p $u && mkdir -p -m 700 $u/rt"
 # Each timed command is a script; each starts from an empty store and cache.
+# (a tree with subordinate-id owners is removed by mkt, from its namespace)
 cat >"$work/clean.sh" <<EOF
-chmod -R u+rwX $u/bundle 2>/dev/null; rm -rf $u/data $u/oci $u/bundle
+export HOME=$u XDG_DATA_HOME=$u/data XDG_STATE_HOME=$u/state XDG_CONFIG_HOME=$u/cfg XDG_RUNTIME_DIR=$u/rt
+for n in small debian; do [ ! -d $u/data/mkt/rootfs/\$n ] || $work/mkt -q rootfs rm \$n; done
+chmod -R u+rwX $u/bundle 2>/dev/null; rm -rf $u/data $u/oci $u/bundle; true
 EOF
 for size in small debian; do
     cat >"$work/mkt-$size.sh" <<EOF
 export HOME=$u XDG_DATA_HOME=$u/data XDG_STATE_HOME=$u/state XDG_CONFIG_HOME=$u/cfg XDG_RUNTIME_DIR=$u/rt
-exec $work/mkt -q rootfs pull --name $size 127.0.0.1:$port/bench/$size:1
+exec $work/mkt -q rootfs pull ${MKT_BENCH_OWNERS:+--owners $MKT_BENCH_OWNERS} --name $size 127.0.0.1:$port/bench/$size:1
 EOF
     cat >"$work/skopeo-umoci-$size.sh" <<EOF
 skopeo copy --quiet --src-tls-verify=false docker://127.0.0.1:$port/bench/$size:1 oci:$u/oci:t

@@ -1,0 +1,404 @@
+//! Findings: parsing analyser output (gcc, sparse, smatch, checkpatch) and
+//! keeping only what a patch introduced. Pure.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+/// One warning or error an analyser reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// The file, relative to the top of the tree (empty: the commit itself,
+    /// e.g. a checkpatch remark on the commit message).
+    pub file: String,
+    /// 0 when the analyser named no line.
+    pub line: u32,
+    /// `warning`, `error`, `WARNING`, `CHECK`, ... as the analyser says it.
+    pub severity: String,
+    /// checkpatch's type (`LONG_LINE`), empty for the others.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    pub message: String,
+    /// Continuation lines (sparse's expected/got, gcc's notes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub detail: Vec<String>,
+}
+
+impl Finding {
+    /// What identifies a finding across revisions: everything but the line
+    /// (which moves when lines are added above it) and the details (which
+    /// can quote line numbers).
+    fn key(&self) -> (&str, &str, &str, &str) {
+        (&self.file, &self.severity, &self.kind, &self.message)
+    }
+
+    /// `file:line: severity: message` (checkpatch: `severity TYPE: ...`).
+    pub fn one_line(&self) -> String {
+        let at = match (self.file.is_empty(), self.line) {
+            (true, _) => "commit".to_string(),
+            (false, 0) => self.file.clone(),
+            (false, l) => format!("{}:{l}", self.file),
+        };
+        if self.kind.is_empty() {
+            format!("{at}: {}: {}", self.severity, self.message)
+        } else {
+            format!("{at}: {} {}: {}", self.severity, self.kind, self.message)
+        }
+    }
+}
+
+/// `./a/b.c` and `/scratch/tree/a/b.c` → `a/b.c`.
+pub fn normalise_path(path: &str, tree: &str) -> String {
+    let mut p = path;
+    if !tree.is_empty()
+        && let Some(rest) = p.strip_prefix(tree)
+    {
+        p = rest.trim_start_matches('/');
+    }
+    while let Some(rest) = p.strip_prefix("./") {
+        p = rest;
+    }
+    while let Some(rest) = p.strip_prefix("../") {
+        p = rest;
+    }
+    p.to_string()
+}
+
+/// Parses `file:line[:col]: [func() ]severity: message` lines, the shape
+/// gcc, clang, sparse, smatch and objtool share. Notes and indented
+/// continuation lines for the same file become the previous finding's
+/// details; everything else (make's chatter, gcc's source excerpts) is
+/// skipped. `tree` is stripped from absolute paths.
+pub fn parse_compiler(text: &str, tree: &str) -> Vec<Finding> {
+    let mut out: Vec<Finding> = Vec::new();
+    for raw in text.lines() {
+        let Some((file, line, rest)) = split_location(raw) else {
+            continue;
+        };
+        let file = normalise_path(file, tree);
+        // smatch: `file:123 func() warn: message`.
+        let rest = match rest.split_once("() ") {
+            Some((func, r)) if !func.contains(' ') && !func.is_empty() => r,
+            _ => rest,
+        };
+        let (sev, msg) = match rest.split_once(": ") {
+            Some((s, m)) if is_severity(s) => (s, m),
+            _ => {
+                // sparse's "    expected int *" lines: a detail.
+                if let Some(last) = out.last_mut()
+                    && last.file == file
+                    && rest.starts_with(' ')
+                {
+                    last.detail.push(rest.trim().to_string());
+                }
+                continue;
+            }
+        };
+        if sev == "note" {
+            if let Some(last) = out.last_mut() {
+                last.detail.push(format!("{file}:{line}: note: {msg}"));
+            }
+            continue;
+        }
+        let severity = match sev {
+            "warn" => "warning",
+            "fatal error" => "error",
+            s => s,
+        };
+        out.push(Finding {
+            file,
+            line,
+            severity: severity.to_string(),
+            kind: String::new(),
+            message: msg.trim_end().to_string(),
+            detail: vec![],
+        });
+    }
+    out
+}
+
+fn is_severity(s: &str) -> bool {
+    matches!(
+        s,
+        "warning" | "error" | "fatal error" | "note" | "warn" | "info"
+    )
+}
+
+/// `file:line[:col]: rest` or `file:line rest` (smatch), or `file.o: rest`
+/// (objtool, line 0). The file must look like a path in the tree.
+fn split_location(l: &str) -> Option<(&str, u32, &str)> {
+    let (file, after) = l.split_once(':')?;
+    if file.is_empty() || file.contains(' ') || !file.contains('.') {
+        return None;
+    }
+    let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        // objtool: `drivers/x.o: warning: objtool: ...`
+        let rest = after.strip_prefix(' ')?;
+        return file.ends_with(".o").then_some((file, 0, rest));
+    }
+    let line: u32 = after[..digits].parse().ok()?;
+    let mut rest = &after[digits..];
+    if let Some(r) = rest.strip_prefix(':') {
+        let cdigits = r.bytes().take_while(u8::is_ascii_digit).count();
+        rest = if cdigits > 0 {
+            r[cdigits..].strip_prefix(':').unwrap_or(&r[cdigits..])
+        } else {
+            r
+        };
+    }
+    let rest = rest.strip_prefix(' ')?;
+    Some((file, line, rest))
+}
+
+/// Parses checkpatch.pl output run with `--show-types --no-summary`:
+/// `SEVERITY:TYPE: message` followed by `#N: FILE: path:line:`.
+pub fn parse_checkpatch(text: &str) -> Vec<Finding> {
+    let mut out: Vec<Finding> = Vec::new();
+    let mut open = false;
+    for l in text.lines() {
+        if let Some((sev, rest)) = l.split_once(':')
+            && matches!(sev, "ERROR" | "WARNING" | "CHECK")
+            && let Some((kind, msg)) = rest.split_once(": ")
+            && !kind.is_empty()
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        {
+            out.push(Finding {
+                file: String::new(),
+                line: 0,
+                severity: sev.to_string(),
+                kind: kind.to_string(),
+                message: msg.trim_end().to_string(),
+                detail: vec![],
+            });
+            open = true;
+            continue;
+        }
+        if open
+            && l.starts_with('#')
+            && let Some((_, loc)) = l.split_once(": FILE: ")
+            && let Some(f) = out.last_mut()
+        {
+            let loc = loc.trim_end().trim_end_matches(':');
+            if let Some((file, line)) = loc.rsplit_once(':') {
+                f.file = file.to_string();
+                f.line = line.parse().unwrap_or(0);
+            } else {
+                f.file = loc.to_string();
+            }
+            continue;
+        }
+        if l.trim().is_empty() {
+            open = false;
+        }
+    }
+    out
+}
+
+/// Lines a patch added, per file: from `git diff -U0` output.
+pub fn added_lines(diff: &str) -> HashMap<String, Vec<(u32, u32)>> {
+    let mut map: HashMap<String, Vec<(u32, u32)>> = HashMap::new();
+    let mut file: Option<String> = None;
+    for l in diff.lines() {
+        if let Some(p) = l.strip_prefix("+++ ") {
+            file = p.strip_prefix("b/").map(str::to_string);
+            continue;
+        }
+        let (Some(f), Some(h)) = (&file, l.strip_prefix("@@ ")) else {
+            continue;
+        };
+        // @@ -a,b +c,d @@
+        let Some(plus) = h.split_whitespace().find(|w| w.starts_with('+')) else {
+            continue;
+        };
+        let mut it = plus[1..].split(',');
+        let start: u32 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let len: u32 = it.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+        if len > 0 {
+            map.entry(f.clone()).or_default().push((start, len));
+        }
+    }
+    map
+}
+
+/// The findings on the new revision that the parent did not have: per
+/// (file, severity, type, message), as many as the new revision has more
+/// than the parent, preferring those on lines the patch added. Order kept.
+pub fn introduced(
+    new: &[Finding],
+    old: &[Finding],
+    added: &HashMap<String, Vec<(u32, u32)>>,
+) -> Vec<Finding> {
+    let mut old_count: HashMap<(&str, &str, &str, &str), usize> = HashMap::new();
+    for f in old {
+        *old_count.entry(f.key()).or_default() += 1;
+    }
+    let on_added = |f: &Finding| {
+        added.get(&f.file).is_some_and(|r| {
+            r.iter()
+                .any(|&(s, n)| f.line >= s && f.line < s.saturating_add(n))
+        })
+    };
+    let mut groups: BTreeMap<(&str, &str, &str, &str), Vec<usize>> = BTreeMap::new();
+    for (i, f) in new.iter().enumerate() {
+        groups.entry(f.key()).or_default().push(i);
+    }
+    let mut keep = vec![false; new.len()];
+    for (key, mut idx) in groups {
+        let extra = idx.len().saturating_sub(*old_count.get(&key).unwrap_or(&0));
+        // Added lines first, then by position.
+        idx.sort_by_key(|&i| (!on_added(&new[i]), i));
+        for &i in idx.iter().take(extra) {
+            keep[i] = true;
+        }
+    }
+    new.iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(f, _)| f.clone())
+        .collect()
+}
+
+/// Removes exact duplicates (the same header warning printed once per
+/// object including it), keeping the first.
+pub fn dedup(v: Vec<Finding>) -> Vec<Finding> {
+    let mut seen = std::collections::HashSet::new();
+    v.into_iter()
+        .filter(|f| seen.insert((f.file.clone(), f.line, f.message.clone())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GCC: &str = "\
+drivers/net/dummy.c: In function 'mkt_ci_peek':
+drivers/net/dummy.c:140:13: warning: variable 'seen' set but not used [-Wunused-but-set-variable]
+  140 |         int seen;
+      |             ^~~~
+drivers/net/dummy.c:150:1: error: expected ';' before '}' token
+./include/linux/foo.h:3:5: note: declared here
+make[4]: *** [scripts/Makefile.build:250: drivers/net/dummy.o] Error 1
+drivers/net/dummy.o: warning: objtool: mkt()+0x12: unreachable instruction
+";
+
+    #[test]
+    fn gcc_lines_notes_and_objtool() {
+        let f = parse_compiler(GCC, "");
+        assert_eq!(f.len(), 3, "{f:#?}");
+        assert_eq!(
+            f[0].one_line(),
+            "drivers/net/dummy.c:140: warning: variable 'seen' set but not used [-Wunused-but-set-variable]"
+        );
+        assert_eq!(f[1].severity, "error");
+        assert_eq!(f[1].detail, ["include/linux/foo.h:3: note: declared here"]);
+        assert_eq!(f[2].file, "drivers/net/dummy.o");
+        assert_eq!(f[2].line, 0);
+        assert!(f[2].message.starts_with("objtool: mkt()"));
+    }
+
+    #[test]
+    fn sparse_details_and_smatch() {
+        let text = "\
+/s/tree/drivers/net/dummy.c:142:27: warning: incorrect type in initializer (different address spaces)
+/s/tree/drivers/net/dummy.c:142:27:    expected int *kptr
+/s/tree/drivers/net/dummy.c:142:27:    got int [noderef] __user *uptr
+drivers/net/dummy.c:77 dummy_dev_init() warn: possible memory leak of 'x'
+drivers/net/dummy.c:90 dummy_setup() error: we previously assumed 'dev' could be null
+";
+        let f = parse_compiler(text, "/s/tree");
+        assert_eq!(f.len(), 3, "{f:#?}");
+        assert_eq!(f[0].file, "drivers/net/dummy.c");
+        assert_eq!(
+            f[0].detail,
+            ["expected int *kptr", "got int [noderef] __user *uptr"]
+        );
+        assert_eq!(f[1].severity, "warning");
+        assert_eq!(f[1].line, 77);
+        assert_eq!(f[1].message, "possible memory leak of 'x'");
+        assert_eq!(f[2].severity, "error");
+    }
+
+    #[test]
+    fn checkpatch_blocks() {
+        let text = "\
+WARNING:FILE_PATH_CHANGES: added, moved or deleted file(s), does MAINTAINERS need updating?
+#20: 
+new file mode 100644
+
+WARNING:SPDX_LICENSE_TAG: Missing or malformed SPDX-License-Identifier tag in line 1
+#25: FILE: drivers/net/mkt_ci_new.c:1:
++/* no licence */
+
+ERROR:MISSING_SIGN_OFF: Missing Signed-off-by: line(s)
+
+";
+        let f = parse_checkpatch(text);
+        assert_eq!(f.len(), 3, "{f:#?}");
+        assert_eq!(f[0].kind, "FILE_PATH_CHANGES");
+        assert_eq!(f[0].file, "");
+        assert_eq!(f[1].file, "drivers/net/mkt_ci_new.c");
+        assert_eq!(f[1].line, 1);
+        assert_eq!(
+            f[1].one_line(),
+            "drivers/net/mkt_ci_new.c:1: WARNING SPDX_LICENSE_TAG: Missing or malformed SPDX-License-Identifier tag in line 1"
+        );
+        assert_eq!(f[2].severity, "ERROR");
+        assert_eq!(
+            f[2].one_line(),
+            "commit: ERROR MISSING_SIGN_OFF: Missing Signed-off-by: line(s)"
+        );
+    }
+
+    fn w(file: &str, line: u32, msg: &str) -> Finding {
+        Finding {
+            file: file.into(),
+            line,
+            severity: "warning".into(),
+            kind: String::new(),
+            message: msg.into(),
+            detail: vec![],
+        }
+    }
+
+    #[test]
+    fn introduced_ignores_moved_lines_and_counts_duplicates() {
+        let diff = "\
+diff --git a/a.c b/a.c
+--- a/a.c
++++ b/a.c
+@@ -10,0 +11,4 @@ int x;
++int y;
+@@ -40 +44 @@
+-old
++new
+";
+        let added = added_lines(diff);
+        assert_eq!(added["a.c"], [(11, 4), (44, 1)]);
+        let old = vec![
+            w("a.c", 20, "unused x"),
+            w("a.c", 26, "unused x"),
+            w("b.c", 5, "pre-existing"),
+        ];
+        let new = vec![
+            w("a.c", 24, "unused x"), // moved down by the patch
+            w("a.c", 30, "unused x"), // moved down by the patch
+            w("a.c", 12, "unused x"), // a third one, on an added line: the new one
+            w("b.c", 5, "pre-existing"),
+            w("a.c", 44, "new thing"),
+        ];
+        let got = introduced(&new, &old, &added);
+        assert_eq!(got, [w("a.c", 12, "unused x"), w("a.c", 44, "new thing")]);
+        assert!(introduced(&old, &old, &added).is_empty());
+    }
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(normalise_path("./include/x.h", ""), "include/x.h");
+        assert_eq!(normalise_path("/t/tree/a/b.c", "/t/tree"), "a/b.c");
+        assert_eq!(normalise_path("../drivers/a.c", "/t"), "drivers/a.c");
+    }
+}
