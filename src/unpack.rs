@@ -386,6 +386,25 @@ impl Unpacker {
         }
     }
 
+    /// Real mode: the owner of `name` in `pfd` (never following it); an id
+    /// the user namespace does not map leaves it root's, counted.
+    fn chown_at(&mut self, pfd: BorrowedFd, name: &OsStr, it: &Item) -> Result<(), Fail> {
+        match nix::unistd::fchownat(
+            pfd,
+            name,
+            Some(it.uid.into()),
+            Some(it.gid.into()),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(()) => Ok(()),
+            Err(Errno::EINVAL) => {
+                self.stats.unmapped_owners += 1;
+                Ok(())
+            }
+            Err(e) => Err(Fail::Io("set the owner", e.into())),
+        }
+    }
+
     /// Real mode: a device node or FIFO made with mknod. False when this
     /// process may not (devices in a user namespace).
     fn mknod(&mut self, pfd: BorrowedFd, name: &OsStr, it: &Item) -> Result<bool, Fail> {
@@ -404,17 +423,7 @@ impl Unpacker {
             }
             Err(e) => return Err(Fail::Io("create the device node", e.into())),
         }
-        match nix::unistd::fchownat(
-            pfd,
-            name,
-            Some(it.uid.into()),
-            Some(it.gid.into()),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ) {
-            Ok(()) => {}
-            Err(Errno::EINVAL) => self.stats.unmapped_owners += 1,
-            Err(e) => return Err(Fail::Io("set the owner", e.into())),
-        }
+        self.chown_at(pfd, name, it)?;
         // mknod applied the umask; the node was just made, not a symlink.
         nix::sys::stat::fchmodat(
             pfd,
@@ -724,17 +733,7 @@ impl Unpacker {
                 symlinkat(OsStr::from_bytes(&target), pfd.as_fd(), name)
                     .map_err(io_fail("create the symlink"))?;
                 if self.record == Record::Real {
-                    match nix::unistd::fchownat(
-                        pfd.as_fd(),
-                        name,
-                        Some(it.uid.into()),
-                        Some(it.gid.into()),
-                        AtFlags::AT_SYMLINK_NOFOLLOW,
-                    ) {
-                        Ok(()) => {}
-                        Err(Errno::EINVAL) => self.stats.unmapped_owners += 1,
-                        Err(e) => return Err(Fail::Io("set the symlink's owner", e.into())),
-                    }
+                    self.chown_at(pfd.as_fd(), name, &it)?;
                 }
                 let t = TimeSpec::new(it.mtime, 0);
                 utimensat(pfd.as_fd(), name, &t, &t, UtimensatFlags::NoFollowSymlink)

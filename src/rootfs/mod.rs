@@ -730,22 +730,9 @@ pub fn list(paths: &Paths) -> Result<Vec<Listed>, RootfsError> {
 /// Removes the tree `name` and its metadata. The tree disappears from the
 /// store at once (renamed away), then is deleted.
 pub fn remove(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
-    check_name(name)?;
     let store = &paths.rootfs_dir;
     sweep_stale(store);
-    let target = store.join(name);
-    if !target.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-        let known: Vec<String> = list(paths)?.into_iter().map(|l| l.name).collect();
-        return Err(RootfsError::NotFound {
-            name: name.into(),
-            store: store.clone(),
-            known: if known.is_empty() {
-                "none".into()
-            } else {
-                known.join(", ")
-            },
-        });
-    }
+    let target = stored(paths, name)?;
     let grave = new_temp(store, "rm", name)?;
     let grave_path = grave.0.clone().expect("temp dir");
     // Over the empty temp dir: atomic, and the name is free at once.
