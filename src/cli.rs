@@ -168,6 +168,11 @@ pub struct RunArgs {
     /// Attach an NVMe scratch disk of SIZE (a sparse file kept per setup).
     #[arg(long, value_name = "SIZE")]
     pub nvme: Option<String>,
+    /// A soft RDMA device made in the guest after boot (repeatable):
+    /// rxe-IFNAME (soft-RoCE) or siw-IFNAME (soft-iWARP); the kernel needs
+    /// CONFIG_RDMA_RXE / CONFIG_RDMA_SIW, the rootfs iproute2's `rdma`.
+    #[arg(long, value_name = "rxe-IF|siw-IF", value_parser = parse_virt)]
+    pub virt: Vec<String>,
     /// QEMU profile (qemu-profiles/NAME.toml): default, microvm, iommu.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
@@ -353,6 +358,10 @@ fn parse_net(s: &str) -> std::result::Result<String, String> {
     config::check_net(s).map(|()| s.to_string())
 }
 
+fn parse_virt(s: &str) -> std::result::Result<String, String> {
+    config::parse_virt(s).map(|_| s.to_string())
+}
+
 fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
     use crate::host::kvm::Accel;
     let mem_mib = a
@@ -380,6 +389,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
         net_none: false,
         net: a.net,
         pci: a.pci,
+        virt: a.virt,
         nvme_mib: a
             .nvme
             .as_deref()

@@ -111,6 +111,10 @@ pub struct Setup {
     /// Size of the NVMe scratch disk, such as `"1G"` (none when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<String>,
+    /// Soft RDMA devices made in the guest (MKT's "virt" devices):
+    /// `rxe-IFNAME` (soft-RoCE) or `siw-IFNAME` (soft-iWARP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virt: Vec<String>,
     /// Extra directories shared into this guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<PathBuf>,
@@ -285,6 +289,11 @@ impl Config {
                 && let Err(reason) = parse_mem_mib(size)
             {
                 return Err(doc.bad_value(tree, &["setup", name, "nvme"], None, size, reason));
+            }
+            for (i, v) in setup.virt.iter().enumerate() {
+                if let Err(reason) = parse_virt(v) {
+                    return Err(doc.bad_value(tree, &["setup", name, "virt"], Some(i), v, reason));
+                }
             }
             if setup.cpus == Some(0) {
                 let reason = "a guest needs at least one CPU".to_string();
@@ -463,6 +472,23 @@ pub fn check_mac(mac: &str) -> Result<String, String> {
         return Err("a multicast address cannot be a NIC's (the first octet must be even)".into());
     }
     Ok(octets.join(":").to_ascii_lowercase())
+}
+
+/// A soft RDMA device: `rxe-IFNAME` or `siw-IFNAME` → (kind, netdev).
+pub fn parse_virt(v: &str) -> Result<(&str, &str), String> {
+    let (kind, ifname) = v
+        .split_once('-')
+        .ok_or("expected rxe-IFNAME or siw-IFNAME, e.g. rxe-eth0")?;
+    if kind != "rxe" && kind != "siw" {
+        return Err(format!("unknown soft RDMA kind {kind:?}: rxe or siw"));
+    }
+    if ifname.is_empty()
+        || ifname.len() >= 16
+        || ifname.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err("not a valid interface name after the kind".into());
+    }
+    Ok((kind, ifname))
 }
 
 /// Checks a `net` value: `nat`, `none`, `tap`, `bridge` or `bridge=IFNAME`.
@@ -962,6 +988,28 @@ mod tests {
     }
 
     #[test]
+    fn virt_values() {
+        assert_eq!(parse_virt("rxe-eth0"), Ok(("rxe", "eth0")));
+        assert_eq!(parse_virt("siw-ens3f0"), Ok(("siw", "ens3f0")));
+        for bad in [
+            "rxe",
+            "rxe-",
+            "roce-eth0",
+            "rxe-a/b",
+            "siw-aaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(parse_virt(bad).is_err(), "{bad}");
+        }
+        let err = parse("[setup.a]\nvirt = [\"rxe-eth0\", \"ib-eth0\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`setup.a.virt`") && err.contains("unknown soft RDMA kind"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn mac_and_nvme_values() {
         let cfg = parse("[setup.a]\nmac = \"0A:6D:6B:00:00:01\"\nnvme = \"2G\"\n").unwrap();
         assert_eq!(cfg.setups["a"].mac.as_deref(), Some("0a:6d:6b:00:00:01"));
@@ -1085,6 +1133,7 @@ mod tests {
             net: Some("x".into()),
             mac: Some("x".into()),
             nvme: Some("x".into()),
+            virt: vec!["x".into()],
             dirs: vec!["x".into()],
         };
         assert_eq!(keys_of(&cfg.defaults), keys_of(&all_defaults));

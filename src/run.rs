@@ -25,6 +25,8 @@ pub enum RunError {
     NoRootfsGiven,
     #[error("rootfs {0} is not built yet; run without --dry-run (or `mkt rootfs build {0}`) first")]
     WouldBuild(String),
+    #[error("--virt {virt}: the kernel lacks {option} (build it with {option}=m)")]
+    NoSoftRdma { virt: String, option: &'static str },
     #[error("cannot build the rootfs")]
     Rootfs(#[source] Box<crate::rootfs::RootfsError>),
     #[error("cannot serve {} with its owners", .0.display())]
@@ -118,6 +120,8 @@ pub struct RunOptions {
     pub pci: Vec<String>,
     /// Size of the NVMe scratch disk in MiB.
     pub nvme_mib: Option<u64>,
+    /// `--virt`: soft RDMA devices, added to the setup's.
+    pub virt: Vec<String>,
     pub profile: Option<String>,
     pub boot_script: Option<PathBuf>,
     pub init: Option<String>,
@@ -389,6 +393,34 @@ pub struct Prepared {
 pub enum Guestfs {
     NineP,
     Virtiofs,
+}
+
+/// Whether the kernel has `option` (=y or =m), from the tree's .config or
+/// an image's config-RELEASE (next to its modules or in the rootfs's
+/// /boot); None when no config says.
+pub fn kernel_option(kernel: &Kernel, rootfs: &Path, option: &str) -> Option<bool> {
+    let text = match kernel {
+        Kernel::Tree { tree, .. } => std::fs::read_to_string(tree.join(".config")).ok()?,
+        Kernel::Image {
+            release, modules, ..
+        } => {
+            let name = format!("config-{release}");
+            let mut places = vec![rootfs.join("boot").join(&name)];
+            if let Some(m) = modules
+                && let Some(root) = m.ancestors().nth(3)
+            {
+                // .../lib/modules/REL → .../boot/config-REL
+                places.push(root.join("boot").join(&name));
+            }
+            places
+                .iter()
+                .find_map(|p| std::fs::read_to_string(p).ok())?
+        }
+    };
+    Some(
+        text.lines()
+            .any(|l| l == format!("{option}=y") || l == format!("{option}=m")),
+    )
 }
 
 /// Whether the kernel can mount `fs` (built in or as a module); true when
@@ -704,6 +736,29 @@ pub fn prepare(
             ids: ids.unwrap_or_default(),
         }
     });
+    let virt: Vec<guest::SoftRdma> = opts
+        .virt
+        .iter()
+        .chain(&setup.virt)
+        .filter_map(|v| crate::config::parse_virt(v).ok())
+        .map(|(kind, netdev)| guest::SoftRdma {
+            kind: kind.to_string(),
+            netdev: netdev.to_string(),
+        })
+        .collect();
+    for v in &virt {
+        let option = if v.kind == "rxe" {
+            "CONFIG_RDMA_RXE"
+        } else {
+            "CONFIG_RDMA_SIW"
+        };
+        if let Some(false) = kernel_option(&kernel, &rootfs, option) {
+            return Err(RunError::NoSoftRdma {
+                virt: format!("{}-{}", v.kind, v.netdev),
+                option,
+            });
+        }
+    }
     let ssh_keys = if !exec && net && rootfs.join("usr/sbin/sshd").exists() {
         Some(ensure_ssh_keys(&paths.data_dir.join("ssh"))?)
     } else {
@@ -736,6 +791,7 @@ pub fn prepare(
         net,
         dhcp,
         sriov,
+        virt,
         boot_script,
     };
     let files = guest::generate(&input);

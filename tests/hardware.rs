@@ -306,6 +306,46 @@ fn tap_without_cap_net_admin_says_what_is_missing() {
     assert!(err.contains("setcap cap_net_admin+ep"), "{err}");
 }
 
+/// `--virt rxe-eth0` needs CONFIG_RDMA_RXE in the kernel: the fixture
+/// kernel lacks it, so the run stops before boot and says so; a bad value
+/// is a usage error naming it.
+#[test]
+fn virt_needs_the_kernel_option_and_a_valid_value() {
+    let (Some(rootfs), Some(tree)) = (common::rootfs(), common::kernel_tree()) else {
+        return;
+    };
+    let home = common::temp_home(None);
+    let run = |virt: &str| {
+        common::mkt(home.path())
+            .current_dir(home.path())
+            .args(["run", "--rootfs", rootfs.to_str().unwrap()])
+            .args([
+                "--kernel",
+                tree.to_str().unwrap(),
+                "--virt",
+                virt,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = run("rxe-eth0");
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--virt rxe-eth0: the kernel lacks CONFIG_RDMA_RXE"),
+        "{err}"
+    );
+    let o = run("roce-eth0");
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("roce-eth0") && err.contains("unknown soft RDMA kind"),
+        "{err}"
+    );
+}
+
 /// A fake sysfs + /dev under a temp dir, readable by everyone.
 struct FakeSys {
     dir: tempfile::TempDir,

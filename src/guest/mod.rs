@@ -102,6 +102,8 @@ pub struct PlanInput {
     pub dhcp: Option<u32>,
     /// SR-IOV: virtual functions to create in the guest after boot.
     pub sriov: Option<Sriov>,
+    /// Soft RDMA devices to make after boot (`--virt`).
+    pub virt: Vec<SoftRdma>,
     /// The boot script's content, run as the user once booted.
     pub boot_script: Option<Vec<u8>>,
 }
@@ -113,6 +115,13 @@ pub struct Sriov {
     /// `(vendor, device)` of the passed functions as sysfs shows them
     /// (`0x15b3`); empty: every SR-IOV capable function of the guest.
     pub ids: Vec<(String, String)>,
+}
+
+/// A soft RDMA device over a guest netdev: `rxe` (soft-RoCE) or `siw`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoftRdma {
+    pub kind: String,
+    pub netdev: String,
 }
 
 /// The run's generated guest files, packed into the initramfs's /mkt.
@@ -249,6 +258,9 @@ pub fn setup_script(input: &PlanInput) -> Option<String> {
     if let Some(s) = &input.sriov {
         body += &sriov_script(s);
     }
+    for v in &input.virt {
+        body += &soft_rdma_script(v);
+    }
     if body.is_empty() {
         return None;
     }
@@ -280,6 +292,22 @@ fn sriov_script(s: &Sriov) -> String {
          || echo \"mkt: cannot create {n} VFs on ${{d##*/}}\" >&2\n\
          done\n",
         n = s.num_vfs
+    )
+}
+
+/// Makes a soft RDMA device over a netdev with iproute2's `rdma` (the
+/// modules' old `add` parameter is gone since Linux 5.x), as MKT's "virt"
+/// devices did, naming it `rxe_eth0` / `siw_eth0`.
+fn soft_rdma_script(v: &SoftRdma) -> String {
+    let (k, n) = (&v.kind, &v.netdev);
+    let module = if k == "rxe" { "rdma_rxe" } else { "siw" };
+    format!(
+        "# --virt {k}-{n}\n\
+         modprobe -q {module} 2>/dev/null\n\
+         if ! command -v rdma >/dev/null; then \
+         echo \"mkt: --virt {k}-{n}: no rdma tool (iproute2) in the rootfs\" >&2\n\
+         elif rdma link add {k}_{n} type {k} netdev {n}; then echo \"mkt: {k}_{n} over {n}\" >&2\n\
+         else echo \"mkt: --virt {k}-{n}: cannot add the link\" >&2; fi\n"
     )
 }
 
@@ -552,6 +580,7 @@ mod tests {
             net: true,
             dhcp: None,
             sriov: None,
+            virt: vec![],
             boot_script: None,
         }
     }
@@ -564,6 +593,41 @@ mod tests {
         let plan = g.text("plan").unwrap();
         assert!(plan.contains("dhcp\teth0\tcx5\t30\n"), "{plan}");
         assert!(!plan.contains("net\t") && g.get("resolv.conf").is_none());
+    }
+
+    #[test]
+    fn soft_rdma_devices_are_made_with_the_rdma_tool() {
+        let mut i = input(Mode::Shell);
+        i.depmod_release = None;
+        i.virt = vec![
+            SoftRdma {
+                kind: "rxe".into(),
+                netdev: "eth0".into(),
+            },
+            SoftRdma {
+                kind: "siw".into(),
+                netdev: "eth1".into(),
+            },
+        ];
+        let s = setup_script(&i).unwrap();
+        assert!(s.contains("modprobe -q rdma_rxe"), "{s}");
+        assert!(
+            s.contains("rdma link add rxe_eth0 type rxe netdev eth0"),
+            "{s}"
+        );
+        assert!(s.contains("modprobe -q siw"), "{s}");
+        assert!(
+            s.contains("rdma link add siw_eth1 type siw netdev eth1"),
+            "{s}"
+        );
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), &s).unwrap();
+        let ok = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(f.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{s}");
     }
 
     #[test]
