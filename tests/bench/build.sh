@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark for `mkt build` (issue: mkt build), whole-process wall times, side by side:
-#   mkt build on an up-to-date kernel tree   vs  plain `make` in the same tree
+#   mkt build on an up-to-date kernel tree   vs  plain `make` (the same target: all) in the same tree
 #   entering the rootfs: mkt build --shell -- -c true  vs  bwrap  vs  unshare + chroot
 # Uses a private copy of the fixture kernel tree (tests/fixtures/prepare.sh).
 # Usage: tests/bench/build.sh [RUNS]   (default 5)
@@ -19,13 +19,15 @@ cp -a "$cache/linux" "$work/linux"
 tree=$work/linux
 # objtool's build records absolute paths; point them at the copy so make
 # sees the copy as up to date.
-grep -rl "$cache/linux" "$tree/tools/objtool" 2>/dev/null | xargs -r sed -i "s#$cache/linux#$tree#g"
+# Text files only (.cmd, .d): sed would corrupt the objects' debug info.
+grep -rlI --include='.*.cmd' --include='*.d' "$cache/linux" "$tree/tools" 2>/dev/null \
+    | xargs -r sed -i "s#$cache/linux/#$tree/#g"
 j=$(nproc)
 # One build each first, so both start from the same up-to-date state.
 "$mkt" -q build --rootfs "$rootfs" -C "$tree" >/dev/null
-make -s -C "$tree" -j"$j" CC="ccache gcc" bzImage modules >/dev/null
+make -s -C "$tree" -j"$j" CC="ccache gcc" >/dev/null
 hyperfine --warmup 1 --runs "$runs" -N --export-json "$work/out.json" \
-  -n "make (host, up to date)" "make -s -C $tree -j$j CC='ccache gcc' bzImage modules" \
+  -n "make (host, up to date)" "make -s -C $tree -j$j CC='ccache gcc'" \
   -n "mkt build (up to date)" "$mkt -q build --rootfs $rootfs -C $tree" \
   -n "enter: mkt build --shell -c true" "$mkt -q build --rootfs $rootfs -C $tree --shell -- -c true" \
   -n "enter: bwrap" "bwrap --bind $rootfs / --proc /proc --dev /dev --unshare-all true" \
