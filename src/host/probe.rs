@@ -226,7 +226,8 @@ pub fn overlay_in_userns() -> Check {
         .map_err(std::io::Error::other)?;
         let uid_map = format!("0 {} 1", nix::unistd::getuid()).into_bytes();
         let gid_map = format!("0 {} 1", nix::unistd::getgid()).into_bytes();
-        child_probe(move || {
+        let work_work = dir.path().join("work/work");
+        let r = child_probe(move || {
             use nix::sched::{CloneFlags, unshare};
             unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
             write_proc(c"/proc/self/setgroups", b"deny")?;
@@ -240,7 +241,12 @@ pub fn overlay_in_userns() -> Check {
                 Some(opts.as_c_str()),
             )?;
             Ok(())
-        })
+        });
+        // The kernel made work/work mode 000: open it up, or the temp dir
+        // cannot be removed by a normal user.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&work_work, std::fs::Permissions::from_mode(0o700));
+        r
     })();
     match result {
         Ok(()) => Check::ok("overlay", "overlayfs mounts inside a user namespace"),
