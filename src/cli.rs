@@ -53,7 +53,8 @@ pub enum Command {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// Rootfs trees in mkt's store: pull one from an OCI image, list, remove.
+    /// Rootfs trees in mkt's store: build one from a recipe or pull one from
+    /// an OCI image; list, enter, remove.
     Rootfs(RootfsArgs),
     /// Build a kernel (or rdma-core, iproute2, QEMU) tree inside a rootfs,
     /// rootless: silent with one status line, outputs owned by you.
@@ -534,7 +535,8 @@ pub struct RootfsArgs {
 #[derive(Debug, Subcommand)]
 pub enum RootfsCommand {
     /// Pull an OCI image from a registry (no Docker, no root) and unpack it
-    /// into the store, owners and modes kept in xattrs.
+    /// into the store with its real owners (through your subuids), else
+    /// with owners and modes kept in xattrs.
     Pull(RootfsPullArgs),
     /// List the trees in the store: name, source, digest, size, created.
     List {

@@ -7,31 +7,12 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn cloud_image(ck: &Path) -> (PathBuf, PathBuf, String) {
-    let boot = ck.join("root/boot");
-    let image = std::fs::read_dir(&boot)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("vmlinuz-")
-        })
-        .unwrap();
-    let release = image.file_name().unwrap().to_str().unwrap()["vmlinuz-".len()..].to_string();
-    let modules = ck.join("root/lib/modules").join(&release);
-    (image, modules, release)
 }
 
 /// The fixture kernel tree lacks CONFIG_BLK_DEV_NVME (adding it would
@@ -49,7 +30,7 @@ fn nvme_scratch_disk_is_seen_by_the_guest_rootless() {
     };
     let user = user.as_ref();
     let home = common::temp_home(user);
-    let (image, modules, _) = cloud_image(&ck);
+    let (image, modules, _) = common::cloud_image(&ck);
     let run = |size: &str| {
         common::mkt_as(user, home.path())
             .current_dir(home.path())

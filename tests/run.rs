@@ -195,28 +195,7 @@ fn distro_cloud_kernel_boots_over_virtiofs() {
     if mkt::host::probe::find_program("virtiofsd").is_none() {
         return common::unavailable("virtiofsd (cargo install virtiofsd)").unwrap_or(());
     }
-    let boot = ck.join("root/boot");
-    let image = std::fs::read_dir(&boot)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("vmlinuz-")
-        })
-        .unwrap();
-    let release = image
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .strip_prefix("vmlinuz-")
-        .unwrap()
-        .to_string();
-    let modules = ck.join("root/lib/modules").join(&release);
+    let (image, modules, release) = common::cloud_image(&ck);
     let home = common::temp_home(None);
     let o = run_as(
         None,

@@ -595,6 +595,18 @@ mod tests {
         assert!(!plan.contains("net\t") && g.get("resolv.conf").is_none());
     }
 
+    /// `sh -n` accepts the script.
+    fn assert_valid_sh(s: &str) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), s).unwrap();
+        let ok = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(f.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{s}");
+    }
+
     #[test]
     fn soft_rdma_devices_are_made_with_the_rdma_tool() {
         let mut i = input(Mode::Shell);
@@ -620,14 +632,7 @@ mod tests {
             s.contains("rdma link add siw_eth1 type siw netdev eth1"),
             "{s}"
         );
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), &s).unwrap();
-        let ok = std::process::Command::new("sh")
-            .arg("-n")
-            .arg(f.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "{s}");
+        assert_valid_sh(&s);
     }
 
     #[test]
@@ -649,14 +654,7 @@ mod tests {
         let plan = generate(&i).text("plan").unwrap();
         assert!(plan.contains("setup\t/run/mkt/setup.sh\n"));
         // The script is valid sh.
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), &s).unwrap();
-        let ok = std::process::Command::new("sh")
-            .arg("-n")
-            .arg(f.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "{s}");
+        assert_valid_sh(&s);
         // Without ids: every SR-IOV capable function.
         i.sriov.as_mut().unwrap().ids.clear();
         assert!(!setup_script(&i).unwrap().contains("case"));

@@ -149,11 +149,7 @@ pub fn build(
         size,
         entries,
         recipe: Some(found.name.clone()),
-        owners: if r.base.image.is_some() && ids == Ids::Own {
-            Owners::Xattrs
-        } else {
-            Owners::of(&ids)
-        },
+        owners: Owners::of(&ids),
     };
     super::commit(paths, &name, temp, &meta, opts.force)?;
     log.status(&format!(
@@ -331,6 +327,21 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// chmod -R a+rwX of a small directory mkt made.
+fn open_up(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            open_up(&e.path())?;
+        } else {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o666))?;
+        }
+    }
+    Ok(())
+}
+
 /// Which package manager an image tree has.
 fn package_manager(tree: &Path) -> Option<&'static str> {
     ["dnf", "yum", "apt-get", "apk", "zypper"]
@@ -385,11 +396,8 @@ fn steps(
     let script = steps_script(r, install.as_deref());
     let p = input.join("steps.sh");
     std::fs::write(&p, &script).map_err(store_err("write", &p))?;
-    // Readable for the namespace's root, whichever host id that is.
-    let _ = std::process::Command::new("chmod")
-        .args(["-R", "a+rwX"])
-        .arg(&input)
-        .status();
+    // Usable by the namespace's root, whichever host id that is.
+    open_up(&input).map_err(store_err("set the modes of", &input))?;
     let point = tree.join(".mkt-recipe");
     std::fs::create_dir(&point).map_err(store_err("create", &point))?;
     let staging = work.path().join("root");

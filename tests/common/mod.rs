@@ -59,6 +59,24 @@ pub fn cloud_kernel() -> Option<PathBuf> {
     fixture("cloud-kernel", ".complete")
 }
 
+/// The cloud kernel fixture's (image, modules dir, release).
+pub fn cloud_image(ck: &Path) -> (PathBuf, PathBuf, String) {
+    let image = std::fs::read_dir(ck.join("root/boot"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .unwrap();
+    let release = image.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    let modules = ck.join("root/lib/modules").join(&release);
+    (image, modules, release)
+}
+
 /// A program the test needs on the host.
 pub fn program(name: &str) -> Option<PathBuf> {
     mkt::host::which(name).or_else(|| unavailable(&format!("program {name} in PATH")))
