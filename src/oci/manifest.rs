@@ -90,22 +90,43 @@ struct Probe {
     layers: Option<Vec<Descriptor>>,
 }
 
+/// Manifest media types mkt can use: image manifests and indexes.
+pub const KNOWN: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+
+/// Content types that say nothing about what a manifest is.
+fn is_generic(content_type: &str) -> bool {
+    matches!(
+        content_type,
+        "" | "application/json" | "application/octet-stream" | "text/plain"
+    )
+}
+
 /// Parses a manifest body; `content_type` is the response's header. The
-/// body's own `mediaType` (or its shape, for registries that omit both) decides.
+/// body's own `mediaType` (else the header) must be one of [`KNOWN`]; only
+/// when neither says anything does the body's shape decide.
 pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Manifest, String> {
     let p: Probe = serde_json::from_slice(body).map_err(|e| format!("not a JSON manifest: {e}"))?;
-    let media = p
-        .media_type
-        .clone()
-        .or_else(|| content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_string()))
-        .unwrap_or_default();
+    let header = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|c| !is_generic(c));
+    let media = p.media_type.clone().or(header).unwrap_or_default();
     if media.starts_with(DOCKER_SCHEMA1) || p.schema_version == Some(1) {
         return Err("Docker schema 1 manifests are not supported".into());
     }
+    if !media.is_empty() && !KNOWN.contains(&media.as_str()) {
+        return Err(format!(
+            "its media type {media:?} is not an image manifest or index (mkt takes {})",
+            KNOWN.join(", ")
+        ));
+    }
+    let index = media == OCI_INDEX || media == DOCKER_LIST;
     match (p.manifests, p.config, p.layers) {
-        (Some(m), _, _) => Ok(Manifest::Index(m)),
-        (None, Some(config), Some(layers)) => Ok(Manifest::Image(ImageManifest { config, layers })),
-        _ => Err(format!("unsupported manifest (media type {media:?})")),
+        (Some(m), _, _) if index || media.is_empty() => Ok(Manifest::Index(m)),
+        (None, Some(config), Some(layers)) if !index => {
+            Ok(Manifest::Image(ImageManifest { config, layers }))
+        }
+        _ if media.is_empty() => Err("neither an image manifest nor an index".into()),
+        _ => Err(format!("it does not have the fields of a {media}")),
     }
 }
 
@@ -123,7 +144,7 @@ fn is_attestation(d: &Descriptor) -> bool {
 /// The index entry for `want`. Without a wanted variant, an entry without
 /// one (or arm64's `v8`) is preferred over other variants.
 pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, String> {
-    let candidates: Vec<&Descriptor> = entries
+    let for_platform: Vec<&Descriptor> = entries
         .iter()
         .filter(|d| !is_attestation(d))
         .filter(|d| {
@@ -132,6 +153,20 @@ pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Result<&'a Desc
                 .is_some_and(|p| p.os == want.os && p.architecture == want.architecture)
         })
         .collect();
+    // An entry of another media type (an artifact) is no image to unpack.
+    let (candidates, others): (Vec<&Descriptor>, Vec<&Descriptor>) = for_platform
+        .into_iter()
+        .partition(|d| d.media_type.is_empty() || KNOWN.contains(&d.media_type.as_str()));
+    if candidates.is_empty()
+        && let Some(d) = others.first()
+    {
+        return Err(format!(
+            "the index's {want} entry {} has media type {:?}, which is not an image manifest (mkt takes {})",
+            d.digest,
+            d.media_type,
+            KNOWN.join(", ")
+        ));
+    }
     let variant = |d: &&Descriptor| d.platform.as_ref().and_then(|p| p.variant.clone());
     let chosen = match &want.variant {
         Some(v) => candidates.iter().find(|d| variant(d).as_deref() == Some(v)),
@@ -167,6 +202,30 @@ pub fn is_layer(media_type: &str) -> bool {
     media_type.is_empty()
         || media_type.starts_with("application/vnd.oci.image.layer.")
         || media_type.starts_with("application/vnd.docker.image.rootfs.diff.tar")
+}
+
+/// Config media types of images (an artifact has its own).
+pub fn is_config(media_type: &str) -> bool {
+    media_type.is_empty()
+        || media_type == "application/vnd.oci.image.config.v1+json"
+        || media_type == "application/vnd.docker.container.image.v1+json"
+}
+
+/// Parses an image config: a JSON object that names its platform, as
+/// both the OCI and Docker formats require.
+pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("it is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("it is not a JSON object".into());
+    }
+    let c: ImageConfig = serde_json::from_value(v).map_err(|e| format!("bad field: {e}"))?;
+    if c.os.as_deref().unwrap_or("").is_empty()
+        || c.architecture.as_deref().unwrap_or("").is_empty()
+    {
+        return Err("it does not say the image's os and architecture".into());
+    }
+    Ok(c)
 }
 
 /// The fields of an image config mkt uses.
@@ -251,5 +310,61 @@ mod tests {
         let v1 = br#"{"schemaVersion":1,"fsLayers":[]}"#;
         assert!(parse(v1, None).unwrap_err().contains("schema 1"));
         assert!(parse(b"<html>", None).unwrap_err().contains("JSON"));
+    }
+
+    #[test]
+    fn unknown_manifest_media_types_are_refused() {
+        let shape = r#""schemaVersion":2,"config":{"digest":"sha256:bb","size":1},"layers":[]"#;
+        let unknown = "application/vnd.example.thing.v1+json";
+        // Said by the body, or (the body silent) by the response header.
+        let body = format!(r#"{{"mediaType":"{unknown}",{shape}}}"#);
+        let e = parse(body.as_bytes(), Some(OCI_MANIFEST)).unwrap_err();
+        assert!(e.contains(&format!("media type {unknown:?}")), "{e}");
+        let bare = format!("{{{shape}}}");
+        let e = parse(bare.as_bytes(), Some(&format!("{unknown}; charset=utf-8"))).unwrap_err();
+        assert!(e.contains("is not an image manifest or index"), "{e}");
+        // A header that says nothing leaves it to the shape.
+        assert!(matches!(
+            parse(bare.as_bytes(), Some("application/json")),
+            Ok(Manifest::Image(_))
+        ));
+        // A known type must come with its fields.
+        let wrong = format!(r#"{{"mediaType":"{OCI_INDEX}",{shape}}}"#);
+        assert!(parse(wrong.as_bytes(), None).is_err());
+    }
+
+    #[test]
+    fn index_entries_of_other_media_types_are_not_images() {
+        let mut art = desc("linux", "amd64", None, 7);
+        art.media_type = "application/vnd.example.artifact+json".into();
+        let amd = Platform::parse("linux/amd64").unwrap();
+        let e = select(std::slice::from_ref(&art), &amd).unwrap_err();
+        assert!(
+            e.contains(&art.digest) && e.contains("application/vnd.example.artifact+json"),
+            "{e}"
+        );
+        // Beside a real image, the artifact is passed over.
+        let img = desc("linux", "amd64", None, 8);
+        assert_eq!(select(&[art, img.clone()], &amd).unwrap(), &img);
+    }
+
+    #[test]
+    fn configs_must_be_json_objects_naming_their_platform() {
+        let ok = parse_config(
+            br#"{"os":"linux","architecture":"amd64","created":"2024-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.architecture.as_deref(), Some("amd64"));
+        for (bad, want) in [
+            (&b"\x7fELF"[..], "not JSON"),
+            (b"[\"linux\",\"amd64\"]", "not a JSON object"),
+            (br#"{"os":"linux"}"#, "os and architecture"),
+            (br#"{"os":1,"architecture":"amd64"}"#, "bad field"),
+        ] {
+            let e = parse_config(bad).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(is_config("application/vnd.oci.image.config.v1+json"));
+        assert!(!is_config("application/vnd.cncf.helm.config.v1+json"));
     }
 }

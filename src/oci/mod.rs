@@ -13,6 +13,47 @@ pub use registry::Registry;
 
 use std::path::PathBuf;
 
+/// Size limits of a pull, so a hostile or broken image cannot fill the disk
+/// or the memory: a 2 KiB layer can hold a sparse file of terabytes, a
+/// 4 MiB gzip 4 GiB of zeros. Set in the config's `[limits]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A manifest or index, read into memory (real ones are a few KiB).
+    pub manifest: u64,
+    /// The image config, read into memory (real ones are a few KiB, with
+    /// a long history some 100 KiB).
+    pub config: u64,
+    /// Bytes of file content one layer may write (sparse files count by
+    /// their apparent size, as they are written out in full).
+    pub layer: u64,
+    /// Bytes of file content all layers of an image may write together.
+    pub image: u64,
+}
+
+impl Default for Limits {
+    /// Far above real images: a Fedora or Debian tree with the kernel's
+    /// build tools is 2-4 GiB, the largest common images (CUDA and ML
+    /// toolkits) 10-20 GiB with single layers up to about 10 GiB.
+    fn default() -> Self {
+        Limits {
+            manifest: 4 << 20,
+            config: 8 << 20,
+            layer: 16 << 30,
+            image: 32 << 30,
+        }
+    }
+}
+
+/// A limit for messages: `16 GiB`, `512 KiB`, `1000 bytes`.
+pub fn show_limit(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
 /// Why talking to a registry or the blob cache failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {

@@ -12,9 +12,6 @@ use std::io::Read;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Manifests larger than this are refused (real ones are a few KiB).
-const MAX_MANIFEST: u64 = 4 << 20;
-
 enum AuthState {
     Anonymous,
     Bearer(String),
@@ -32,6 +29,8 @@ pub struct Registry {
     /// Where credentials were looked for, for the "denied" hint.
     searched: Vec<std::path::PathBuf>,
     auth: Mutex<AuthState>,
+    /// Manifests larger than this are refused unparsed.
+    pub max_manifest: u64,
 }
 
 impl Registry {
@@ -81,6 +80,7 @@ impl Registry {
             creds,
             searched,
             auth: Mutex::new(AuthState::Anonymous),
+            max_manifest: super::Limits::default().manifest,
         })
     }
 
@@ -262,19 +262,23 @@ impl Registry {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let max = self.max_manifest;
         let mut body = Vec::new();
-        resp.take(MAX_MANIFEST + 1)
+        resp.take(max.saturating_add(1))
             .read_to_end(&mut body)
             .map_err(|e| OciError::Manifest {
                 image: image.into(),
                 reference: reference.into(),
                 reason: format!("cannot read it: {e}"),
             })?;
-        if body.len() as u64 > MAX_MANIFEST {
+        if body.len() as u64 > max {
             return Err(OciError::Manifest {
                 image: image.into(),
                 reference: reference.into(),
-                reason: format!("larger than {MAX_MANIFEST} bytes"),
+                reason: format!(
+                    "larger than the limit of {} for a manifest (`manifest` in the config's [limits])",
+                    super::show_limit(max)
+                ),
             });
         }
         let digest = super::sha256_digest(&body);
@@ -578,5 +582,26 @@ mod tests {
             ": MANIFEST_UNKNOWN manifest unknown"
         );
         assert_eq!(super::error_detail(b"404 page not found"), "");
+    }
+
+    #[test]
+    fn a_manifest_over_the_limit_is_refused_naming_the_limit() {
+        let (port, _rx) = serve(1, |_, _, _| reply("200 OK", "", MANIFEST));
+        let mut reg = Registry::with_base(
+            &format!("http://127.0.0.1:{port}"),
+            "reg",
+            "x/y",
+            None,
+            vec![],
+        )
+        .unwrap();
+        reg.max_manifest = 64;
+        let e = reg.manifest("t", "reg/x/y:t").unwrap_err().to_string();
+        assert!(
+            e.contains("manifest t of reg/x/y:t")
+                && e.contains("larger than the limit of 64 bytes")
+                && e.contains("[limits]"),
+            "{e}"
+        );
     }
 }
