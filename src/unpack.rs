@@ -43,7 +43,7 @@ pub const XATTR_RDEV: &str = "user.virtfs.rdev";
 /// where there is one, the entry.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
-    #[error("layer {layer}: refused entry {entry:?}: {reason}")]
+    #[error("layer {layer}: refused entry {entry}: {reason}")]
     Refused {
         layer: String,
         entry: String,
@@ -56,7 +56,7 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
-    #[error("layer {layer}: cannot {op} for entry {entry:?} under {}", .root.display())]
+    #[error("layer {layer}: cannot {op} for entry {entry} under {}", .root.display())]
     Write {
         layer: String,
         entry: String,
@@ -64,6 +64,18 @@ pub enum UnpackError {
         root: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "layer {layer}: entry {entry} ({}) would take the {scope} past the limit of {} of file content per {scope} (`{scope}` in the config's [limits])",
+        crate::oci::show_limit(*.size), crate::oci::show_limit(*.limit)
+    )]
+    TooLarge {
+        layer: String,
+        entry: String,
+        /// `layer` or `image`: which limit.
+        scope: &'static str,
+        size: u64,
+        limit: u64,
     },
     #[error(
         "layer {layer}: the cached blob's digest is sha256:{got}; it was removed from the cache, pull again"
@@ -102,8 +114,33 @@ pub enum UnpackError {
 
 fn entry_note(e: &Option<String>) -> String {
     e.as_ref()
-        .map(|e| format!(" (at entry {e:?})"))
+        .map(|e| format!(" (at entry {e})"))
         .unwrap_or_default()
+}
+
+/// Layer-given bytes (a name) for messages: control and format characters
+/// (escape sequences, bidi overrides), `"` and `\` escaped as Rust does,
+/// bytes that are not UTF-8 as `\xNN`.
+pub fn escape(raw: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\'' => out.push(c),
+                c => out.extend(c.escape_debug()),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// [`escape`]d and quoted: `"usr/bin/\u{1b}[2J"`.
+pub fn shown(raw: &[u8]) -> String {
+    format!("\"{}\"", escape(raw))
 }
 
 /// What an unpack did, for the summary and the tests.
@@ -112,7 +149,8 @@ pub struct Stats {
     pub entries: u64,
     /// Bytes of regular-file content written.
     pub bytes: u64,
-    /// Xattrs that could not be kept (`security.*`, `trusted.*`, on symlinks).
+    /// Xattrs that could not be kept (`security.*`, `trusted.*`, on
+    /// symlinks), their names [`escape`]d.
     pub skipped_xattrs: Vec<String>,
     /// Real mode: entries whose owner has no id here (kept as root's).
     pub unmapped_owners: u64,
@@ -144,6 +182,11 @@ pub struct Unpacker {
     root_path: PathBuf,
     dirs: HashMap<PathBuf, DirMeta>,
     record: Record,
+    /// Bytes of file content one layer, and all layers, may write.
+    max_layer: u64,
+    max_image: u64,
+    /// Bytes of file content the current layer wrote so far.
+    layer_bytes: u64,
     pub stats: Stats,
 }
 
@@ -156,6 +199,8 @@ struct Ctx<'a> {
 
 enum Fail {
     Refuse(String),
+    /// (scope, entry size, limit)
+    TooLarge(&'static str, u64, u64),
     Io(&'static str, io::Error),
     Read(io::Error),
     NoXattrs(io::Error),
@@ -169,6 +214,13 @@ impl Ctx<'_> {
                 layer: self.layer.into(),
                 entry: self.entry.into(),
                 reason,
+            },
+            Fail::TooLarge(scope, size, limit) => UnpackError::TooLarge {
+                layer: self.layer.into(),
+                entry: self.entry.into(),
+                scope,
+                size,
+                limit,
             },
             Fail::Io(op, source) => UnpackError::Write {
                 layer: self.layer.into(),
@@ -288,6 +340,8 @@ impl<R: Read> Read for Hashing<R> {
 struct Item {
     rel: PathBuf,
     kind: tar::EntryType,
+    /// Bytes of content; a sparse file's apparent size.
+    size: u64,
     uid: u32,
     gid: u32,
     mode: u32,
@@ -342,8 +396,32 @@ impl Unpacker {
             root_path: target.into(),
             dirs,
             record,
+            max_layer: crate::oci::Limits::default().layer,
+            max_image: crate::oci::Limits::default().image,
+            layer_bytes: 0,
             stats: Stats::default(),
         })
+    }
+
+    /// The bytes of file content one layer, and all layers together, may
+    /// write; an entry that would go past either fails the unpack before
+    /// it is written.
+    pub fn set_limits(&mut self, layer: u64, image: u64) {
+        self.max_layer = layer;
+        self.max_image = image;
+    }
+
+    /// Reserves `size` bytes of the layer's and the image's budgets.
+    fn reserve(&mut self, size: u64) -> Result<(), Fail> {
+        if self.layer_bytes.saturating_add(size) > self.max_layer {
+            return Err(Fail::TooLarge("layer", size, self.max_layer));
+        }
+        if self.stats.bytes.saturating_add(size) > self.max_image {
+            return Err(Fail::TooLarge("image", size, self.max_image));
+        }
+        self.layer_bytes += size;
+        self.stats.bytes += size;
+        Ok(())
     }
 
     /// Keeps the entry's owner (and, for `Xattrs`, its full mode and
@@ -593,13 +671,20 @@ impl Unpacker {
         // Paths this layer wrote: its whiteouts apply only to lower layers.
         let mut touched: HashSet<PathBuf> = HashSet::new();
         let mut last: Option<String> = None;
+        self.layer_bytes = 0;
         for entry in archive.entries().map_err(|e| read_err(None, e))? {
             if cancel.load(Ordering::Relaxed) {
                 return Err(UnpackError::Interrupted);
             }
             let mut entry = entry.map_err(|e| read_err(last.clone(), e))?;
+            if entry.header().entry_type() == tar::EntryType::XGlobalHeader {
+                // Defaults for the entries that follow (a comment, a
+                // commit id from `git archive`); Docker and containerd
+                // ignore them too.
+                continue;
+            }
             let raw = entry.path_bytes().into_owned();
-            let name = String::from_utf8_lossy(&raw).into_owned();
+            let name = shown(&raw);
             let ctx = Ctx {
                 layer,
                 entry: &name,
@@ -681,8 +766,13 @@ impl Unpacker {
                 );
             }
             T::Regular | T::Continuous | T::GNUSparse | T::Char | T::Block | T::Fifo => {
-                self.remove_existing(pfd.as_fd(), name, false)?;
                 let special = matches!(it.kind, T::Char | T::Block | T::Fifo);
+                if !special {
+                    // Before anything is written: a sparse file's holes are
+                    // written out as zeros.
+                    self.reserve(it.size)?;
+                }
+                self.remove_existing(pfd.as_fd(), name, false)?;
                 if special && self.record == Record::Real && self.mknod(pfd.as_fd(), name, &it)? {
                     return Ok(());
                 }
@@ -703,7 +793,7 @@ impl Unpacker {
                     T::Block => libc::S_IFBLK,
                     T::Fifo => libc::S_IFIFO,
                     _ => {
-                        self.stats.bytes += copy_data(data, &mut f, cancel)?;
+                        copy_data(data, &mut f, it.size, cancel)?;
                         libc::S_IFREG
                     }
                 };
@@ -741,17 +831,13 @@ impl Unpacker {
                 for (k, _) in &it.xattrs {
                     self.stats
                         .skipped_xattrs
-                        .push(format!("{k} (on a symlink)"));
+                        .push(format!("{} (on a symlink)", escape(k.as_bytes())));
                 }
             }
             T::Link => {
                 let raw = it.link.clone().unwrap_or_default();
-                let target = normalize(&raw).map_err(|r| {
-                    Fail::Refuse(format!(
-                        "hardlink target {:?}: {r}",
-                        String::from_utf8_lossy(&raw)
-                    ))
-                })?;
+                let target = normalize(&raw)
+                    .map_err(|r| Fail::Refuse(format!("hardlink target {}: {r}", shown(&raw))))?;
                 let tname = target
                     .file_name()
                     .ok_or_else(|| Fail::Refuse("hardlink to the tree's root".into()))?;
@@ -763,8 +849,8 @@ impl Unpacker {
                     .open_beneath(tparent, OFlag::O_PATH | OFlag::O_DIRECTORY)
                     .map_err(|e| match e {
                         Errno::ENOENT => Fail::Refuse(format!(
-                            "hardlink target {:?} does not exist",
-                            target.display()
+                            "hardlink target {} does not exist",
+                            shown(target.as_os_str().as_bytes())
                         )),
                         e => Self::resolve_fail(e, "its hardlink target"),
                     })?;
@@ -775,8 +861,8 @@ impl Unpacker {
                     Ok(_) => {}
                     Err(Errno::ENOENT) => {
                         return Err(Fail::Refuse(format!(
-                            "hardlink target {:?} does not exist",
-                            target.display()
+                            "hardlink target {} does not exist",
+                            shown(target.as_os_str().as_bytes())
                         )));
                     }
                     Err(e) => return Err(Fail::Io("inspect the hardlink target", e.into())),
@@ -889,7 +975,7 @@ impl Unpacker {
         for (k, v) in xattrs {
             let name = if k.starts_with("user.virtfs.") {
                 // Only mkt writes the ownership records.
-                self.stats.skipped_xattrs.push(k.clone());
+                self.stats.skipped_xattrs.push(escape(k.as_bytes()));
                 continue;
             } else if k.starts_with("user.") {
                 k.clone()
@@ -902,7 +988,7 @@ impl Unpacker {
                 // Where QEMU's mapped-xattr model keeps ACLs.
                 format!("user.virtfs.{k}")
             } else {
-                self.stats.skipped_xattrs.push(k.clone());
+                self.stats.skipped_xattrs.push(escape(k.as_bytes()));
                 continue;
             };
             match fsetxattr(fd, &name, v) {
@@ -912,7 +998,7 @@ impl Unpacker {
                 // what a normal user cannot set.
                 Err(e) if !name.starts_with("user.") => {
                     tracing::debug!("cannot set {name}: {e}");
-                    self.stats.skipped_xattrs.push(k.clone());
+                    self.stats.skipped_xattrs.push(escape(k.as_bytes()));
                 }
                 Err(e) => return Err(Fail::Io("set an extended attribute", e)),
             }
@@ -956,9 +1042,12 @@ fn host_dir_mode(mode: u32) -> u32 {
     (mode & 0o777) | 0o500
 }
 
+/// Copies the entry's content, at most the `size` its header announced
+/// (and [`Unpacker::reserve`]d).
 fn copy_data(
     data: &mut dyn Read,
     out: &mut std::fs::File,
+    size: u64,
     cancel: &AtomicBool,
 ) -> Result<u64, Fail> {
     let mut buf = [0u8; 64 << 10];
@@ -970,6 +1059,11 @@ fn copy_data(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Fail::Read(e)),
         };
+        if n + k as u64 > size {
+            return Err(Fail::Read(io::Error::other(format!(
+                "the entry holds more than the {size} bytes its header says"
+            ))));
+        }
         out.write_all(&buf[..k])
             .map_err(|e| Fail::Io("write the file", e))?;
         n += k as u64;
@@ -1017,6 +1111,7 @@ fn read_item<R: Read>(entry: &mut tar::Entry<R>, raw: &[u8]) -> Result<Item, Fai
         }
     }
     let link = entry.link_name_bytes().map(|l| l.into_owned());
+    let size = entry.size();
     let rdev = match kind {
         tar::EntryType::Char | tar::EntryType::Block => Some(makedev(
             num(h.device_major().map(|m| u64::from(m.unwrap_or(0))))?,
@@ -1027,6 +1122,7 @@ fn read_item<R: Read>(entry: &mut tar::Entry<R>, raw: &[u8]) -> Result<Item, Fai
     Ok(Item {
         rel,
         kind,
+        size,
         uid,
         gid,
         mode,
@@ -1197,5 +1293,206 @@ mod tests {
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         remove_tree(&target).unwrap();
         assert!(!target.exists());
+    }
+
+    /// A layer whose only entry is a GNU sparse file of `apparent` bytes
+    /// holding one 512-byte block of data at its end.
+    fn sparse_tar(apparent: u64) -> Vec<u8> {
+        // Base-256, as GNU tar writes numbers too big for octal.
+        let num = |n: u64| {
+            let mut f = [0u8; 12];
+            f[4..].copy_from_slice(&n.to_be_bytes());
+            f[0] = 0x80;
+            f
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(512);
+        let g = h.as_gnu_mut().unwrap();
+        g.realsize = num(apparent);
+        g.sparse[0].offset = num(apparent - 512);
+        g.sparse[0].numbytes = num(512);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(&[b'x'; 512]);
+        out.extend_from_slice(&[0; 1024]);
+        out
+    }
+
+    #[test]
+    fn a_sparse_file_counts_by_its_apparent_size_and_nothing_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let no = AtomicBool::new(false);
+        // 1 TiB from a 2 KiB layer: over the default per-layer limit.
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u
+            .unpack_tar(sparse_tar(1 << 40).as_slice(), "sha256:sparse", &no)
+            .unwrap_err();
+        assert!(
+            matches!(e, UnpackError::TooLarge { scope: "layer", .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "layer sha256:sparse: entry \"sparse\" (1 TiB) would take the layer past the limit of 16 GiB of file content per layer (`layer` in the config's [limits])"
+        );
+        assert!(!d.path().join("sparse").exists(), "refused before writing");
+        // Under a limit it fits, it is written at its apparent size.
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.set_limits(1 << 20, 1 << 20);
+        u.unpack_tar(sparse_tar(64 << 10).as_slice(), "sha256:small", &no)
+            .unwrap();
+        assert_eq!(u.finish().unwrap().bytes, 64 << 10);
+        let m = std::fs::metadata(d.path().join("sparse")).unwrap();
+        assert_eq!(m.len(), 64 << 10);
+    }
+
+    /// A gzip layer blob of `files` (name, size) of zeros, in `dir`;
+    /// returns its path and digest.
+    fn zero_layer(dir: &Path, files: &[(&str, usize)]) -> (PathBuf, String) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, size) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_path(name).unwrap();
+            h.set_mode(0o644);
+            h.set_size(*size as u64);
+            h.set_cksum();
+            b.append(&h, io::repeat(0).take(*size as u64)).unwrap();
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&b.into_inner().unwrap()).unwrap();
+        let blob = gz.finish().unwrap();
+        let digest = crate::oci::sha256_digest(&blob);
+        let path = dir.join(&digest[7..]);
+        std::fs::write(&path, blob).unwrap();
+        (path, digest)
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_layer_limit_naming_layer_and_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("t");
+        std::fs::create_dir(&target).unwrap();
+        let no = AtomicBool::new(false);
+        // 8 MiB of zeros in a few KiB of gzip.
+        let (blob, digest) = zero_layer(d.path(), &[("small", 1000), ("zeros", 8 << 20)]);
+        assert!(std::fs::metadata(&blob).unwrap().len() < 64 << 10);
+        let mut u = Unpacker::new(&target).unwrap();
+        u.set_limits(1 << 20, 4 << 20);
+        let e = u.unpack_layer(&blob, &digest, &no).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "layer {digest}: entry \"zeros\" (8 MiB) would take the layer past the limit of 1 MiB of file content per layer (`layer` in the config's [limits])"
+            )
+        );
+        assert!(!target.join("zeros").exists());
+        assert!(blob.exists(), "a good blob stays cached");
+    }
+
+    #[test]
+    fn the_image_limit_counts_all_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("t");
+        std::fs::create_dir(&target).unwrap();
+        let no = AtomicBool::new(false);
+        let (b1, d1) = zero_layer(d.path(), &[("one", 600 << 10)]);
+        let (b2, d2) = zero_layer(d.path(), &[("two", 600 << 10)]);
+        let mut u = Unpacker::new(&target).unwrap();
+        u.set_limits(1 << 20, 1 << 20);
+        u.unpack_layer(&b1, &d1, &no).unwrap();
+        let e = u.unpack_layer(&b2, &d2, &no).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "layer {d2}: entry \"two\" (600 KiB) would take the image past the limit of 1 MiB of file content per image (`image` in the config's [limits])"
+            )
+        );
+        // The same layer again is fine for the layer limit alone.
+        let mut u = Unpacker::new(&target).unwrap();
+        u.set_limits(1 << 20, 2 << 20);
+        u.unpack_layer(&b2, &d2, &no).unwrap();
+        u.unpack_layer(&b1, &d1, &no).unwrap();
+        assert_eq!(u.finish().unwrap().bytes, 1200 << 10);
+    }
+
+    #[test]
+    fn pax_global_headers_are_ignored_as_docker_does() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        let records = b"52 comment=c0ffee0000000000000000000000000000000000\n";
+        h.set_path("pax_global_header").unwrap();
+        h.set_entry_type(tar::EntryType::XGlobalHeader);
+        h.set_size(records.len() as u64);
+        h.set_cksum();
+        b.append(&h, &records[..]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("a").unwrap();
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.unpack_tar(
+            layer.as_slice(),
+            "sha256:git-archive",
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let stats = u.finish().unwrap();
+        assert_eq!(stats.entries, 1);
+        assert_eq!(std::fs::read(d.path().join("a")).unwrap(), b"x");
+        assert!(!d.path().join("pax_global_header").exists());
+    }
+
+    #[test]
+    fn names_in_messages_are_escaped() {
+        assert_eq!(
+            shown(b"a\x1b[2J\r\xff\xe2\x80\xaeb\"c'd"),
+            r#""a\u{1b}[2J\r\xff\u{202e}b\"c'd""#
+        );
+        let d = tempfile::tempdir().unwrap();
+        let no = AtomicBool::new(false);
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        // An xattr on a symlink is skipped, and reported.
+        b.append_pax_extensions([("SCHILY.xattr.user.\x1b]0;pwned\x07", &b"v"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("l").unwrap();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_link_name("a").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &no)
+            .unwrap();
+        assert_eq!(
+            u.stats.skipped_xattrs,
+            [r"user.\u{1b}]0;pwned\u{7} (on a symlink)"]
+        );
+        let bad = {
+            let mut h = tar::Header::new_ustar();
+            let name = b"bad\xff\x1b[2J/../x";
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            h.set_size(0);
+            h.set_cksum();
+            let mut b = tar::Builder::new(Vec::new());
+            b.append(&h, io::empty()).unwrap();
+            b.into_inner().unwrap()
+        };
+        let e = u
+            .unpack_tar(bad.as_slice(), "sha256:x", &no)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            r#"layer sha256:x: refused entry "bad\xff\u{1b}[2J/../x": path has a `..` component"#
+        );
     }
 }
