@@ -26,6 +26,9 @@ pub struct Config {
     /// `[setup.NAME]` tables, by name.
     #[serde(default, rename = "setup", skip_serializing_if = "BTreeMap::is_empty")]
     pub setups: BTreeMap<String, Setup>,
+    /// `[limits]`: size limits of `mkt rootfs pull`.
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    pub limits: Limits,
     /// Where the configuration was read from; `None` when no file existed.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -118,6 +121,60 @@ pub struct Setup {
     /// Extra directories shared into this guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<PathBuf>,
+}
+
+/// `[limits]`: how big a pulled image may be, as sizes such as `"16G"`
+/// (the syntax of `mem`); unset keys keep [`crate::oci::Limits`]' defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// A manifest or index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// An image config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// File content one layer may unpack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
+    /// File content all layers of an image may unpack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Limits {
+    fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// The keys, their values and where the parsed value goes.
+    fn entries(&self) -> [(&'static str, Option<&String>); 4] {
+        [
+            ("manifest", self.manifest.as_ref()),
+            ("config", self.config.as_ref()),
+            ("layer", self.layer.as_ref()),
+            ("image", self.image.as_ref()),
+        ]
+    }
+
+    /// The limits in bytes, the defaults where unset (or invalid, which
+    /// [`Config::parse`] has refused already).
+    pub fn bytes(&self) -> crate::oci::Limits {
+        let mut l = crate::oci::Limits::default();
+        for (key, value) in self.entries() {
+            let Some(mib) = value.and_then(|v| parse_mem_mib(v).ok()) else {
+                continue;
+            };
+            let b = mib.saturating_mul(1 << 20);
+            match key {
+                "manifest" => l.manifest = b,
+                "config" => l.config = b,
+                "layer" => l.layer = b,
+                _ => l.image = b,
+            }
+        }
+        l
+    }
 }
 
 /// Why configuration or directory handling failed.
@@ -298,6 +355,13 @@ impl Config {
             if setup.cpus == Some(0) {
                 let reason = "a guest needs at least one CPU".to_string();
                 return Err(doc.bad_value(tree, &["setup", name, "cpus"], None, "0", reason));
+            }
+        }
+        for (key, value) in self.limits.entries() {
+            if let Some(v) = value
+                && let Err(reason) = parse_mem_mib(v)
+            {
+                return Err(doc.bad_value(tree, &["limits", key], None, v, reason));
             }
         }
         Ok(())
@@ -749,6 +813,8 @@ pub struct Paths {
     /// `defaults.ccache`, else `$XDG_CACHE_HOME/mkt/ccache`
     /// (`~/.cache/mkt/ccache`).
     pub ccache_dir: PathBuf,
+    /// `[limits]` of a pull, in bytes.
+    pub limits: crate::oci::Limits,
 }
 
 impl Paths {
@@ -784,11 +850,13 @@ impl Paths {
             data_dir,
             state_dir,
             home,
+            limits: crate::oci::Limits::default(),
         })
     }
 
-    /// Applies the config's `defaults.logs` and `defaults.ccache`.
+    /// Applies the config's `defaults.logs`, `defaults.ccache` and `[limits]`.
     pub fn with_config(mut self, cfg: &Config) -> Paths {
+        self.limits = cfg.limits.bytes();
         if let Some(logs) = &cfg.defaults.logs {
             self.logs_dir = logs.clone();
         }
@@ -1067,8 +1135,44 @@ mod tests {
         let err = parse("bogus = 1\n").unwrap_err().to_string();
         assert!(
             err.contains(
-                ":1:1: unknown key `bogus` at top level (expected one of: defaults, setup)"
+                ":1:1: unknown key `bogus` at top level (expected one of: defaults, setup, limits)"
             ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn limits_are_sizes_with_defaults_for_unset_keys() {
+        let cfg = parse("[limits]\nlayer = \"1G\"\nimage = \"1536M\"\n").unwrap();
+        let l = cfg.limits.bytes();
+        assert_eq!((l.layer, l.image), (1 << 30, 1536 << 20));
+        let d = crate::oci::Limits::default();
+        assert_eq!((l.manifest, l.config), (d.manifest, d.config));
+        assert_eq!(Config::default().limits.bytes(), d);
+        let paths = Paths::from_env(|k| (k == "HOME").then(|| HOME.into()), 1000, None)
+            .unwrap()
+            .with_config(&cfg);
+        assert_eq!(paths.limits, l);
+
+        let err = parse("[limits]\nlayer = \"16Q\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/c.toml:2:9: bad value \"16Q\" for key `limits.layer`"),
+            "{err}"
+        );
+        let err = parse("[limits]\nlayers = \"1G\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "unknown key `layers` in [limits] (expected one of: manifest, config, layer, image)"
+            ),
+            "{err}"
+        );
+        let err = parse("[limits]\nimage = 5\n").unwrap_err().to_string();
+        assert!(
+            err.contains("wrong type for key `image` in [limits]"),
             "{err}"
         );
     }
@@ -1088,6 +1192,7 @@ mod tests {
         let again = parse(&text).unwrap();
         assert_eq!(again.defaults, cfg.defaults);
         assert_eq!(again.setups, cfg.setups);
+        assert_eq!(again.limits, cfg.limits);
     }
 
     /// Keys present in a serialised struct (empty fields are skipped).
@@ -1136,6 +1241,13 @@ mod tests {
             virt: vec!["x".into()],
             dirs: vec!["x".into()],
         };
+        let all_limits = Limits {
+            manifest: Some("x".into()),
+            config: Some("x".into()),
+            layer: Some("x".into()),
+            image: Some("x".into()),
+        };
+        assert_eq!(keys_of(&cfg.limits), keys_of(&all_limits));
         assert_eq!(keys_of(&cfg.defaults), keys_of(&all_defaults));
         let used: BTreeSet<String> = cfg.setups.values().flat_map(keys_of).collect();
         assert_eq!(used, keys_of(&all_setup));
