@@ -578,6 +578,12 @@ pub enum RootfsCommand {
     UnpackLayers {
         #[arg(long)]
         into: PathBuf,
+        /// Bytes of file content one layer may write.
+        #[arg(long, default_value_t = crate::oci::Limits::default().layer)]
+        max_layer: u64,
+        /// Bytes of file content all layers may write.
+        #[arg(long, default_value_t = crate::oci::Limits::default().image)]
+        max_image: u64,
         /// DIGEST=PATH, in layer order.
         layers: Vec<String>,
     },

@@ -386,7 +386,9 @@ pub(crate) fn pull_unpacked(
             c.source.display()
         );
     }
-    let reg = Registry::new(&reference, opts.insecure, creds, files).map_err(pull_err)?;
+    let limits = paths.limits;
+    let mut reg = Registry::new(&reference, opts.insecure, creds, files).map_err(pull_err)?;
+    reg.max_manifest = limits.manifest;
     let shown = reference.to_string();
 
     // Manifest, through an index when there is one.
@@ -438,6 +440,46 @@ pub(crate) fn pull_unpacked(
         }
     }
     oci::reference::check_digest(&img.config.digest).map_err(&image_err)?;
+    // Before any download: sizes the manifest announces (the blobs are
+    // verified to have them) over a limit. Compressed layers are rarely
+    // bigger than the files they hold.
+    let limit_note = |key: &str, limit: u64| {
+        format!(
+            "the limit of {} per {key} (`{key}` in the config's [limits])",
+            oci::show_limit(limit)
+        )
+    };
+    if !manifest::is_config(&img.config.media_type) {
+        return Err(image_err(format!(
+            "its config {} has media type {:?}: it is not an image (an artifact?)",
+            img.config.digest, img.config.media_type
+        )));
+    }
+    if img.config.size > limits.config {
+        return Err(image_err(format!(
+            "its config {} is {} bytes, more than {}",
+            img.config.digest,
+            img.config.size,
+            limit_note("config", limits.config)
+        )));
+    }
+    for l in &img.layers {
+        if l.size > limits.layer {
+            return Err(image_err(format!(
+                "layer {} is {} bytes to download, more than {}",
+                l.digest,
+                l.size,
+                limit_note("layer", limits.layer)
+            )));
+        }
+    }
+    let compressed: u64 = img.layers.iter().map(|l| l.size).sum();
+    if compressed > limits.image {
+        return Err(image_err(format!(
+            "its layers are {compressed} bytes to download, more than {}",
+            limit_note("image", limits.image)
+        )));
+    }
 
     let blobs = BlobStore::new(&paths.blob_dir);
     let (config_path, _) = blobs
@@ -449,8 +491,22 @@ pub(crate) fn pull_unpacked(
             cancel,
         )
         .map_err(pull_err)?;
-    let config_bytes = std::fs::read(&config_path).map_err(store_err("read", &config_path))?;
-    let config: ImageConfig = serde_json::from_slice(&config_bytes).unwrap_or_default();
+    // Its size was checked above; read with a cap all the same.
+    let mut config_bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(&config_path).map_err(store_err("open", &config_path))?,
+            limits.config,
+        ),
+        &mut config_bytes,
+    )
+    .map_err(store_err("read", &config_path))?;
+    let config: ImageConfig = manifest::parse_config(&config_bytes).map_err(|reason| {
+        image_err(format!(
+            "its config {} is not an image config: {reason}",
+            img.config.digest
+        ))
+    })?;
     if let (Some(os), Some(arch)) = (&config.os, &config.architecture)
         && (os != &platform.os || arch != &platform.architecture)
     {
@@ -465,13 +521,17 @@ pub(crate) fn pull_unpacked(
     let temp_path = temp.0.clone().expect("temp dir");
     let how = how(opts.owners, &name)?;
     let mut unpacker = match &how {
-        How::Here(record, _) => Some(Unpacker::with_record(&temp_path, *record).map_err(
-            |source| RootfsError::Unpack {
-                image: image.clone(),
-                path: target.clone(),
-                source: Box::new(source),
-            },
-        )?),
+        How::Here(record, _) => {
+            let mut u = Unpacker::with_record(&temp_path, *record).map_err(|source| {
+                RootfsError::Unpack {
+                    image: image.clone(),
+                    path: target.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+            u.set_limits(limits.layer, limits.image);
+            Some(u)
+        }
         How::Mapped(_) => None,
     };
     let mut later: Vec<(String, PathBuf)> = Vec::new();
@@ -587,6 +647,10 @@ pub(crate) fn pull_unpacked(
                 "unpack-layers".into(),
                 "--into".into(),
                 temp_path.clone().into(),
+                "--max-layer".into(),
+                limits.layer.to_string().into(),
+                "--max-image".into(),
+                limits.image.to_string().into(),
             ];
             argv.extend(later.iter().map(|(d, p)| {
                 let mut a = std::ffi::OsString::from(format!("{d}="));
@@ -1011,9 +1075,15 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
             }
             Ok(0)
         }
-        C::UnpackLayers { into, layers } => {
+        C::UnpackLayers {
+            into,
+            max_layer,
+            max_image,
+            layers,
+        } => {
             catch_signals();
             let mut u = Unpacker::with_record(&into, unpack::Record::Real)?;
+            u.set_limits(max_layer, max_image);
             for l in &layers {
                 let (digest, blob) = l
                     .split_once('=')
