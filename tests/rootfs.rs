@@ -348,7 +348,17 @@ impl Layout {
             "config": {},
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.2.clone()).collect::<Vec<_>>()},
         });
-        let (cd, cs) = self.blob(&serde_json::to_vec(&config).unwrap());
+        self.image_with_config(layers, &serde_json::to_vec(&config).unwrap(), arch)
+    }
+
+    /// An image whose config blob is `config`, whatever it holds.
+    fn image_with_config(
+        &self,
+        layers: &[(Vec<u8>, &str, String)],
+        config: &[u8],
+        arch: &str,
+    ) -> serde_json::Value {
+        let (cd, cs) = self.blob(config);
         let ls: Vec<serde_json::Value> = layers
             .iter()
             .map(|(bytes, media, _)| {
@@ -1439,6 +1449,170 @@ fn bearer_tokens_from_a_token_server_with_docker_config_credentials() {
         err.contains(&h3.join(".docker/config.json").display().to_string()),
         "{err}"
     );
+}
+
+/// `[limits]` in the config file: a few KiB of gzip holding MiB of zeros
+/// stop at the layer limit, two layers at the image limit, a big config
+/// before it is downloaded; each error names the layer (or config) and the
+/// limit, and leaves nothing in the store. An index entry of an unknown
+/// media type and a config that is not JSON are refused. Without the
+/// config file, the defaults let the same image through.
+fn limits_and_media_types(user: Option<&common::TestUser>) {
+    use tar::EntryType as T;
+    let Some(reg) = Registry::start() else { return };
+    let l = Layout::new();
+    let zeros = |name: &str, n: usize| E {
+        data: vec![0; n],
+        ..e(T::Regular, name, 0o644)
+    };
+    let big = layer(
+        &[file("small", 0o644, "s"), zeros("zeros", 4 << 20)],
+        Comp::Gzip,
+    );
+    assert!(big.0.len() < 64 << 10, "compressible");
+    let big_digest = sha256_digest(&big.0);
+    let img = l.image(&[big], "amd64");
+    reg.push_raw(&l, &img, "limits/big", "1");
+    let two = [
+        layer(&[zeros("one", 768 << 10)], Comp::Gzip),
+        layer(&[zeros("two", 768 << 10)], Comp::Gzip),
+    ];
+    let second = sha256_digest(&two[1].0);
+    let img = l.image(&two, "amd64");
+    reg.push_raw(&l, &img, "limits/two", "1");
+    let small = || layer(&[file("f", 0o644, "x")], Comp::Gzip);
+    let huge_config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "comment": "x".repeat(3 << 19),
+    }))
+    .unwrap();
+    let huge_digest = sha256_digest(&huge_config);
+    let img = l.image_with_config(&[small()], &huge_config, "amd64");
+    reg.push_raw(&l, &img, "limits/config", "1");
+    let not_json = b"\x7fELF, not a config".to_vec();
+    let not_json_digest = sha256_digest(&not_json);
+    let img = l.image_with_config(&[small()], &not_json, "amd64");
+    reg.push_raw(&l, &img, "limits/notjson", "1");
+    // An index whose linux/amd64 entry claims a media type mkt does not
+    // know (docker-registry stores no manifest of an unknown type, but
+    // does not check the entries of an index).
+    let mut img = l.image(&[small()], "amd64");
+    reg.push_raw(&l, &img, "limits/unknown", "inner");
+    let unknown = "application/vnd.example.unknown.v1+json";
+    img["mediaType"] = unknown.into();
+    let entry = img["digest"].as_str().unwrap().to_string();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [img],
+    }))
+    .unwrap();
+    let r = reqwest::blocking::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{}/v2/limits/unknown/manifests/1",
+            reg.port
+        ))
+        .header("content-type", "application/vnd.oci.image.index.v1+json")
+        .body(index)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text());
+
+    let home = common::temp_home(user);
+    let h = home.path();
+    let cfg = h.join(".config/mkt/config.toml");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    std::fs::write(
+        &cfg,
+        "[limits]\nlayer = \"1M\"\nimage = \"1M\"\nconfig = \"1M\"\n",
+    )
+    .unwrap();
+    if let Some(u) = user {
+        for p in [h.join(".config"), h.join(".config/mkt"), cfg.clone()] {
+            nix::unistd::chown(&p, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+    }
+    let pull = |repo: &str| {
+        let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "pull", &reg.image(repo)]));
+        assert_eq!(o.status.code(), Some(1), "{repo}: {out}{err}");
+        assert_eq!(store_entries(h), Vec::<String>::new(), "{repo}: {err}");
+        err
+    };
+    let err = pull("limits/big:1");
+    assert!(
+        err.contains(&format!(
+            "layer {big_digest}: entry \"zeros\" (4 MiB) would take the layer past the limit of 1 MiB of file content per layer (`layer` in the config's [limits])"
+        )),
+        "{err}"
+    );
+    let err = pull("limits/two:1");
+    assert!(
+        err.contains(&format!(
+            "layer {second}: entry \"two\" (768 KiB) would take the image past the limit of 1 MiB of file content per image (`image` in the config's [limits])"
+        )),
+        "{err}"
+    );
+    let err = pull("limits/config:1");
+    assert!(
+        err.contains(&format!("its config {huge_digest} is"))
+            && err.contains(
+                "more than the limit of 1 MiB per config (`config` in the config's [limits])"
+            ),
+        "{err}"
+    );
+    assert!(
+        !blob_cache(h)
+            .join(huge_digest.strip_prefix("sha256:").unwrap())
+            .exists(),
+        "refused before the download"
+    );
+    let err = pull("limits/notjson:1");
+    assert!(
+        err.contains(&format!(
+            "its config {not_json_digest} is not an image config: it is not JSON"
+        )),
+        "{err}"
+    );
+    let err = pull("limits/unknown:1");
+    assert!(
+        err.contains(&format!(
+            "the index's linux/amd64 entry {entry} has media type \"{unknown}\", which is not an image manifest"
+        )),
+        "{err}"
+    );
+
+    // The defaults: the same images pull, twice.
+    std::fs::remove_file(&cfg).unwrap();
+    for _ in 0..2 {
+        for (repo, file) in [("limits/big:1", "zeros"), ("limits/two:1", "two")] {
+            let (o, out, err) = run(common::mkt_as(user, h).args([
+                "rootfs",
+                "pull",
+                "--force",
+                "--name",
+                "ok",
+                &reg.image(repo),
+            ]));
+            assert!(o.status.success(), "{repo}: {out}{err}");
+            assert!(store(h).join("ok").join(file).exists(), "{repo}");
+        }
+    }
+    assert_eq!(
+        std::fs::metadata(store(h).join("ok/two")).unwrap().len(),
+        768 << 10
+    );
+}
+
+#[test]
+fn limits_and_media_types_as_current_user() {
+    limits_and_media_types(None);
+}
+
+#[test]
+fn limits_and_media_types_as_unprivileged_user() {
+    let Some(Some(user)) = common::unprivileged_user() else {
+        return;
+    };
+    limits_and_media_types(Some(&user));
 }
 
 #[test]

@@ -457,18 +457,18 @@ pub(crate) fn pull_unpacked(
     }
     if img.config.size > limits.config {
         return Err(image_err(format!(
-            "its config {} is {} bytes, more than {}",
+            "its config {} is {}, more than {}",
             img.config.digest,
-            img.config.size,
+            human(img.config.size),
             limit_note("config", limits.config)
         )));
     }
     for l in &img.layers {
         if l.size > limits.layer {
             return Err(image_err(format!(
-                "layer {} is {} bytes to download, more than {}",
+                "layer {} is {} to download, more than {}",
                 l.digest,
-                l.size,
+                human(l.size),
                 limit_note("layer", limits.layer)
             )));
         }
@@ -476,7 +476,8 @@ pub(crate) fn pull_unpacked(
     let compressed: u64 = img.layers.iter().map(|l| l.size).sum();
     if compressed > limits.image {
         return Err(image_err(format!(
-            "its layers are {compressed} bytes to download, more than {}",
+            "its layers are {} to download, more than {}",
+            human(compressed),
             limit_note("image", limits.image)
         )));
     }
