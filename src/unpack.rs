@@ -336,6 +336,194 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// PAX and GNU long-name records larger than this are refused, as Go's
+/// archive/tar (hence Docker) refuses them: the tar crate reads them into
+/// memory whole, so a few KiB of gzip could take GiB of memory.
+pub const MAX_TAR_RECORDS: u64 = 1 << 20;
+
+/// Passes a tar stream through, following its headers (as the tar crate
+/// reads them) to refuse oversized PAX and long-name records before the
+/// tar crate reads them. A stream it cannot follow (a bad checksum, which
+/// the tar crate reports itself) is no longer checked.
+struct RecordCap<R> {
+    inner: R,
+    state: Track,
+    block: [u8; 512],
+    filled: usize,
+    /// The records of the last PAX header, while they apply.
+    pax: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy)]
+enum Track {
+    /// Reading a header block.
+    Header,
+    /// Skipping content and padding.
+    Skip(u64),
+    /// Keeping a PAX header's records, then skipping its padding.
+    Pax { left: u64, pad: u64 },
+    /// Reading GNU sparse extension blocks, then skipping `data`.
+    SparseExt { data: u64 },
+    /// The end of the archive, or a stream it cannot follow.
+    Off,
+}
+
+fn padded(n: u64) -> u64 {
+    n.div_ceil(512).saturating_mul(512)
+}
+
+impl<R: Read> RecordCap<R> {
+    fn new(inner: R) -> Self {
+        RecordCap {
+            inner,
+            state: Track::Header,
+            block: [0; 512],
+            filled: 0,
+            pax: None,
+        }
+    }
+
+    /// The state after the header in `self.block`.
+    fn header(&mut self) -> io::Result<Track> {
+        use tar::EntryType as T;
+        if self.block.iter().all(|b| *b == 0) {
+            return Ok(Track::Off);
+        }
+        let h = tar::Header::from_byte_slice(&self.block);
+        let sum: u32 = self.block[..148]
+            .iter()
+            .chain(&self.block[156..])
+            .map(|b| u32::from(*b))
+            .sum::<u32>()
+            + 8 * 32;
+        let Ok(size) = h.entry_size() else {
+            return Ok(Track::Off);
+        };
+        if h.cksum().ok() != Some(sum) {
+            return Ok(Track::Off);
+        }
+        let kind = h.entry_type();
+        let recognized = h.as_gnu().is_some() || h.as_ustar().is_some();
+        let special = kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink();
+        if special && recognized && size > MAX_TAR_RECORDS {
+            return Err(io::Error::other(format!(
+                "a {} record of {size} bytes, more than the {} mkt (like Docker) reads",
+                match kind {
+                    T::XHeader => "PAX",
+                    T::XGlobalHeader => "PAX global",
+                    _ => "GNU long name",
+                },
+                crate::oci::show_limit(MAX_TAR_RECORDS)
+            )));
+        }
+        if special {
+            if kind.is_pax_local_extensions() && recognized {
+                self.pax = Some(Vec::new());
+                return Ok(Track::Pax {
+                    left: size,
+                    pad: padded(size) - size,
+                });
+            }
+            if !(recognized && (kind.is_gnu_longname() || kind.is_gnu_longlink())) {
+                // An entry of its own, which the PAX records went to.
+                self.pax = None;
+            }
+            return Ok(Track::Skip(padded(size)));
+        }
+        // As the tar crate does: a PAX size wins over the header's.
+        let pax = self.pax.take();
+        let size = pax
+            .as_deref()
+            .and_then(|p| {
+                tar::PaxExtensions::new(p)
+                    .filter_map(Result::ok)
+                    .find(|e| e.key_bytes() == b"size")
+                    .map(|e| {
+                        std::str::from_utf8(e.value_bytes())
+                            .ok()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+            })
+            .flatten()
+            .unwrap_or(size);
+        if kind.is_gnu_sparse() && h.as_gnu().is_some_and(|g| g.is_extended()) {
+            return Ok(Track::SparseExt { data: padded(size) });
+        }
+        Ok(Track::Skip(padded(size)))
+    }
+
+    /// Follows the stream through `buf`.
+    fn follow(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.state {
+                Track::Off => return Ok(()),
+                Track::Skip(n) => {
+                    let k = n.min(buf.len() as u64);
+                    buf = &buf[k as usize..];
+                    self.state = if n == k {
+                        Track::Header
+                    } else {
+                        Track::Skip(n - k)
+                    };
+                }
+                Track::Pax { left, pad } => {
+                    let k = left.min(buf.len() as u64) as usize;
+                    if let Some(p) = &mut self.pax {
+                        p.extend_from_slice(&buf[..k]);
+                    }
+                    buf = &buf[k..];
+                    self.state = if left == k as u64 {
+                        if pad == 0 {
+                            Track::Header
+                        } else {
+                            Track::Skip(pad)
+                        }
+                    } else {
+                        Track::Pax {
+                            left: left - k as u64,
+                            pad,
+                        }
+                    };
+                }
+                Track::Header | Track::SparseExt { .. } => {
+                    let k = (512 - self.filled).min(buf.len());
+                    self.block[self.filled..self.filled + k].copy_from_slice(&buf[..k]);
+                    self.filled += k;
+                    buf = &buf[k..];
+                    if self.filled < 512 {
+                        continue;
+                    }
+                    self.filled = 0;
+                    self.state = match self.state {
+                        Track::SparseExt { data } if self.block[504] != 0 => {
+                            Track::SparseExt { data }
+                        }
+                        Track::SparseExt { data: 0 } => Track::Header,
+                        Track::SparseExt { data } => Track::Skip(data),
+                        _ => self.header()?,
+                    };
+                    if let Track::Skip(0) = self.state {
+                        self.state = Track::Header;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for RecordCap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.follow(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 /// One entry, as read from the tar header and its PAX records.
 struct Item {
     rel: PathBuf,
@@ -661,7 +849,7 @@ impl Unpacker {
         layer: &str,
         cancel: &AtomicBool,
     ) -> Result<(), UnpackError> {
-        let mut archive = tar::Archive::new(r);
+        let mut archive = tar::Archive::new(RecordCap::new(r));
         let root = self.root_path.clone();
         let read_err = |entry: Option<String>, source: io::Error| UnpackError::Read {
             layer: layer.into(),
@@ -1494,5 +1682,146 @@ mod tests {
             e,
             r#"layer sha256:x: refused entry "bad\xff\u{1b}[2J/../x": path has a `..` component"#
         );
+    }
+
+    #[test]
+    fn oversized_pax_and_long_name_records_are_refused_before_reading_them() {
+        let no = AtomicBool::new(false);
+        let file = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        // 2 MiB of PAX records; as gzip, a few KiB (4 GiB would be 4 MiB).
+        let mut b = tar::Builder::new(Vec::new());
+        file(&mut b, "first", b"1");
+        b.append_pax_extensions([("comment", &vec![b'x'; 2 << 20][..])])
+            .unwrap();
+        file(&mut b, "second", b"2");
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u
+            .unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:pax", &no)
+            .unwrap_err();
+        let UnpackError::Read {
+            layer,
+            entry,
+            source,
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (layer.as_str(), entry.as_deref()),
+            ("sha256:pax", Some("\"first\""))
+        );
+        assert!(
+            source.to_string().starts_with("a PAX record of 20971")
+                && source
+                    .to_string()
+                    .ends_with("more than the 1 MiB mkt (like Docker) reads"),
+            "{source}"
+        );
+        assert!(!d.path().join("second").exists());
+
+        // A 2 MiB GNU long name.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(0);
+        b.append_data(&mut h, "a/".repeat(1 << 20) + "f", io::empty())
+            .unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u
+            .unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:long", &no)
+            .unwrap_err();
+        assert!(
+            format!("{:?}", e).contains("a GNU long name record of 2097"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn record_checks_follow_pax_sizes_and_pass_real_layers() {
+        let no = AtomicBool::new(false);
+        // A PAX size (as Go writes for files over 8 GiB) wins over the
+        // header's 0: the check must skip 1000 bytes, then see the next
+        // header.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("size", &b"1000"[..])]).unwrap();
+        let mut out = b.into_inner().unwrap();
+        out.truncate(out.len() - 1024);
+        let mut h = tar::Header::new_ustar();
+        h.set_path("big").unwrap();
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(&[b'd'; 1000]);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        let mut b = tar::Builder::new(out);
+        b.append_pax_extensions([("comment", &vec![b'x'; 2 << 20][..])])
+            .unwrap();
+        let layer = b.into_inner().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u.unpack_tar(layer.as_slice(), "sha256:s", &no).unwrap_err();
+        assert!(format!("{e:?}").contains("a PAX record of"), "{e:?}");
+        assert_eq!(std::fs::read(d.path().join("big")).unwrap(), [b'd'; 1000]);
+
+        // Ordinary records, long names and sparse files pass.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("SCHILY.xattr.user.x", &b"v"[..])])
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(3);
+        let long = "d/".repeat(100) + "f";
+        b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+        let mut layer = b.into_inner().unwrap();
+        layer.truncate(layer.len() - 1024);
+        layer.extend_from_slice(&sparse_tar(8 << 10));
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.unpack_tar(layer.as_slice(), "sha256:ok", &no).unwrap();
+        assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), b"abc");
+        assert_eq!(
+            std::fs::metadata(d.path().join("sparse")).unwrap().len(),
+            8 << 10
+        );
+
+        // A sparse file with an extension block of its map: skipped too.
+        let oct = |n: u64| {
+            let mut f = [0u8; 12];
+            f[..11].copy_from_slice(format!("{n:011o}").as_bytes());
+            f
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_path("ext").unwrap();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(5 * 512);
+        let g = h.as_gnu_mut().unwrap();
+        g.realsize = oct(4608);
+        for i in 0..4 {
+            g.sparse[i].offset = oct(i as u64 * 1024);
+            g.sparse[i].numbytes = oct(512);
+        }
+        g.isextended[0] = 1;
+        h.set_cksum();
+        let mut ext = tar::GnuExtSparseHeader::new();
+        ext.sparse[0].offset = oct(4096);
+        ext.sparse[0].numbytes = oct(512);
+        let mut layer = h.as_bytes().to_vec();
+        layer.extend_from_slice(ext.as_bytes());
+        layer.extend_from_slice(&[b's'; 5 * 512]);
+        let mut b = tar::Builder::new(layer);
+        b.append_pax_extensions([("comment", &vec![b'x'; 2 << 20][..])])
+            .unwrap();
+        let layer = b.into_inner().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u.unpack_tar(layer.as_slice(), "sha256:e", &no).unwrap_err();
+        assert!(format!("{e:?}").contains("a PAX record of"), "{e:?}");
+        assert_eq!(std::fs::metadata(d.path().join("ext")).unwrap().len(), 4608);
     }
 }
