@@ -473,7 +473,10 @@ pub(crate) fn pull_unpacked(
             )));
         }
     }
-    let compressed: u64 = img.layers.iter().map(|l| l.size).sum();
+    let compressed = img
+        .layers
+        .iter()
+        .fold(0u64, |a, l| a.saturating_add(l.size));
     if compressed > limits.image {
         return Err(image_err(format!(
             "its layers are {} to download, more than {}",
@@ -494,14 +497,14 @@ pub(crate) fn pull_unpacked(
         .map_err(pull_err)?;
     // Its size was checked above; read with a cap all the same.
     let mut config_bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(
-            std::fs::File::open(&config_path).map_err(store_err("open", &config_path))?,
-            limits.config,
-        ),
-        &mut config_bytes,
-    )
-    .map_err(store_err("read", &config_path))?;
+    {
+        use std::io::Read;
+        std::fs::File::open(&config_path)
+            .map_err(store_err("open", &config_path))?
+            .take(limits.config)
+            .read_to_end(&mut config_bytes)
+            .map_err(store_err("read", &config_path))?;
+    }
     let config: ImageConfig = manifest::parse_config(&config_bytes).map_err(|reason| {
         image_err(format!(
             "its config {} is not an image config: {reason}",
