@@ -561,8 +561,9 @@ pub enum RootfsCommand {
     /// A shell (or `-- CMD`) inside the tree, as its root, for a look:
     /// read-only unless --rw.
     Shell {
-        /// The tree's name.
-        name: String,
+        /// The tree's name [default: the default setup's rootfs, else the
+        /// config's, else debian-bookworm (built on first use)].
+        name: Option<String>,
         /// Let changes reach the stored tree (e.g. `apt install`).
         #[arg(long)]
         rw: bool,

@@ -8,6 +8,7 @@
 
 pub mod builder;
 pub mod recipe;
+pub mod resolve;
 
 use crate::config::Paths;
 use crate::oci::manifest::{self, ImageConfig, Manifest, Platform};
@@ -1039,7 +1040,22 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
             println!("{}", stored(&ctx.paths, &name)?.display());
             Ok(0)
         }
-        C::Shell { name, rw, command } => Ok(shell(&ctx.paths, &name, rw, &command)?),
+        C::Shell { name, rw, command } => {
+            let c = &ctx.config;
+            let wanted = resolve::wanted(name.as_deref(), resolve::default_setup(c), c);
+            let first = resolve::FirstUse {
+                dry_run: false,
+                quiet: ctx.quiet,
+                verbose: ctx.verbose,
+            };
+            match resolve::resolve(&ctx.paths, &wanted, first)? {
+                resolve::Found::Stored(name, _) => Ok(shell(&ctx.paths, &name, rw, &command)?),
+                found => anyhow::bail!(
+                    "rootfs shell enters trees of the store; {} is a directory (`mkt build --shell --rootfs DIR` enters it as you)",
+                    found.path(&ctx.paths).display()
+                ),
+            }
+        }
         C::Gc => {
             let (files, bytes) = gc(&ctx.paths)?;
             if !ctx.quiet {
