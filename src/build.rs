@@ -747,7 +747,13 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
     {
         check_wanted(want, &src, found)?;
     }
-    let rootfs = rootfs_for(opts.rootfs.as_deref(), config, paths, opts.quiet, opts.verbose)?;
+    let rootfs = rootfs_for(
+        opts.rootfs.as_deref(),
+        config,
+        paths,
+        opts.quiet,
+        opts.verbose,
+    )?;
     let env = prepare_env(opts, config, paths, rootfs, src)?;
 
     if opts.shell {

@@ -136,9 +136,10 @@ pub struct RunArgs {
     /// Accelerator [default: KVM when really usable, else TCG].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
-    /// Virtual CPUs [default: the CPUs this process may use].
-    #[arg(long)]
-    pub cpus: Option<u32>,
+    /// Virtual CPUs, at least 1 [default: the setup's, else the CPUs this
+    /// process may use].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<config::Cpus>,
     /// Guest memory, e.g. 2G or 1536M [default: 1G].
     #[arg(long, value_name = "SIZE")]
     pub mem: Option<String>,
@@ -380,7 +381,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
         accel: a
             .accel
             .map(|x| if x == "kvm" { Accel::Kvm } else { Accel::Tcg }),
-        cpus: a.cpus,
+        cpus: a.cpus.map(config::Cpus::get),
         mem_mib,
         append: a.append,
         qemu_args: a.qemu_arg,

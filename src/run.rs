@@ -793,7 +793,10 @@ pub fn prepare(
         },
         _ => Net::None,
     };
-    let cpus = opts.cpus.or(setup.cpus).unwrap_or_else(available_cpus);
+    let cpus = opts
+        .cpus
+        .or(setup.cpus.map(crate::config::Cpus::get))
+        .unwrap_or_else(available_cpus);
     let mem_mib = opts
         .mem_mib
         .or_else(|| {

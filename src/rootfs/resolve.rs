@@ -28,9 +28,7 @@ pub enum ResolveError {
         known: String,
         hint: String,
     },
-    #[error(
-        "rootfs {0} is not built yet; run without --dry-run (or `mkt rootfs build {0}`) first"
-    )]
+    #[error("rootfs {0} is not built yet; run without --dry-run (or `mkt rootfs build {0}`) first")]
     WouldBuild(String),
     #[error("cannot build rootfs {0} from its recipe")]
     Build(String, #[source] Box<RootfsError>),
@@ -208,7 +206,10 @@ mod tests {
             Found::Recipe(recipe::DEFAULT.into())
         );
         let e = lookup(&p, "fc99").unwrap_err().to_string();
-        assert!(e.contains("no rootfs fc99") && e.contains("have: deb"), "{e}");
+        assert!(
+            e.contains("no rootfs fc99") && e.contains("have: deb"),
+            "{e}"
+        );
         let e = lookup(&p, "/nonexistent/x").unwrap_err().to_string();
         assert!(e.contains("/nonexistent/x: not a directory"), "{e}");
     }
