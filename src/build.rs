@@ -827,7 +827,13 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
             }
         }
         eprintln!("mkt: log: {}", log_path.display());
-        Ok(1)
+        // Stopped by Ctrl-C or SIGTERM/SIGHUP: exit as the shell reports it.
+        let by_signal = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|s| 128 + s);
+        Ok(if by_signal.contains(&status) {
+            status
+        } else {
+            1
+        })
     };
     if let Some(tree) = &opts.kernel_headers {
         let tree = tree

@@ -1343,6 +1343,7 @@ static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: i32) {
     SIGNALLED.store(sig, Ordering::SeqCst);
+    crate::interrupt::note(sig);
 }
 
 fn install_signal_handlers() {
@@ -1637,6 +1638,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
     }
     install_signal_handlers();
+    let _pipe = crate::interrupt::KeepOnClosedPipe::new();
 
     // The privileged steps: checked up front, undone when the run ends
     // (these guards drop before run_dir), and after kill -9 by the next

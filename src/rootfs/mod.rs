@@ -897,9 +897,10 @@ pub fn render_list(items: &[Listed]) -> String {
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
     // An atomic store is async-signal-safe.
     CANCEL.store(true, Ordering::Relaxed);
+    crate::interrupt::note(sig);
 }
 
 /// The first Ctrl-C (or SIGTERM, SIGHUP) stops the pull cleanly; SA_RESETHAND makes
