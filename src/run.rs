@@ -421,14 +421,17 @@ pub fn prepare(
     let setup: Setup = match &setup_name {
         Some(n) => config.setups.get(n).cloned().ok_or_else(|| {
             let known: Vec<_> = config.setups.keys().cloned().collect();
-            RunError::NoSetup(
-                n.clone(),
-                config
-                    .file
-                    .as_ref()
-                    .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
-                    .unwrap_or_default(),
-            )
+            let mut detail = config
+                .file
+                .as_ref()
+                .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
+                .unwrap_or_default();
+            // `mkt run uname`: a command without `--` reads as a setup.
+            if opts.setup.as_ref() == Some(n) && opts.command.is_empty() {
+                detail +=
+                    &format!("\n  to run a command in the guest, put it after --: mkt run -- {n}");
+            }
+            RunError::NoSetup(n.clone(), detail)
         })?,
         None => Setup::default(),
     };

@@ -690,13 +690,30 @@ pub(crate) fn commit(
 }
 
 /// One row of `mkt rootfs list`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Listed {
     pub name: String,
     pub path: PathBuf,
     /// `None` for a directory mkt did not pull (no metadata).
-    #[serde(flatten)]
     pub meta: Option<Meta>,
+}
+
+/// `--json`: the metadata's fields with `name` and `path`, each key once
+/// (a flattened [`Meta`] would repeat its own `name`).
+impl Serialize for Listed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut obj = match &self.meta {
+            Some(m) => match serde_json::to_value(m).map_err(S::Error::custom)? {
+                serde_json::Value::Object(o) => o,
+                _ => serde_json::Map::new(),
+            },
+            None => serde_json::Map::new(),
+        };
+        obj.insert("name".into(), self.name.clone().into());
+        obj.insert("path".into(), self.path.to_string_lossy().into());
+        obj.serialize(s)
+    }
 }
 
 /// The trees in the store, sorted by name.
