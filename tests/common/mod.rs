@@ -51,6 +51,51 @@ pub fn rootfs() -> Option<PathBuf> {
     fixture("rootfs-bookworm", ".complete")
 }
 
+/// A fresh HOME (owned by `user`) whose store holds the fixture rootfs
+/// under the default recipe's name, with the metadata
+/// `mkt rootfs build debian-bookworm` writes: the default path of
+/// `run`/`build` without mmdebstrap. The tree is hard-linked (root only).
+pub fn home_with_default_rootfs(user: Option<&TestUser>) -> Option<tempfile::TempDir> {
+    let fixture = rootfs()?;
+    if !nix::unistd::getuid().is_root() {
+        return unavailable("root (to hard-link the fixture rootfs into a store)");
+    }
+    let home = temp_home(user);
+    let mut dir = home.path().to_path_buf();
+    for part in [".local", "share", "mkt", "rootfs", ".meta"] {
+        dir.push(part);
+        std::fs::create_dir(&dir).unwrap();
+        if let Some(u) = user {
+            nix::unistd::chown(&dir, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+    }
+    let store = dir.parent().unwrap();
+    let name = mkt::rootfs::recipe::DEFAULT;
+    let st = Command::new("cp")
+        .arg("-al")
+        .arg(&fixture)
+        .arg(store.join(name))
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "cp -al {} into {}",
+        fixture.display(),
+        store.display()
+    );
+    let meta = format!(
+        r#"{{"name":"{name}","image":"recipe:{name}","reference":"recipe:{name}",
+"manifest_digest":"","config_digest":"","platform":"linux/amd64","layers":[],
+"pulled":"2026-01-01T00:00:00Z","size":0,"entries":0,"recipe":"{name}","owners":"host"}}"#
+    );
+    let mpath = dir.join(format!("{name}.json"));
+    std::fs::write(&mpath, meta).unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(&mpath, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+    Some(home)
+}
+
 pub fn kernel_tree() -> Option<PathBuf> {
     fixture("linux", "arch/x86/boot/bzImage")
 }
