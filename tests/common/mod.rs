@@ -52,11 +52,12 @@ pub fn rootfs() -> Option<PathBuf> {
 }
 
 /// A fresh HOME (owned by `user`) whose store holds the fixture rootfs
-/// under the default recipe's name, with the metadata
-/// `mkt rootfs build debian-bookworm` writes: the default path of
+/// with Debian's cloud kernel under the default recipe's name, with the
+/// metadata `mkt rootfs build debian-bookworm` writes: the default path of
 /// `run`/`build` without mmdebstrap. The tree is hard-linked (root only).
 pub fn home_with_default_rootfs(user: Option<&TestUser>) -> Option<tempfile::TempDir> {
     let fixture = rootfs()?;
+    let ck = cloud_kernel()?;
     if !nix::unistd::getuid().is_root() {
         return unavailable("root (to hard-link the fixture rootfs into a store)");
     }
@@ -83,6 +84,17 @@ pub fn home_with_default_rootfs(user: Option<&TestUser>) -> Option<tempfile::Tem
         fixture.display(),
         store.display()
     );
+    // The recipe's kernel: /boot/vmlinuz-* and its modules.
+    let tree = store.join(name);
+    for (from, to) in [("root/boot/.", "boot"), ("root/lib/modules", "usr/lib")] {
+        let st = Command::new("cp")
+            .arg("-al")
+            .arg(ck.join(from))
+            .arg(tree.join(to))
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp -al {from} {to}");
+    }
     let meta = format!(
         r#"{{"name":"{name}","image":"recipe:{name}","reference":"recipe:{name}",
 "manifest_digest":"","config_digest":"","platform":"linux/amd64","layers":[],
