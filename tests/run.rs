@@ -823,7 +823,14 @@ fn dry_run_into_a_closed_pipe(user: Option<&common::TestUser>, home: &Path) {
     let (rd, wr) = nix::unistd::pipe().unwrap();
     drop(rd);
     let o = common::mkt_as(user, home)
-        .args(["run", "--dry-run", "--", "true"])
+        .args([
+            "run",
+            "--rootfs",
+            "debian-bookworm",
+            "--dry-run",
+            "--",
+            "true",
+        ])
         .current_dir(home)
         .stdout(std::process::Stdio::from(wr))
         .output()
@@ -867,7 +874,19 @@ fn default_rootfs_comes_from_the_store_on_every_run() {
         let (out, err) = (text(&o.stdout), text(&o.stderr));
         assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
         assert!(out.contains(&tree.display().to_string()), "{out}");
-        dry_run_into_a_closed_pipe(user, h);
+    }
+}
+
+#[test]
+fn dry_run_into_a_closed_pipe_does_not_panic() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        dry_run_into_a_closed_pipe(user, home.path());
     }
 }
 
@@ -890,7 +909,7 @@ fn an_interrupted_run_exits_130_or_143_and_leaves_no_vm() {
         };
         let h = home.path();
         let mut vm = common::mkt_as(user, h)
-            .args(["run", "--", "sleep", "600"])
+            .args(["run", "--rootfs", "debian-bookworm", "--", "sleep", "600"])
             .current_dir(h)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
