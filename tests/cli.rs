@@ -531,3 +531,35 @@ fn rootfs_names_are_store_names_and_directories_are_paths() {
         );
     }
 }
+
+/// Log lines (-vv) into a pipe or a file carry no colour codes.
+#[test]
+fn no_colour_codes_when_stderr_is_not_a_terminal() {
+    let home = tempfile::tempdir().unwrap();
+    let (_, _, err) = run(common::mkt(home.path()).args(["-vv", "doctor"]));
+    assert!(err.contains("DEBUG"), "a debug line is logged: {err}");
+    assert!(!err.contains('\u{1b}'), "colour codes: {err:?}");
+}
+
+/// `mkt rootfs shell` with no NAME enters the default rootfs (the rule of
+/// `mkt run`), found in the store.
+#[test]
+fn rootfs_shell_without_a_name_enters_the_default_tree() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        let (o, out, err) = run(common::mkt_as(user, home.path()).args([
+            "rootfs",
+            "shell",
+            "--",
+            "cat",
+            "/etc/debian_version",
+        ]));
+        assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+        assert!(out.starts_with("12."), "{out}");
+    }
+}
