@@ -526,7 +526,7 @@ fn rootfs_names_are_store_names_and_directories_are_paths() {
         }
         let err = dry("mine");
         assert!(
-            err.contains("no rootfs mine in") && err.contains("write ./mine"),
+            err.contains("no rootfs \"mine\" in") && err.contains("write ./mine"),
             "{err}"
         );
     }

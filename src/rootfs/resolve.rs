@@ -21,7 +21,7 @@ pub enum ResolveError {
          starting with a letter or digit; write a directory as a path (with a '/')"
     )]
     BadName(String),
-    #[error("no rootfs {name} in {} (have: {known}) and no recipe of that name{hint}", .store.display())]
+    #[error("no rootfs {name:?} in {} (have: {known}) and no recipe of that name{hint}", .store.display())]
     NotFound {
         name: String,
         store: PathBuf,
@@ -207,7 +207,7 @@ mod tests {
         );
         let e = lookup(&p, "fc99").unwrap_err().to_string();
         assert!(
-            e.contains("no rootfs fc99") && e.contains("have: deb"),
+            e.contains("no rootfs \"fc99\"") && e.contains("have: deb"),
             "{e}"
         );
         let e = lookup(&p, "/nonexistent/x").unwrap_err().to_string();
