@@ -54,12 +54,13 @@ pub fn rootfs() -> Option<PathBuf> {
 /// A fresh HOME (owned by `user`) whose store holds the fixture rootfs
 /// with Debian's cloud kernel under the default recipe's name, with the
 /// metadata `mkt rootfs build debian-bookworm` writes: the default path of
-/// `run`/`build` without mmdebstrap. The tree is hard-linked (root only).
+/// `run`/`build` without mmdebstrap. The tree is hard-linked (root only:
+/// the fixture is root's).
 pub fn home_with_default_rootfs(user: Option<&TestUser>) -> Option<tempfile::TempDir> {
     let fixture = rootfs()?;
     let ck = cloud_kernel()?;
     if !nix::unistd::getuid().is_root() {
-        return unavailable("root (to hard-link the fixture rootfs into a store)");
+        return unavailable("root (to link the fixture rootfs into a store)");
     }
     let home = temp_home(user);
     let mut dir = home.path().to_path_buf();
@@ -72,29 +73,24 @@ pub fn home_with_default_rootfs(user: Option<&TestUser>) -> Option<tempfile::Tem
     }
     let store = dir.parent().unwrap();
     let name = mkt::rootfs::recipe::DEFAULT;
-    let st = Command::new("cp")
-        .arg("-al")
-        .arg(&fixture)
-        .arg(store.join(name))
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "cp -al {} into {}",
-        fixture.display(),
-        store.display()
-    );
-    // The recipe's kernel: /boot/vmlinuz-* and its modules.
+    // `to` (new) as hard links where the fixture and HOME share a file
+    // system, else as a copy.
+    let copy = |from: &Path, to: &Path| {
+        for how in ["-al", "-a"] {
+            let st = Command::new("cp").arg(how).arg(from).arg(to).status();
+            if st.is_ok_and(|s| s.success()) {
+                return;
+            }
+            let _ = std::fs::remove_dir_all(to);
+        }
+        panic!("cannot copy {} to {}", from.display(), to.display());
+    };
     let tree = store.join(name);
-    for (from, to) in [("root/boot/.", "boot"), ("root/lib/modules", "usr/lib")] {
-        let st = Command::new("cp")
-            .arg("-al")
-            .arg(ck.join(from))
-            .arg(tree.join(to))
-            .status()
-            .unwrap();
-        assert!(st.success(), "cp -al {from} {to}");
-    }
+    copy(&fixture, &tree);
+    // The recipe's kernel: /boot/vmlinuz-* and its modules.
+    std::fs::remove_dir(tree.join("boot")).unwrap();
+    copy(&ck.join("root/boot"), &tree.join("boot"));
+    copy(&ck.join("root/lib/modules"), &tree.join("usr/lib/modules"));
     let meta = format!(
         r#"{{"name":"{name}","image":"recipe:{name}","reference":"recipe:{name}",
 "manifest_digest":"","config_digest":"","platform":"linux/amd64","layers":[],
