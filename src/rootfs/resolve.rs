@@ -5,7 +5,8 @@
 //! A value with a `/` is a directory (`./tree`, `/srv/rootfs`, `~/fs` from
 //! the config); anything else is a name in the store, never a directory of
 //! the current directory, and never the store's own internals (`.meta`,
-//! ``). A name with no tree yet that names a recipe is built on first use.
+//! `""`). A name with no tree yet that names a recipe is built on first
+//! use.
 
 use super::{RootfsError, builder, recipe};
 use crate::config::{Config, Paths, Setup};
