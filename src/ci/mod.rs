@@ -194,6 +194,8 @@ fn make_request(opts: &CiOptions, config: &Config, paths: &Paths) -> anyhow::Res
         ..Default::default()
     };
     let source = crate::build::resolve_src(&bopts, config)?;
+    // Not a repository: say so before a first use builds the rootfs.
+    git::open(&source).map_err(|e| CiError::NotARepo(source.clone(), Box::new(e)))?;
     let rootfs = crate::build::rootfs_for(
         opts.rootfs.as_deref(),
         config,
