@@ -80,8 +80,8 @@ pub enum BuildError {
     NoDir(PathBuf, #[source] io::Error),
     #[error("--dir {0}: not a directory")]
     BadDir(PathBuf),
-    #[error("rootfs")]
-    Rootfs(#[source] crate::run::RunError),
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::resolve::ResolveError),
     #[error("cannot create {0}")]
     Create(PathBuf, #[source] io::Error),
     #[error("cannot read {0}")]
@@ -656,6 +656,26 @@ pub(crate) fn resolve_src(opts: &BuildOptions, config: &Config) -> Result<PathBu
     Ok(c)
 }
 
+/// The rootfs `build` and `ci` enter: `--rootfs`, else the default
+/// setup's, else the config's, else the default recipe's tree (built on
+/// first use).
+pub(crate) fn rootfs_for(
+    flag: Option<&str>,
+    config: &Config,
+    paths: &Paths,
+    quiet: bool,
+    verbose: bool,
+) -> Result<PathBuf, BuildError> {
+    use crate::rootfs::resolve;
+    let wanted = resolve::wanted(flag, resolve::default_setup(config), config);
+    let first = resolve::FirstUse {
+        dry_run: false,
+        quiet,
+        verbose,
+    };
+    Ok(resolve::resolve(paths, &wanted, first)?.path(paths))
+}
+
 pub(crate) fn check_wanted(want: &str, dir: &Path, found: &Project) -> Result<(), BuildError> {
     let ok = match want {
         "kernel" | "linux" => matches!(found, Project::Kernel { .. }),
@@ -718,8 +738,8 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
     let src = resolve_src(opts, config)?;
     let project = match discover(&src) {
         Ok(p) => Some(p),
-        // A shell or a recipe needs no known project.
-        Err(_) if (opts.shell || opts.recipe.is_some()) && opts.project.is_none() => None,
+        // A recipe (`custom` or no PROJECT) or a shell needs no known project.
+        Err(_) if opts.recipe.is_some() || (opts.shell && opts.project.is_none()) => None,
         Err(e) => return Err(e.into()),
     };
     if let (Some(want), Some(found)) = (&opts.project, &project)
@@ -727,12 +747,13 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
     {
         check_wanted(want, &src, found)?;
     }
-    let rootfs_arg = opts
-        .rootfs
-        .clone()
-        .or_else(|| config.defaults.rootfs.clone());
-    let rootfs = crate::run::resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir)
-        .map_err(BuildError::Rootfs)?;
+    let rootfs = rootfs_for(
+        opts.rootfs.as_deref(),
+        config,
+        paths,
+        opts.quiet,
+        opts.verbose,
+    )?;
     let env = prepare_env(opts, config, paths, rootfs, src)?;
 
     if opts.shell {
@@ -806,7 +827,13 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
             }
         }
         eprintln!("mkt: log: {}", log_path.display());
-        Ok(1)
+        // Stopped by Ctrl-C or SIGTERM/SIGHUP: exit as the shell reports it.
+        let by_signal = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|s| 128 + s);
+        Ok(if by_signal.contains(&status) {
+            status
+        } else {
+            1
+        })
     };
     if let Some(tree) = &opts.kernel_headers {
         let tree = tree

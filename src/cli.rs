@@ -20,7 +20,10 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Flags every command takes; shown under their own heading in each
+/// command's --help, apart from the command's own.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct Global {
     /// More output on stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -119,7 +122,9 @@ pub enum Command {
 pub struct RunArgs {
     /// A named setup from the config ([setup.NAME]); also the guest's hostname.
     pub setup: Option<String>,
-    /// Rootfs: a name in mkt's store or a directory.
+    /// Rootfs: a name in mkt's store (or a recipe's, built on first use),
+    /// or a directory written as a path (with a '/') [default: the setup's
+    /// rootfs, else the config's, else debian-bookworm].
     #[arg(long, value_name = "NAME|DIR")]
     pub rootfs: Option<String>,
     /// Kernel: a built kernel tree or an image file [default: the setup's,
@@ -136,9 +141,10 @@ pub struct RunArgs {
     /// Accelerator [default: KVM when really usable, else TCG].
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
-    /// Virtual CPUs [default: the CPUs this process may use].
-    #[arg(long)]
-    pub cpus: Option<u32>,
+    /// Virtual CPUs, at least 1 [default: the setup's, else the CPUs this
+    /// process may use].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<config::Cpus>,
     /// Guest memory, e.g. 2G or 1536M [default: 1G].
     #[arg(long, value_name = "SIZE")]
     pub mem: Option<String>,
@@ -253,7 +259,8 @@ fn user_name(uid: u32) -> String {
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
+            // Hidden (internal) commands and flags are not offered.
+            let mut cmd = without_hidden(&Cli::command());
             clap_complete::generate(shell, &mut cmd, "mkt", &mut std::io::stdout());
             Ok(0)
         }
@@ -380,7 +387,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
         accel: a
             .accel
             .map(|x| if x == "kvm" { Accel::Kvm } else { Accel::Tcg }),
-        cpus: a.cpus,
+        cpus: a.cpus.map(config::Cpus::get),
         mem_mib,
         append: a.append,
         qemu_args: a.qemu_arg,
@@ -482,24 +489,54 @@ fn write_config(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// `cmd` with its hidden subcommands and flags left out, at every level
+/// (clap_complete's generators would offer them).
+pub fn without_hidden(cmd: &clap::Command) -> clap::Command {
+    let mut out = clap::Command::new(cmd.get_name().to_string())
+        .propagate_version(cmd.is_propagate_version_set());
+    if let Some(a) = cmd.get_about() {
+        out = out.about(a.clone());
+    }
+    if let Some(a) = cmd.get_long_about() {
+        out = out.long_about(a.clone());
+    }
+    if let Some(v) = cmd.get_version() {
+        out = out.version(v.to_string());
+    }
+    for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        out = out.arg(a.clone());
+    }
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        out = out.subcommand(without_hidden(sub));
+    }
+    out
+}
+
 fn man(out: Option<&Path>) -> Result<i32> {
-    let cmd = Cli::command();
+    // `help` is left out of the pages (each page documents --help), so
+    // they refer to no page that is not written.
+    let cmd = Cli::command().disable_help_subcommand(true);
     let Some(dir) = out else {
         clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
         return Ok(0);
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let write = |name: &str, c: clap::Command| -> Result<()> {
+    // One page per command at every level (mkt-rootfs-pull.1, ...).
+    fn write(dir: &Path, name: &str, c: &clap::Command) -> Result<()> {
         let path = dir.join(format!("{name}.1"));
         let mut buf = Vec::new();
-        clap_mangen::Man::new(c).render(&mut buf)?;
-        std::fs::write(&path, buf).with_context(|| format!("cannot write {}", path.display()))
-    };
-    for sub in cmd.get_subcommands() {
-        let name = format!("mkt-{}", sub.get_name());
-        write(&name, sub.clone().name(name.clone()))?;
+        let page = c
+            .clone()
+            .name(name.to_string())
+            .disable_help_subcommand(true);
+        clap_mangen::Man::new(page).render(&mut buf)?;
+        std::fs::write(&path, buf).with_context(|| format!("cannot write {}", path.display()))?;
+        for sub in c.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(dir, &format!("{name}-{}", sub.get_name()), sub)?;
+        }
+        Ok(())
     }
-    write("mkt", cmd)?;
+    write(dir, "mkt", &cmd)?;
     Ok(0)
 }
 
@@ -561,8 +598,9 @@ pub enum RootfsCommand {
     /// A shell (or `-- CMD`) inside the tree, as its root, for a look:
     /// read-only unless --rw.
     Shell {
-        /// The tree's name.
-        name: String,
+        /// The tree's name [default: the default setup's rootfs, else the
+        /// config's, else debian-bookworm (built on first use)].
+        name: Option<String>,
         /// Let changes reach the stored tree (e.g. `apt install`).
         #[arg(long)]
         rw: bool,
@@ -631,7 +669,9 @@ pub struct BuildArgs {
     /// config's tree for it.
     #[arg(value_parser = crate::build::PROJECT_NAMES)]
     pub project: Option<String>,
-    /// Rootfs to build in: a name in mkt's store or a directory.
+    /// Rootfs to build in: a name in mkt's store (or a recipe's, built on
+    /// first use), or a directory written as a path (with a '/') [default:
+    /// the default setup's rootfs, else the config's, else debian-bookworm].
     #[arg(long, value_name = "NAME|DIR")]
     pub rootfs: Option<String>,
     /// The source tree [default: the current directory].
@@ -677,7 +717,10 @@ pub struct CiArgs {
     /// The commit to check, against its first parent [default: HEAD].
     #[arg(long, value_name = "REV")]
     pub rev: Option<String>,
-    /// Rootfs the analysers run in: a name in mkt's store or a directory.
+    /// Rootfs the analysers run in: a name in mkt's store (or a recipe's,
+    /// built on first use), or a directory written as a path (with a '/')
+    /// [default: the default setup's rootfs, else the config's, else
+    /// debian-bookworm].
     #[arg(long, value_name = "NAME|DIR")]
     pub rootfs: Option<String>,
     /// Skip checkpatch.pl.

@@ -98,9 +98,9 @@ pub struct Setup {
     /// Named guest profile (for example `iommu`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
-    /// Guest CPUs.
+    /// Guest CPUs (at least one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<u32>,
+    pub cpus: Option<Cpus>,
     /// Guest memory such as `"2G"`; see [`parse_mem_mib`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem: Option<String>,
@@ -352,10 +352,6 @@ impl Config {
                     return Err(doc.bad_value(tree, &["setup", name, "virt"], Some(i), v, reason));
                 }
             }
-            if setup.cpus == Some(0) {
-                let reason = "a guest needs at least one CPU".to_string();
-                return Err(doc.bad_value(tree, &["setup", name, "cpus"], None, "0", reason));
-            }
         }
         for (key, value) in self.limits.entries() {
             if let Some(v) = value
@@ -455,6 +451,45 @@ pub fn is_valid_setup_name(name: &str) -> bool {
     matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         && name.len() <= 64
+}
+
+/// A number of guest CPUs: at least one. The one parser for `--cpus`
+/// (clap, through [`FromStr`](std::str::FromStr)) and the config's `cpus`
+/// (serde, through `TryFrom<u32>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct Cpus(std::num::NonZeroU32);
+
+impl Cpus {
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl TryFrom<u32> for Cpus {
+    type Error = String;
+    fn try_from(n: u32) -> Result<Cpus, String> {
+        std::num::NonZeroU32::new(n)
+            .map(Cpus)
+            .ok_or_else(|| "a guest needs at least one CPU, not 0".to_string())
+    }
+}
+
+impl From<Cpus> for u32 {
+    fn from(c: Cpus) -> u32 {
+        c.get()
+    }
+}
+
+impl std::str::FromStr for Cpus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cpus, String> {
+        let n: u32 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of CPUs"))?;
+        Cpus::try_from(n)
+    }
 }
 
 /// Parses a memory size into MiB: `2G`, `2048M`, `1048576K`, `1T`, or a
@@ -1106,9 +1141,21 @@ mod tests {
     fn zero_cpus_rejected() {
         let err = parse("[setup.a]\ncpus = 0\n").unwrap_err().to_string();
         assert!(
-            err.contains("/c.toml:2:8:") && err.contains("`setup.a.cpus`"),
+            err.contains("/c.toml:2:8: key `cpus` in [setup.a]: a guest needs at least one CPU"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cpus_has_one_parser_for_flag_and_file() {
+        use std::str::FromStr;
+        assert_eq!(Cpus::from_str("2").unwrap().get(), 2);
+        let flag = Cpus::from_str("0").unwrap_err();
+        let file = parse("[setup.a]\ncpus = 0\n").unwrap_err().to_string();
+        assert!(file.ends_with(&flag), "{file} / {flag}");
+        assert!(Cpus::from_str("two").unwrap_err().contains("not a number"));
+        let cfg = parse("[setup.a]\ncpus = 3\n").unwrap();
+        assert_eq!(cfg.setups["a"].cpus.map(Cpus::get), Some(3));
     }
 
     #[test]
@@ -1233,7 +1280,7 @@ mod tests {
             test: Some("x".into()),
             nested_pci: vec!["x".into()],
             profile: Some("x".into()),
-            cpus: Some(1),
+            cpus: Some(Cpus::try_from(1).unwrap()),
             mem: Some("x".into()),
             net: Some("x".into()),
             mac: Some("x".into()),

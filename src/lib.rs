@@ -9,6 +9,7 @@ pub mod config;
 pub mod guest;
 pub mod host;
 pub mod instance;
+pub mod interrupt;
 pub mod net;
 pub mod ns;
 pub mod oci;

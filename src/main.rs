@@ -2,9 +2,11 @@
 
 use clap::Parser;
 use mkt::cli::{self, Cli};
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    mkt::interrupt::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version exit 0; usage errors exit 2.
@@ -21,6 +23,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person's terminal, never into a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .init();
@@ -33,7 +37,8 @@ fn main() {
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            1
+            // 130 after Ctrl-C, 143 after SIGTERM, as shells report them.
+            mkt::interrupt::failure_status()
         }
     };
     std::process::exit(code);

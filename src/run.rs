@@ -19,16 +19,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("rootfs {0:?} not found: not a directory, and no such name in {1} (known: {2})")]
-    NoRootfs(String, PathBuf, String),
-    #[error("no rootfs given: use --rootfs NAME|DIR, or set rootfs in the config")]
-    NoRootfsGiven,
-    #[error("rootfs {0} is not built yet; run without --dry-run (or `mkt rootfs build {0}`) first")]
-    WouldBuild(String),
     #[error("--virt {virt}: the kernel lacks {option} (build it with {option}=m)")]
     NoSoftRdma { virt: String, option: &'static str },
-    #[error("cannot build the rootfs")]
-    Rootfs(#[source] Box<crate::rootfs::RootfsError>),
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::resolve::ResolveError),
     #[error("cannot serve {} with its owners", .0.display())]
     Owners(PathBuf, #[source] crate::ns::IdsError),
     #[error(
@@ -243,36 +237,6 @@ pub fn resolve_kernel(
     }
 }
 
-/// --rootfs NAME|DIR (or the config's): a directory, or a name in the store.
-pub fn resolve_rootfs(arg: Option<&str>, store: &Path) -> Result<PathBuf, RunError> {
-    let arg = arg.ok_or(RunError::NoRootfsGiven)?;
-    let as_path = PathBuf::from(arg);
-    if as_path.is_dir() {
-        return Ok(std::fs::canonicalize(&as_path).unwrap_or(as_path));
-    }
-    let named = store.join(arg);
-    if !arg.contains('/') && named.is_dir() {
-        return Ok(named);
-    }
-    let known: Vec<String> = std::fs::read_dir(store)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    Err(RunError::NoRootfs(
-        arg.into(),
-        store.into(),
-        if known.is_empty() {
-            "none".into()
-        } else {
-            known.join(", ")
-        },
-    ))
-}
-
 /// Modules a distro kernel needs before it can mount the root and talk to mkt.
 pub const BOOT_MODULES: &[&str] = &[
     "virtio_pci",
@@ -457,57 +421,27 @@ pub fn prepare(
     let setup: Setup = match &setup_name {
         Some(n) => config.setups.get(n).cloned().ok_or_else(|| {
             let known: Vec<_> = config.setups.keys().cloned().collect();
-            RunError::NoSetup(
-                n.clone(),
-                config
-                    .file
-                    .as_ref()
-                    .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
-                    .unwrap_or_default(),
-            )
+            let mut detail = config
+                .file
+                .as_ref()
+                .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
+                .unwrap_or_default();
+            // `mkt run uname`: a command without `--` reads as a setup.
+            if opts.setup.as_ref() == Some(n) && opts.command.is_empty() {
+                detail +=
+                    &format!("\n  to run a command in the guest, put it after --: mkt run -- {n}");
+            }
+            RunError::NoSetup(n.clone(), detail)
         })?,
         None => Setup::default(),
     };
-    let rootfs_arg = opts
-        .rootfs
-        .clone()
-        .or(setup.rootfs.clone())
-        .or(config.defaults.rootfs.clone());
-    let rootfs = match resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir) {
-        Ok(r) => r,
-        Err(e @ (RunError::NoRootfs(..) | RunError::NoRootfsGiven)) => {
-            // A recipe's name (or, with none given, the default recipe):
-            // build it on first use, as MKT pulled its image.
-            let name = rootfs_arg
-                .clone()
-                .unwrap_or_else(|| crate::rootfs::recipe::DEFAULT.to_string());
-            let user_dir = crate::rootfs::builder::user_recipes(paths);
-            if name.contains('/') || !crate::rootfs::recipe::exists(&name, &user_dir) {
-                return Err(e);
-            }
-            if opts.dry_run {
-                return Err(RunError::WouldBuild(name));
-            }
-            eprintln!(
-                "mkt: no rootfs {name} in {}: building it from its recipe (once; `mkt rootfs build {name}`)",
-                paths.rootfs_dir.display()
-            );
-            let b = crate::rootfs::builder::build(
-                paths,
-                &crate::rootfs::builder::BuildOptions {
-                    recipe: name,
-                    name: None,
-                    force: false,
-                    quiet: opts.quiet,
-                    verbose: opts.verbose,
-                },
-                &std::sync::atomic::AtomicBool::new(false),
-            )
-            .map_err(|e| RunError::Rootfs(Box::new(e)))?;
-            b.path
-        }
-        Err(e) => return Err(e),
+    let wanted = crate::rootfs::resolve::wanted(opts.rootfs.as_deref(), Some(&setup), config);
+    let first_use = crate::rootfs::resolve::FirstUse {
+        dry_run: opts.dry_run,
+        quiet: opts.quiet,
+        verbose: opts.verbose,
     };
+    let rootfs = crate::rootfs::resolve::resolve(paths, &wanted, first_use)?.path(paths);
     // A tree whose owners are shifted by the user's subordinate ids is
     // served from a user namespace with the same map, so the guest sees
     // its real owners (root's files as root's, setuid sudo working).
@@ -862,7 +796,10 @@ pub fn prepare(
         },
         _ => Net::None,
     };
-    let cpus = opts.cpus.or(setup.cpus).unwrap_or_else(available_cpus);
+    let cpus = opts
+        .cpus
+        .or(setup.cpus.map(crate::config::Cpus::get))
+        .unwrap_or_else(available_cpus);
     let mem_mib = opts
         .mem_mib
         .or_else(|| {
@@ -1409,6 +1346,7 @@ static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: i32) {
     SIGNALLED.store(sig, Ordering::SeqCst);
+    crate::interrupt::note(sig);
 }
 
 fn install_signal_handlers() {
@@ -1703,6 +1641,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
     }
     install_signal_handlers();
+    let _pipe = crate::interrupt::KeepOnClosedPipe::new();
 
     // The privileged steps: checked up front, undone when the run ends
     // (these guards drop before run_dir), and after kill -9 by the next
@@ -1892,29 +1831,6 @@ mod tests {
         );
         img[0x202] = b'X';
         assert_eq!(bzimage_release(&img), None);
-    }
-
-    #[test]
-    fn rootfs_by_dir_or_name_with_known_names_in_error() {
-        let store = tempfile::tempdir().unwrap();
-        std::fs::create_dir(store.path().join("deb")).unwrap();
-        assert_eq!(
-            resolve_rootfs(Some("deb"), store.path()).unwrap(),
-            store.path().join("deb")
-        );
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(
-            resolve_rootfs(dir.path().to_str(), store.path()).unwrap(),
-            std::fs::canonicalize(dir.path()).unwrap()
-        );
-        let e = resolve_rootfs(Some("fc30"), store.path())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("\"fc30\"") && e.contains("known: deb"), "{e}");
-        assert!(matches!(
-            resolve_rootfs(None, store.path()),
-            Err(RunError::NoRootfsGiven)
-        ));
     }
 
     #[test]

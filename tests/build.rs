@@ -614,3 +614,65 @@ fn fixture_kernel_was_configured_and_built_by_mkt_build() {
     assert!(tree.join("arch/x86/boot/bzImage").is_file());
     assert!(tree.join("drivers/net/dummy.ko").is_file());
 }
+
+/// `mkt build custom --recipe FILE` (docs/build.md's form) in a directory
+/// that is no known project, with no --rootfs: the default rootfs from the
+/// store, as the first `mkt run` leaves it. As root and as the user.
+#[test]
+fn custom_recipe_with_the_default_rootfs_in_a_plain_directory() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        let work = user_dir(user, "mkt-custom-");
+        let t = work.path();
+        std::fs::write(t.join("hello.c"), "int main(void) { return 0; }\n").unwrap();
+        std::fs::write(t.join("build.sh"), "cc -o hello hello.c\n").unwrap();
+        let o = build_as(user, home.path(), t, &["custom", "--recipe", "build.sh"]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert!(err.contains("built custom (recipe "), "{err}");
+        let hello = std::fs::metadata(t.join("hello")).unwrap();
+        assert_eq!(hello.uid(), uid_of(user));
+        // Without PROJECT, the same.
+        let o = build_as(user, home.path(), t, &["--recipe", "build.sh"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    }
+}
+
+/// Ctrl-C during a build (SIGINT to the terminal's process group) stops
+/// it, and mkt exits 130 as a shell reports it, not 1.
+#[test]
+fn ctrl_c_stops_a_build_with_status_130() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let home = common::temp_home(user);
+        let work = user_dir(user, "mkt-ctrl-c-");
+        let t = work.path();
+        std::fs::write(t.join("build.sh"), "touch started\nsleep 600\n").unwrap();
+        let mut c = common::mkt_as(user, home.path());
+        c.args(["build", "--recipe", "build.sh", "--rootfs"])
+            .arg(&rootfs)
+            .current_dir(t)
+            .process_group(0)
+            .stderr(std::process::Stdio::piped());
+        let child = c.spawn().unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(120);
+        while !t.join("started").exists() {
+            assert!(Instant::now() < deadline, "the recipe never started");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+    }
+}

@@ -287,3 +287,279 @@ fn docs_cover_every_subcommand_and_flag() {
         );
     }
 }
+
+/// `mkt ARGS` with stdout a pipe whose reader is already gone (`| head`
+/// that has exited): every write fails with EPIPE.
+fn with_closed_stdout(c: &mut std::process::Command) -> (Output, String) {
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    drop(rd);
+    let o = c
+        .stdout(std::process::Stdio::from(wr))
+        .output()
+        .expect("run mkt");
+    let err = text(&o.stderr);
+    (o, err)
+}
+
+/// Ends as `cat` does on a closed pipe: by SIGPIPE, or done before
+/// writing; never a panic (exit 101).
+fn assert_quiet_on_closed_pipe(what: &str, o: &Output, err: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    assert!(
+        o.status.signal() == Some(libc::SIGPIPE) || o.status.code() == Some(0),
+        "{what}: {:?}\n{err}",
+        o.status
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_mkt_quietly_without_a_panic() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let home = common::temp_home(user);
+        let h = home.path();
+        // A tree in the store for `rootfs path` and `rootfs list`.
+        let (o, _, err) = run(common::mkt_as(user, h).arg("setup"));
+        assert!(o.status.success(), "{err}");
+        let tree = h.join(".local/share/mkt/rootfs/t1");
+        std::fs::create_dir(&tree).unwrap();
+        if let Some(u) = user {
+            nix::unistd::chown(&tree, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+        for args in [
+            &["ps"][..],
+            &["ps", "--json"],
+            &["rootfs", "path", "t1"],
+            &["rootfs", "list"],
+            &["completions", "bash"],
+            &["man"],
+        ] {
+            let (o, err) = with_closed_stdout(common::mkt_as(user, h).args(args));
+            assert_quiet_on_closed_pipe(&args.join(" "), &o, &err);
+        }
+    }
+}
+
+/// `--cpus 0` is refused on the command line, for the same reason and in
+/// the same words as `cpus = 0` in the config (one parser for both).
+#[test]
+fn zero_cpus_is_refused_on_the_command_line_as_in_the_config() {
+    let home = tempfile::tempdir().unwrap();
+    let (o, out, err) = run(common::mkt(home.path()).args([
+        "run",
+        "--cpus",
+        "0",
+        "--rootfs",
+        "/nonexistent/rootfs",
+        "--dry-run",
+        "--",
+        "true",
+    ]));
+    assert_eq!(o.status.code(), Some(2), "{out}\n{err}");
+    assert!(err.contains("--cpus"), "{err}");
+    assert!(err.contains("a guest needs at least one CPU"), "{err}");
+    assert!(!out.contains("-smp"), "{out}");
+    let cfg = home.path().join("c.toml");
+    std::fs::write(&cfg, "[setup.a]\ncpus = 0\n").unwrap();
+    let (o, _, err) = run(common::mkt(home.path())
+        .args(["run", "a", "--dry-run", "--config"])
+        .arg(&cfg));
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("a guest needs at least one CPU"), "{err}");
+}
+
+/// `mkt man --out DIR` writes every page its pages refer to (down to
+/// mkt-rootfs-pull(1)), and no page of a hidden command.
+#[test]
+fn man_out_writes_every_page_the_pages_refer_to() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("man");
+    let (o, _, err) = run(common::mkt(home.path()).args(["man", "--out"]).arg(&dir));
+    assert!(o.status.success(), "{err}");
+    let mut referred = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let t = std::fs::read_to_string(e.path())
+            .unwrap()
+            .replace("\\-", "-");
+        for (i, _) in t.match_indices("(1)") {
+            let start = t[..i]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .map_or(0, |p| p + 1);
+            if t[start..i].starts_with("mkt") {
+                referred.insert(t[start..i].to_string());
+            }
+        }
+    }
+    assert!(referred.contains("mkt-rootfs-pull"), "{referred:?}");
+    for page in &referred {
+        assert!(
+            dir.join(format!("{page}.1")).is_file(),
+            "{page}(1) is referred to but not written"
+        );
+    }
+    for page in ["mkt-rootfs-pull", "mkt-rootfs-shell", "mkt-run"] {
+        assert!(dir.join(format!("{page}.1")).is_file(), "{page}");
+    }
+    assert!(!dir.join("mkt-rootfs-unpack-layers.1").exists());
+}
+
+#[test]
+fn completions_offer_no_internal_command_or_flag() {
+    let home = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let (o, out, _) = run(common::mkt(home.path()).args(["completions", shell]));
+        assert!(o.status.success());
+        for internal in ["unpack-layers", "run-job"] {
+            assert!(!out.contains(internal), "{shell} offers {internal}");
+        }
+        for public in ["pull", "rootfs", "dry-run"] {
+            assert!(out.contains(public), "{shell} lacks {public}");
+        }
+    }
+}
+
+/// `mkt run --help`: its own options, then the global ones apart; --rootfs
+/// says its default. `mkt run uname` (no `--`) says where the command goes.
+#[test]
+fn run_help_and_a_command_without_double_dash() {
+    let home = tempfile::tempdir().unwrap();
+    let (o, out, _) = run(common::mkt(home.path()).args(["run", "--help"]));
+    assert!(o.status.success());
+    let (own, global) = out
+        .split_once("Global options:")
+        .unwrap_or_else(|| panic!("no Global options heading:\n{out}"));
+    assert!(
+        !own.contains("--verbose") && !own.contains("--config"),
+        "{own}"
+    );
+    assert!(
+        global.contains("--verbose") && global.contains("--config"),
+        "{global}"
+    );
+    let rootfs: String = own
+        .split("--rootfs")
+        .nth(1)
+        .unwrap()
+        .split("--kernel")
+        .next()
+        .unwrap()
+        .into();
+    assert!(
+        rootfs.contains("default") && rootfs.contains("debian-bookworm"),
+        "{rootfs}"
+    );
+    let (o, _, err) = run(common::mkt(home.path()).args(["run", "uname"]));
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("mkt run -- uname"), "{err}");
+}
+
+/// `rootfs list --json`: one object per tree, each key once.
+#[test]
+fn rootfs_list_json_names_each_key_once() {
+    let home = tempfile::tempdir().unwrap();
+    let store = home.path().join(".local/share/mkt/rootfs");
+    std::fs::create_dir_all(store.join(".meta")).unwrap();
+    std::fs::create_dir(store.join("t1")).unwrap();
+    std::fs::write(
+        store.join(".meta/t1.json"),
+        r#"{"name":"t1","image":"x:1","reference":"docker.io/library/x:1",
+"manifest_digest":"sha256:1","config_digest":"sha256:2","platform":"linux/amd64",
+"layers":[],"pulled":"2026-01-01T00:00:00Z","size":1,"entries":1}"#,
+    )
+    .unwrap();
+    let (o, out, err) = run(common::mkt(home.path()).args(["rootfs", "list", "--json"]));
+    assert!(o.status.success(), "{err}");
+    for key in ["\"name\"", "\"path\"", "\"image\""] {
+        assert_eq!(out.matches(key).count(), 1, "{key} in {out}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["name"], "t1");
+    assert_eq!(v[0]["path"], store.join("t1").to_str().unwrap());
+}
+
+/// `--rootfs NAME` is a name in the store, whatever the current directory
+/// holds; the store's internals are not names; a directory is a path.
+#[test]
+fn rootfs_names_are_store_names_and_directories_are_paths() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let home = common::temp_home(user);
+        let h = home.path();
+        let (o, _, err) = run(common::mkt_as(user, h).arg("setup"));
+        assert!(o.status.success(), "{err}");
+        let store = h.join(".local/share/mkt/rootfs");
+        for d in [store.join("deb"), h.join("deb"), h.join("mine")] {
+            std::fs::create_dir(&d).unwrap();
+            if let Some(u) = user {
+                nix::unistd::chown(&d, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+            }
+        }
+        let dry = |rootfs: &str| {
+            let (o, _, err) = run(common::mkt_as(user, h)
+                .args(["run", "--dry-run", "--rootfs", rootfs, "--", "true"])
+                .current_dir(h));
+            assert_eq!(o.status.code(), Some(1), "{rootfs}: {err}");
+            err
+        };
+        // Both trees are empty, so the kernel lookup names the tree used.
+        let err = dry("deb");
+        assert!(
+            err.contains(&format!("{}/boot", store.join("deb").display())),
+            "the stored deb, not ./deb: {err}"
+        );
+        let err = dry("./deb");
+        assert!(
+            err.contains(&format!("{}/boot", h.join("deb").display())),
+            "{err}"
+        );
+        for internal in ["", ".meta", ".."] {
+            let err = dry(internal);
+            assert!(
+                err.contains("is not a name in the store"),
+                "{internal:?}: {err}"
+            );
+        }
+        let err = dry("mine");
+        assert!(
+            err.contains("no rootfs \"mine\" in") && err.contains("write ./mine"),
+            "{err}"
+        );
+    }
+}
+
+/// Log lines (-vv) into a pipe or a file carry no colour codes.
+#[test]
+fn no_colour_codes_when_stderr_is_not_a_terminal() {
+    let home = tempfile::tempdir().unwrap();
+    let (_, _, err) = run(common::mkt(home.path()).args(["-vv", "doctor"]));
+    assert!(err.contains("DEBUG"), "a debug line is logged: {err}");
+    assert!(!err.contains('\u{1b}'), "colour codes: {err:?}");
+}
+
+/// `mkt rootfs shell` with no NAME enters the default rootfs (the rule of
+/// `mkt run`), found in the store.
+#[test]
+fn rootfs_shell_without_a_name_enters_the_default_tree() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        let (o, out, err) = run(common::mkt_as(user, home.path()).args([
+            "rootfs",
+            "shell",
+            "--",
+            "cat",
+            "/etc/debian_version",
+        ]));
+        assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+        assert!(out.starts_with("12."), "{out}");
+    }
+}

@@ -815,3 +815,133 @@ fn modules_reload_reloads_exactly_the_rebuilt_module() {
         "v-none\nno modules changed\nready\nreloaded: dummy\nmkt-2\nno modules changed\n"
     );
 }
+
+/// A closed stdout (`mkt run --dry-run | head` after head exited) ends
+/// the dry run like `cat`, never with a panic (exit 101).
+fn dry_run_into_a_closed_pipe(user: Option<&common::TestUser>, home: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    drop(rd);
+    let o = common::mkt_as(user, home)
+        .args([
+            "run",
+            "--rootfs",
+            "debian-bookworm",
+            "--dry-run",
+            "--",
+            "true",
+        ])
+        .current_dir(home)
+        .stdout(std::process::Stdio::from(wr))
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        o.status.signal() == Some(libc::SIGPIPE) || o.status.success(),
+        "{:?}: {err}",
+        o.status
+    );
+}
+
+/// The README's first command, twice, with no flag: the default rootfs is
+/// found in the store each time (it used to be rebuilt: "rootfs
+/// debian-bookworm already exists"), --dry-run finds it too ("not built
+/// yet"), as root and as the unprivileged user. The store holds the
+/// fixture tree with the cloud kernel, as the first run leaves it.
+#[test]
+fn default_rootfs_comes_from_the_store_on_every_run() {
+    let Some(_) = common::program("qemu-system-x86_64") else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        let h = home.path();
+        let tree = h.join(".local/share/mkt/rootfs/debian-bookworm");
+        for round in 1..=2 {
+            let o = run_as(user, h, &["--", "uname", "-a"]);
+            let (out, err) = (text(&o.stdout), text(&o.stderr));
+            assert_eq!(o.status.code(), Some(0), "run {round}:\n{out}\n{err}");
+            assert!(out.contains("-cloud-amd64"), "run {round}: {out}");
+            assert!(!err.contains("building it from its recipe"), "{err}");
+        }
+        let o = run_as(user, h, &["--dry-run", "--", "true"]);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+        assert!(out.contains(&tree.display().to_string()), "{out}");
+    }
+}
+
+#[test]
+fn dry_run_into_a_closed_pipe_does_not_panic() {
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for user in [None, user.as_ref()] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        dry_run_into_a_closed_pipe(user, home.path());
+    }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM while `mkt run` boots: mkt tears the VM down
+/// and exits 130 or 143, as shells report an interrupted command (not 1).
+#[test]
+fn an_interrupted_run_exits_130_or_143_and_leaves_no_vm() {
+    let Some(_) = common::program("qemu-system-x86_64") else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for (user, sig) in [
+        (None, nix::sys::signal::Signal::SIGINT),
+        (user.as_ref(), nix::sys::signal::Signal::SIGTERM),
+    ] {
+        let Some(home) = common::home_with_default_rootfs(user) else {
+            return;
+        };
+        let h = home.path();
+        let mut vm = common::mkt_as(user, h)
+            .args(["run", "--rootfs", "debian-bookworm", "--", "sleep", "600"])
+            .current_dir(h)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Listed by `mkt ps` once QEMU runs (mkt's handlers are in place).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let o = common::mkt_as(user, h)
+                .args(["ps", "--json"])
+                .output()
+                .unwrap();
+            let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            if list.as_array().is_some_and(|a| !a.is_empty()) {
+                break;
+            }
+            assert!(vm.try_wait().unwrap().is_none(), "mkt run ended early");
+            assert!(std::time::Instant::now() < deadline, "no VM listed");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let pid = nix::unistd::Pid::from_raw(vm.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+        let o = vm.wait_with_output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(128 + sig as i32), "{sig}: {err}");
+        assert!(err.contains("interrupted"), "{err}");
+        let o = common::mkt_as(user, h)
+            .args(["ps", "--json"])
+            .output()
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(list, serde_json::json!([]), "a VM is left");
+    }
+}

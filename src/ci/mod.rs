@@ -194,12 +194,15 @@ fn make_request(opts: &CiOptions, config: &Config, paths: &Paths) -> anyhow::Res
         ..Default::default()
     };
     let source = crate::build::resolve_src(&bopts, config)?;
-    let rootfs_arg = opts
-        .rootfs
-        .clone()
-        .or_else(|| config.defaults.rootfs.clone());
-    let rootfs = crate::run::resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir)
-        .map_err(crate::build::BuildError::Rootfs)?;
+    // Not a repository: say so before a first use builds the rootfs.
+    git::open(&source).map_err(|e| CiError::NotARepo(source.clone(), Box::new(e)))?;
+    let rootfs = crate::build::rootfs_for(
+        opts.rootfs.as_deref(),
+        config,
+        paths,
+        opts.quiet,
+        opts.verbose,
+    )?;
     let kernel_config = match &opts.kernel_config {
         Some(f) => Some(fs::canonicalize(f).map_err(|e| CiError::KernelConfig(f.clone(), e))?),
         None => None,

@@ -8,6 +8,7 @@
 
 pub mod builder;
 pub mod recipe;
+pub mod resolve;
 
 use crate::config::Paths;
 use crate::oci::manifest::{self, ImageConfig, Manifest, Platform};
@@ -757,13 +758,30 @@ pub(crate) fn commit(
 }
 
 /// One row of `mkt rootfs list`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Listed {
     pub name: String,
     pub path: PathBuf,
     /// `None` for a directory mkt did not pull (no metadata).
-    #[serde(flatten)]
     pub meta: Option<Meta>,
+}
+
+/// `--json`: the metadata's fields with `name` and `path`, each key once
+/// (a flattened [`Meta`] would repeat its own `name`).
+impl Serialize for Listed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut obj = match &self.meta {
+            Some(m) => match serde_json::to_value(m).map_err(S::Error::custom)? {
+                serde_json::Value::Object(o) => o,
+                _ => serde_json::Map::new(),
+            },
+            None => serde_json::Map::new(),
+        };
+        obj.insert("name".into(), self.name.clone().into());
+        obj.insert("path".into(), self.path.to_string_lossy().into());
+        obj.serialize(s)
+    }
 }
 
 /// The trees in the store, sorted by name.
@@ -964,9 +982,10 @@ pub fn render_list(items: &[Listed]) -> String {
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
     // An atomic store is async-signal-safe.
     CANCEL.store(true, Ordering::Relaxed);
+    crate::interrupt::note(sig);
 }
 
 /// The first Ctrl-C (or SIGTERM, SIGHUP) stops the pull cleanly; SA_RESETHAND makes
@@ -1113,7 +1132,22 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
             println!("{}", stored(&ctx.paths, &name)?.display());
             Ok(0)
         }
-        C::Shell { name, rw, command } => Ok(shell(&ctx.paths, &name, rw, &command)?),
+        C::Shell { name, rw, command } => {
+            let c = &ctx.config;
+            let wanted = resolve::wanted(name.as_deref(), resolve::default_setup(c), c);
+            let first = resolve::FirstUse {
+                dry_run: false,
+                quiet: ctx.quiet,
+                verbose: ctx.verbose,
+            };
+            match resolve::resolve(&ctx.paths, &wanted, first)? {
+                resolve::Found::Stored(name, _) => Ok(shell(&ctx.paths, &name, rw, &command)?),
+                found => anyhow::bail!(
+                    "rootfs shell enters trees of the store; {} is a directory (`mkt build --shell --rootfs DIR` enters it as you)",
+                    found.path(&ctx.paths).display()
+                ),
+            }
+        }
         C::Gc => {
             let (files, bytes) = gc(&ctx.paths)?;
             if !ctx.quiet {

@@ -51,6 +51,59 @@ pub fn rootfs() -> Option<PathBuf> {
     fixture("rootfs-bookworm", ".complete")
 }
 
+/// A fresh HOME (owned by `user`) whose store holds the fixture rootfs
+/// with Debian's cloud kernel under the default recipe's name, with the
+/// metadata `mkt rootfs build debian-bookworm` writes: the default path of
+/// `run`/`build` without mmdebstrap. The tree is hard-linked (root only:
+/// the fixture is root's).
+pub fn home_with_default_rootfs(user: Option<&TestUser>) -> Option<tempfile::TempDir> {
+    let fixture = rootfs()?;
+    let ck = cloud_kernel()?;
+    if !nix::unistd::getuid().is_root() {
+        return unavailable("root (to link the fixture rootfs into a store)");
+    }
+    let home = temp_home(user);
+    let mut dir = home.path().to_path_buf();
+    for part in [".local", "share", "mkt", "rootfs", ".meta"] {
+        dir.push(part);
+        std::fs::create_dir(&dir).unwrap();
+        if let Some(u) = user {
+            nix::unistd::chown(&dir, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+    }
+    let store = dir.parent().unwrap();
+    let name = mkt::rootfs::recipe::DEFAULT;
+    // `to` (new) as hard links where the fixture and HOME share a file
+    // system, else as a copy.
+    let copy = |from: &Path, to: &Path| {
+        for how in ["-al", "-a"] {
+            let st = Command::new("cp").arg(how).arg(from).arg(to).status();
+            if st.is_ok_and(|s| s.success()) {
+                return;
+            }
+            let _ = std::fs::remove_dir_all(to);
+        }
+        panic!("cannot copy {} to {}", from.display(), to.display());
+    };
+    let tree = store.join(name);
+    copy(&fixture, &tree);
+    // The recipe's kernel: /boot/vmlinuz-* and its modules.
+    std::fs::remove_dir(tree.join("boot")).unwrap();
+    copy(&ck.join("root/boot"), &tree.join("boot"));
+    copy(&ck.join("root/lib/modules"), &tree.join("usr/lib/modules"));
+    let meta = format!(
+        r#"{{"name":"{name}","image":"recipe:{name}","reference":"recipe:{name}",
+"manifest_digest":"","config_digest":"","platform":"linux/amd64","layers":[],
+"pulled":"2026-01-01T00:00:00Z","size":0,"entries":0,"recipe":"{name}","owners":"host"}}"#
+    );
+    let mpath = dir.join(format!("{name}.json"));
+    std::fs::write(&mpath, meta).unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(&mpath, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+    Some(home)
+}
+
 pub fn kernel_tree() -> Option<PathBuf> {
     fixture("linux", "arch/x86/boot/bzImage")
 }
