@@ -733,6 +733,8 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         .or_else(|| config.defaults.rootfs.clone());
     let rootfs = crate::run::resolve_rootfs(rootfs_arg.as_deref(), &paths.rootfs_dir)
         .map_err(BuildError::Rootfs)?;
+    // `rootfs rm` refuses the tree while this build uses it.
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &rootfs)?;
     let env = prepare_env(opts, config, paths, rootfs, src)?;
 
     if opts.shell {

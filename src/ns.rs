@@ -662,6 +662,10 @@ pub fn spawn_mapped(
     // execs or _exits.
     match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
+            // Only mkt keeps the other ends: if the map helpers fail, its
+            // closing `go` must reach this child as end-of-file.
+            drop(ready_rd);
+            drop(go_wr);
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
             reset_signals();
             for fd in keep_fds {
@@ -875,7 +879,11 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
     // _exit, never returning into the caller's code.
     let c1 = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
+            // C1 keeps only its own ends: a copy of `go`'s write end here
+            // would make it wait forever when the map helpers fail.
             drop(rd);
+            drop(ready_rd);
+            drop(go_wr);
             let code = child1(&prep, wr.as_raw_fd(), out_fd, sync);
             // SAFETY: _exit skips atexit handlers and destructors that belong
             // to the parent's copy of the process state.

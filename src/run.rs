@@ -1596,25 +1596,39 @@ fn host_sysfs() -> crate::vfio::Sysfs {
 }
 
 /// Makes the sparse disk file `path` at least `mib` MiB (never shrinks it:
-/// that would cut off data).
+/// that would cut off data). A file it creates is removed again on failure.
 fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| RunError::Write(dir.into(), e))?;
     }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
+    let (f, created) = match std::fs::OpenOptions::new()
+        .create_new(true)
         .write(true)
         .open(path)
-        .map_err(|e| RunError::Write(path.into(), e))?;
+    {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| RunError::Write(path.into(), e))?,
+            false,
+        ),
+        Err(e) => return Err(RunError::Write(path.into(), e)),
+    };
     let want = mib.saturating_mul(1 << 20);
-    let len = f
-        .metadata()
-        .map_err(|e| RunError::Write(path.into(), e))?
-        .len();
-    if len < want {
-        f.set_len(want)
-            .map_err(|e| RunError::Write(path.into(), e))?;
+    let grown = f.metadata().and_then(|m| {
+        if m.len() < want {
+            f.set_len(want)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = grown {
+        if created {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(RunError::Write(path.into(), e));
     }
     Ok(())
 }
@@ -1689,6 +1703,8 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
         return Ok(0);
     }
+    // Held for the VM's whole life: `rootfs rm` refuses a tree in use.
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &prepared.rootfs)?;
     if let (Some(note), false) = (&prepared.accel_note, opts.quiet) {
         eprintln!("mkt: {note}");
     }
