@@ -179,7 +179,7 @@ pub enum Owners {
 impl Owners {
     pub fn of(ids: &crate::ns::Ids) -> Owners {
         match ids {
-            crate::ns::Ids::Host => Owners::Host,
+            crate::ns::Ids::Host | crate::ns::Ids::Shifted { .. } => Owners::Host,
             crate::ns::Ids::Mapped { .. } => Owners::Mapped,
             crate::ns::Ids::Own => Owners::Xattrs,
         }
@@ -1164,13 +1164,15 @@ fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<i32,
     let tree = stored(paths, name)?;
     let _in_use = lock::tree_shared(&tree, name)?;
     let ids = match meta(paths, name).map(|m| m.owners) {
+        // Root gets a user namespace too: image code must not have the
+        // host's root (its files keep their owners through an idmapped mount).
+        _ if nix::unistd::geteuid().is_root() => Ids::shifted_for_root(),
         Some(Owners::Host | Owners::Mapped) => {
             Ids::for_owners().map_err(|source| RootfsError::Owners {
                 name: name.into(),
                 source,
             })?
         }
-        _ if nix::unistd::geteuid().is_root() => Ids::Host,
         _ => Ids::Own,
     };
     let staging = tempfile::Builder::new()
