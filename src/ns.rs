@@ -1764,6 +1764,40 @@ mod tests {
         }));
     }
 
+    /// newuidmap refuses a range the caller has no subuid entry for: the
+    /// error carries its message (it used to hang: the child kept its own
+    /// copy of the "go" pipe's write end and never saw end-of-file).
+    #[test]
+    fn a_refused_id_map_is_the_helpers_error_not_a_hang() {
+        if crate::host::probe::find_program("newuidmap").is_none() {
+            eprintln!("SKIP: newuidmap not installed");
+            return;
+        }
+        let bogus = vec![IdRange {
+            inside: 0,
+            outside: 4_000_000_000,
+            count: 1,
+        }];
+        let ids = Ids::Mapped {
+            uids: bogus.clone(),
+            gids: bogus,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_mapped(&["true".into()], &ids, None));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("run_mapped hung after newuidmap failed");
+        match r {
+            Err(NsError::MapHelper { helper, detail }) => {
+                assert_eq!(helper, "newuidmap");
+                assert!(detail.contains("newuidmap"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn ops_name_themselves_for_errors() {
         assert_eq!(

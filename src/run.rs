@@ -1896,6 +1896,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_disk_image_that_cannot_be_made_is_not_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("nvme/run.img");
+        // 2^44 MiB is more than any file can be.
+        let e = ensure_disk(&img, 1 << 44).unwrap_err().to_string();
+        assert!(e.contains("run.img"), "{e}");
+        assert!(!img.exists(), "an empty image was left");
+        // An existing image is never removed, even when growing it fails.
+        ensure_disk(&img, 1).unwrap();
+        assert!(ensure_disk(&img, 1 << 44).is_err());
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
     fn bzimage_release_reads_the_header() {
         let mut img = vec![0u8; 0x1000];
         img[0x202..0x206].copy_from_slice(b"HdrS");
