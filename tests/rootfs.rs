@@ -1767,18 +1767,19 @@ fn rm_refuses_a_tree_in_use(user: Option<&common::TestUser>) {
     };
     let mut shell = Reaped(Some(
         common::mkt_as(user, h)
-            .args(["rootfs", "shell", "deb", "--", "sleep", "600"])
+            .args(["rootfs", "shell", "deb", "--"])
+            .args(["sh", "-c", "echo up; exec sleep 600"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !flock_held(&tree) {
-        assert!(Instant::now() < deadline, "the shell never locked the tree");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The shell is in the tree once it says so.
+    let mut line = String::new();
+    let stdout = shell.0.as_mut().unwrap().stdout.take().unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert_eq!(line, "up\n");
     let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
     assert!(
