@@ -2182,3 +2182,67 @@ fn a_refused_subuid_range_is_an_error_not_a_hang() {
         "{err}"
     );
 }
+
+/// `rootfs rm` refuses the tree of a running VM (the guest would get
+/// ESTALE), naming the VM; the VM holds it for its whole life.
+#[test]
+fn rm_refuses_the_tree_of_a_running_vm() {
+    let Some(ck) = common::cloud_kernel() else {
+        return;
+    };
+    if common::program("qemu-system-x86_64").is_none() {
+        return;
+    }
+    let (image, modules, _) = common::cloud_image(&ck);
+    let home = common::temp_home(None);
+    let h = home.path();
+    let Some(tree) = fixture_tree(None, h, "deb") else {
+        return;
+    };
+    let mut vm = Reaped(Some(
+        common::mkt(h)
+            .args(["run", "--rootfs", "deb", "--kernel"])
+            .arg(&image)
+            .arg("--modules")
+            .arg(&modules)
+            .args(["--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = vm.0.as_ref().unwrap().id();
+    // Started once its record is written (QEMU has been spawned).
+    let runs = h.join("run/mkt/runs");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let started = std::fs::read_dir(&runs)
+            .map(|d| d.flatten().any(|e| e.path().join("instance.json").exists()))
+            .unwrap_or(false);
+        if started {
+            break;
+        }
+        if let Some(st) = vm.0.as_mut().unwrap().try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(
+                vm.0.as_mut().unwrap().stderr.as_mut().unwrap(),
+                &mut err,
+            );
+            panic!("mkt run ended ({st}) before the test: {err}");
+        }
+        assert!(Instant::now() < deadline, "the VM never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "rm", "deb"]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("rootfs deb is in use by VM ") && err.contains(&format!("(pid {pid})")),
+        "{err}"
+    );
+    assert!(tree.join("usr/bin/sleep").exists());
+    drop(vm);
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "rm", "deb"]));
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(store_entries(h), Vec::<String>::new());
+}
