@@ -1790,6 +1790,25 @@ fn rm_refuses_a_tree_in_use(user: Option<&common::TestUser>) {
     );
     assert!(tree.join("usr/bin/sleep").exists(), "the tree was touched");
     assert_eq!(store_entries(h), ["deb"]);
+    // Nor may a pull --force replace it; nothing of that pull is left.
+    if let Some(reg) = Registry::start() {
+        let l = Layout::new();
+        let img = l.image(&main_image(), "amd64");
+        reg.push_raw(&l, &img, "test/main", "v1");
+        let (o, out, err) = run(common::mkt_as(user, h).args([
+            "rootfs",
+            "pull",
+            "--force",
+            "--owners=xattrs",
+            "--name",
+            "deb",
+            &reg.image("test/main:v1"),
+        ]));
+        assert_eq!(o.status.code(), Some(1), "{out}{err}");
+        assert!(err.contains("rootfs deb is in use by pid"), "{err}");
+        assert!(tree.join("usr/bin/sleep").exists(), "the tree was replaced");
+        assert_eq!(store_entries(h), ["deb"]);
+    }
     // Killed hard: the lock goes with mkt (its children die with it).
     let shell = shell.0.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(shell.id() as i32);
