@@ -1765,21 +1765,47 @@ fn rm_refuses_a_tree_in_use(user: Option<&common::TestUser>) {
     let Some(tree) = fixture_tree(user, h, "deb") else {
         return;
     };
-    let mut shell = Reaped(Some(
-        common::mkt_as(user, h)
-            .args(["rootfs", "shell", "deb", "--"])
-            .args(["sh", "-c", "echo up; exec sleep 600"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    // The shell is in the tree once it says so.
-    let mut line = String::new();
-    let stdout = shell.0.as_mut().unwrap().stdout.take().unwrap();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert_eq!(line, "up\n");
+    // Something in the tree until killed, once it says so.
+    let hold = |args: &[&str]| {
+        let mut c = Reaped(Some(
+            common::mkt_as(user, h)
+                .args(args)
+                .current_dir(h)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let mut line = String::new();
+        let stdout = c.0.as_mut().unwrap().stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert_eq!(line, "up\n", "{args:?}");
+        c
+    };
+    // `mkt build` holds it too.
+    let build = hold(&[
+        "build",
+        "--shell",
+        "--rootfs",
+        "deb",
+        "--",
+        "-c",
+        "echo up; exec sleep 600",
+    ]);
+    let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("mkt build --shell --rootfs deb"), "{err}");
+    drop(build);
+    let mut shell = hold(&[
+        "rootfs",
+        "shell",
+        "deb",
+        "--",
+        "sh",
+        "-c",
+        "echo up; exec sleep 600",
+    ]);
     let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
     assert!(
