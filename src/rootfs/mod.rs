@@ -357,10 +357,11 @@ pub fn ensure_store(paths: &Paths) -> Result<(), RootfsError> {
     tighten(store)
 }
 
-/// Makes an existing store mode 0700 (a no-op when it is, or is not ours).
+/// Makes an existing store mode 0700 (a no-op when it is, or is not ours;
+/// a store that is a symlink to a directory has that directory tightened).
 pub fn tighten(store: &Path) -> Result<(), RootfsError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    match std::fs::symlink_metadata(store) {
+    match std::fs::metadata(store) {
         Ok(m)
             if m.is_dir()
                 && m.mode() & 0o077 != 0
