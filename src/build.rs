@@ -754,6 +754,8 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         opts.quiet,
         opts.verbose,
     )?;
+    // `rootfs rm` refuses the tree while this build uses it.
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &rootfs)?;
     let env = prepare_env(opts, config, paths, rootfs, src)?;
 
     if opts.shell {

@@ -437,6 +437,7 @@ fn setup(ctx: &Ctx, args: &SetupArgs) -> Result<i32> {
     for d in &dirs {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
+    crate::rootfs::ensure_store(p)?;
     p.ensure_runtime_dir()?;
     let say = |s: String| {
         if !ctx.quiet {

@@ -180,6 +180,11 @@ pub enum Op {
     PivotRoot {
         new_root: PathBuf,
     },
+    /// Put the tree's idmapped mount (made by mkt, [`Ids::Shifted`]) over
+    /// the tree's own path, so that every bind from it below is idmapped.
+    AttachIdmapped {
+        dst: PathBuf,
+    },
 }
 
 impl std::fmt::Display for Op {
@@ -202,6 +207,9 @@ impl std::fmt::Display for Op {
                 write!(f, "symlink {} -> {}", path.display(), target.display())
             }
             Op::PivotRoot { new_root } => write!(f, "pivot_root into {}", new_root.display()),
+            Op::AttachIdmapped { dst } => {
+                write!(f, "mount the idmapped tree on {}", dst.display())
+            }
         }
     }
 }
@@ -461,6 +469,15 @@ pub enum NsError {
         helper: &'static str,
         detail: String,
     },
+    #[error(
+        "cannot {step} for a user namespace (root enters a tree through an idmapped mount: \
+         Linux 5.12 or later, and a file system that supports it, like ext4, xfs, btrfs or tmpfs)"
+    )]
+    Idmap {
+        step: String,
+        #[source]
+        source: Errno,
+    },
 }
 
 /// A command to run inside a [`Layout`].
@@ -493,6 +510,14 @@ pub enum Ids {
     },
     /// No user namespace: the host's ids (the caller is root).
     Host,
+    /// Root's way into an image's tree without the host's root: the command
+    /// runs as root of a user namespace whose ids are the host's
+    /// `base..base+count` (so it has no capability outside it, and no host
+    /// root's file or sysctl rights), and the tree is mounted idmapped, so
+    /// that on-disk id n shows (and is written) as n inside. Every mount is
+    /// made by host root before the command leaves it, in namespaces owned
+    /// by the initial user namespace, so the command can change none.
+    Shifted { base: u32, count: u32 },
 }
 
 /// One line of a uid_map/gid_map: `inside outside count`.
@@ -573,10 +598,30 @@ impl Ids {
         })
     }
 
+    /// [`Ids::Shifted`] for root: root's first subordinate range when it
+    /// has one, else systemd's "foreign" range (0x7FFE0000, 65536 ids),
+    /// which no host user has.
+    pub fn shifted_for_root() -> Ids {
+        let text = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+        let range = crate::host::probe::subid_ranges(&text, "root", 0)
+            .into_iter()
+            .find(|(s, c)| *c >= 65536 && *s > 0 && *s + *c <= u32::MAX as u64);
+        match range {
+            Some((s, _)) => Ids::Shifted {
+                base: s as u32,
+                count: 65536,
+            },
+            None => Ids::Shifted {
+                base: 0x7FFE_0000,
+                count: 65536,
+            },
+        }
+    }
+
     /// The host uid that `inside` is, under this mapping.
     pub fn host_uid(&self, inside: u32) -> Option<u32> {
         match self {
-            Ids::Host => Some(inside),
+            Ids::Host | Ids::Shifted { .. } => Some(inside),
             Ids::Own => None,
             Ids::Mapped { uids, .. } => outside(uids, inside),
         }
@@ -662,6 +707,10 @@ pub fn spawn_mapped(
     // execs or _exits.
     match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
+            // Only mkt keeps the other ends: if the map helpers fail, its
+            // closing `go` must reach this child as end-of-file.
+            drop(ready_rd);
+            drop(go_wr);
             let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
             reset_signals();
             for fd in keep_fds {
@@ -721,6 +770,110 @@ pub fn spawn_mapped(
     }
 }
 
+// From <linux/mount.h> (libc exports them only in newer versions).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A detached copy of the mount of `tree`, idmapped so that on-disk id n
+/// is host id `base + n` (n inside a namespace mapping `0 base count`).
+/// Needs host root: the file system's superblock belongs to the initial
+/// user namespace.
+fn idmapped_tree(tree: &Path, base: u32, count: u32) -> Result<OwnedFd, NsError> {
+    use std::os::fd::FromRawFd;
+    let err = |step: &str| {
+        let step = step.to_string();
+        move |source| NsError::Idmap { step, source }
+    };
+    let path = cstr(tree.as_os_str())?;
+    // A user namespace with the map, only to name it: a child that
+    // unshares one and waits for end-of-file on `go`.
+    let (ready_rd, ready_wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
+    // SAFETY: the child only makes system calls, then _exits.
+    let child = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
+        ForkResult::Child => {
+            drop(ready_rd);
+            drop(go_wr);
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            if nix::sched::unshare(CloneFlags::CLONE_NEWUSER).is_ok() {
+                let _ = nix::unistd::write(&ready_wr, b"u");
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&go_rd, &mut b);
+            }
+            // SAFETY: see run().
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(ready_wr);
+    drop(go_rd);
+    let made = (|| {
+        let mut b = [0u8; 1];
+        if nix::unistd::read(&ready_rd, &mut b) != Ok(1) {
+            return Err(err("create a user namespace")(Errno::EPERM));
+        }
+        let map = format!("0 {base} {count}\n");
+        for f in ["uid_map", "gid_map"] {
+            write_file(&format!("/proc/{child}/{f}"), map.as_bytes())
+                .map_err(err(&format!("write the {f} of the idmap namespace")))?;
+        }
+        let userns = nix::fcntl::open(
+            format!("/proc/{child}/ns/user").as_str(),
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(err("open the idmap namespace"))?;
+        // SAFETY: open_tree(2) with a NUL-terminated path; the result is a
+        // new fd we own.
+        let raw = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        };
+        let raw =
+            Errno::result(raw).map_err(err(&format!("clone the mount of {}", tree.display())))?;
+        // SAFETY: open_tree returned a new file descriptor.
+        let mnt = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        };
+        // SAFETY: mount_setattr(2) on our detached mount with a struct of
+        // the size passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                mnt.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        Errno::result(r).map_err(err(&format!("mount {} idmapped", tree.display())))?;
+        Ok(mnt)
+    })();
+    drop(go_wr);
+    let _ = waitpid(child, None);
+    made
+}
+
 /// Where the command's output goes.
 pub enum Output<'a> {
     /// The caller's stdin, stdout and stderr (for an interactive shell).
@@ -748,6 +901,8 @@ const STEP_HOSTNAME: u32 = 6;
 const STEP_CHDIR: u32 = 7;
 const STEP_STDIO: u32 = 8;
 const STEP_EXEC: u32 = 9;
+const STEP_USERNS: u32 = 10;
+const STEP_USERNS_IDS: u32 = 11;
 const OP_BASE: u32 = 1000;
 const MSG_OK: u32 = 0;
 const MSG_ERR: u32 = 1;
@@ -777,13 +932,15 @@ enum PreparedOp {
     Touch(CString),
     Symlink(CString, CString),
     PivotRoot(CString),
+    /// The detached idmapped mount's fd, and where it goes.
+    AttachIdmapped(i32, CString),
 }
 
 fn cstr(s: &OsStr) -> Result<CString, NsError> {
     CString::new(s.as_bytes()).map_err(|_| NsError::Nul(s.to_owned()))
 }
 
-fn prepare(spec: &Spec, ops: Vec<Op>) -> Result<Prepared, NsError> {
+fn prepare(spec: &Spec, ops: Vec<Op>, tree_fd: i32) -> Result<Prepared, NsError> {
     let p = |p: &Path| cstr(p.as_os_str());
     let ops = ops
         .into_iter()
@@ -798,6 +955,7 @@ fn prepare(spec: &Spec, ops: Vec<Op>) -> Result<Prepared, NsError> {
                 Op::Touch { path } => PreparedOp::Touch(p(path)?),
                 Op::Symlink { target, path } => PreparedOp::Symlink(p(target)?, p(path)?),
                 Op::PivotRoot { new_root } => PreparedOp::PivotRoot(p(new_root)?),
+                Op::AttachIdmapped { dst } => PreparedOp::AttachIdmapped(tree_fd, p(dst)?),
             };
             Ok((op, prepared))
         })
@@ -856,8 +1014,22 @@ fn now_ns() -> u64 {
 
 /// Enters the tree and runs the command; returns when it has exited.
 pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, NsError> {
-    let ops = plan(&spec.layout, view);
-    let prep = prepare(spec, ops)?;
+    let mut ops = plan(&spec.layout, view);
+    // Root's idmapped view of the tree, made here (it needs host root) and
+    // attached by C2 over the tree's path before anything binds from it.
+    let idmapped = match spec.ids {
+        Ids::Shifted { base, count } => {
+            ops.insert(
+                1,
+                Op::AttachIdmapped {
+                    dst: spec.layout.rootfs.clone(),
+                },
+            );
+            Some(idmapped_tree(&spec.layout.rootfs, base, count)?)
+        }
+        _ => None,
+    };
+    let prep = prepare(spec, ops, idmapped.as_ref().map_or(-1, |f| f.as_raw_fd()))?;
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
     let out_fd = match out {
         Output::Inherit => None,
@@ -875,7 +1047,11 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
     // _exit, never returning into the caller's code.
     let c1 = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
+            // C1 keeps only its own ends: a copy of `go`'s write end here
+            // would make it wait forever when the map helpers fail.
             drop(rd);
+            drop(ready_rd);
+            drop(go_wr);
             let code = child1(&prep, wr.as_raw_fd(), out_fd, sync);
             // SAFETY: _exit skips atexit handlers and destructors that belong
             // to the parent's copy of the process state.
@@ -961,6 +1137,8 @@ fn step_error(step: u32, source: Errno, prep: &Prepared, spec: &Spec) -> NsError
                 .to_string()
         }
         STEP_SETGROUPS => "write /proc/self/setgroups".into(),
+        STEP_USERNS => "unshare(user) for the command".into(),
+        STEP_USERNS_IDS => "become root of the command's user namespace".into(),
         STEP_UID_MAP => "write /proc/self/uid_map".into(),
         STEP_GID_MAP => "write /proc/self/gid_map".into(),
         STEP_FORK => "fork inside the namespace".into(),
@@ -1057,14 +1235,15 @@ fn child1(p: &Prepared, fd: i32, out: Option<i32>, (ready, go): (i32, i32)) -> i
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC;
-    if p.ids != Ids::Host {
+    // Shifted: the user namespace comes last, in C3 (see command()).
+    if !matches!(p.ids, Ids::Host | Ids::Shifted { .. }) {
         flags |= CloneFlags::CLONE_NEWUSER;
     }
     if let Err(e) = nix::sched::unshare(flags) {
         return fail(fd, STEP_UNSHARE, e);
     }
     match p.ids {
-        Ids::Host => {}
+        Ids::Host | Ids::Shifted { .. } => {}
         Ids::Mapped { .. } => {
             // SAFETY: one-byte reads and writes on pipes this process owns.
             let ok = unsafe {
@@ -1134,16 +1313,61 @@ fn init(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
             return fail(fd, OP_BASE + i as u32, e);
         }
     }
+    // Shifted: C3 says "unshared" on `ready`, C2 (still host root) writes
+    // its id maps and says "go".
+    let sync = match p.ids {
+        Ids::Shifted { .. } => {
+            let pipes = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .and_then(|a| Ok((a, nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)));
+            match pipes {
+                Ok(x) => Some(x),
+                Err(e) => return fail(fd, STEP_FORK, e),
+            }
+        }
+        _ => None,
+    };
     // SAFETY: C3 only makes system calls and ends in exec or _exit.
     let cmd = match unsafe { nix::unistd::fork() } {
         Err(e) => return fail(fd, STEP_FORK, e),
         Ok(ForkResult::Child) => {
-            let code = command(p, fd, out);
+            // Only C2 keeps the other ends (see spawn_mapped).
+            let sync = sync.map(|((ready_rd, ready_wr), (go_rd, go_wr))| {
+                drop(ready_rd);
+                drop(go_wr);
+                (ready_wr, go_rd)
+            });
+            let code = command(p, fd, out, sync.as_ref());
             // SAFETY: see run().
             unsafe { libc::_exit(code) }
         }
         Ok(ForkResult::Parent { child }) => child,
     };
+    if let (Some(((ready_rd, ready_wr), (go_rd, go_wr))), Ids::Shifted { base, count }) =
+        (sync, &p.ids)
+    {
+        drop(ready_wr);
+        drop(go_rd);
+        let mut b = [0u8; 1];
+        if nix::unistd::read(&ready_rd, &mut b) == Ok(1) {
+            let map = format!("0 {base} {count}\n");
+            let mut r = write_file(&format!("/proc/{cmd}/uid_map"), map.as_bytes())
+                .map_err(|e| (STEP_UID_MAP, e));
+            if r.is_ok() {
+                r = write_file(&format!("/proc/{cmd}/gid_map"), map.as_bytes())
+                    .map_err(|e| (STEP_GID_MAP, e));
+            }
+            match r {
+                Ok(()) => {
+                    let _ = nix::unistd::write(&go_wr, b"g");
+                }
+                // C3 sees end-of-file on `go` and exits.
+                Err((step, e)) => {
+                    fail(fd, step, e);
+                }
+            }
+        }
+        drop(go_wr);
+    }
     // SAFETY: closing our copy of the report pipe (C3 holds its own), so
     // mkt sees end-of-file once C3 has exec'd.
     unsafe {
@@ -1160,7 +1384,29 @@ fn init(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
 }
 
 /// C3: the command, in the working directory, with the prepared env.
-fn command(p: &Prepared, fd: i32, out: Option<i32>) -> i32 {
+/// With `sync` (Ids::Shifted), first root of a user namespace of its own.
+fn command(p: &Prepared, fd: i32, out: Option<i32>, sync: Option<&(OwnedFd, OwnedFd)>) -> i32 {
+    if let Some((ready, go)) = sync {
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER) {
+            return fail(fd, STEP_USERNS, e);
+        }
+        let _ = nix::unistd::write(ready, b"u");
+        let mut b = [0u8; 1];
+        if nix::unistd::read(go, &mut b) != Ok(1) {
+            // C2 reported why.
+            return 127;
+        }
+        // Become the namespace's root (host `base`): host root's ids,
+        // groups included, are gone.
+        let root_u = nix::unistd::Uid::from_raw(0);
+        let root_g = nix::unistd::Gid::from_raw(0);
+        let r = nix::unistd::setgroups(&[])
+            .and_then(|_| nix::unistd::setresgid(root_g, root_g, root_g))
+            .and_then(|_| nix::unistd::setresuid(root_u, root_u, root_u));
+        if let Err(e) = r {
+            return fail(fd, STEP_USERNS_IDS, e);
+        }
+    }
     if let Err(e) = nix::unistd::chdir(p.cwd.as_c_str()) {
         return fail(fd, STEP_CHDIR, e);
     }
@@ -1279,6 +1525,20 @@ fn execute(op: &PreparedOp) -> Result<(), Errno> {
             OsStr::from_bytes(path.as_bytes()),
         )
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))),
+        PreparedOp::AttachIdmapped(fd, dst) => {
+            // SAFETY: move_mount(2) with a valid fd and NUL-terminated paths.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    *fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                )
+            };
+            Errno::result(r).map(drop)
+        }
         PreparedOp::PivotRoot(new_root) => {
             // pivot_root(".", ".") stacks the old root on the new one; a
             // lazy unmount of "." then drops it, so the read-only tree needs
@@ -1502,6 +1762,40 @@ mod tests {
             target: "pts/ptmx".into(),
             path: "/s/dev/ptmx".into()
         }));
+    }
+
+    /// newuidmap refuses a range the caller has no subuid entry for: the
+    /// error carries its message (it used to hang: the child kept its own
+    /// copy of the "go" pipe's write end and never saw end-of-file).
+    #[test]
+    fn a_refused_id_map_is_the_helpers_error_not_a_hang() {
+        if crate::host::probe::find_program("newuidmap").is_none() {
+            eprintln!("SKIP: newuidmap not installed");
+            return;
+        }
+        let bogus = vec![IdRange {
+            inside: 0,
+            outside: 4_000_000_000,
+            count: 1,
+        }];
+        let ids = Ids::Mapped {
+            uids: bogus.clone(),
+            gids: bogus,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_mapped(&["true".into()], &ids, None));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("run_mapped hung after newuidmap failed");
+        match r {
+            Err(NsError::MapHelper { helper, detail }) => {
+                assert_eq!(helper, "newuidmap");
+                assert!(detail.contains("newuidmap"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1534,25 +1534,39 @@ fn host_sysfs() -> crate::vfio::Sysfs {
 }
 
 /// Makes the sparse disk file `path` at least `mib` MiB (never shrinks it:
-/// that would cut off data).
+/// that would cut off data). A file it creates is removed again on failure.
 fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| RunError::Write(dir.into(), e))?;
     }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
+    let (f, created) = match std::fs::OpenOptions::new()
+        .create_new(true)
         .write(true)
         .open(path)
-        .map_err(|e| RunError::Write(path.into(), e))?;
+    {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| RunError::Write(path.into(), e))?,
+            false,
+        ),
+        Err(e) => return Err(RunError::Write(path.into(), e)),
+    };
     let want = mib.saturating_mul(1 << 20);
-    let len = f
-        .metadata()
-        .map_err(|e| RunError::Write(path.into(), e))?
-        .len();
-    if len < want {
-        f.set_len(want)
-            .map_err(|e| RunError::Write(path.into(), e))?;
+    let grown = f.metadata().and_then(|m| {
+        if m.len() < want {
+            f.set_len(want)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = grown {
+        if created {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(RunError::Write(path.into(), e));
     }
     Ok(())
 }
@@ -1627,6 +1641,8 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
         return Ok(0);
     }
+    // Held for the VM's whole life: `rootfs rm` refuses a tree in use.
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &prepared.rootfs)?;
     if let (Some(note), false) = (&prepared.accel_note, opts.quiet) {
         eprintln!("mkt: {note}");
     }
@@ -1817,6 +1833,20 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disk_image_that_cannot_be_made_is_not_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("nvme/run.img");
+        // 2^44 MiB is more than any file can be.
+        let e = ensure_disk(&img, 1 << 44).unwrap_err().to_string();
+        assert!(e.contains("run.img"), "{e}");
+        assert!(!img.exists(), "an empty image was left");
+        // An existing image is never removed, even when growing it fails.
+        ensure_disk(&img, 1).unwrap();
+        assert!(ensure_disk(&img, 1 << 44).is_err());
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    }
 
     #[test]
     fn bzimage_release_reads_the_header() {

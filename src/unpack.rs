@@ -1339,29 +1339,81 @@ fn list_dir(fd: BorrowedFd) -> Result<Vec<std::ffi::OsString>, Errno> {
 
 /// Removes `name` in `dirfd` and everything below it, never following
 /// symlinks and making read-only or mode-000 directories writable first.
+/// Iterative, with one directory open at a time (it climbs back with
+/// `..`, checked against the inode it came from), so a tree of any depth
+/// is removed within any open-file limit.
 fn remove_at(dirfd: BorrowedFd, name: &OsStr) -> io::Result<()> {
+    use std::ffi::OsString;
+    /// Opens directory `name` in `dir` (made rwx for us first), removes
+    /// its non-directories and returns it with its subdirectories' names.
+    fn enter(dir: BorrowedFd, name: &OsStr) -> io::Result<(OwnedFd, Vec<OsString>)> {
+        let st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        if st.st_mode & 0o700 != 0o700 {
+            nix::sys::stat::fchmodat(
+                dir,
+                name,
+                Mode::from_bits_truncate(0o700),
+                // Checked to be a directory; Linux cannot chmod a symlink.
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )?;
+        }
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut subdirs = Vec::new();
+        for n in list_dir(fd.as_fd())? {
+            let st = fstatat(fd.as_fd(), n.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                subdirs.push(n);
+            } else {
+                unlinkat(fd.as_fd(), n.as_os_str(), UnlinkatFlags::NoRemoveDir)?;
+            }
+        }
+        Ok((fd, subdirs))
+    }
     let st = fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Ok(unlinkat(dirfd, name, UnlinkatFlags::NoRemoveDir)?);
     }
-    if st.st_mode & 0o700 != 0o700 {
-        nix::sys::stat::fchmodat(
-            dirfd,
-            name,
-            Mode::from_bits_truncate(0o700),
-            // Checked to be a directory above; Linux cannot chmod a symlink.
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
+    let (mut cur, subdirs) = enter(dirfd, name)?;
+    // Per level below the top: (its name, its inode); and what is left to
+    // visit in each open level.
+    let mut path: Vec<(OsString, (u64, u64))> = Vec::new();
+    let mut todo: Vec<Vec<OsString>> = vec![subdirs];
+    loop {
+        if let Some(sub) = todo.last_mut().and_then(|t| t.pop()) {
+            let (fd, subdirs) = enter(cur.as_fd(), &sub)?;
+            let st = nix::sys::stat::fstat(fd.as_fd())?;
+            path.push((sub, (st.st_dev, st.st_ino)));
+            todo.push(subdirs);
+            cur = fd;
+            continue;
+        }
+        todo.pop();
+        let Some((done, id)) = path.pop() else {
+            break;
+        };
+        let up = openat(
+            cur.as_fd(),
+            "..",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
         )?;
+        // `..` is where we came from unless the tree was moved meanwhile.
+        let st = fstatat(up.as_fd(), done.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        if (st.st_dev, st.st_ino) != id {
+            return Err(io::Error::other(format!(
+                "{} moved while being removed",
+                done.to_string_lossy()
+            )));
+        }
+        unlinkat(up.as_fd(), done.as_os_str(), UnlinkatFlags::RemoveDir)?;
+        cur = up;
     }
-    let fd = openat(
-        dirfd,
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    for n in list_dir(fd.as_fd())? {
-        remove_at(fd.as_fd(), &n)?;
-    }
+    drop(cur);
     Ok(unlinkat(dirfd, name, UnlinkatFlags::RemoveDir)?)
 }
 

@@ -1768,3 +1768,700 @@ fn image_based_recipe_installs_packages_with_the_images_package_manager() {
     assert!(o.status.success(), "{out}{err}");
     assert!(out.contains("cached base reused"), "{out}");
 }
+
+// ------------------------------------- store: privacy, locks, root's shell
+
+fn is_root() -> bool {
+    nix::unistd::getuid().is_root()
+}
+
+/// A copy of the fixture Debian tree as the stored tree `name` in `home`'s
+/// store, made by root: its directories are new (and given to `user`), its
+/// files hard links to the fixture's (only ever unlinked by the tests).
+fn fixture_tree(user: Option<&common::TestUser>, home: &Path, name: &str) -> Option<PathBuf> {
+    let fixture = common::rootfs()?;
+    let s = store(home);
+    std::fs::create_dir_all(&s).unwrap();
+    let tree = s.join(name);
+    let o = Command::new("cp")
+        .arg("-al")
+        .arg(&fixture)
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(tree.join(".complete")).unwrap();
+    if let Some(u) = user {
+        let own = |p: &Path| {
+            std::os::unix::fs::lchown(p, Some(u.uid), Some(u.gid)).unwrap();
+        };
+        for p in [home.join(".local"), home.join(".local/share")]
+            .iter()
+            .chain([home.join(".local/share/mkt"), s.clone()].iter())
+        {
+            own(p);
+        }
+        own(&tree);
+        for p in scan(&tree) {
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                own(&p);
+            }
+        }
+    }
+    Some(tree)
+}
+
+/// A child killed (with the namespace children that die with it) if the
+/// test fails before it ends.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for `child` to end, at most `secs`; kills it and fails if not.
+fn wait_or_kill(mut child: Child, secs: u64, what: &str) -> (Output, String, String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{what} still running after {secs} s (killed): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, out, err)
+}
+
+/// Whether some process holds a flock lock on `path` (from /proc/locks).
+fn flock_held(path: &Path) -> bool {
+    let m = std::fs::metadata(path).unwrap();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(m.dev()),
+        libc::minor(m.dev()),
+        m.ino()
+    );
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("FLOCK") && l.split_whitespace().nth(5) == Some(id.as_str()))
+}
+
+/// Whether `uid` may look inside `path` (stat run as that user).
+fn can_stat_as(uid: u32, path: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    Command::new("stat")
+        .arg(path)
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The store keeps images' setuid-root files and device nodes: whoever
+/// pulled, no other local user reaches anything in it; an older, open
+/// store is made private on use.
+fn store_is_private(user: Option<&common::TestUser>, other: u32) {
+    let Some(reg) = Registry::start() else { return };
+    let l = Layout::new();
+    let img = l.image(&main_image(), "amd64");
+    reg.push_raw(&l, &img, "test/main", "v1");
+    let home = common::temp_home(user);
+    let h = home.path();
+    // The home (and so the data dir) is open to all, as homes often are.
+    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (o, out, err) =
+        run(common::mkt_as(user, h).args(["rootfs", "pull", &reg.image("test/main:v1")]));
+    assert!(o.status.success(), "{out}{err}");
+    let s = store(h);
+    let su = s.join("main-v1/usr/bin/su");
+    assert!(su.exists());
+    assert_eq!(std::fs::metadata(&s).unwrap().mode() & 0o777, 0o700);
+    assert!(can_stat_as(other, &h.join(".local/share/mkt")));
+    assert!(
+        !can_stat_as(other, &su),
+        "uid {other} reached {}",
+        su.display()
+    );
+    assert!(!can_stat_as(other, &s.join("main-v1")));
+    // A store made 0755 by an older mkt: tightened by the next command.
+    std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (o, _, err) = run(common::mkt_as(user, h).args(["rootfs", "list"]));
+    assert!(o.status.success(), "{err}");
+    assert_eq!(std::fs::metadata(&s).unwrap().mode() & 0o777, 0o700);
+    assert!(!can_stat_as(other, &su));
+}
+
+#[test]
+fn store_is_private_to_root() {
+    if !is_root() {
+        common::unavailable::<()>("root");
+        return;
+    }
+    let Some(Some(other)) = common::unprivileged_user() else {
+        return;
+    };
+    store_is_private(None, other.uid);
+}
+
+#[test]
+fn store_is_private_to_the_unprivileged_user() {
+    let Some(Some(user)) = common::unprivileged_user() else {
+        if !is_root() {
+            common::unavailable::<()>("root, to run as MKT_TEST_USER");
+        }
+        return;
+    };
+    // nobody
+    store_is_private(Some(&user), 65534);
+}
+
+/// `rootfs rm` refuses a tree while a shell (or a VM, or a build) uses it,
+/// naming who, and leaves it whole; it removes it once that ended.
+fn rm_refuses_a_tree_in_use(user: Option<&common::TestUser>) {
+    let home = common::temp_home(user);
+    let h = home.path();
+    let Some(tree) = fixture_tree(user, h, "deb") else {
+        return;
+    };
+    // Something in the tree until killed, once it says so.
+    let hold = |args: &[&str]| {
+        let mut c = Reaped(Some(
+            common::mkt_as(user, h)
+                .args(args)
+                .current_dir(h)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let mut line = String::new();
+        let stdout = c.0.as_mut().unwrap().stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert_eq!(line, "up\n", "{args:?}");
+        c
+    };
+    // `mkt build` holds it too.
+    let build = hold(&[
+        "build",
+        "--shell",
+        "--rootfs",
+        "deb",
+        "--",
+        "-c",
+        "echo up; exec sleep 600",
+    ]);
+    let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("mkt build --shell --rootfs deb"), "{err}");
+    drop(build);
+    let mut shell = hold(&[
+        "rootfs",
+        "shell",
+        "deb",
+        "--",
+        "sh",
+        "-c",
+        "echo up; exec sleep 600",
+    ]);
+    let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("rootfs deb is in use by pid")
+            && err.contains("rootfs shell deb")
+            && err.contains("stop it first"),
+        "{err}"
+    );
+    assert!(tree.join("usr/bin/sleep").exists(), "the tree was touched");
+    assert_eq!(store_entries(h), ["deb"]);
+    // Nor may a pull --force replace it; nothing of that pull is left.
+    if let Some(reg) = Registry::start() {
+        let l = Layout::new();
+        let img = l.image(&main_image(), "amd64");
+        reg.push_raw(&l, &img, "test/main", "v1");
+        let (o, out, err) = run(common::mkt_as(user, h).args([
+            "rootfs",
+            "pull",
+            "--force",
+            "--owners=xattrs",
+            "--name",
+            "deb",
+            &reg.image("test/main:v1"),
+        ]));
+        assert_eq!(o.status.code(), Some(1), "{out}{err}");
+        assert!(err.contains("rootfs deb is in use by pid"), "{err}");
+        assert!(tree.join("usr/bin/sleep").exists(), "the tree was replaced");
+        assert_eq!(store_entries(h), ["deb"]);
+    }
+    // Killed hard: the lock goes with mkt (its children die with it).
+    let shell = shell.0.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(shell.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = wait_or_kill(shell, 30, "the killed shell");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while flock_held(&tree) {
+        assert!(Instant::now() < deadline, "the lock outlived mkt");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(store_entries(h), Vec::<String>::new());
+}
+
+#[test]
+fn rm_refuses_a_tree_in_use_as_root() {
+    if !is_root() {
+        common::unavailable::<()>("root");
+        return;
+    }
+    rm_refuses_a_tree_in_use(None);
+}
+
+#[test]
+fn rm_refuses_a_tree_in_use_as_the_unprivileged_user() {
+    let Some(Some(user)) = common::unprivileged_user() else {
+        if !is_root() {
+            common::unavailable::<()>("root, to run as MKT_TEST_USER");
+        }
+        return;
+    };
+    rm_refuses_a_tree_in_use(Some(&user));
+}
+
+/// A normal user (1024 open files) removes a tree deeper than that, and
+/// nothing (no hidden `.rm-…` dir) is left.
+#[test]
+fn an_unprivileged_user_removes_a_very_deep_tree() {
+    use std::os::fd::AsFd;
+    use std::os::unix::process::CommandExt;
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let home = common::temp_home(user.as_ref());
+    let h = home.path();
+    let s = store(h);
+    std::fs::create_dir_all(&s).unwrap();
+    let top = s.join("deep");
+    std::fs::create_dir(&top).unwrap();
+    let mut cur = std::fs::File::open(&top).unwrap();
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o755);
+    for _ in 0..1500 {
+        nix::sys::stat::mkdirat(cur.as_fd(), "d", mode).unwrap();
+        let fd = nix::fcntl::openat(
+            cur.as_fd(),
+            "d",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        if let Some(u) = &user {
+            nix::unistd::fchown(&fd, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+        cur = std::fs::File::from(fd);
+    }
+    drop(cur);
+    if let Some(u) = &user {
+        for p in [
+            h.join(".local"),
+            h.join(".local/share"),
+            h.join(".local/share/mkt"),
+            s.clone(),
+            top.clone(),
+        ] {
+            std::os::unix::fs::lchown(&p, Some(u.uid), Some(u.gid)).unwrap();
+        }
+    }
+    let mut c = common::mkt_as(user.as_ref(), h);
+    c.args(["rootfs", "rm", "deep"]);
+    // A login's usual limit.
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (o, out, err) = run(&mut c);
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(store_entries(h), Vec::<String>::new());
+}
+
+/// As root, `rootfs shell` runs the image's code as root of a user
+/// namespace that maps no host root: it cannot make device nodes or write
+/// the host's sysctls, yet sees (and with --rw writes) the tree's real
+/// owners.
+#[test]
+fn root_shell_cannot_change_the_host() {
+    if !is_root() {
+        common::unavailable::<()>("root");
+        return;
+    }
+    let home = common::temp_home(None);
+    let h = home.path();
+    let Some(tree) = fixture_tree(None, h, "deb") else {
+        return;
+    };
+    let probe = "read a b c < /proc/self/uid_map; echo map $a $b $c; \
+        grep CapEff /proc/self/status; stat -c 'su %u %a' /usr/bin/su; id -u; \
+        mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD || echo no-mknod; \
+        v=$(cat /proc/sys/vm/overcommit_ratio); \
+        (echo $v > /proc/sys/vm/overcommit_ratio) 2>/dev/null && echo SYSCTL || echo no-sysctl; \
+        touch /x 2>/dev/null && echo WRITABLE || echo READONLY";
+    let (o, out, err) =
+        run(common::mkt(h).args(["rootfs", "shell", "deb", "--", "sh", "-c", probe]));
+    assert!(o.status.success(), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let map: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(map[1], "0", "{out}");
+    assert_ne!(map[2], "0", "host root is mapped inside: {out}");
+    assert_eq!(map[3], "65536", "{out}");
+    assert_eq!(
+        &lines[2..],
+        ["su 0 4755", "0", "no-mknod", "no-sysctl", "READONLY"]
+    );
+    // --rw: what root writes inside belongs to root on the host.
+    let (o, out, err) = run(common::mkt(h).args([
+        "rootfs",
+        "shell",
+        "--rw",
+        "deb",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /made-inside",
+    ]));
+    assert!(o.status.success(), "{out}{err}");
+    let m = std::fs::metadata(tree.join("made-inside")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (0, 0));
+}
+
+/// Runs `mkt` in a new pid namespace (where the pull's pid does not exist).
+fn mkt_in_new_pidns(home: &Path, args: &[&str]) -> (Output, String, String) {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc", "--"])
+        .arg(env!("CARGO_BIN_EXE_mkt"))
+        .args(args);
+    let probe = common::mkt(home);
+    for (k, v) in probe.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    run(&mut c)
+}
+
+/// A TCP relay to `port` that holds back the request for `digest` until
+/// released: a pull stalls mid-way, its other layers downloaded.
+struct Staller {
+    port: u16,
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    asked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Staller {
+    fn start(target: u16, digest: String) -> Staller {
+        use std::io::Read;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let release = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicBool::new(false));
+        let (rel, ask) = (release.clone(), asked.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut client) = conn else { return };
+                let mut server = TcpStream::connect(("127.0.0.1", target)).unwrap();
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s2, &mut c2);
+                });
+                let (rel, ask, digest) = (rel.clone(), ask.clone(), digest.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match client.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if String::from_utf8_lossy(&buf[..n]).contains(&digest) {
+                            ask.store(true, Ordering::SeqCst);
+                            while !rel.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                        if server.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Staller {
+            port,
+            release,
+            asked,
+        }
+    }
+}
+
+/// While a pull runs (stalled on its last layer): `rootfs gc` refuses to
+/// touch the blob cache, and a `rootfs list` from another pid namespace
+/// does not take the pull's temp dir for a dead one; the pull then ends
+/// well and its layers are all in the cache.
+#[test]
+fn gc_and_the_stale_sweep_spare_a_running_pull() {
+    use std::sync::atomic::Ordering;
+    if !is_root() {
+        common::unavailable::<()>("root (for a pid namespace)");
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let l = Layout::new();
+    let layers = main_image();
+    let last = sha256_digest(&layers[2].0);
+    let img = l.image(&layers, "amd64");
+    reg.push_raw(&l, &img, "test/main", "v1");
+    let staller = Staller::start(reg.port, last.clone());
+    let home = common::temp_home(None);
+    let h = home.path();
+    let image = format!("127.0.0.1:{}/test/main:v1", staller.port);
+    let mut pull = Reaped(Some(
+        common::mkt(h)
+            .args(["rootfs", "pull", "--owners", "xattrs", &image])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staller.asked.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the pull never asked for the last layer"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let blobs = || {
+        let mut v: Vec<String> = std::fs::read_dir(blob_cache(h))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.contains(".partial"))
+            .collect();
+        v.sort();
+        v
+    };
+    // The other layers may still be downloading: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while blobs().len() < 3 {
+        assert!(Instant::now() < deadline, "blobs: {:?}", blobs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = blobs();
+    let temps = store_entries(h);
+    assert!(
+        temps.len() == 1 && temps[0].starts_with(".tmp-"),
+        "{temps:?}"
+    );
+
+    let (o, out, err) = mkt_in_new_pidns(h, &["rootfs", "list"]);
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(
+        store_entries(h),
+        temps,
+        "the running pull's temp dir was swept"
+    );
+
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "gc"]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("cannot gc while a pull or build uses the blob cache")
+            && err.contains("rootfs pull"),
+        "{err}"
+    );
+    assert_eq!(blobs(), before, "gc deleted a running pull's blobs");
+
+    staller.release.store(true, Ordering::SeqCst);
+    let (o, out, err) = wait_or_kill(pull.0.take().unwrap(), 120, "the pull");
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(store_entries(h), ["main-v1"]);
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "gc"]));
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("removed 0 unused blobs"), "{out}");
+}
+
+/// newuidmap refuses a subordinate range that overlaps the user's own uid:
+/// `rootfs shell` on a mapped tree fails with newuidmap's own words (it used
+/// to hang for ever). The user and its range exist only for this test.
+#[test]
+fn a_refused_subuid_range_is_an_error_not_a_hang() {
+    if !is_root() {
+        common::unavailable::<()>("root (to add a user)");
+        return;
+    }
+    if common::program("newuidmap").is_none() {
+        return;
+    }
+    let name = format!("mkt-badmap-{}", std::process::id());
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").arg(&self.0).status();
+        }
+    }
+    // A system user gets no subordinate ids of its own.
+    let o = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _gone = Gone(name.clone());
+    let u = nix::unistd::User::from_name(&name).unwrap().unwrap();
+    let (uid, gid) = (u.uid.as_raw(), u.gid.as_raw());
+    let o = Command::new("usermod")
+        .arg("--add-subuids")
+        .arg(format!("{uid}-{}", uid + 9))
+        .arg("--add-subgids")
+        .arg(format!("{gid}-{}", gid + 9))
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let user = common::TestUser {
+        name: name.clone(),
+        uid,
+        gid,
+        home: PathBuf::from("/nonexistent"),
+    };
+    let home = common::temp_home(Some(&user));
+    let h = home.path();
+    let s = store(h);
+    std::fs::create_dir_all(s.join("t")).unwrap();
+    std::fs::create_dir_all(s.join(".meta")).unwrap();
+    std::fs::write(
+        s.join(".meta/t.json"),
+        r#"{"name":"t","image":"x","reference":"x","manifest_digest":"sha256:0",
+            "config_digest":"sha256:0","platform":"linux/amd64","layers":[],
+            "pulled":"2026-01-01T00:00:00Z","size":0,"entries":0,"owners":"mapped"}"#,
+    )
+    .unwrap();
+    for p in [
+        h.join(".local"),
+        h.join(".local/share"),
+        h.join(".local/share/mkt"),
+        s.clone(),
+        s.join("t"),
+        s.join(".meta"),
+        s.join(".meta/t.json"),
+    ] {
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).unwrap();
+    }
+    let child = common::mkt_as(Some(&user), h)
+        .args(["rootfs", "shell", "t", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (o, out, err) = wait_or_kill(child, 60, "mkt rootfs shell with a refused subuid range");
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("newuidmap failed to map the subordinate ids: newuidmap:"),
+        "{err}"
+    );
+}
+
+/// `rootfs rm` refuses the tree of a running VM (the guest would get
+/// ESTALE), naming the VM; the VM holds it for its whole life.
+#[test]
+fn rm_refuses_the_tree_of_a_running_vm() {
+    let Some(ck) = common::cloud_kernel() else {
+        return;
+    };
+    if common::program("qemu-system-x86_64").is_none() {
+        return;
+    }
+    let (image, modules, _) = common::cloud_image(&ck);
+    let home = common::temp_home(None);
+    let h = home.path();
+    let Some(tree) = fixture_tree(None, h, "deb") else {
+        return;
+    };
+    let mut vm = Reaped(Some(
+        common::mkt(h)
+            .args(["run", "--rootfs", "deb", "--kernel"])
+            .arg(&image)
+            .arg("--modules")
+            .arg(&modules)
+            .args(["--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = vm.0.as_ref().unwrap().id();
+    // Started once its record is written (QEMU has been spawned).
+    let runs = h.join("run/mkt/runs");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let started = std::fs::read_dir(&runs)
+            .map(|d| d.flatten().any(|e| e.path().join("instance.json").exists()))
+            .unwrap_or(false);
+        if started {
+            break;
+        }
+        if let Some(st) = vm.0.as_mut().unwrap().try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(
+                vm.0.as_mut().unwrap().stderr.as_mut().unwrap(),
+                &mut err,
+            );
+            panic!("mkt run ended ({st}) before the test: {err}");
+        }
+        assert!(Instant::now() < deadline, "the VM never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "rm", "deb"]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("rootfs deb is in use by VM ") && err.contains(&format!("(pid {pid})")),
+        "{err}"
+    );
+    assert!(tree.join("usr/bin/sleep").exists());
+    drop(vm);
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "rm", "deb"]));
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(store_entries(h), Vec::<String>::new());
+}

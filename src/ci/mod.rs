@@ -338,6 +338,11 @@ fn run_job(
         record.subject,
         record.request.source.display()
     ));
+    // `rootfs rm` refuses the tree while the job builds in it (a tree being
+    // removed fails the job's first build with its own error).
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &record.request.rootfs)
+        .ok()
+        .flatten();
     let result = checks::run(record, dir, config, paths, &progress);
     record.finished = Some(now());
     match result {

@@ -95,13 +95,10 @@ pub fn build(
     let name = opts.name.clone().unwrap_or_else(|| found.name.clone());
     super::check_name(&name)?;
     let store = &paths.rootfs_dir;
-    for d in [
-        store.clone(),
-        store.join(super::META_DIR),
-        paths.blob_dir.clone(),
-    ] {
-        std::fs::create_dir_all(&d).map_err(store_err("create", &d))?;
-    }
+    super::ensure_store(paths)?;
+    std::fs::create_dir_all(&paths.blob_dir).map_err(store_err("create", &paths.blob_dir))?;
+    // Keeps `rootfs gc` off the base tarball and layers until the tree is stored.
+    let _blobs = super::lock::blobs_shared(&paths.blob_dir)?;
     super::sweep_stale(store);
     let target = store.join(&name);
     if target.symlink_metadata().is_ok() && !opts.force {

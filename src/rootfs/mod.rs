@@ -3,10 +3,14 @@
 //!
 //! A pull unpacks into `rootfs_dir/.tmp-PID-NAME-XXXXXX` and renames it into
 //! place only when every layer is in, so an interrupted or failed pull never
-//! shows up as a tree. Temp dirs of dead processes (killed mid-pull) are
-//! swept by the next pull, list or rm.
+//! shows up as a tree. Temp dirs nobody holds the lock of (their mkt was
+//! killed) are swept by the next pull, list or rm; see [`lock`].
+//!
+//! The store holds images' setuid-root files and device nodes: it is kept
+//! mode 0700, so no other local user reaches any tree in it.
 
 pub mod builder;
+pub mod lock;
 pub mod recipe;
 pub mod resolve;
 
@@ -102,6 +106,14 @@ pub enum RootfsError {
         tail: String,
         log: PathBuf,
     },
+    #[error("rootfs {name} is in use by {by}; stop it first (`mkt stop`) or wait for it to end")]
+    InUse { name: String, by: String },
+    #[error("rootfs {name} is being removed or replaced ({})", .path.display())]
+    Busy { name: String, path: PathBuf },
+    #[error(
+        "cannot gc while a pull or build uses the blob cache ({by}); run it again when that ends"
+    )]
+    GcBusy { by: String },
     #[error("cannot write rootfs metadata {}", .path.display())]
     Meta {
         path: PathBuf,
@@ -168,7 +180,7 @@ pub enum Owners {
 impl Owners {
     pub fn of(ids: &crate::ns::Ids) -> Owners {
         match ids {
-            crate::ns::Ids::Host => Owners::Host,
+            crate::ns::Ids::Host | crate::ns::Ids::Shifted { .. } => Owners::Host,
             crate::ns::Ids::Mapped { .. } => Owners::Mapped,
             crate::ns::Ids::Own => Owners::Xattrs,
         }
@@ -259,34 +271,47 @@ pub(crate) fn meta_path(paths: &Paths, name: &str) -> PathBuf {
     paths.rootfs_dir.join(META_DIR).join(format!("{name}.json"))
 }
 
-/// Removes `.tmp-PID-…` and `.rm-PID-…` dirs whose process is gone.
+/// Removes `.tmp-…` and `.rm-…` dirs whose lock nobody holds: their mkt
+/// ended without cleaning up (killed), in whatever pid namespace it ran.
 pub fn sweep_stale(store: &Path) {
+    use std::os::unix::fs::PermissionsExt;
     let Ok(rd) = std::fs::read_dir(store) else {
         return;
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name
-            .strip_prefix(".tmp-")
-            .or_else(|| name.strip_prefix(".rm-"))
-        else {
+        if !(name.starts_with(".tmp-") || name.starts_with(".rm-"))
+            || !e.file_type().is_ok_and(|t| t.is_dir())
+        {
             continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            tracing::info!("removing {} left by an interrupted mkt", e.path().display());
-            let _ = remove_any(&e.path());
+        }
+        let p = e.path();
+        let mut tried = lock::try_exclusive(&p);
+        if matches!(&tried, Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied) {
+            // An image's mode-000 root: ours to open up (it is deleted).
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700));
+            tried = lock::try_exclusive(&p);
+        }
+        if let Ok(lock::TryLock::Held(_held)) = tried {
+            tracing::info!("removing {} left by an interrupted mkt", p.display());
+            if let Err(err) = remove_any(&p) {
+                tracing::warn!("cannot remove {}: {err}", p.display());
+            }
         }
     }
 }
 
-/// A directory removed (whatever its modes) when dropped, unless kept.
-pub(crate) struct TempTree(pub(crate) Option<PathBuf>);
+/// A directory of the store, locked by this process, removed (whatever its
+/// modes) when dropped unless kept.
+pub(crate) struct TempTree(
+    pub(crate) Option<PathBuf>,
+    // Held, never read.
+    #[allow(dead_code)] Option<lock::Lock>,
+);
 
 impl Drop for TempTree {
     fn drop(&mut self) {
+        // Removed while still locked; the lock (field 1) drops after this.
         if let Some(p) = self.0.take()
             && let Err(e) = remove_any(&p)
         {
@@ -296,11 +321,58 @@ impl Drop for TempTree {
 }
 
 pub(crate) fn new_temp(store: &Path, kind: &str, name: &str) -> Result<TempTree, RootfsError> {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!(".{kind}-{}-{name}-", std::process::id()))
-        .tempdir_in(store)
-        .map_err(store_err("create a temporary directory in", store))?;
-    Ok(TempTree(Some(dir.keep())))
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{kind}-{}-{name}-", std::process::id()))
+            .tempdir_in(store)
+            .map_err(store_err("create a temporary directory in", store))?
+            .keep();
+        // A sweep in another process may see the new dir before it is
+        // locked: if it won, the dir is gone (or going); take a new one.
+        if let Ok(lock::TryLock::Held(l)) = lock::try_exclusive(&dir)
+            && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.nlink() > 0)
+        {
+            return Ok(TempTree(Some(dir), Some(l)));
+        }
+    }
+}
+
+/// Creates the store (and its metadata dir) mode 0700, and tightens an
+/// existing store to 0700: it keeps images' setuid-root files and device
+/// nodes, which no other local user may reach. mkt's own helpers (the
+/// guest's virtiofsd, a user namespace's root) are this user, or root.
+pub fn ensure_store(paths: &Paths) -> Result<(), RootfsError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let store = &paths.rootfs_dir;
+    if let Some(parent) = store.parent() {
+        std::fs::create_dir_all(parent).map_err(store_err("create", parent))?;
+    }
+    for d in [store.clone(), store.join(META_DIR)] {
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(store_err("create", &d)(e)),
+        }
+    }
+    tighten(store)
+}
+
+/// Makes an existing store mode 0700 (a no-op when it is, or is not ours;
+/// a store that is a symlink to a directory has that directory tightened).
+pub fn tighten(store: &Path) -> Result<(), RootfsError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::metadata(store) {
+        Ok(m)
+            if m.is_dir()
+                && m.mode() & 0o077 != 0
+                && m.uid() == nix::unistd::geteuid().as_raw() =>
+        {
+            std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o700))
+                .map_err(store_err("make private (chmod 0700)", store))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn bars(quiet: bool) -> MultiProgress {
@@ -320,6 +392,8 @@ fn short(digest: &str) -> &str {
 /// stops downloads and the unpack; whatever is half done is removed.
 pub fn pull(paths: &Paths, opts: &PullOptions, cancel: &AtomicBool) -> Result<Pulled, RootfsError> {
     let started = Instant::now();
+    // Keeps `rootfs gc` from deleting the layers until the tree is stored.
+    let _blobs = lock::blobs_shared(&paths.blob_dir)?;
     let u = pull_unpacked(paths, opts, cancel)?;
     let target = paths.rootfs_dir.join(&u.meta.name);
     commit(paths, &u.meta.name.clone(), u.temp, &u.meta, opts.force)?;
@@ -359,9 +433,8 @@ pub(crate) fn pull_unpacked(
     check_name(&name)?;
     let image = opts.image.clone();
     let store = &paths.rootfs_dir;
-    for d in [store.clone(), store.join(META_DIR), paths.blob_dir.clone()] {
-        std::fs::create_dir_all(&d).map_err(store_err("create", &d))?;
-    }
+    ensure_store(paths)?;
+    std::fs::create_dir_all(&paths.blob_dir).map_err(store_err("create", &paths.blob_dir))?;
     sweep_stale(store);
     let target = store.join(&name);
     if target.symlink_metadata().is_ok() && !opts.force {
@@ -727,8 +800,18 @@ pub(crate) fn commit(
         path: mpath.clone(),
         source,
     })?;
-    std::fs::write(&mtmp, text).map_err(store_err("write", &mtmp))?;
     let exists = target.symlink_metadata().is_ok();
+    // The tree being replaced must not be in use; locked until it is gone.
+    let _old = if exists && force {
+        Some(lock::tree_exclusive(
+            &target,
+            name,
+            Some(&paths.runtime_dir),
+        )?)
+    } else {
+        None
+    };
+    std::fs::write(&mtmp, text).map_err(store_err("write", &mtmp))?;
     let flags = if exists && force {
         RenameFlags::RENAME_EXCHANGE
     } else {
@@ -752,7 +835,8 @@ pub(crate) fn commit(
         temp.0 = None;
     }
     std::fs::rename(&mtmp, &mpath).map_err(store_err("write", &mpath))?;
-    // With --force, `temp` now holds the old tree; dropping it removes it.
+    // With --force, `temp` now holds the old tree; dropping it removes it
+    // (while `_old` still locks it against the sweep).
     drop(temp);
     Ok(())
 }
@@ -787,6 +871,7 @@ impl Serialize for Listed {
 /// The trees in the store, sorted by name.
 pub fn list(paths: &Paths) -> Result<Vec<Listed>, RootfsError> {
     let store = &paths.rootfs_dir;
+    tighten(store)?;
     sweep_stale(store);
     let rd = match std::fs::read_dir(store) {
         Ok(rd) => rd,
@@ -819,6 +904,9 @@ pub fn remove(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
     let store = &paths.rootfs_dir;
     sweep_stale(store);
     let target = stored(paths, name)?;
+    // Refused while a VM, build or shell uses it; the lock stays on the
+    // tree (the inode) until it is deleted, so no sweep races the removal.
+    let _in_use = lock::tree_exclusive(&target, name, Some(&paths.runtime_dir))?;
     let grave = new_temp(store, "rm", name)?;
     let grave_path = grave.0.clone().expect("temp dir");
     // Over the empty temp dir: atomic, and the name is free at once.
@@ -1161,6 +1249,7 @@ pub fn cli(ctx: &crate::cli::Ctx, args: crate::cli::RootfsArgs) -> anyhow::Resul
 /// The directory of the stored tree `name`, or a clear error.
 pub fn stored(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
     check_name(name)?;
+    tighten(&paths.rootfs_dir)?;
     let p = paths.rootfs_dir.join(name);
     if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
         return Ok(p);
@@ -1182,14 +1271,17 @@ pub fn stored(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
 fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<i32, RootfsError> {
     use crate::ns::{Ids, Layout, Mount, Spec, What};
     let tree = stored(paths, name)?;
+    let _in_use = lock::tree_shared(&tree, name)?;
     let ids = match meta(paths, name).map(|m| m.owners) {
+        // Root gets a user namespace too: image code must not have the
+        // host's root (its files keep their owners through an idmapped mount).
+        _ if nix::unistd::geteuid().is_root() => Ids::shifted_for_root(),
         Some(Owners::Host | Owners::Mapped) => {
             Ids::for_owners().map_err(|source| RootfsError::Owners {
                 name: name.into(),
                 source,
             })?
         }
-        _ if nix::unistd::geteuid().is_root() => Ids::Host,
         _ => Ids::Own,
     };
     let staging = tempfile::Builder::new()
@@ -1245,6 +1337,9 @@ fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<i32,
 /// downloads) that no stored tree's metadata names. (files, bytes) freed.
 pub fn gc(paths: &Paths) -> Result<(u64, u64), RootfsError> {
     use std::collections::HashSet;
+    // No pull or build is between downloading a blob and storing the tree
+    // that names it.
+    let _excl = lock::blobs_exclusive(&paths.blob_dir, Some(&paths.runtime_dir))?;
     let mut keep: HashSet<String> = HashSet::new();
     for l in list(paths)? {
         if let Some(m) = l.meta {
@@ -1265,8 +1360,10 @@ pub fn gc(paths: &Paths) -> Result<(u64, u64), RootfsError> {
             if keep.contains(hex) {
                 continue;
             }
-            // A partial download of a running pull is kept while it runs.
-            if name.contains(".partial") && recently_modified(&e.path()) {
+            // A partial download someone still writes (it is locked) stays.
+            if name.contains(".partial")
+                && !matches!(lock::try_exclusive(&e.path()), Ok(lock::TryLock::Held(_)))
+            {
                 continue;
             }
             let size = e.metadata().map(|m| m.len()).unwrap_or(0);
@@ -1276,14 +1373,6 @@ pub fn gc(paths: &Paths) -> Result<(u64, u64), RootfsError> {
         }
     }
     Ok((files, bytes))
-}
-
-fn recently_modified(p: &Path) -> bool {
-    std::fs::metadata(p)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|d| d.as_secs() < 600)
 }
 
 #[cfg(test)]
@@ -1311,20 +1400,70 @@ mod tests {
     }
 
     #[test]
-    fn sweeps_only_dead_processes_temp_dirs() {
+    fn sweeps_only_temp_dirs_nobody_holds_the_lock_of() {
         let d = tempfile::tempdir().unwrap();
-        let dead = d.path().join(".tmp-999999999-x-abc");
-        let mine = d.path().join(format!(".tmp-{}-x-abc", std::process::id()));
+        // The pid in a name means nothing (pid 1 is alive, here or in
+        // another pid namespace): only the lock counts.
+        let dead = d.path().join(".tmp-1-x-abc");
+        let grave = d.path().join(".rm-1-x-abc");
         let tree = d.path().join("x");
-        for p in [&dead, &mine, &tree] {
+        for p in [&dead, &grave, &tree] {
             std::fs::create_dir(p).unwrap();
         }
+        let mine = new_temp(d.path(), "tmp", "x").unwrap();
         // A read-only dir inside is no obstacle.
         std::fs::create_dir(dead.join("ro")).unwrap();
         std::fs::write(dead.join("ro/f"), "x").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dead.join("ro"), std::fs::Permissions::from_mode(0o500)).unwrap();
         sweep_stale(d.path());
-        assert!(!dead.exists() && mine.exists() && tree.exists());
+        let kept = mine.0.clone().unwrap();
+        assert!(
+            !dead.exists() && !grave.exists(),
+            "unlocked temp dirs swept"
+        );
+        assert!(
+            kept.exists() && tree.exists(),
+            "a locked temp dir and a tree stay"
+        );
+        drop(mine);
+        assert!(!kept.exists());
+    }
+
+    #[test]
+    fn a_deep_tree_is_removed_with_few_open_files() {
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path().join("deep");
+        // Made with *at calls: a path this deep is longer than PATH_MAX.
+        std::fs::create_dir(&top).unwrap();
+        let mut cur = std::fs::File::open(&top).unwrap();
+        use std::os::fd::AsFd;
+        for _ in 0..1500 {
+            nix::sys::stat::mkdirat(
+                cur.as_fd(),
+                "d",
+                nix::sys::stat::Mode::from_bits_truncate(0o555),
+            )
+            .unwrap();
+            nix::sys::stat::mkdirat(
+                cur.as_fd(),
+                "e",
+                nix::sys::stat::Mode::from_bits_truncate(0o700),
+            )
+            .unwrap();
+            let fd = nix::fcntl::openat(
+                cur.as_fd(),
+                "d",
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            cur = std::fs::File::from(fd);
+        }
+        drop(cur);
+        // More levels than a normal user's 1024 open files (the process
+        // limit is not lowered here: other tests share this process).
+        remove_any(&top).unwrap();
+        assert!(!top.exists());
     }
 }
