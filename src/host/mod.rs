@@ -127,7 +127,7 @@ pub const PREREQUISITES: &[Prerequisite] = &[
         purpose: "builds Debian/Ubuntu rootfs recipes (mkt rootfs build, the default rootfs)",
         debian: "sudo apt-get install -y mmdebstrap",
         fedora: "sudo dnf install -y mmdebstrap",
-        required: false,
+        required: true,
     },
     Prerequisite {
         program: "cpio",
