@@ -379,3 +379,110 @@ fn missing_virtiofsd_suggests_9p_only_when_the_kernel_has_it() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("or use --fs 9p"), "{err}");
 }
+
+/// A small recipe (Debian's essential set and one package): a real
+/// mmdebstrap run of about a minute.
+const TINY_RECIPE: &str = r#"description = "progress test: essential + iproute2"
+packages = ["iproute2"]
+[base]
+suite = "bookworm"
+variant = "essential"
+mirror = "http://deb.debian.org/debian"
+components = ["main"]
+"#;
+
+/// `mkt rootfs build` of [`TINY_RECIPE`] in a fresh HOME as `user`, on a
+/// terminal (through script(1)) or not: (exit code, what stderr showed).
+fn build_tiny(user: Option<&common::TestUser>, tty: bool) -> (Option<i32>, String) {
+    let home = common::temp_home(user);
+    let recipe = home.path().join("tiny.toml");
+    std::fs::write(&recipe, TINY_RECIPE).unwrap();
+    if let Some(u) = user {
+        nix::unistd::chown(&recipe, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+    let mkt_args = [
+        "rootfs",
+        "build",
+        recipe.to_str().unwrap(),
+        "--name",
+        "tiny",
+    ];
+    let mut c = common::mkt_as(user, home.path());
+    let o = if tty {
+        // script runs the command on a new pty; the typescript is what the
+        // terminal got.
+        let typescript = home.path().join("typescript");
+        let bin = c.get_program().to_owned();
+        let cmd = std::iter::once(bin.to_str().unwrap())
+            .chain(mkt_args)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut s = Command::new("script");
+        s.args(["-qec", &cmd])
+            .arg(&typescript)
+            .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .env("TERM", "xterm")
+            .env("COLUMNS", "120")
+            .current_dir(home.path());
+        if let Some(u) = user {
+            use std::os::unix::process::CommandExt;
+            s.uid(u.uid).gid(u.gid);
+        }
+        let o = s.output().expect("run script");
+        let seen = std::fs::read_to_string(&typescript).unwrap_or_default();
+        return (o.status.code(), seen);
+    } else {
+        c.args(mkt_args).current_dir(home.path()).output().unwrap()
+    };
+    (o.status.code(), text(&o.stderr))
+}
+
+#[test]
+fn rootfs_build_shows_mmdebstrap_progress_on_a_tty() {
+    if common::program("mmdebstrap").is_none() || common::program("script").is_none() {
+        return;
+    }
+    // The rootless path a person takes (mmdebstrap --mode=unshare).
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let (code, seen) = build_tiny(user.as_ref(), true);
+    assert_eq!(code, Some(0), "{seen}");
+    // One status line, redrawn in place, with the step, packages and bytes:
+    // `downloading packages 3/69 (2.7 MiB/28.3 MiB)`.
+    let counts = seen
+        .split("mkt: rootfs tiny: downloading packages ")
+        .skip(1)
+        .any(|rest| {
+            rest.split_once('/')
+                .is_some_and(|(n, rest)| n.parse::<u32>().is_ok() && rest.contains(" MiB/"))
+        });
+    assert!(counts, "no package and byte counts: {seen}");
+    assert!(seen.contains("installing essential packages"), "{seen}");
+    assert!(seen.contains(" set up"), "{seen}");
+    assert!(seen.contains("\r\x1b[2K"), "redrawn in place: {seen:?}");
+    assert!(seen.contains("mkt: rootfs tiny: ready at"), "{seen}");
+}
+
+#[test]
+fn rootfs_build_without_a_tty_prints_one_line_per_mmdebstrap_step() {
+    if common::program("mmdebstrap").is_none() {
+        return;
+    }
+    let (code, err) = build_tiny(None, false);
+    assert_eq!(code, Some(0), "{err}");
+    for step in [
+        "running apt-get update",
+        "downloading packages with apt",
+        "installing essential packages",
+    ] {
+        let line = format!("mkt: rootfs tiny: mmdebstrap: {step} [");
+        assert_eq!(err.matches(&line).count(), 1, "{line}: {err}");
+    }
+    assert!(
+        !err.contains('\x1b') && !err.contains('\r'),
+        "no terminal codes: {err:?}"
+    );
+    // The remarks between steps are in the log only.
+    assert!(!err.contains("chosen format"), "{err}");
+}

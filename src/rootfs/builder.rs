@@ -470,39 +470,32 @@ impl Progress {
     }
 }
 
+/// The status line: short enough for an 80-column terminal, so the counts
+/// are not cut off (`downloading packages 3/69 (2.7 MiB/28.3 MiB)`).
 impl std::fmt::Display for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.step.is_empty() {
+        let step = self
+            .step
+            .trim_end_matches(" with apt")
+            .trim_end_matches(" inside the chroot");
+        f.write_str(if step.is_empty() {
             "starting mmdebstrap"
         } else {
-            &self.step
+            step
         })?;
-        let mut parts = Vec::new();
         if self.downloaded > 0 {
-            let of = |n: u64| {
-                if n >= self.downloaded {
-                    format!("/{n}")
-                } else {
-                    String::new()
-                }
-            };
-            let of_bytes = if self.to_download >= self.downloaded_bytes && self.to_download > 0 {
-                format!("/{}", super::human(self.to_download))
-            } else {
-                String::new()
-            };
-            parts.push(format!(
-                "{}{} packages downloaded ({}{of_bytes})",
-                self.downloaded,
-                of(self.planned),
-                super::human(self.downloaded_bytes)
-            ));
+            write!(f, " {}", self.downloaded)?;
+            if self.planned >= self.downloaded {
+                write!(f, "/{}", self.planned)?;
+            }
+            write!(f, " ({}", super::human(self.downloaded_bytes))?;
+            if self.to_download >= self.downloaded_bytes && self.to_download > 0 {
+                write!(f, "/{}", super::human(self.to_download))?;
+            }
+            f.write_str(")")?;
         }
         if self.set_up > 0 {
-            parts.push(format!("{} set up", self.set_up));
-        }
-        if !parts.is_empty() {
-            write!(f, ": {}", parts.join(", "))?;
+            write!(f, ", {} set up", self.set_up)?;
         }
         Ok(())
     }
@@ -743,7 +736,7 @@ Get:3 http://deb.debian.org/debian bookworm/main amd64 libgcc-s1 amd64 12.2.0-14
         );
         assert_eq!(
             p.to_string(),
-            "downloading packages with apt: 3/69 packages downloaded (2.7 MiB/28.3 MiB)"
+            "downloading packages 3/69 (2.7 MiB/28.3 MiB)"
         );
         for line in [
             "Fetched 29.7 MB in 0s (114 MB/s)",
@@ -755,7 +748,7 @@ Get:3 http://deb.debian.org/debian bookworm/main amd64 libgcc-s1 amd64 12.2.0-14
         ] {
             p.feed(line);
         }
-        assert_eq!(p.to_string(), "installing essential packages: 2 set up");
+        assert_eq!(p.to_string(), "installing essential packages, 2 set up");
         assert!(!p.feed("Reading package lists..."));
         assert!(!p.feed("I: automatically chosen format: tar"));
         assert!(p.feed("I: creating tarball..."));
