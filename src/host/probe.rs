@@ -183,6 +183,19 @@ pub fn free_subid_start(texts: &[&str], count: u64) -> u64 {
     start
 }
 
+/// `START-END` (inclusive, as `usermod --add-subuids` takes it) of a free
+/// range of [`SUBID_COUNT`] ids in both files' texts.
+pub fn free_subid_range(subuid: &str, subgid: &str) -> String {
+    let start = free_subid_start(&[subuid, subgid], SUBID_COUNT);
+    format!("{start}-{}", start + SUBID_COUNT - 1)
+}
+
+/// [`free_subid_range`] of this host's /etc/subuid and /etc/subgid.
+pub fn suggested_subid_range() -> String {
+    let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+    free_subid_range(&read("/etc/subuid"), &read("/etc/subgid"))
+}
+
 /// The user's subordinate uid/gid ranges and the setuid helpers that map them.
 pub fn subids(user: &str, uid: u32) -> Check {
     let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
@@ -215,8 +228,7 @@ pub fn subids_in(
     };
     let install_helpers = "install newuidmap/newgidmap: Debian/Ubuntu sudo apt-get install -y uidmap, Fedora sudo dnf install -y shadow-utils";
     if uids.is_empty() || gids.is_empty() {
-        let start = free_subid_start(&[subuid, subgid], SUBID_COUNT);
-        let range = format!("{start}-{}", start + SUBID_COUNT - 1);
+        let range = free_subid_range(subuid, subgid);
         let mut flags = Vec::new();
         let mut files = Vec::new();
         if uids.is_empty() {
