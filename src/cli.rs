@@ -38,8 +38,8 @@ pub enum Command {
     /// Prepare this host: create mkt's directories, write a starter config,
     /// list missing host packages with the command that installs each.
     Setup(SetupArgs),
-    /// Check what this host can do (QEMU, KVM or TCG, user namespaces, ...),
-    /// one line per capability with how to fix what is missing.
+    /// Check what this host can do (QEMU, KVM or TCG, user namespaces, ...)
+    /// and the config file, one line each with how to fix what is missing.
     Doctor(DoctorArgs),
     /// Boot a kernel on a rootfs tree: interactive console, or one command
     /// (`-- CMD ARGS...`) whose output and exit status become mkt's.
