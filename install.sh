@@ -3,7 +3,8 @@
 # default rootfs) needs: the host packages (Debian/Ubuntu via apt, Fedora via
 # dnf; with sudo when not root), virtiofsd (Debian 12 has no package: built
 # from crates.io, because the default rootfs's kernel has no 9p), the mkt
-# binary (cargo install), then `mkt setup`. Idempotent: what is there stays.
+# binary (cargo install), then `mkt setup` and `mkt doctor`. Idempotent:
+# what is there stays.
 #
 #   ./install.sh              install
 #   ./install.sh --dry-run    print the commands it would run, run none
@@ -94,6 +95,8 @@ run cargo install --locked --path .
 
 mkt=$(command -v mkt || echo "${CARGO_HOME:-$HOME/.cargo}/bin/mkt")
 run "$mkt" setup
+# What is still missing (a subordinate id range, KVM), each with its fix.
+run "$mkt" doctor || say "mkt doctor reports a required part missing: see its fix: lines above"
 if [ -z "$dry_run" ] && ! command -v mkt >/dev/null; then
     say "mkt is installed in $(dirname "$mkt"), which is not on your PATH: add it (. \"\$HOME/.cargo/env\")"
 fi

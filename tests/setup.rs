@@ -89,7 +89,11 @@ fn install_sh_installs_virtiofsd_and_the_main_jobs_packages() {
     };
     assert!(out.lines().any(|l| l == virtiofsd), "{out}");
     assert!(out.contains("cargo install --locked --path ."), "{out}");
-    assert!(out.lines().last().unwrap().ends_with("mkt setup"), "{out}");
+    let tail: Vec<&str> = out.lines().rev().take(2).collect();
+    assert!(
+        tail[1].ends_with("mkt setup") && tail[0].ends_with("mkt doctor"),
+        "{out}"
+    );
 
     // As a normal user: apt through sudo, virtiofsd into ~/.cargo/bin.
     if let Some(Some(u)) = common::unprivileged_user() {
