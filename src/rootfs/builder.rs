@@ -336,11 +336,16 @@ fn run_with_progress(argv: &[OsString], log: &mut Log, quiet: bool) -> Result<i3
             started: log.started,
         }
     };
-    let reader = std::thread::spawn(move || follow(rd, file, display));
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        follow(rd, file, display);
+        let _ = done_tx.send(());
+    });
     let status = ns::run_mapped(argv, &Ids::Host, Some(wr.as_raw_fd()));
-    // mmdebstrap has exited: with our end closed the reader sees EOF.
+    // mmdebstrap has exited: with our end closed the reader sees EOF, unless
+    // a daemon it started still holds the pipe; then it is not waited for.
     drop(wr);
-    let _ = reader.join();
+    let _ = done.recv_timeout(std::time::Duration::from_secs(5));
     status.map_err(|source| RootfsError::Enter {
         name: log.name.clone(),
         source,
