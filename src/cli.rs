@@ -41,8 +41,8 @@ pub enum Command {
     /// Prepare this host: create mkt's directories, write a starter config,
     /// list missing host packages with the command that installs each.
     Setup(SetupArgs),
-    /// Check what this host can do (QEMU, KVM or TCG, user namespaces, ...),
-    /// one line per capability with how to fix what is missing.
+    /// Check what this host can do (QEMU, KVM or TCG, user namespaces, ...)
+    /// and the config file, one line each with how to fix what is missing.
     Doctor(DoctorArgs),
     /// Boot a kernel on a rootfs tree: interactive console, or one command
     /// (`-- CMD ARGS...`) whose output and exit status become mkt's.
@@ -265,7 +265,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Man { out } => man(out.as_deref()),
-        Command::Doctor(args) => doctor(&args),
+        Command::Doctor(args) => doctor(&args, &cli.global),
         Command::Setup(args) => {
             let ctx = load_context(&cli.global)?;
             setup(&ctx, &args)
@@ -414,9 +414,10 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
     })
 }
 
-fn doctor(args: &DoctorArgs) -> Result<i32> {
+fn doctor(args: &DoctorArgs, global: &Global) -> Result<i32> {
     let uid = nix::unistd::getuid().as_raw();
-    let checks = host::probe::all(&user_name(uid), uid);
+    let mut checks = host::probe::all(&user_name(uid), uid);
+    checks.push(config_check(global, uid));
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &checks)?;
@@ -427,6 +428,52 @@ fn doctor(args: &DoctorArgs) -> Result<i32> {
     // Non-zero only when the rootless core cannot work at all.
     let broken = checks.iter().any(|c| c.required && !c.is_ok());
     Ok(if broken { 1 } else { 0 })
+}
+
+/// Doctor's `config` line: the config file loads as every command loads it.
+fn config_check(global: &Global, uid: u32) -> host::Check {
+    use host::{Check, Status};
+    let chain = |e: &dyn std::error::Error| {
+        let mut s = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            s += &format!(": {c}");
+            cause = c.source();
+        }
+        s
+    };
+    let paths = match Paths::from_env(|k| std::env::var(k).ok(), uid, global.config.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Check::bad("config", Status::Unusable, chain(&e), "set HOME").required();
+        }
+    };
+    let file = &paths.config_file;
+    let loaded = if global.config.is_some() {
+        Config::load(file, &paths.home)
+    } else {
+        Config::load_optional(file, &paths.home)
+    };
+    match loaded {
+        Ok(c) if c.file.is_none() => Check::ok(
+            "config",
+            format!("no {} (defaults; `mkt setup` writes one)", file.display()),
+        ),
+        Ok(c) => Check::ok(
+            "config",
+            format!("{} ({} setups)", file.display(), c.setups.len()),
+        ),
+        Err(e) => Check::bad(
+            "config",
+            Status::Unusable,
+            chain(&e),
+            format!(
+                "edit {} (every key: configs/example.toml, docs/config.md), or `mkt setup --force` to replace it with the starter config",
+                file.display()
+            ),
+        ),
+    }
+    .required()
 }
 
 fn setup(ctx: &Ctx, args: &SetupArgs) -> Result<i32> {

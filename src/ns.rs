@@ -534,7 +534,8 @@ pub enum IdsError {
     #[error(
         "{user} has no subordinate {kind} range in {file}, which a rootless package install needs \
          (to chown files to the image's users); ask an admin to run: \
-         sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+         sudo usermod --add-subuids {r} --add-subgids {r} {user}",
+        r = crate::host::probe::suggested_subid_range()
     )]
     NoRange {
         user: String,

@@ -53,8 +53,10 @@ pub enum RunError {
     Spawn(PathBuf, #[source] io::Error),
     #[error("{0}")]
     Io(String, #[source] io::Error),
-    #[error("virtiofs needs virtiofsd, which is not installed (see `mkt doctor`), or use --fs 9p")]
-    NoVirtiofsd,
+    /// `nine_p`: the kernel can mount 9p, so `--fs 9p` is a way out.
+    #[error("virtiofs needs virtiofsd, which is not installed (see `mkt doctor`; ./install.sh installs it){}",
+        if *.nine_p { ", or use --fs 9p" } else { "; this kernel has no 9p, so virtiofs is the only way to share the rootfs" })]
+    NoVirtiofsd { nine_p: bool },
     #[error("virtiofsd for {0} did not start: {1}")]
     Virtiofsd(PathBuf, String),
     #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
@@ -561,10 +563,15 @@ pub fn prepare(
         _ if kernel_has(&kernel, Guestfs::NineP) => GFs::NineP,
         _ => GFs::Virtiofs,
     };
-    let virtiofsd = match fs {
-        GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or(RunError::NoVirtiofsd)?),
-        GFs::NineP => None,
-    };
+    let virtiofsd =
+        match fs {
+            GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
+                RunError::NoVirtiofsd {
+                    nine_p: kernel_has(&kernel, Guestfs::NineP),
+                }
+            })?),
+            GFs::NineP => None,
+        };
     let mut user = host_user();
     user.shell = if rootfs.join("bin/bash").exists() {
         "/bin/bash".into()

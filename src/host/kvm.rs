@@ -69,7 +69,8 @@ impl KvmProbe {
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 const FIX_LOAD_MODULE: &str = "load kvm_intel or kvm_amd, or enable virtualisation in the BIOS";
-const FIX_GROUP: &str = "add yourself to the kvm group: sudo usermod -aG kvm $USER";
+const FIX_FIRMWARE: &str =
+    "enable virtualisation (Intel VT-x / AMD-V) in the firmware (BIOS/UEFI) setup";
 const FIX_NESTED: &str =
     "enable nested virtualisation on the host hypervisor (expose vmx/svm to this VM), or use TCG";
 const REASON_NO_VMX: &str = "the CPU does not expose vmx/svm (nested virtualisation disabled?)";
@@ -88,7 +89,23 @@ pub fn probe() -> KvmProbe {
 
 /// The probe proper, with the CPU flags and the device path injected.
 pub fn probe_with(cpuinfo: &str, dev: &Path) -> KvmProbe {
-    // 1. The device node exists. An error here (say, an unreadable parent
+    // 1. The CPU exposes hardware virtualisation. Checked first: without it
+    //    nothing about /dev/kvm (its module, its group) can help.
+    if !cfg!(target_arch = "x86_64") {
+        return KvmProbe::unusable("the KVM probe only supports x86_64 hosts", None);
+    }
+    if !cpu_has_virt(cpuinfo) {
+        // In a VM (the `hypervisor` flag) the host hypervisor hides it;
+        // on bare metal the firmware has it switched off.
+        let fix = if cpu_has_flag(cpuinfo, "hypervisor") {
+            FIX_NESTED
+        } else {
+            FIX_FIRMWARE
+        };
+        return KvmProbe::unusable(REASON_NO_VMX, Some(fix));
+    }
+
+    // 2. The device node exists. An error here (say, an unreadable parent
     //    directory) is left for the open below to explain precisely.
     if let Ok(false) = dev.try_exists() {
         return KvmProbe::unusable(
@@ -97,27 +114,22 @@ pub fn probe_with(cpuinfo: &str, dev: &Path) -> KvmProbe {
         );
     }
 
-    // 2. It opens read-write (std opens with O_CLOEXEC).
+    // 3. It opens read-write (std opens with O_CLOEXEC).
     let kvm = match OpenOptions::new().read(true).write(true).open(dev) {
         Ok(f) => f,
         Err(e) => {
             let fix = match e.raw_os_error().map(Errno::from_raw) {
-                Some(Errno::EACCES | Errno::EPERM) => Some(FIX_GROUP),
-                Some(Errno::ENXIO | Errno::ENODEV) => Some(FIX_LOAD_MODULE),
+                Some(Errno::EACCES | Errno::EPERM) => Some(access_fix(dev)),
+                Some(Errno::ENXIO | Errno::ENODEV) => Some(FIX_LOAD_MODULE.to_owned()),
                 _ => None,
             };
             let why = io_error_text(&e);
-            return KvmProbe::unusable(format!("{} is not accessible: {why}", dev.display()), fix);
+            return KvmProbe::unusable(
+                format!("{} is not accessible: {why}", dev.display()),
+                fix.as_deref(),
+            );
         }
     };
-
-    // 3. The CPU exposes hardware virtualisation.
-    if !cfg!(target_arch = "x86_64") {
-        return KvmProbe::unusable("the KVM probe only supports x86_64 hosts", None);
-    }
-    if !cpu_has_virt(cpuinfo) {
-        return KvmProbe::unusable(REASON_NO_VMX, Some(FIX_NESTED));
-    }
 
     // 4. The API version is the stable one.
     // SAFETY: `kvm` is an open file descriptor owned by this function; the
@@ -171,11 +183,44 @@ pub fn choose(requested: Option<Accel>, probe: &KvmProbe) -> (Accel, Option<Stri
 /// Whether a `flags` line of `/proc/cpuinfo` lists `vmx` or `svm`. Only the
 /// key `flags` counts (not `vmx flags`), and only whole words.
 fn cpu_has_virt(cpuinfo: &str) -> bool {
+    cpu_has_flag(cpuinfo, "vmx") || cpu_has_flag(cpuinfo, "svm")
+}
+
+fn cpu_has_flag(cpuinfo: &str, flag: &str) -> bool {
     cpuinfo
         .lines()
         .filter_map(|line| line.split_once(':'))
         .filter(|(key, _)| key.trim() == "flags")
-        .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        .any(|(_, flags)| flags.split_whitespace().any(|f| f == flag))
+}
+
+/// How to get access to `dev`, from its owner, group and mode: joining its
+/// group only helps when the group may read and write it.
+fn access_fix(dev: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(dev) else {
+        return format!("give your user read-write access to {}", dev.display());
+    };
+    let group = nix::unistd::Group::from_gid(m.gid().into())
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| m.gid().to_string());
+    access_fix_for(dev, m.mode(), &group)
+}
+
+fn access_fix_for(dev: &Path, mode: u32, group: &str) -> String {
+    if mode & 0o060 == 0o060 && group != "root" {
+        format!(
+            "add yourself to the {group} group: sudo usermod -aG {group} $USER (then log in again)"
+        )
+    } else {
+        format!(
+            "{} is mode {:04o}, group {group}, which no group of users can open: make it 0660 group kvm (a udev rule KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\"), then sudo usermod -aG kvm $USER and log in again",
+            dev.display(),
+            mode & 0o7777
+        )
+    }
 }
 
 /// The C library's message for `e`, e.g. "Permission denied" (nix's own
@@ -952,6 +997,31 @@ mod tests {
             assert_eq!(p.reason, REASON_NO_VMX);
             assert_eq!(p.fix.as_deref(), Some(FIX_NESTED));
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn no_vmx_is_the_cause_reported_whatever_dev_kvm_is() {
+        // Neither loading a module nor joining a group fixes a CPU without
+        // vmx/svm: that is the cause named, with its own fix.
+        let dir = tempfile::tempdir().unwrap();
+        let p = probe_with(CPUINFO_NO_VIRT, &dir.path().join("kvm"));
+        assert_eq!(p.reason, REASON_NO_VMX);
+        assert_eq!(p.fix.as_deref(), Some(FIX_NESTED));
+        let bare_metal = "processor\t: 0\nflags\t\t: fpu vme sse2\n\n";
+        let p = probe_with(bare_metal, &dir.path().join("kvm"));
+        assert_eq!(p.fix.as_deref(), Some(FIX_FIRMWARE));
+    }
+
+    #[test]
+    fn access_advice_follows_the_device_group_and_mode() {
+        let dev = Path::new("/dev/kvm");
+        let f = access_fix_for(dev, 0o20660, "kvm");
+        assert!(f.starts_with("add yourself to the kvm group"), "{f}");
+        // 0600 root:root: joining a group cannot help.
+        let f = access_fix_for(dev, 0o20600, "root");
+        assert!(!f.starts_with("add yourself"), "{f}");
+        assert!(f.contains("mode 0600, group root"), "{f}");
     }
 
     #[cfg(target_arch = "x86_64")]

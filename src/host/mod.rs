@@ -110,10 +110,10 @@ pub const PREREQUISITES: &[Prerequisite] = &[
     },
     Prerequisite {
         program: "virtiofsd",
-        purpose: "shares the rootfs over virtiofs (else 9p)",
-        debian: "sudo apt-get install -y libcap-ng-dev libseccomp-dev && cargo install virtiofsd",
+        purpose: "shares the rootfs over virtiofs (the default rootfs's kernel has no 9p)",
+        debian: "sudo apt-get install -y gcc pkg-config libcap-ng-dev libseccomp-dev && cargo install --locked virtiofsd",
         fedora: "sudo dnf install -y virtiofsd",
-        required: false,
+        required: true,
     },
     Prerequisite {
         program: "ccache",
@@ -127,7 +127,7 @@ pub const PREREQUISITES: &[Prerequisite] = &[
         purpose: "builds Debian/Ubuntu rootfs recipes (mkt rootfs build, the default rootfs)",
         debian: "sudo apt-get install -y mmdebstrap",
         fedora: "sudo dnf install -y mmdebstrap",
-        required: false,
+        required: true,
     },
     Prerequisite {
         program: "cpio",

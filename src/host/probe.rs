@@ -154,17 +154,71 @@ pub fn subid_ranges(text: &str, user: &str, uid: u32) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// How many subordinate ids a user gets (what useradd gives, and enough for
+/// every id a distribution's tree uses).
+pub const SUBID_COUNT: u64 = 65536;
+
+/// The lowest start (from 100000, shadow's SUB_UID_MIN) of `count` ids that
+/// overlaps no range of any user in the given `/etc/subuid`-style texts.
+pub fn free_subid_start(texts: &[&str], count: u64) -> u64 {
+    let mut taken: Vec<(u64, u64)> = texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|l| {
+            let mut f = l.trim().split(':');
+            let (_, start, n) = (f.next()?, f.next()?, f.next()?);
+            let (start, n): (u64, u64) = (start.parse().ok()?, n.parse().ok()?);
+            Some((start, start.saturating_add(n)))
+        })
+        .collect();
+    taken.sort();
+    let mut start: u64 = 100_000;
+    // Sorted by start: each range that overlaps the candidate pushes it past
+    // that range's end, and no earlier range can overlap it again.
+    for (s, e) in taken {
+        if s < start.saturating_add(count) && e > start {
+            start = e;
+        }
+    }
+    start
+}
+
+/// `START-END` (inclusive, as `usermod --add-subuids` takes it) of a free
+/// range of [`SUBID_COUNT`] ids in both files' texts.
+pub fn free_subid_range(subuid: &str, subgid: &str) -> String {
+    let start = free_subid_start(&[subuid, subgid], SUBID_COUNT);
+    format!("{start}-{}", start + SUBID_COUNT - 1)
+}
+
+/// [`free_subid_range`] of this host's /etc/subuid and /etc/subgid.
+pub fn suggested_subid_range() -> String {
+    let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+    free_subid_range(&read("/etc/subuid"), &read("/etc/subgid"))
+}
+
 /// The user's subordinate uid/gid ranges and the setuid helpers that map them.
 pub fn subids(user: &str, uid: u32) -> Check {
-    let fix = format!(
-        "sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user} (and install newuidmap: Debian uidmap, Fedora shadow-utils)"
-    );
     let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
-    let uids = subid_ranges(&read("/etc/subuid"), user, uid);
-    let gids = subid_ranges(&read("/etc/subgid"), user, uid);
+    subids_in(user, uid, &read("/etc/subuid"), &read("/etc/subgid"), |p| {
+        which(p).is_some()
+    })
+}
+
+/// [`subids`] on the given file contents; `have` tells whether a program is
+/// on `$PATH`. The fix names only what is missing, and a range that is free
+/// in both files.
+pub fn subids_in(
+    user: &str,
+    uid: u32,
+    subuid: &str,
+    subgid: &str,
+    have: impl Fn(&str) -> bool,
+) -> Check {
+    let uids = subid_ranges(subuid, user, uid);
+    let gids = subid_ranges(subgid, user, uid);
     let helpers: Vec<_> = ["newuidmap", "newgidmap"]
         .into_iter()
-        .filter(|p| which(p).is_none())
+        .filter(|p| !have(p))
         .collect();
     let fmt = |r: &[(u64, u64)]| {
         r.iter()
@@ -172,16 +226,30 @@ pub fn subids(user: &str, uid: u32) -> Check {
             .collect::<Vec<_>>()
             .join(",")
     };
+    let install_helpers = "install newuidmap/newgidmap: Debian/Ubuntu sudo apt-get install -y uidmap, Fedora sudo dnf install -y shadow-utils";
     if uids.is_empty() || gids.is_empty() {
-        let which_file = if uids.is_empty() {
-            "/etc/subuid"
-        } else {
-            "/etc/subgid"
-        };
+        let range = free_subid_range(subuid, subgid);
+        let mut flags = Vec::new();
+        let mut files = Vec::new();
+        if uids.is_empty() {
+            flags.push(format!("--add-subuids {range}"));
+            files.push("/etc/subuid");
+        }
+        if gids.is_empty() {
+            flags.push(format!("--add-subgids {range}"));
+            files.push("/etc/subgid");
+        }
+        let mut fix = format!(
+            "sudo usermod {} {user} (a range no other user has)",
+            flags.join(" ")
+        );
+        if !helpers.is_empty() {
+            fix = format!("{fix}; and {install_helpers}");
+        }
         return Check::bad(
             "subids",
             Status::Missing,
-            format!("no range for {user} in {which_file}"),
+            format!("no range for {user} in {}", files.join(" and ")),
             fix,
         );
     }
@@ -190,7 +258,7 @@ pub fn subids(user: &str, uid: u32) -> Check {
             "subids",
             Status::Unusable,
             format!("{} not found", helpers.join(" and ")),
-            fix,
+            install_helpers,
         );
     }
     Check::ok(
@@ -268,14 +336,20 @@ fn write_proc(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Required: the default rootfs's kernel (Debian's cloud kernel) has no 9p,
+/// so virtiofs is the only way `mkt run` can share that rootfs.
 pub fn virtiofsd() -> Check {
     program_check(
         "virtiofsd",
         "virtiofsd",
-        "rootfs shared over 9p instead, slower",
-        "sudo apt-get install -y libcap-ng-dev libseccomp-dev && cargo install virtiofsd (Fedora: sudo dnf install -y virtiofsd)",
+        "the default rootfs's kernel has no 9p: `mkt run` needs virtiofs",
+        VIRTIOFSD_FIX,
     )
+    .required()
 }
+
+/// How to get the Rust virtiofsd (Debian 12 has no package of it).
+pub const VIRTIOFSD_FIX: &str = "./install.sh installs it; or: sudo apt-get install -y gcc pkg-config libcap-ng-dev libseccomp-dev && cargo install --locked virtiofsd (Fedora: sudo dnf install -y virtiofsd)";
 
 pub fn ccache() -> Check {
     program_check(
@@ -397,6 +471,37 @@ mod tests {
         assert_eq!(subid_ranges(text, "alice", 1000), vec![(100000, 65536)]);
         assert_eq!(subid_ranges(text, "carol", 1001), vec![(200000, 1000)]);
         assert!(subid_ranges(text, "dave", 1002).is_empty());
+    }
+
+    #[test]
+    fn subid_advice_suggests_a_range_no_one_has() {
+        // 100000-165535 belongs to another user: the advice must not reuse it.
+        let subuid = "mkt-ci:100000:65536\nbob:165536:1000\n";
+        let subgid = "mkt-ci:100000:65536\ncarol:300000:65536\n";
+        assert_eq!(free_subid_start(&[subuid, subgid], SUBID_COUNT), 166536);
+        let c = subids_in("alice", 1000, subuid, subgid, |_| true);
+        assert_eq!(c.status, Status::Missing);
+        let fix = c.fix.unwrap();
+        assert!(
+            fix.contains("--add-subuids 166536-232071 --add-subgids 166536-232071 alice"),
+            "{fix}"
+        );
+        assert!(!fix.contains("newuidmap"), "helpers are there: {fix}");
+        // A gap big enough between ranges is used; an empty file starts at 100000.
+        assert_eq!(
+            free_subid_start(&["a:100000:65536\nb:300000:65536\n"], SUBID_COUNT),
+            165536
+        );
+        assert_eq!(free_subid_start(&["", "bad line\n"], SUBID_COUNT), 100000);
+        // Only the missing file is named; helpers missing only: no range advice.
+        let c = subids_in("alice", 1000, "alice:400000:65536\n", "", |_| true);
+        assert_eq!(c.detail, "no range for alice in /etc/subgid");
+        assert!(!c.fix.as_ref().unwrap().contains("--add-subuids"), "{c:?}");
+        let c = subids_in("alice", 1000, "alice:1:2\n", "alice:1:2\n", |p| {
+            p != "newgidmap"
+        });
+        assert_eq!(c.status, Status::Unusable);
+        assert!(!c.fix.as_ref().unwrap().contains("usermod"), "{c:?}");
     }
 
     #[test]

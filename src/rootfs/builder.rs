@@ -189,10 +189,14 @@ fn suite_base(
             r.base_key(),
             std::process::id()
         ));
-        let mut argv: Vec<OsString> = vec![bin.into()];
-        if opts.verbose {
-            argv.push("--verbose".into());
-        }
+        // apt's and dpkg's own lines (--verbose) in the C locale: what the
+        // progress line counts (packages, bytes) and what the log keeps.
+        let mut argv: Vec<OsString> = vec![
+            "env".into(),
+            "LC_ALL=C.UTF-8".into(),
+            bin.into(),
+            "--verbose".into(),
+        ];
         argv.extend(
             r.mmdebstrap_args(mode, &part)
                 .into_iter()
@@ -204,7 +208,11 @@ fn suite_base(
             r.packages.len()
         ));
         // mmdebstrap maps the subordinate ids itself in unshare mode.
-        let status = run_logged(&argv, &Ids::Host, log, opts.verbose)?;
+        let status = if opts.verbose {
+            run_logged(&argv, &Ids::Host, log, true)?
+        } else {
+            run_with_progress(&argv, log, opts.quiet)?
+        };
         if status != 0 {
             let _ = std::fs::remove_file(&part);
             return Err(log.failed("mmdebstrap", status));
@@ -286,6 +294,227 @@ fn run_logged(
         name: log.name.clone(),
         source,
     })
+}
+
+/// Runs mmdebstrap with its output in the log, and what it is doing on
+/// stderr: a status line redrawn in place on a terminal (step, packages,
+/// bytes), else one line a step.
+fn run_with_progress(argv: &[OsString], log: &mut Log, quiet: bool) -> Result<i32, RootfsError> {
+    use std::io::IsTerminal;
+    let _ = writeln!(
+        log.file,
+        "$ {}",
+        argv.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| store_err("create a pipe for", &log.path)(std::io::Error::from(e)))?;
+    let file = log
+        .file
+        .try_clone()
+        .map_err(store_err("write", &log.path))?;
+    let display = if quiet {
+        Display::Quiet
+    } else if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {prefix}{wide_msg} [{elapsed}]")
+                .expect("valid template"),
+        );
+        bar.set_prefix(format!("mkt: rootfs {}: ", log.name));
+        bar.set_message(Progress::default().to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Display::Bar(bar)
+    } else {
+        Display::Lines {
+            name: log.name.clone(),
+            started: log.started,
+        }
+    };
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        follow(rd, file, display);
+        let _ = done_tx.send(());
+    });
+    let status = ns::run_mapped(argv, &Ids::Host, Some(wr.as_raw_fd()));
+    // mmdebstrap has exited: with our end closed the reader sees EOF, unless
+    // a daemon it started still holds the pipe; then it is not waited for.
+    drop(wr);
+    let _ = done.recv_timeout(std::time::Duration::from_secs(5));
+    status.map_err(|source| RootfsError::Enter {
+        name: log.name.clone(),
+        source,
+    })
+}
+
+/// Where the progress goes.
+enum Display {
+    Quiet,
+    Bar(indicatif::ProgressBar),
+    Lines { name: String, started: Instant },
+}
+
+/// Copies mmdebstrap's output to the log, line by line, and shows it.
+fn follow(rd: std::os::fd::OwnedFd, mut file: std::fs::File, display: Display) {
+    use std::io::BufRead;
+    let mut progress = Progress::default();
+    let mut lines = std::io::BufReader::new(std::fs::File::from(rd));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match lines.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let _ = file.write_all(&line);
+        let text = String::from_utf8_lossy(&line);
+        let step_before = progress.step.clone();
+        if !progress.feed(text.trim_end()) {
+            continue;
+        }
+        match &display {
+            Display::Quiet => {}
+            Display::Bar(bar) => bar.set_message(progress.to_string()),
+            Display::Lines { name, started } => {
+                if progress.step != step_before {
+                    eprintln!(
+                        "mkt: rootfs {name}: mmdebstrap: {} [{:.0}s]",
+                        progress.step,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+    if let Display::Bar(bar) = display {
+        bar.finish_and_clear();
+    }
+}
+
+/// What mmdebstrap (with --verbose, in the C locale) is doing, from its
+/// output: its `I:` steps, apt's plan (`N newly installed`, `Need to get`)
+/// and `Get:` lines with their sizes, and dpkg's `Setting up` lines. The
+/// download counts are those of the current apt run (mmdebstrap runs apt
+/// more than once).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// mmdebstrap's current step, e.g. `downloading packages with apt`.
+    pub step: String,
+    /// Packages the current apt run installs.
+    pub planned: u64,
+    /// Bytes the current apt run downloads.
+    pub to_download: u64,
+    pub downloaded: u64,
+    pub downloaded_bytes: u64,
+    /// Packages dpkg has set up in this step.
+    pub set_up: u64,
+}
+
+impl Progress {
+    /// Takes one line of output; true when it changed something.
+    pub fn feed(&mut self, line: &str) -> bool {
+        if let Some(info) = line.strip_prefix("I: ") {
+            // Steps end in "..."; the other lines are remarks (the chosen
+            // format, the temp dir, "done").
+            let Some(step) = info.trim_end().strip_suffix("...") else {
+                return false;
+            };
+            self.step = step.trim().to_string();
+            // A new step: no apt run yet (apt-get update's Get: lines are
+            // index files, not packages).
+            self.set_up = 0;
+            self.planned = 0;
+            self.to_download = 0;
+            self.downloaded = 0;
+            self.downloaded_bytes = 0;
+            return true;
+        }
+        if line.starts_with("Get:") && self.planned > 0 {
+            // Get:12 http://deb.debian.org/debian bookworm/main amd64 libc6 amd64 2.36-9 [2757 kB]
+            self.downloaded += 1;
+            if let Some(size) = line
+                .rsplit_once('[')
+                .and_then(|(_, s)| s.strip_suffix(']'))
+                .and_then(parse_size)
+            {
+                self.downloaded_bytes += size;
+            }
+            return true;
+        }
+        if let Some(rest) = line.strip_prefix("Need to get ") {
+            // Need to get 80.5 MB of archives.  /  Need to get 0 B/1234 kB of archives.
+            let size = rest.split(" of archives").next().unwrap_or("");
+            if let Some(b) = parse_size(size.split('/').next().unwrap_or(size)) {
+                self.to_download = b;
+                return true;
+            }
+            return false;
+        }
+        if line.starts_with("Setting up ") {
+            self.set_up += 1;
+            return true;
+        }
+        // 0 upgraded, 123 newly installed, 0 to remove and 0 not upgraded.
+        if let Some((_, rest)) = line.split_once(" upgraded, ")
+            && let Some((n, _)) = rest.split_once(" newly installed")
+            && let Ok(n) = n.trim().parse::<u64>()
+        {
+            // A new apt run: its own plan and downloads.
+            self.planned = n;
+            self.to_download = 0;
+            self.downloaded = 0;
+            self.downloaded_bytes = 0;
+            return true;
+        }
+        false
+    }
+}
+
+/// The status line: short enough for an 80-column terminal, so the counts
+/// are not cut off (`downloading packages 3/69 (2.7 MiB/28.3 MiB)`).
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let step = self
+            .step
+            .trim_end_matches(" with apt")
+            .trim_end_matches(" inside the chroot");
+        f.write_str(if step.is_empty() {
+            "starting mmdebstrap"
+        } else {
+            step
+        })?;
+        if self.downloaded > 0 {
+            write!(f, " {}", self.downloaded)?;
+            if self.planned >= self.downloaded {
+                write!(f, "/{}", self.planned)?;
+            }
+            write!(f, " ({}", super::human(self.downloaded_bytes))?;
+            if self.to_download >= self.downloaded_bytes && self.to_download > 0 {
+                write!(f, "/{}", super::human(self.to_download))?;
+            }
+            f.write_str(")")?;
+        }
+        if self.set_up > 0 {
+            write!(f, ", {} set up", self.set_up)?;
+        }
+        Ok(())
+    }
+}
+
+/// apt's sizes: `2757 kB`, `1,234 B`, `80.5 MB` (SI units, as apt prints).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, unit) = s.trim().split_once(' ')?;
+    let num: f64 = num.replace(',', "").parse().ok()?;
+    let mult = match unit.trim() {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return None,
+    };
+    Some((num * mult).round() as u64)
 }
 
 /// The shell script the steps run as, inside the tree.
@@ -455,4 +684,87 @@ fn steps(
         return Err(log.failed("the recipe's steps", exit.status));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines of a real `mmdebstrap --verbose --variant=essential bookworm`
+    /// run (mmdebstrap 1.3.5, C locale), in order, shortened.
+    const MMDEBSTRAP: &str = "\
+I: chroot architecture amd64 is equal to the host's architecture
+I: finding correct signed-by value...
+I: running apt-get update...
+Get:1 http://deb.debian.org/debian bookworm InRelease [151 kB]
+Get:2 http://deb.debian.org/debian bookworm/main amd64 Packages [8790 kB]
+Fetched 8941 kB in 2s (3590 kB/s)
+I: downloading packages with apt...
+Reading package lists...
+0 upgraded, 69 newly installed, 0 to remove and 0 not upgraded.
+Need to get 29.7 MB of archives.
+After this operation, 139 MB of additional disk space will be used.
+Get:1 http://deb.debian.org/debian bookworm/main amd64 gcc-12-base amd64 12.2.0-14+deb12u1 [37.6 kB]
+Get:2 http://deb.debian.org/debian bookworm/main amd64 libc6 amd64 2.36-9+deb12u14 [2759 kB]
+Get:3 http://deb.debian.org/debian bookworm/main amd64 libgcc-s1 amd64 12.2.0-14+deb12u1 [49.9 kB]
+";
+
+    #[test]
+    fn progress_follows_mmdebstrap_steps_packages_and_bytes() {
+        let mut p = Progress::default();
+        assert_eq!(p.to_string(), "starting mmdebstrap");
+        let mut seen = Vec::new();
+        for line in MMDEBSTRAP.lines() {
+            if p.feed(line) {
+                seen.push(p.to_string());
+            }
+        }
+        // apt-get update's index files are not packages.
+        assert!(
+            seen.contains(&"running apt-get update".to_string()),
+            "{seen:#?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|s| s.starts_with("running apt-get update:")),
+            "{seen:#?}"
+        );
+        assert_eq!(p.step, "downloading packages with apt");
+        assert_eq!((p.planned, p.to_download), (69, 29_700_000));
+        assert_eq!(
+            (p.downloaded, p.downloaded_bytes),
+            (3, 37_600 + 2_759_000 + 49_900)
+        );
+        assert_eq!(
+            p.to_string(),
+            "downloading packages 3/69 (2.7 MiB/28.3 MiB)"
+        );
+        for line in [
+            "Fetched 29.7 MB in 0s (114 MB/s)",
+            "I: installing essential packages...",
+            "I: done",
+            "Unpacking gcc-12-base:amd64 (12.2.0-14+deb12u1) ...",
+            "Setting up gcc-12-base:amd64 (12.2.0-14+deb12u1) ...",
+            "Setting up libc-bin (2.36-9+deb12u14) ...",
+        ] {
+            p.feed(line);
+        }
+        assert_eq!(p.to_string(), "installing essential packages, 2 set up");
+        assert!(!p.feed("Reading package lists..."));
+        assert!(!p.feed("I: automatically chosen format: tar"));
+        assert!(p.feed("I: creating tarball..."));
+        assert_eq!(p.to_string(), "creating tarball");
+    }
+
+    #[test]
+    fn apt_sizes_parse() {
+        assert_eq!(parse_size("2759 kB"), Some(2_759_000));
+        assert_eq!(parse_size("1,234 B"), Some(1234));
+        assert_eq!(parse_size("29.7 MB"), Some(29_700_000));
+        assert_eq!(parse_size("1.5 GB"), Some(1_500_000_000));
+        assert_eq!(parse_size("0 B"), Some(0));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("3 parsecs"), None);
+    }
 }
