@@ -269,7 +269,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::ModulesReload { name, all } => {
             let ctx = load_context(&cli.global)?;
-            let mut cmd = vec!["mkt".to_string(), "modules-reload".to_string()];
+            // The guest tool by its path: `mkt` on the guest's PATH may be
+            // the host's own binary through the shared home.
+            let mut cmd = vec![
+                crate::guest::GUEST_TOOL.to_string(),
+                "modules-reload".to_string(),
+            ];
             if all {
                 cmd.push("--all".into());
             }

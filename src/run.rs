@@ -1026,14 +1026,26 @@ pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Ve
         format!("{user}@127.0.0.1"),
     ];
     if !command.is_empty() {
+        // ssh joins its words with spaces for the remote shell to split
+        // again: one quoted line makes the guest run exactly this argv.
         a.push("--".into());
-        a.extend(command.iter().cloned());
+        a.push(qemu::shell_quote(command));
     }
     a
 }
 
 /// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
 pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Result<i32> {
+    ssh_with_stdin(paths, name, command, None)
+}
+
+/// [`ssh`] with the remote command's stdin read from `stdin` (else mkt's).
+fn ssh_with_stdin(
+    paths: &Paths,
+    name: Option<&str>,
+    command: &[String],
+    stdin: Option<std::fs::File>,
+) -> anyhow::Result<i32> {
     let running = instance::list(&paths.runtime_dir);
     let rec = match name {
         Some(n) => running.iter().find(|r| r.name == n).ok_or_else(|| {
@@ -1053,8 +1065,12 @@ pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Res
     })?;
     let keys = ensure_ssh_keys(&paths.data_dir.join("ssh"))?;
     let argv = ssh_argv(&keys, &rec.user, port, command);
-    let status = Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    if let Some(f) = stdin {
+        cmd.stdin(f);
+    }
+    let status = cmd
         .status()
         .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))?;
     Ok(status.code().unwrap_or(255))
@@ -1334,7 +1350,15 @@ pub fn test(
         .into_iter()
         .any(|r| r.name == name && r.ssh_port.is_some());
     let code = if running {
-        ssh(paths, Some(&name), &command)?
+        // The script's directory need not be shared with the running VM:
+        // its content goes over ssh's stdin into a temp file there.
+        let file = std::fs::File::open(&script)?;
+        ssh_with_stdin(
+            paths,
+            Some(&name),
+            &remote_script_command(&script),
+            Some(file),
+        )?
     } else {
         let opts = RunOptions {
             setup: Some(name.clone()),
@@ -1353,6 +1377,25 @@ pub fn test(
         println!("TEST FAILED ({name}: {} exited {code})", script.display());
         Ok(1)
     }
+}
+
+/// The guest command that saves its stdin as the script (same file name)
+/// in a temp dir, runs it with stdin from /dev/null, and exits with its status.
+fn remote_script_command(script: &Path) -> Vec<String> {
+    let name = script
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "test".into());
+    let body = "d=$(mktemp -d) || exit 125; f=\"$d/$1\"; \
+                if cat > \"$f\" && chmod 755 \"$f\"; then \"$f\" < /dev/null; s=$?; else s=125; fi; \
+                rm -rf \"$d\"; exit $s";
+    vec![
+        "sh".into(),
+        "-c".into(),
+        body.into(),
+        "mkt-test".into(),
+        name,
+    ]
 }
 
 /// Where a command run's serial console goes: the run log dir, so it

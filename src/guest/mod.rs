@@ -160,6 +160,9 @@ impl Generated {
     }
 }
 
+/// Where mkt installs its guest tool (the init binary) in every guest.
+pub const GUEST_TOOL: &str = "/usr/local/bin/mkt";
+
 /// Where the boot script is put in the guest.
 const BOOT_SCRIPT: &str = "/etc/mkt/boot-script";
 
@@ -497,7 +500,7 @@ pub fn generate(input: &PlanInput) -> Generated {
         plan += &plan_line(&["boot", BOOT_SCRIPT]);
     }
     // `mkt modules-reload` and friends inside the guest.
-    plan += &plan_line(&["install-self", "/usr/local/bin/mkt"]);
+    plan += &plan_line(&["install-self", GUEST_TOOL]);
     if let Some(cwd) = &input.cwd {
         plan += &plan_line(&["cwd", &p(cwd)]);
     }
