@@ -850,7 +850,9 @@ pub fn prepare(
             _ => Net::Tap { fd: None, mac },
         },
         _ if net => Net::User {
-            ssh_port: if exec {
+            // No sshd in the tree: no port to advertise (an explicit
+            // --ssh-port is still forwarded, for an sshd of the user's).
+            ssh_port: if exec || (ssh_keys.is_none() && opts.ssh_port.is_none()) {
                 None
             } else {
                 Some(
