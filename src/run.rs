@@ -1552,6 +1552,7 @@ fn start_virtiofsd(
     shares: &[Share],
     run_dir: &Path,
     root_ids: Option<&crate::ns::Ids>,
+    store: &Path,
 ) -> Result<Daemons, RunError> {
     let mut daemons = Daemons(Vec::new(), Vec::new());
     for share in shares {
@@ -1597,11 +1598,15 @@ fn start_virtiofsd(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        // SAFETY: prctl is async-signal-safe; virtiofsd dies with mkt.
+        // The guest drives this virtiofsd's file operations: see crate::confine.
+        let confine = crate::confine::Confinement::new(&[share.path.as_path()], Some(store));
+        // SAFETY: prctl, and confine's system calls on data prepared
+        // before fork, are async-signal-safe; virtiofsd dies with mkt.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(io::Error::from)
+                    .map_err(io::Error::from)?;
+                confine.enter()
             });
         }
         let child = cmd.spawn().map_err(|e| RunError::Spawn(bin.into(), e))?;
@@ -1664,7 +1669,12 @@ fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
     Ok(())
 }
 
-fn spawn_qemu(argv: &[String], exec: bool, keep_fd: Option<i32>) -> Result<Child, RunError> {
+fn spawn_qemu(
+    argv: &[String],
+    exec: bool,
+    keep_fd: Option<i32>,
+    confine: crate::confine::Confinement,
+) -> Result<Child, RunError> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if exec {
@@ -1682,7 +1692,8 @@ fn spawn_qemu(argv: &[String], exec: bool, keep_fd: Option<i32>) -> Result<Child
             {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            // QEMU serves 9p shares itself (crate::confine says why).
+            confine.enter()
         });
     }
     cmd.spawn()
@@ -1811,17 +1822,43 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
         relays.push((port.name.clone(), l));
     }
+    // The store exists before the file servers start, so they can show it
+    // read-only (else a guest could make it, with trees of its own).
+    std::fs::create_dir_all(&paths.rootfs_dir)
+        .map_err(|e| RunError::Write(paths.rootfs_dir.clone(), e))?;
+    let store = std::fs::canonicalize(&paths.rootfs_dir).unwrap_or(paths.rootfs_dir.clone());
     let _daemons = match &prepared.virtiofsd {
         Some(bin) => start_virtiofsd(
             bin,
             &prepared.spec.shares,
             run_dir.path(),
             prepared.root_ids.as_ref(),
+            &store,
         )?,
         None => Daemons(Vec::new(), Vec::new()),
     };
+    let nine_p: Vec<&Path> = prepared
+        .spec
+        .shares
+        .iter()
+        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .map(|s| s.path.as_path())
+        .collect();
+    let qemu_confine = if nine_p.is_empty() {
+        crate::confine::Confinement::default()
+    } else {
+        // A user namespace would void qemu-bridge-helper's set-uid bit.
+        let helper = matches!(prepared.spec.net, Net::BridgeHelper { .. });
+        let root = nix::unistd::geteuid().is_root();
+        crate::confine::Confinement::new(&nine_p, (root || !helper).then_some(store.as_path()))
+    };
     let started = Instant::now();
-    let mut child = spawn_qemu(&argv, prepared.exec, tap.as_ref().map(|t| t.fd()))?;
+    let mut child = spawn_qemu(
+        &argv,
+        prepared.exec,
+        tap.as_ref().map(|t| t.fd()),
+        qemu_confine,
+    )?;
     let ssh_port = match &prepared.spec.net {
         Net::User { ssh_port } => *ssh_port,
         _ => None,

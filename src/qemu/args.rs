@@ -821,8 +821,8 @@ mod tests {
             (&["a;b", "$HOME", "*", "~"], "'a;b' '$HOME' '*' '~'"),
             (&["A=1", "b=2"], "'A=1' b=2"),
             (
-                &["path=/a,,b,server=on", "x@y%z+1"],
-                "path=/a,,b,server=on x@y%z+1",
+                &["-fsdev", "path=/a,,b,server=on", "x@y%z+1"],
+                "-fsdev path=/a,,b,server=on x@y%z+1",
             ),
         ];
         for (argv, want) in cases {
