@@ -154,7 +154,8 @@ pub struct RunArgs {
     /// Serve QEMU's gdb stub on 127.0.0.1:PORT.
     #[arg(long, value_name = "PORT")]
     pub gdbserver: Option<u16>,
-    /// Host port forwarded to the guest's SSH port [default: a free one].
+    /// Host port forwarded to the guest's SSH port [default: a free one,
+    /// when the rootfs has an sshd].
     #[arg(long, value_name = "N")]
     pub ssh_port: Option<u16>,
     /// Guest networking: user-mode NAT, none, a tap, or a tap on a bridge

@@ -47,9 +47,14 @@ impl Confinement {
             ..Confinement::default()
         };
         let Some(store) = store else { return c };
+        // Compared as the kernel resolves them ($HOME may be a symlink).
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let store = real(store);
+        let shares: Vec<PathBuf> = shares.iter().map(|s| real(s)).collect();
+        let store = store.as_path();
         let Some(share) = shares
             .iter()
-            .filter(|s| store.starts_with(s) && store != **s)
+            .filter(|s| store.starts_with(s) && store != s.as_path())
             .min_by_key(|s| s.components().count())
         else {
             return c;
@@ -59,7 +64,7 @@ impl Confinement {
         let mut between: Vec<PathBuf> = store
             .ancestors()
             .skip(1)
-            .take_while(|a| a.starts_with(share) && a != share)
+            .take_while(|a| a.starts_with(share) && *a != share.as_path())
             .map(Path::to_path_buf)
             .collect();
         between.reverse();

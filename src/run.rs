@@ -1609,7 +1609,15 @@ fn start_virtiofsd(
                 confine.enter()
             });
         }
-        let child = cmd.spawn().map_err(|e| RunError::Spawn(bin.into(), e))?;
+        let child = cmd.spawn().map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM | libc::EINVAL | libc::ENOSPC) => RunError::Virtiofsd(
+                share.path.clone(),
+                format!(
+                    "cannot confine it (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only): {e}"
+                ),
+            ),
+            _ => RunError::Spawn(bin.into(), e),
+        })?;
         daemons.0.push(child);
         let child = daemons.0.last_mut().unwrap();
         // QEMU connects at start-up: the socket must exist first.
@@ -1675,6 +1683,7 @@ fn spawn_qemu(
     keep_fd: Option<i32>,
     confine: crate::confine::Confinement,
 ) -> Result<Child, RunError> {
+    let confined = !confine.is_empty();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if exec {
@@ -1696,8 +1705,16 @@ fn spawn_qemu(
             confine.enter()
         });
     }
-    cmd.spawn()
-        .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))
+    cmd.spawn().map_err(|e| match (e.raw_os_error(), confined) {
+        (Some(libc::EPERM | libc::EINVAL | libc::ENOSPC), true) => RunError::Io(
+            format!(
+                "cannot start {} confined for its 9p shares (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only)",
+                argv[0]
+            ),
+            e,
+        ),
+        _ => RunError::Spawn(argv[0].clone().into(), e),
+    })
 }
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
