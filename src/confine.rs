@@ -2,11 +2,11 @@
 //! (virtiofsd, and QEMU itself for 9p). The guest drives their file
 //! operations, so what they may do on the host is what the guest may do:
 //!
-//! - When mkt runs as root they run as root too, and a guest could plant
-//!   setuid-root files, device nodes or file capabilities in a shared
-//!   directory for any local user to use. A seccomp filter refuses those
-//!   operations (virtiofsd has no option for it: it chmods with its own,
-//!   root, credentials; and QEMU's 9p passes xattrs through).
+//! - A guest could plant set-id files (set-uid root when mkt runs as root),
+//!   device nodes or file capabilities in a shared directory for any local
+//!   user to use. A seccomp filter refuses those operations (virtiofsd has
+//!   no option for it: it chmods with its own credentials; and QEMU's 9p
+//!   passes xattrs through).
 //! - The rootfs store usually lies inside the shared home: the servers get
 //!   a private mount namespace in which the store is read-only (and every
 //!   directory between the share and the store a mount point, so the guest
@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Default)]
 pub struct Confinement {
     filter: Option<Vec<libc::sock_filter>>,
+    /// Not root: the filter needs no_new_privs.
+    no_new_privs: bool,
     /// Directories made mount points (outermost first), then shown read-only.
     pins: Vec<CString>,
     readonly: Vec<CString>,
@@ -38,12 +40,13 @@ unsafe impl Send for Confinement {}
 unsafe impl Sync for Confinement {}
 
 impl Confinement {
-    /// For a server of `shares`: the filter when running as root, and the
-    /// store (when given) read-only when it lies inside one of the shares.
+    /// For a server of `shares`: the filter, and the store (when given)
+    /// read-only when it lies inside one of the shares.
     pub fn new(shares: &[&Path], store: Option<&Path>) -> Self {
         let root = nix::unistd::geteuid().is_root();
         let mut c = Confinement {
-            filter: root.then(no_setid_filter),
+            filter: Some(no_setid_filter()),
+            no_new_privs: !root,
             ..Confinement::default()
         };
         let Some(store) = store else { return c };
@@ -80,6 +83,17 @@ impl Confinement {
         c
     }
 
+    /// For a process that must be able to run a set-uid helper (QEMU with
+    /// qemu-bridge-helper): when not root, both no_new_privs and a user
+    /// namespace would void the helper's set-uid bit, so neither is used.
+    pub fn keeping_setid_exec(self) -> Self {
+        if self.no_new_privs {
+            Confinement::default()
+        } else {
+            self
+        }
+    }
+
     /// Whether there is anything to do.
     pub fn is_empty(&self) -> bool {
         self.filter.is_none() && self.readonly.is_empty()
@@ -92,13 +106,19 @@ impl Confinement {
             self.private_mounts()?;
         }
         if let Some(filter) = &self.filter {
+            // SAFETY: a plain prctl call.
+            if self.no_new_privs
+                && unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
             let prog = libc::sock_fprog {
                 len: filter.len() as u16,
                 filter: filter.as_ptr() as *mut libc::sock_filter,
             };
-            // SAFETY: prog points to a valid filter that outlives the call;
-            // root has CAP_SYS_ADMIN, so no_new_privs is not needed (and a
-            // set-id helper QEMU runs keeps working).
+            // SAFETY: prog points to a valid filter that outlives the call
+            // (root has CAP_SYS_ADMIN: no no_new_privs needed, so a set-id
+            // helper QEMU runs keeps working).
             if unsafe { libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) } != 0 {
                 return Err(io::Error::last_os_error());
             }

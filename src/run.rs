@@ -1864,10 +1864,12 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     let qemu_confine = if nine_p.is_empty() {
         crate::confine::Confinement::default()
     } else {
-        // A user namespace would void qemu-bridge-helper's set-uid bit.
-        let helper = matches!(prepared.spec.net, Net::BridgeHelper { .. });
-        let root = nix::unistd::geteuid().is_root();
-        crate::confine::Confinement::new(&nine_p, (root || !helper).then_some(store.as_path()))
+        let c = crate::confine::Confinement::new(&nine_p, Some(&store));
+        if matches!(prepared.spec.net, Net::BridgeHelper { .. }) {
+            c.keeping_setid_exec()
+        } else {
+            c
+        }
     };
     let started = Instant::now();
     let mut child = spawn_qemu(

@@ -128,38 +128,40 @@ fn planted(dir: &Path) -> Vec<String> {
     found
 }
 
-/// As root, the guest (root too) tries every way to leave a set-id file
-/// or a device node in the shared home and a --dir share.
+/// The guest's root tries every way to leave a set-id file or a device
+/// node in the shared home and a --dir share: set-uid root when mkt runs
+/// as root, set-uid to the user otherwise (another local user could run it).
 fn no_planting(rootfs: &Path, kernel: &[String], fs: Option<&str>) {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: the file servers run as root only when mkt does");
-        return;
-    }
-    let home = common::temp_home(None);
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    let script = format!(
-        "for at in $HOME {d}; do cd $at || exit 9; \
-         cp /bin/true t; chmod u+s t; chmod g+s t; chmod 6755 t; \
-         install -m 4755 /bin/true u; \
-         mknod c c 1 3; mknod b b 7 0; mknod p p; \
-         mkdir sd; chmod g+s sd; cp -p /usr/bin/sudo .; \
-         done; echo done"
-    );
-    let mut extra = vec!["--dir", d.as_str()];
-    if let Some(fs) = fs {
-        extra.extend(["--fs", fs]);
-    }
-    let o = run_sh(None, home.path(), rootfs, kernel, &extra, &script);
-    let (out, err) = (text(&o.stdout), text(&o.stderr));
-    assert_eq!(out, "done\n", "{err}");
-    for at in [home.path(), dir.path()] {
-        let bad = planted(at);
-        assert!(bad.is_empty(), "planted on the host: {bad:?}\n{err}");
-        // The harmless parts still work: files, fifos, modes.
-        assert!(at.join("t").is_file(), "{err}");
-        let kind = std::fs::symlink_metadata(at.join("p")).unwrap().mode() & libc::S_IFMT;
-        assert_eq!(kind, libc::S_IFIFO);
+    for user in users() {
+        let user = user.as_ref();
+        let home = common::temp_home(user);
+        let dir = tempfile::tempdir().unwrap();
+        chown_to(dir.path(), user);
+        let d = dir.path().display().to_string();
+        let h = home.path().display();
+        let script = format!(
+            "sudo -n sh -c 'for at in {h} {d}; do cd $at || exit 9; \
+             cp /bin/true t; chmod u+s t; chmod g+s t; chmod 6755 t; \
+             install -m 4755 /bin/true u; \
+             mknod c c 1 3; mknod b b 7 0; mknod p p; \
+             mkdir sd; chmod g+s sd; cp -p /usr/bin/sudo .; \
+             done'; echo done"
+        );
+        let mut extra = vec!["--dir", d.as_str()];
+        if let Some(fs) = fs {
+            extra.extend(["--fs", fs]);
+        }
+        let o = run_sh(user, home.path(), rootfs, kernel, &extra, &script);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert_eq!(out, "done\n", "{err}");
+        for at in [home.path(), dir.path()] {
+            let bad = planted(at);
+            assert!(bad.is_empty(), "planted on the host: {bad:?}\n{err}");
+            // The harmless parts still work: files, fifos, modes.
+            assert!(at.join("t").is_file(), "{err}");
+            let kind = std::fs::symlink_metadata(at.join("p")).unwrap().mode() & libc::S_IFMT;
+            assert_eq!(kind, libc::S_IFIFO);
+        }
     }
 }
 
