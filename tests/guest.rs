@@ -301,10 +301,12 @@ fn shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool() {
     let Some((rootfs, kernel)) = cloud() else {
         return;
     };
-    let Some(user) = common::unprivileged_user() else {
-        return;
-    };
-    let user = user.as_ref();
+    for user in users() {
+        shell_mode_case(&rootfs, &kernel, user.as_ref());
+    }
+}
+
+fn shell_mode_case(rootfs: &Path, kernel: &[String], user: Option<&common::TestUser>) {
     let home = common::temp_home(user);
     // The host's own `mkt` first on the guest's PATH (the home is shared),
     // as a ~/.bashrc that puts ~/bin first does.
