@@ -1864,7 +1864,21 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     let qemu_confine = if nine_p.is_empty() {
         crate::confine::Confinement::default()
     } else {
-        let c = crate::confine::Confinement::new(&nine_p, Some(&store));
+        // Not root, the store is hidden in a user namespace that maps only
+        // the caller's ids: QEMU then serves the root tree too, and a tree
+        // the caller does not own (root's, `--rootfs /`) would lose its
+        // owners (no set-uid sudo): such a run goes without that.
+        use std::os::unix::fs::MetadataExt;
+        let uid = nix::unistd::geteuid();
+        let foreign = !uid.is_root()
+            && std::fs::metadata(&prepared.rootfs).is_ok_and(|m| m.uid() != uid.as_raw());
+        if foreign {
+            tracing::warn!(
+                "9p as a normal user on {} (not yours): the rootfs store is not hidden from the guest (virtiofs hides it)",
+                prepared.rootfs.display()
+            );
+        }
+        let c = crate::confine::Confinement::new(&nine_p, (!foreign).then_some(store.as_path()));
         if matches!(prepared.spec.net, Net::BridgeHelper { .. }) {
             c.keeping_setid_exec()
         } else {

@@ -157,10 +157,17 @@ fn no_planting(rootfs: &Path, kernel: &[String], fs: Option<&str>) {
         for at in [home.path(), dir.path()] {
             let bad = planted(at);
             assert!(bad.is_empty(), "planted on the host: {bad:?}\n{err}");
-            // The harmless parts still work: files, fifos, modes.
+            // The harmless parts still work: files, modes, fifos (QEMU's
+            // 9p makes none, with or without mkt's filter: ENXIO).
             assert!(at.join("t").is_file(), "{err}");
-            let kind = std::fs::symlink_metadata(at.join("p")).unwrap().mode() & libc::S_IFMT;
-            assert_eq!(kind, libc::S_IFIFO);
+            assert_eq!(
+                std::fs::metadata(at.join("t")).unwrap().mode() & 0o7777,
+                0o755
+            );
+            if fs != Some("9p") {
+                let kind = std::fs::symlink_metadata(at.join("p")).unwrap().mode() & libc::S_IFMT;
+                assert_eq!(kind, libc::S_IFIFO, "{err}");
+            }
         }
     }
 }
@@ -201,8 +208,13 @@ fn digest(root: &Path) -> Vec<(PathBuf, u64, u32, i64)> {
 /// The guest (as the user and with sudo) tries to change a stored tree
 /// under the shared home, and to move the store away and put its own in
 /// place; the host's store stays as it was.
-fn store_out_of_reach(rootfs: &Path, kernel: &[String], fs: Option<&str>) {
-    for user in users() {
+fn store_out_of_reach(
+    rootfs: &Path,
+    kernel: &[String],
+    fs: Option<&str>,
+    users: Vec<Option<common::TestUser>>,
+) {
+    for user in users {
         let user = user.as_ref();
         let home = common::temp_home(user);
         let store = home.path().join(".local/share/mkt/rootfs");
@@ -250,7 +262,7 @@ fn guest_cannot_change_the_rootfs_store_over_virtiofs() {
     let Some((rootfs, kernel)) = cloud() else {
         return;
     };
-    store_out_of_reach(&rootfs, &kernel, None);
+    store_out_of_reach(&rootfs, &kernel, None, users());
 }
 
 #[test]
@@ -258,7 +270,9 @@ fn guest_cannot_change_the_rootfs_store_over_9p() {
     let Some((rootfs, kernel)) = tree() else {
         return;
     };
-    store_out_of_reach(&rootfs, &kernel, Some("9p"));
+    // As root only: over 9p a normal user's QEMU hides the store only for
+    // a tree of its own, and the fixture tree is root's.
+    store_out_of_reach(&rootfs, &kernel, Some("9p"), vec![None]);
 }
 
 #[test]
