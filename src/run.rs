@@ -1540,6 +1540,10 @@ pub fn virtiofsd_args(share: &Share) -> Vec<String> {
             }
         ),
         "--sandbox=none".to_string(),
+        // Run as root, virtiofsd keeps a set of capabilities: not those to
+        // make device nodes or set file capabilities for the guest (the
+        // set-id modes it could still set are crate::confine's filter's job).
+        "--modcaps=-mknod:-setfcap".to_string(),
     ];
     if share.readonly {
         a.push("--readonly".into());
