@@ -1061,7 +1061,7 @@ fn ssh_with_stdin(
     };
     let port = rec.ssh_port.ok_or_else(|| {
         anyhow::anyhow!(
-            "VM {:?} has no SSH port (started with --net none or a command)",
+            "VM {:?} has no SSH port (started with --net none or a command, or its rootfs has no sshd)",
             rec.name
         )
     })?;
@@ -1736,7 +1736,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     {
         if rec.ssh_port.is_none() {
             anyhow::bail!(
-                "{setup} is already running (pid {}) without SSH (a command run or --net none); use --new for another VM",
+                "{setup} is already running (pid {}) without SSH (a command run, --net none, or no sshd in its rootfs); use --new for another VM",
                 rec.pid
             );
         }
