@@ -34,11 +34,6 @@ pub struct Confinement {
     maps: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-// SAFETY: sock_filter is plain data (integers).
-unsafe impl Send for Confinement {}
-// SAFETY: as above; nothing is shared mutably.
-unsafe impl Sync for Confinement {}
-
 impl Confinement {
     /// For a server of `shares`: the filter, and the store (when given)
     /// read-only when it lies inside one of the shares.
