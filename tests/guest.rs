@@ -473,3 +473,65 @@ fn shell_mode_case(rootfs: &Path, kernel: &[String], user: Option<&common::TestU
     assert_eq!(ps[0]["ssh_port"], port, "{ps}");
     assert!(stop.status.success(), "{}", text(&stop.stderr));
 }
+
+#[test]
+fn sudo_on_the_shell_mode_console_gets_a_pty() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    for user in users() {
+        let user = user.as_ref();
+        let home = common::temp_home(user);
+        let mut vm = common::mkt_as(user, home.path())
+            .arg("run")
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .args(&kernel)
+            .args(["--init", "shell", "--net", "none"])
+            .current_dir(home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Typed on the serial console once the shell's prompt shows; the
+        // shell's exit powers the guest off.
+        let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut out = vm.stdout.take().unwrap();
+        let sink = console.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut stdin = vm.stdin.take();
+        while vm.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = vm.kill();
+                break;
+            }
+            if stdin.is_some() && text(&console.lock().unwrap()).contains("@mkt:") {
+                use std::io::Write;
+                let mut s = stdin.take().unwrap();
+                s.write_all(b"sudo -n id -u > $HOME/console-sudo 2>&1; exit\n")
+                    .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let o = vm.wait_with_output().unwrap();
+        reader.join().unwrap();
+        let got = std::fs::read_to_string(home.path().join("console-sudo")).unwrap_or_default();
+        assert_eq!(
+            got,
+            "0\n",
+            "console:\n{}{}",
+            text(&console.lock().unwrap()),
+            text(&o.stderr)
+        );
+    }
+}
