@@ -315,9 +315,22 @@ fn shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool() {
     let Some((rootfs, kernel)) = cloud() else {
         return;
     };
-    for user in users() {
-        shell_mode_case(&rootfs, &kernel, user.as_ref());
+    shell_mode_case(&rootfs, &kernel, None);
+}
+
+#[test]
+fn shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool_rootless() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    if user.is_none() {
+        eprintln!("SKIP: not root; the other shell-mode test already runs unprivileged");
+        return;
     }
+    shell_mode_case(&rootfs, &kernel, user.as_ref());
 }
 
 fn shell_mode_case(rootfs: &Path, kernel: &[String], user: Option<&common::TestUser>) {
