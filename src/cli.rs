@@ -160,7 +160,8 @@ pub struct RunArgs {
     /// Serve QEMU's gdb stub on 127.0.0.1:PORT.
     #[arg(long, value_name = "PORT")]
     pub gdbserver: Option<u16>,
-    /// Host port forwarded to the guest's SSH port [default: a free one].
+    /// Host port forwarded to the guest's SSH port [default: a free one,
+    /// when the rootfs has an sshd].
     #[arg(long, value_name = "N")]
     pub ssh_port: Option<u16>,
     /// Guest networking: user-mode NAT, none, a tap, or a tap on a bridge
@@ -276,7 +277,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::ModulesReload { name, all } => {
             let ctx = load_context(&cli.global)?;
-            let mut cmd = vec!["mkt".to_string(), "modules-reload".to_string()];
+            // The guest tool by its path: `mkt` on the guest's PATH may be
+            // the host's own binary through the shared home.
+            let mut cmd = vec![
+                crate::guest::GUEST_TOOL.to_string(),
+                "modules-reload".to_string(),
+            ];
             if all {
                 cmd.push("--all".into());
             }

@@ -6,6 +6,7 @@ pub mod build;
 pub mod ci;
 pub mod cli;
 pub mod config;
+pub mod confine;
 pub mod guest;
 pub mod host;
 pub mod instance;

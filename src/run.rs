@@ -791,7 +791,9 @@ pub fn prepare(
             _ => Net::Tap { fd: None, mac },
         },
         _ if net => Net::User {
-            ssh_port: if exec {
+            // No sshd in the tree: no port to advertise (an explicit
+            // --ssh-port is still forwarded, for an sshd of the user's).
+            ssh_port: if exec || (ssh_keys.is_none() && opts.ssh_port.is_none()) {
                 None
             } else {
                 Some(
@@ -970,14 +972,26 @@ pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Ve
         format!("{user}@127.0.0.1"),
     ];
     if !command.is_empty() {
+        // ssh joins its words with spaces for the remote shell to split
+        // again: one quoted line makes the guest run exactly this argv.
         a.push("--".into());
-        a.extend(command.iter().cloned());
+        a.push(qemu::shell_quote(command));
     }
     a
 }
 
 /// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
 pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Result<i32> {
+    ssh_with_stdin(paths, name, command, None)
+}
+
+/// [`ssh`] with the remote command's stdin read from `stdin` (else mkt's).
+fn ssh_with_stdin(
+    paths: &Paths,
+    name: Option<&str>,
+    command: &[String],
+    stdin: Option<std::fs::File>,
+) -> anyhow::Result<i32> {
     let running = instance::list(&paths.runtime_dir);
     let rec = match name {
         Some(n) => running.iter().find(|r| r.name == n).ok_or_else(|| {
@@ -991,14 +1005,18 @@ pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Res
     };
     let port = rec.ssh_port.ok_or_else(|| {
         anyhow::anyhow!(
-            "VM {:?} has no SSH port (started with --net none or a command)",
+            "VM {:?} has no SSH port (started with --net none or a command, or its rootfs has no sshd)",
             rec.name
         )
     })?;
     let keys = ensure_ssh_keys(&paths.data_dir.join("ssh"))?;
     let argv = ssh_argv(&keys, &rec.user, port, command);
-    let status = Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    if let Some(f) = stdin {
+        cmd.stdin(f);
+    }
+    let status = cmd
         .status()
         .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))?;
     Ok(status.code().unwrap_or(255))
@@ -1278,7 +1296,15 @@ pub fn test(
         .into_iter()
         .any(|r| r.name == name && r.ssh_port.is_some());
     let code = if running {
-        ssh(paths, Some(&name), &command)?
+        // The script's directory need not be shared with the running VM:
+        // its content goes over ssh's stdin into a temp file there.
+        let file = std::fs::File::open(&script)?;
+        ssh_with_stdin(
+            paths,
+            Some(&name),
+            &remote_script_command(&script),
+            Some(file),
+        )?
     } else {
         let opts = RunOptions {
             setup: Some(name.clone()),
@@ -1297,6 +1323,25 @@ pub fn test(
         println!("TEST FAILED ({name}: {} exited {code})", script.display());
         Ok(1)
     }
+}
+
+/// The guest command that saves its stdin as the script (same file name)
+/// in a temp dir, runs it with stdin from /dev/null, and exits with its status.
+fn remote_script_command(script: &Path) -> Vec<String> {
+    let name = script
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "test".into());
+    let body = "d=$(mktemp -d) || exit 125; f=\"$d/$1\"; \
+                if cat > \"$f\" && chmod 755 \"$f\"; then \"$f\" < /dev/null; s=$?; else s=125; fi; \
+                rm -rf \"$d\"; exit $s";
+    vec![
+        "sh".into(),
+        "-c".into(),
+        body.into(),
+        "mkt-test".into(),
+        name,
+    ]
 }
 
 /// Where a command run's serial console goes: the run log dir, so it
@@ -1440,6 +1485,10 @@ pub fn virtiofsd_args(share: &Share) -> Vec<String> {
             }
         ),
         "--sandbox=none".to_string(),
+        // Run as root, virtiofsd keeps a set of capabilities: not those to
+        // make device nodes or set file capabilities for the guest (the
+        // set-id modes it could still set are crate::confine's filter's job).
+        "--modcaps=-mknod:-setfcap".to_string(),
     ];
     if share.readonly {
         a.push("--readonly".into());
@@ -1452,6 +1501,7 @@ fn start_virtiofsd(
     shares: &[Share],
     run_dir: &Path,
     root_ids: Option<&crate::ns::Ids>,
+    store: &Path,
 ) -> Result<Daemons, RunError> {
     let mut daemons = Daemons(Vec::new(), Vec::new());
     for share in shares {
@@ -1497,14 +1547,26 @@ fn start_virtiofsd(
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        // SAFETY: prctl is async-signal-safe; virtiofsd dies with mkt.
+        // The guest drives this virtiofsd's file operations: see crate::confine.
+        let confine = crate::confine::Confinement::new(&[share.path.as_path()], Some(store));
+        // SAFETY: prctl, and confine's system calls on data prepared
+        // before fork, are async-signal-safe; virtiofsd dies with mkt.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(io::Error::from)
+                    .map_err(io::Error::from)?;
+                confine.enter()
             });
         }
-        let child = cmd.spawn().map_err(|e| RunError::Spawn(bin.into(), e))?;
+        let child = cmd.spawn().map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM | libc::EINVAL | libc::ENOSPC) => RunError::Virtiofsd(
+                share.path.clone(),
+                format!(
+                    "cannot confine it (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only): {e}"
+                ),
+            ),
+            _ => RunError::Spawn(bin.into(), e),
+        })?;
         daemons.0.push(child);
         let child = daemons.0.last_mut().unwrap();
         // QEMU connects at start-up: the socket must exist first.
@@ -1578,7 +1640,13 @@ fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
     Ok(())
 }
 
-fn spawn_qemu(argv: &[String], exec: bool, keep_fd: Option<i32>) -> Result<Child, RunError> {
+fn spawn_qemu(
+    argv: &[String],
+    exec: bool,
+    keep_fd: Option<i32>,
+    confine: crate::confine::Confinement,
+) -> Result<Child, RunError> {
+    let confined = !confine.is_empty();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if exec {
@@ -1596,11 +1664,20 @@ fn spawn_qemu(argv: &[String], exec: bool, keep_fd: Option<i32>) -> Result<Child
             {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            // QEMU serves 9p shares itself (crate::confine says why).
+            confine.enter()
         });
     }
-    cmd.spawn()
-        .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))
+    cmd.spawn().map_err(|e| match (e.raw_os_error(), confined) {
+        (Some(libc::EPERM | libc::EINVAL | libc::ENOSPC), true) => RunError::Io(
+            format!(
+                "cannot start {} confined for its 9p shares (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only)",
+                argv[0]
+            ),
+            e,
+        ),
+        _ => RunError::Spawn(argv[0].clone().into(), e),
+    })
 }
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
@@ -1618,7 +1695,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     {
         if rec.ssh_port.is_none() {
             anyhow::bail!(
-                "{setup} is already running (pid {}) without SSH (a command run or --net none); use --new for another VM",
+                "{setup} is already running (pid {}) without SSH (a command run, --net none, or no sshd in its rootfs); use --new for another VM",
                 rec.pid
             );
         }
@@ -1728,17 +1805,59 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
         relays.push((port.name.clone(), l));
     }
+    // The store exists before the file servers start, so they can show it
+    // read-only (else a guest could make it, with trees of its own).
+    std::fs::create_dir_all(&paths.rootfs_dir)
+        .map_err(|e| RunError::Write(paths.rootfs_dir.clone(), e))?;
+    let store = std::fs::canonicalize(&paths.rootfs_dir).unwrap_or(paths.rootfs_dir.clone());
     let _daemons = match &prepared.virtiofsd {
         Some(bin) => start_virtiofsd(
             bin,
             &prepared.spec.shares,
             run_dir.path(),
             prepared.root_ids.as_ref(),
+            &store,
         )?,
         None => Daemons(Vec::new(), Vec::new()),
     };
+    let nine_p: Vec<&Path> = prepared
+        .spec
+        .shares
+        .iter()
+        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .map(|s| s.path.as_path())
+        .collect();
+    let qemu_confine = if nine_p.is_empty() {
+        crate::confine::Confinement::default()
+    } else {
+        // Not root, the store is hidden in a user namespace that maps only
+        // the caller's ids: QEMU then serves the root tree too, and a tree
+        // the caller does not own (root's, `--rootfs /`) would lose its
+        // owners (no set-uid sudo): such a run goes without that.
+        use std::os::unix::fs::MetadataExt;
+        let uid = nix::unistd::geteuid();
+        let foreign = !uid.is_root()
+            && std::fs::metadata(&prepared.rootfs).is_ok_and(|m| m.uid() != uid.as_raw());
+        if foreign {
+            tracing::warn!(
+                "9p as a normal user on {} (not yours): the rootfs store is not hidden from the guest (virtiofs hides it)",
+                prepared.rootfs.display()
+            );
+        }
+        let c = crate::confine::Confinement::new(&nine_p, (!foreign).then_some(store.as_path()));
+        if matches!(prepared.spec.net, Net::BridgeHelper { .. }) {
+            c.keeping_setid_exec()
+        } else {
+            c
+        }
+    };
     let started = Instant::now();
-    let mut child = spawn_qemu(&argv, prepared.exec, tap.as_ref().map(|t| t.fd()))?;
+    let mut child = spawn_qemu(
+        &argv,
+        prepared.exec,
+        tap.as_ref().map(|t| t.fd()),
+        qemu_confine,
+    )?;
     let ssh_port = match &prepared.spec.net {
         Net::User { ssh_port } => *ssh_port,
         _ => None,

@@ -160,6 +160,12 @@ impl Generated {
     }
 }
 
+/// Where mkt installs its guest tool (the init binary) in every guest.
+pub const GUEST_TOOL: &str = "/usr/local/bin/mkt";
+
+/// The tree's sshd, which shell mode starts itself.
+pub const SSHD: &str = "/usr/sbin/sshd";
+
 /// Where the boot script is put in the guest.
 const BOOT_SCRIPT: &str = "/etc/mkt/boot-script";
 
@@ -223,6 +229,14 @@ pub fn group_with_user(group: &str, u: &GuestUser) -> String {
     }
     let _ = writeln!(out, "{}:x:{}:", u.group, u.gid);
     out
+}
+
+/// The gid of group `name` in an /etc/group text.
+pub fn group_gid(group: &str, name: &str) -> Option<u32> {
+    group.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
+    })
 }
 
 /// /etc/shadow with a password-less-login entry for the user (`*`: no
@@ -468,9 +482,20 @@ pub fn generate(input: &PlanInput) -> Generated {
     for (link, target) in &input.links {
         plan += &plan_line(&["symlink", &p(target), &p(link)]);
     }
+    // /etc/shadow is root:shadow 0640, as the tree's own (unix_chkpwd and
+    // other shadow-group readers need it); everything else root:root.
+    let shadow_gid = group_gid(&input.etc.group, "shadow").unwrap_or(0);
     for f in &g.files {
         if let Some(dest) = &f.dest {
-            plan += &plan_line(&["file", &f.name, dest, &format!("{:o}", f.mode), "0", "0"]);
+            let gid = if f.name == "shadow" { shadow_gid } else { 0 };
+            plan += &plan_line(&[
+                "file",
+                &f.name,
+                dest,
+                &format!("{:o}", f.mode),
+                "0",
+                &gid.to_string(),
+            ]);
         }
     }
     if input.mode == Mode::Systemd {
@@ -497,9 +522,14 @@ pub fn generate(input: &PlanInput) -> Generated {
         plan += &plan_line(&["boot", BOOT_SCRIPT]);
     }
     // `mkt modules-reload` and friends inside the guest.
-    plan += &plan_line(&["install-self", "/usr/local/bin/mkt"]);
+    plan += &plan_line(&["install-self", GUEST_TOOL]);
     if let Some(cwd) = &input.cwd {
         plan += &plan_line(&["cwd", &p(cwd)]);
+    }
+    // Shell mode has no init system to start the tree's sshd: the init
+    // does, with mkt's host key, so the advertised SSH port answers.
+    if let (Mode::Shell, Some(_), true) = (&input.mode, &input.ssh, input.etc.has_sshd) {
+        plan += &plan_line(&["sshd", SSHD]);
     }
     if let (true, Some(secs)) = (input.net, input.dhcp) {
         // The init's DHCP client; it writes resolv.conf from the lease.
@@ -815,6 +845,29 @@ mod tests {
                 .unwrap()
                 .contains("multi-user.target.wants/mkt-boot-script.service")
         );
+    }
+
+    #[test]
+    fn shadow_is_root_shadow_and_shell_mode_starts_sshd() {
+        let mut i = input(Mode::Shell);
+        i.etc.group = "root:x:0:\nshadow:x:42:\n".into();
+        let plan = generate(&i).text("plan").unwrap();
+        assert!(
+            plan.contains("file\tshadow\t/etc/shadow\t640\t0\t42\n"),
+            "{plan}"
+        );
+        assert!(plan.contains("file\tpasswd\t/etc/passwd\t644\t0\t0\n"));
+        assert!(plan.contains("sshd\t/usr/sbin/sshd\n"), "{plan}");
+        // No sshd in the tree, no SSH set up, or another mode: none started.
+        i.etc.has_sshd = false;
+        assert!(!generate(&i).text("plan").unwrap().contains("sshd\t"));
+        let mut i = input(Mode::Systemd);
+        assert!(!generate(&i).text("plan").unwrap().contains("sshd\t"));
+        i.mode = Mode::Shell;
+        i.ssh = None;
+        assert!(!generate(&i).text("plan").unwrap().contains("sshd\t"));
+        assert_eq!(group_gid("a:x:1:\nshadow:x:42:u\n", "shadow"), Some(42));
+        assert_eq!(group_gid("a:x:1:\n", "shadow"), None);
     }
 
     #[test]

@@ -535,7 +535,7 @@ pub fn steps_script(r: &Recipe, install: Option<&str>) -> String {
         s.push_str(&format!("echo '=== installing packages'\n{cmd}\n"));
     }
     for (i, path) in r.files.keys().enumerate() {
-        let q = shell_quote(path);
+        let q = crate::qemu::quote_word(path);
         s.push_str(&format!(
             "mkdir -p \"$(dirname {q})\"\nrm -f {q}\ncat /.mkt-recipe/files/{i} > {q}\nchmod 0644 {q}\n"
         ));
@@ -543,14 +543,10 @@ pub fn steps_script(r: &Recipe, install: Option<&str>) -> String {
     for cmd in &r.setup {
         s.push_str(&format!(
             "echo {}\n{cmd}\n",
-            shell_quote(&format!("=== {cmd}"))
+            crate::qemu::quote_word(&format!("=== {cmd}"))
         ));
     }
     s
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// chmod -R a+rwX of a small directory mkt made.

@@ -480,6 +480,8 @@ struct Plan {
     exec: Vec<String>,
     setup: Option<String>,
     boot: Option<String>,
+    /// The tree's sshd, started by the init (shell mode).
+    sshd: Option<String>,
     net: Option<(String, String, String, String)>,
     /// (device, hostname, timeout in seconds): configure the device by DHCP.
     dhcp: Option<(String, String, u64)>,
@@ -508,6 +510,7 @@ fn parse_plan(text: &str) -> Plan {
             "exec" => p.exec = f[1..].to_vec(),
             "setup" => p.setup = Some(n(1)),
             "boot" => p.boot = Some(n(1)),
+            "sshd" => p.sshd = Some(n(1)),
             "net" => p.net = Some((n(1), n(2), n(3), n(4))),
             "dhcp" => p.dhcp = Some((n(1), n(2), n(3).parse().unwrap_or(30))),
             _ => p.ops.push(f),
@@ -583,6 +586,47 @@ fn apply(op: &[String], root: &str) -> io::Result<()> {
             fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
         }
         other => Err(io::Error::other(format!("unknown plan operation {other:?}"))),
+    }
+}
+
+const MS_NOSUID: u64 = 2;
+const MS_NODEV: u64 = 4;
+const MS_NOEXEC: u64 = 8;
+
+/// /dev/pts (ptys: sudo's use_pty, ssh sessions, script) and /dev/shm
+/// (POSIX shared memory: Python multiprocessing), which devtmpfs lacks;
+/// systemd leaves mounts it finds in place.
+fn mount_dev_extras() {
+    // The tree's tty group owns the ptys, as udev/systemd would set it.
+    let tty = fs::read_to_string("/etc/group")
+        .ok()
+        .and_then(|g| {
+            g.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.first() == Some(&"tty")).then(|| f.get(2)?.parse::<u32>().ok())?
+            })
+        })
+        .unwrap_or(5);
+    let pts = format!("gid={tty},mode=620,ptmxmode=666");
+    for (src, dst, fstype, flags, data) in [
+        ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, pts.as_str()),
+        ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
+    ] {
+        if let Err(e) = do_mount(src, dst, fstype, flags, data) {
+            log(&e.to_string());
+        }
+    }
+}
+
+/// Starts the tree's sshd (it forks into the background once listening).
+fn start_sshd(sshd: &str) {
+    // Its privilege-separation directory; /run comes from the tree.
+    let _ = fs::create_dir_all("/run/sshd");
+    let _ = fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755));
+    match Command::new(sshd).stdin(Stdio::null()).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => log(&format!("{sshd} failed: {s}")),
+        Err(e) => log(&format!("cannot start {sshd}: {e}")),
     }
 }
 
@@ -892,6 +936,7 @@ fn main() {
     if let Err(e) = switch_root(root) {
         fail(&format!("switch root: {e}"));
     }
+    mount_dev_extras();
     if let Err(e) = ifup("lo", None) {
         log(&e.to_string());
     }
@@ -912,6 +957,9 @@ fn main() {
             Ok(s) => log(&format!("{setup} failed: {s}")),
             Err(e) => log(&format!("cannot run {setup}: {e}")),
         }
+    }
+    if let Some(sshd) = &plan.sshd {
+        start_sshd(sshd);
     }
     // The boot script runs as the user before the command or shell (systemd
     // mode runs it from a unit instead); its output goes to the console.

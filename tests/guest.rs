@@ -1,0 +1,550 @@
+//! What a guest can and cannot do, end to end with real boots (TCG): the
+//! devices a program expects (/dev/pts, /dev/shm), SSH into a shell-mode
+//! guest running exactly the argv given, `mkt test` and `mkt
+//! modules-reload` against a running VM, and the limits of shared
+//! directories (no set-id files or device nodes planted on the host, the
+//! rootfs store out of the guest's reach). As root and, where the path
+//! differs, as the unprivileged test user.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The rootfs fixture and `--kernel ... [--modules ...]` for a kernel with
+/// virtiofs: Debian's cloud kernel (the default path's kind of kernel).
+fn cloud() -> Option<(PathBuf, Vec<String>)> {
+    let rootfs = common::rootfs()?;
+    common::program("qemu-system-x86_64")?;
+    if mkt::host::probe::find_program("virtiofsd").is_none() {
+        return common::unavailable("virtiofsd (cargo install virtiofsd)");
+    }
+    let ck = common::cloud_kernel()?;
+    let (image, modules, _) = common::cloud_image(&ck);
+    let args = vec![
+        "--kernel".into(),
+        image.display().to_string(),
+        "--modules".into(),
+        modules.display().to_string(),
+    ];
+    Some((rootfs, args))
+}
+
+/// The rootfs fixture and the fixture kernel tree (it has 9p).
+fn tree() -> Option<(PathBuf, Vec<String>)> {
+    let rootfs = common::rootfs()?;
+    common::program("qemu-system-x86_64")?;
+    let tree = common::kernel_tree()?;
+    Some((rootfs, vec!["--kernel".into(), tree.display().to_string()]))
+}
+
+fn chown_to(p: &Path, user: Option<&common::TestUser>) {
+    if let Some(u) = user {
+        nix::unistd::chown(p, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+    }
+}
+
+fn write_file(p: &Path, body: &str, mode: u32, user: Option<&common::TestUser>) {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(p, body).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    chown_to(p, user);
+}
+
+/// `mkt run --rootfs ROOTFS KERNEL_ARGS EXTRA -- sh -c SCRIPT` in `home`.
+fn run_sh(
+    user: Option<&common::TestUser>,
+    home: &Path,
+    rootfs: &Path,
+    kernel: &[String],
+    extra: &[&str],
+    script: &str,
+) -> Output {
+    common::mkt_as(user, home)
+        .arg("run")
+        .arg("--rootfs")
+        .arg(rootfs)
+        .args(kernel)
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .current_dir(home)
+        .output()
+        .expect("spawn mkt")
+}
+
+/// The user the guest runs commands as.
+fn users() -> Vec<Option<common::TestUser>> {
+    let mut v = vec![None];
+    if let Some(Some(u)) = common::unprivileged_user() {
+        v.push(Some(u));
+    }
+    v
+}
+
+#[test]
+fn command_mode_has_ptys_shared_memory_and_a_root_shadow_shadow() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    for user in users() {
+        let user = user.as_ref();
+        let home = common::temp_home(user);
+        // A pty (sudo's use_pty, script, ssh -t) needs /dev/pts; Python's
+        // multiprocessing needs /dev/shm for its semaphores.
+        let script = "stat -c %U:%G:%a /etc/shadow; \
+            script -qc 'tty > /tmp/tty; sudo -n id -u > /tmp/id' /dev/null > /dev/null; \
+            cut -c1-9 /tmp/tty; cat /tmp/id; \
+            python3 -c 'import multiprocessing as m; print(m.Pool(2).map(abs, [-1, -2]))'";
+        let o = run_sh(user, home.path(), &rootfs, &kernel, &[], script);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "{out}{err}");
+        assert_eq!(out, "root:shadow:640\n/dev/pts/\n0\n[1, 2]\n", "{err}");
+    }
+}
+
+/// Regular files with a set-id bit and device nodes under `dir`.
+fn planted(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            let kind = m.mode() & libc::S_IFMT;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.mode() & 0o6000 != 0 || kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+                found.push(format!("{} {:o}", e.path().display(), m.mode()));
+            }
+        }
+    }
+    found
+}
+
+/// The guest's root tries every way to leave a set-id file or a device
+/// node in the shared home and a --dir share: set-uid root when mkt runs
+/// as root, set-uid to the user otherwise (another local user could run it).
+fn no_planting(rootfs: &Path, kernel: &[String], fs: Option<&str>) {
+    for user in users() {
+        let user = user.as_ref();
+        let home = common::temp_home(user);
+        let dir = tempfile::tempdir().unwrap();
+        chown_to(dir.path(), user);
+        let d = dir.path().display().to_string();
+        let h = home.path().display();
+        let script = format!(
+            "sudo -n sh -c 'for at in {h} {d}; do cd $at || exit 9; \
+             cp /bin/true t; chmod u+s t; chmod g+s t; chmod 6755 t; \
+             install -m 4755 /bin/true u; \
+             mknod c c 1 3; mknod b b 7 0; mknod p p; \
+             mkdir sd; chmod g+s sd; cp -p /usr/bin/sudo .; \
+             done'; echo done"
+        );
+        let mut extra = vec!["--dir", d.as_str()];
+        if let Some(fs) = fs {
+            extra.extend(["--fs", fs]);
+        }
+        let o = run_sh(user, home.path(), rootfs, kernel, &extra, &script);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert_eq!(out, "done\n", "{err}");
+        for at in [home.path(), dir.path()] {
+            let bad = planted(at);
+            assert!(bad.is_empty(), "planted on the host: {bad:?}\n{err}");
+            // The harmless parts still work: files, modes, fifos (QEMU's
+            // 9p makes none, with or without mkt's filter: ENXIO).
+            assert!(at.join("t").is_file(), "{err}");
+            assert_eq!(
+                std::fs::metadata(at.join("t")).unwrap().mode() & 0o7777,
+                0o755
+            );
+            if fs != Some("9p") {
+                let kind = std::fs::symlink_metadata(at.join("p")).unwrap().mode() & libc::S_IFMT;
+                assert_eq!(kind, libc::S_IFIFO, "{err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn guest_cannot_plant_setid_files_or_devices_over_virtiofs() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    no_planting(&rootfs, &kernel, None);
+}
+
+#[test]
+fn guest_cannot_plant_setid_files_or_devices_over_9p() {
+    let Some((rootfs, kernel)) = tree() else {
+        return;
+    };
+    no_planting(&rootfs, &kernel, Some("9p"));
+}
+
+/// A listing that changes when anything under `root` changes.
+fn digest(root: &Path) -> Vec<(PathBuf, u64, u32, i64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            out.push((e.path(), m.size(), m.mode(), m.mtime()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The guest (as the user and with sudo) tries to change a stored tree
+/// under the shared home, and to move the store away and put its own in
+/// place; the host's store stays as it was.
+fn store_out_of_reach(
+    rootfs: &Path,
+    kernel: &[String],
+    fs: Option<&str>,
+    users: Vec<Option<common::TestUser>>,
+) {
+    for user in users {
+        let user = user.as_ref();
+        let home = common::temp_home(user);
+        let store = home.path().join(".local/share/mkt/rootfs");
+        let tree = store.join("victim");
+        write_file(&tree.join("etc/os-release"), "ID=victim\n", 0o644, user);
+        for d in [
+            home.path().join(".local"),
+            home.path().join(".local/share"),
+            home.path().join(".local/share/mkt"),
+            store.clone(),
+            tree.clone(),
+            tree.join("etc"),
+        ] {
+            chown_to(&d, user);
+        }
+        let before = digest(&store);
+        let s = store.display().to_string();
+        let script = format!(
+            "echo x > {s}/victim/etc/os-release; touch {s}/victim/new; rm -rf {s}/victim/etc; \
+             sudo sh -c 'echo x > {s}/victim/etc/os-release; touch {s}/victim/new; rm -rf {s}/victim/etc'; \
+             for m in {s} $HOME/.local/share/mkt $HOME/.local/share $HOME/.local; do mv $m $m.moved; done; \
+             sudo mv $HOME/.local $HOME/.local.moved; \
+             echo home-writable > $HOME/ok; echo done"
+        );
+        let mut extra = vec![];
+        if let Some(fs) = fs {
+            extra.extend(["--fs", fs]);
+        }
+        let o = run_sh(user, home.path(), rootfs, kernel, &extra, &script);
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert_eq!(out, "done\n", "{err}");
+        assert!(
+            before == digest(&store),
+            "the guest changed the store:\n{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(home.path().join("ok")).unwrap(),
+            "home-writable\n"
+        );
+    }
+}
+
+#[test]
+fn guest_cannot_change_the_rootfs_store_over_virtiofs() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    store_out_of_reach(&rootfs, &kernel, None, users());
+}
+
+#[test]
+fn guest_cannot_change_the_rootfs_store_over_9p() {
+    let Some((rootfs, kernel)) = tree() else {
+        return;
+    };
+    // As root only: over 9p a normal user's QEMU hides the store only for
+    // a tree of its own, and the fixture tree is root's.
+    store_out_of_reach(&rootfs, &kernel, Some("9p"), vec![None]);
+}
+
+#[test]
+fn an_ssh_port_is_advertised_only_with_an_sshd() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    let home = common::temp_home(None);
+    let bare = tempfile::tempdir().unwrap();
+    let dry = |r: &Path| {
+        let o = common::mkt(home.path())
+            .arg("run")
+            .arg("--rootfs")
+            .arg(r)
+            .args(&kernel)
+            .args(["--init", "shell", "--dry-run"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    assert!(dry(&rootfs).contains("hostfwd=tcp:127.0.0.1:"));
+    let out = dry(bare.path());
+    assert!(!out.contains("hostfwd"), "{out}");
+}
+
+/// `mkt ARGS` with the config, as `user`.
+fn mkt_cfg(user: Option<&common::TestUser>, home: &Path, cfg: &Path, args: &[&str]) -> Output {
+    common::mkt_as(user, home)
+        .args(args)
+        .env("MKT_CONFIG", cfg)
+        .current_dir(home)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    shell_mode_case(&rootfs, &kernel, None);
+}
+
+#[test]
+fn shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool_rootless() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    if user.is_none() {
+        eprintln!("SKIP: not root; the other shell-mode test already runs unprivileged");
+        return;
+    }
+    shell_mode_case(&rootfs, &kernel, user.as_ref());
+}
+
+fn shell_mode_case(rootfs: &Path, kernel: &[String], user: Option<&common::TestUser>) {
+    let home = common::temp_home(user);
+    // The host's own `mkt` first on the guest's PATH (the home is shared),
+    // as a ~/.bashrc that puts ~/bin first does.
+    write_file(
+        &home.path().join("bin/mkt"),
+        "#!/bin/sh\necho HOST-MKT-RAN\nexit 0\n",
+        0o755,
+        user,
+    );
+    chown_to(&home.path().join("bin"), user);
+    write_file(
+        &home.path().join(".bashrc"),
+        "PATH=$HOME/bin:$PATH\n",
+        0o644,
+        user,
+    );
+    // Test scripts in a directory the VM does not share.
+    let scripts = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(scripts.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ok = scripts.path().join("ok.sh");
+    write_file(
+        &ok,
+        "#!/bin/sh\necho checking $(hostname) in $0\n",
+        0o755,
+        user,
+    );
+    let bad = scripts.path().join("bad.sh");
+    write_file(&bad, "#!/bin/sh\necho broken >&2\nexit 3\n", 0o755, user);
+    let cfg = home.path().join("mkt.toml");
+    write_file(
+        &cfg,
+        &format!(
+            "[setup.sh1]\nrootfs = \"{}\"\nkernel = \"{}\"\ntest = \"{}\"\n",
+            rootfs.display(),
+            kernel[1],
+            ok.display()
+        ),
+        0o644,
+        user,
+    );
+    let mut vm = common::mkt_as(user, home.path())
+        .args(["run", "sh1", "--init", "shell"])
+        .args(&kernel[2..])
+        .env("MKT_CONFIG", &cfg)
+        .current_dir(home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(vm.stderr.take().unwrap());
+    let mut port_line = String::new();
+    use std::io::BufRead;
+    while stderr.read_line(&mut port_line).unwrap() > 0 && !port_line.contains("ssh on") {}
+    // Everything runs before the asserts, so the VM is stopped whatever fails.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let first = loop {
+        let o = mkt_cfg(user, home.path(), &cfg, &["ssh", "sh1", "--", "true"]);
+        if o.status.success() || Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let exit3 = mkt_cfg(
+        user,
+        home.path(),
+        &cfg,
+        &["ssh", "sh1", "--", "sh", "-c", "exit 3"],
+    );
+    let words = mkt_cfg(
+        user,
+        home.path(),
+        &cfg,
+        &[
+            "ssh", "sh1", "--", "printf", "%s|", "a  b", "$HOME", "it's", "", "*", "A=1",
+        ],
+    );
+    let attach = mkt_cfg(
+        user,
+        home.path(),
+        &cfg,
+        &["run", "sh1", "--", "sh", "-c", "echo attached; exit 4"],
+    );
+    let passed = mkt_cfg(user, home.path(), &cfg, &["test", "sh1"]);
+    let failed = mkt_cfg(
+        user,
+        home.path(),
+        &cfg,
+        &["test", "sh1", "--script", bad.to_str().unwrap()],
+    );
+    let reload = mkt_cfg(user, home.path(), &cfg, &["modules-reload", "sh1"]);
+    let sudo = mkt_cfg(
+        user,
+        home.path(),
+        &cfg,
+        &["ssh", "sh1", "--", "sudo", "-n", "id", "-un"],
+    );
+    let ps = mkt_cfg(user, home.path(), &cfg, &["ps", "--json"]);
+    let stop = mkt_cfg(user, home.path(), &cfg, &["stop", "sh1", "--force"]);
+    let _ = vm.wait();
+
+    assert!(port_line.contains("ssh on 127.0.0.1:"), "{port_line}");
+    assert!(
+        first.status.success(),
+        "sshd did not answer within 180 s: {}",
+        text(&first.stderr)
+    );
+    assert_eq!(exit3.status.code(), Some(3), "{}", text(&exit3.stderr));
+    assert_eq!(text(&words.stdout), "a  b|$HOME|it's||*|A=1|");
+    assert_eq!(attach.status.code(), Some(4), "{}", text(&attach.stderr));
+    assert_eq!(text(&attach.stdout), "attached\n");
+    let out = text(&passed.stdout);
+    assert_eq!(
+        passed.status.code(),
+        Some(0),
+        "{out}{}",
+        text(&passed.stderr)
+    );
+    assert!(
+        out.contains("checking sh1 in ") && out.contains("/ok.sh\n") && out.contains("TEST PASSED"),
+        "{out}"
+    );
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(
+        text(&failed.stdout).contains("TEST FAILED") && text(&failed.stdout).contains("exited 3"),
+        "{}",
+        text(&failed.stdout)
+    );
+    assert!(text(&failed.stderr).contains("broken"));
+    // The guest's own tool ran (a distro kernel has no tree modules to
+    // reload), not the host's mkt from the shared home.
+    let (rout, rerr) = (text(&reload.stdout), text(&reload.stderr));
+    assert!(!rout.contains("HOST-MKT-RAN"), "{rout}");
+    assert!(
+        rerr.contains("/etc/mkt/modules.boot missing"),
+        "{rout}{rerr}"
+    );
+    assert_eq!(text(&sudo.stdout), "root\n", "{}", text(&sudo.stderr));
+    let ps: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let port: u64 = port_line
+        .trim()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ps[0]["ssh_port"], port, "{ps}");
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+}
+
+#[test]
+fn sudo_on_the_shell_mode_console_gets_a_pty() {
+    let Some((rootfs, kernel)) = cloud() else {
+        return;
+    };
+    for user in users() {
+        let user = user.as_ref();
+        let home = common::temp_home(user);
+        let mut vm = common::mkt_as(user, home.path())
+            .arg("run")
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .args(&kernel)
+            .args(["--init", "shell", "--net", "none"])
+            .current_dir(home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Typed on the serial console once the shell's prompt shows; the
+        // shell's exit powers the guest off.
+        let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut out = vm.stdout.take().unwrap();
+        let sink = console.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut stdin = vm.stdin.take();
+        while vm.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = vm.kill();
+                break;
+            }
+            if stdin.is_some() && text(&console.lock().unwrap()).contains("@mkt:") {
+                use std::io::Write;
+                let mut s = stdin.take().unwrap();
+                s.write_all(b"sudo -n id -u > $HOME/console-sudo 2>&1; exit\n")
+                    .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let o = vm.wait_with_output().unwrap();
+        reader.join().unwrap();
+        let got = std::fs::read_to_string(home.path().join("console-sudo")).unwrap_or_default();
+        assert_eq!(
+            got,
+            "0\n",
+            "console:\n{}{}",
+            text(&console.lock().unwrap()),
+            text(&o.stderr)
+        );
+    }
+}
