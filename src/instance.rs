@@ -88,7 +88,7 @@ pub enum InstanceError {
         source: io::Error,
     },
     #[error(
-        "refusing to use {path}: {reason} (another user may have planted it; remove it if it is not yours)"
+        "refusing to use {path}: {reason} (another user may have made it first; have it removed, or set XDG_RUNTIME_DIR)"
     )]
     Unsafe { path: PathBuf, reason: String },
 }
@@ -99,7 +99,7 @@ pub struct RunDir {
     path: PathBuf,
     name: String,
     keep: bool,
-    /// Holds the run's lock (see [`lock`]); never closed before the end.
+    /// Holds the run's lock (see [`whole_file`]); never closed before the end.
     _lock: File,
 }
 
