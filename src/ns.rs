@@ -658,9 +658,9 @@ pub fn spawn_mapped(
     let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
     let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
+    let parent = nix::unistd::getpid();
     // SAFETY: the child only makes system calls on data prepared above, then
     // execs or _exits.
-    let parent = nix::unistd::getpid();
     match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
             die_with(parent);
@@ -871,10 +871,10 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
     let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
     let sync = (ready_wr.as_raw_fd(), go_rd.as_raw_fd());
     let t0 = now_ns();
+    let parent = nix::unistd::getpid();
     // SAFETY: the child only makes system calls on data prepared above
     // (glibc's fork also keeps malloc usable in the child), then exits with
     // _exit, never returning into the caller's code.
-    let parent = nix::unistd::getpid();
     let c1 = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
             die_with(parent);
