@@ -50,7 +50,7 @@ pub enum Command {
     /// Log into a running VM as you with mkt's key (no password, no prompts),
     /// or run one command there.
     Ssh {
-        /// The VM's name (its setup) [default: the only running one].
+        /// The VM's name (see `mkt ps`; `run` finds the only `run-N`) [default: the only running one].
         name: Option<String>,
         /// The command to run instead of a login shell.
         #[arg(last = true, value_name = "CMD")]

@@ -704,6 +704,7 @@ pub fn spawn_mapped(
     let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
     let mut argv_p: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
+    let parent = nix::unistd::getpid();
     // SAFETY: the child only makes system calls on data prepared above, then
     // execs or _exits.
     match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
@@ -712,7 +713,7 @@ pub fn spawn_mapped(
             // closing `go` must reach this child as end-of-file.
             drop(ready_rd);
             drop(go_wr);
-            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            die_with(parent);
             reset_signals();
             for fd in keep_fds {
                 // SAFETY: clearing close-on-exec on an fd the caller passed.
@@ -1043,11 +1044,13 @@ pub fn run(spec: &Spec, view: &dyn TreeView, out: Output<'_>) -> Result<Exit, Ns
     let (go_rd, go_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(NsError::Pipe)?;
     let sync = (ready_wr.as_raw_fd(), go_rd.as_raw_fd());
     let t0 = now_ns();
+    let parent = nix::unistd::getpid();
     // SAFETY: the child only makes system calls on data prepared above
     // (glibc's fork also keeps malloc usable in the child), then exits with
     // _exit, never returning into the caller's code.
     let c1 = match unsafe { nix::unistd::fork() }.map_err(NsError::Fork)? {
         ForkResult::Child => {
+            die_with(parent);
             // C1 keeps only its own ends: a copy of `go`'s write end here
             // would make it wait forever when the map helpers fail.
             drop(rd);
@@ -1217,6 +1220,19 @@ fn write_file(path: &str, data: &[u8]) -> Result<(), Errno> {
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
+/// In a forked child: SIGKILL when the parent (`parent`) dies. A parent
+/// killed between the fork and the prctl never sends it, so the child
+/// checks it still has that parent afterwards, and else ends at once
+/// rather than live on as an orphan.
+fn die_with(parent: Pid) {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() != parent {
+        // SAFETY: _exit is async-signal-safe and runs none of the parent's
+        // atexit handlers.
+        unsafe { libc::_exit(1) }
+    }
+}
+
 fn reset_signals() {
     use nix::sys::signal::{SigHandler, signal};
     for s in [Signal::SIGINT, Signal::SIGQUIT] {
@@ -1272,11 +1288,28 @@ fn child1(p: &Prepared, fd: i32, out: Option<i32>, (ready, go): (i32, i32)) -> i
             }
         }
     }
+    // C2 cannot check getppid() after its prctl (its parent is outside its
+    // pid namespace: always 0), so it watches a pipe whose only write end
+    // C1 keeps: hung up means C1 died before C2 asked for PDEATHSIG.
+    let (alive_rd, alive_wr) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return fail(fd, STEP_FORK, e),
+    };
     // unshare(CLONE_NEWPID) applies to children only: C2 is PID 1.
     // SAFETY: as for the first fork; C2 ends with _exit.
     match unsafe { nix::unistd::fork() } {
         Err(e) => fail(fd, STEP_FORK, e),
         Ok(ForkResult::Child) => {
+            drop(alive_wr);
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            let mut pfd = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&alive_rd),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO) != Ok(0) {
+                // SAFETY: see run().
+                unsafe { libc::_exit(1) }
+            }
             let code = init(p, fd, out);
             // SAFETY: see run().
             unsafe { libc::_exit(code) }

@@ -67,6 +67,16 @@ pub enum RunError {
         console: String,
         log: PathBuf,
     },
+    #[error(
+        "the kernel command line would be {len} bytes, but {} takes at most {limit}: shorten --append (the kernel would cut it, and the guest hang)", .kernel.display()
+    )]
+    CmdlineTooLong {
+        len: usize,
+        limit: usize,
+        kernel: PathBuf,
+    },
+    #[error("{0}")]
+    Qemu(String),
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
     #[error("{0}: {1}")]
@@ -852,6 +862,7 @@ pub fn prepare(
         gdb_port: opts.gdb_port,
         extra: opts.qemu_args.clone(),
     };
+    check_cmdline(&spec)?;
     Ok(Prepared {
         spec,
         files,
@@ -865,6 +876,24 @@ pub fn prepare(
         net_mode,
         nvme_mib,
     })
+}
+
+/// Refuses a kernel command line longer than the kernel takes: QEMU would
+/// boot it cut short (or not at all), with nothing on the console.
+fn check_cmdline(spec: &VmSpec) -> Result<(), RunError> {
+    let mut head = Vec::with_capacity(0x240);
+    if let Ok(f) = std::fs::File::open(&spec.kernel) {
+        let _ = f.take(0x240).read_to_end(&mut head);
+    }
+    let (len, limit) = (qemu::cmdline(spec).len(), qemu::cmdline_limit(&head));
+    if len > limit {
+        return Err(RunError::CmdlineTooLong {
+            len,
+            limit,
+            kernel: spec.kernel.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// mkt's SSH keys: one for the user (client) and one for every guest's sshd.
@@ -980,6 +1009,40 @@ pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Ve
     a
 }
 
+/// The running VM called `name`: the one of exactly that name, else the one
+/// numbered VM of it (`run` finds `run-1` when that is the only one).
+/// Several candidates are an error listing them, never a silent pick.
+fn find_vm<'a>(
+    running: &'a [instance::Record],
+    name: &str,
+) -> anyhow::Result<&'a instance::Record> {
+    if let Some(r) = running.iter().find(|r| r.name == name) {
+        return Ok(r);
+    }
+    let numbered: Vec<&instance::Record> = running
+        .iter()
+        .filter(|r| {
+            r.name
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    match numbered.as_slice() {
+        [one] => Ok(one),
+        [] => anyhow::bail!("no running VM named {name:?} (running: {})", names(running)),
+        several => anyhow::bail!(
+            "{name:?} is ambiguous: {} VMs match ({}); name one",
+            several.len(),
+            several
+                .iter()
+                .map(|r| format!("{} (pid {})", r.name, r.pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 /// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
 pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Result<i32> {
     ssh_with_stdin(paths, name, command, None)
@@ -992,11 +1055,9 @@ fn ssh_with_stdin(
     command: &[String],
     stdin: Option<std::fs::File>,
 ) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir);
+    let running = instance::list(&paths.runtime_dir)?;
     let rec = match name {
-        Some(n) => running.iter().find(|r| r.name == n).ok_or_else(|| {
-            anyhow::anyhow!("no running VM named {n:?} (running: {})", names(&running))
-        })?,
+        Some(n) => find_vm(&running, n)?,
         None => match running.as_slice() {
             [one] => one,
             [] => anyhow::bail!("no VM is running (start one with `mkt run`)"),
@@ -1031,7 +1092,7 @@ fn now_secs() -> u64 {
 
 /// `mkt ps`: the running VMs, as a table or JSON.
 pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir);
+    let running = instance::list(&paths.runtime_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&running)?);
         return Ok(0);
@@ -1057,13 +1118,10 @@ pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn pid_alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
-}
-
-fn wait_gone(pid: u32, timeout: Duration) -> bool {
+/// Waits until the run of `r` has ended (its mkt released the run's lock).
+fn wait_gone(r: &instance::Record, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
-    while pid_alive(pid) {
+    while instance::running(r) {
         if Instant::now() > deadline {
             return false;
         }
@@ -1082,12 +1140,14 @@ pub fn stop(
     force: bool,
     timeout: Duration,
 ) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir);
+    let running = instance::list(&paths.runtime_dir)?;
     let targets: Vec<&instance::Record> = match (name, all) {
+        (_, true) if running.is_empty() => {
+            eprintln!("mkt: no VM is running; nothing to stop");
+            return Ok(0);
+        }
         (_, true) => running.iter().collect(),
-        (Some(n), false) => vec![running.iter().find(|r| r.name == n).ok_or_else(|| {
-            anyhow::anyhow!("no running VM named {n:?} (running: {})", names(&running))
-        })?],
+        (Some(n), false) => vec![find_vm(&running, n)?],
         (None, false) => match running.as_slice() {
             [one] => vec![one],
             [] => anyhow::bail!("no VM is running"),
@@ -1102,20 +1162,22 @@ pub fn stop(
         let mut stopped = false;
         if !force && let Some(q) = qmp {
             let _ = instance::qmp(q, "system_powerdown");
-            stopped = wait_gone(r.pid, timeout);
+            stopped = wait_gone(r, timeout);
         }
         if !stopped && let Some(q) = qmp {
             let _ = instance::qmp(q, "quit");
-            stopped = wait_gone(r.pid, Duration::from_secs(5));
+            stopped = wait_gone(r, Duration::from_secs(5));
         }
-        if !stopped {
+        // Signals only to the process that holds this run's lock: the
+        // recorded pid may have ended and been reused meanwhile.
+        if !stopped && instance::running(r) {
             use nix::sys::signal::{Signal, kill};
             let pid = nix::unistd::Pid::from_raw(r.pid as i32);
             let _ = kill(pid, Signal::SIGTERM);
-            if !wait_gone(r.pid, Duration::from_secs(5)) {
+            if !wait_gone(r, Duration::from_secs(5)) && instance::running(r) {
                 let _ = kill(pid, Signal::SIGKILL);
-                wait_gone(r.pid, Duration::from_secs(5));
-                instance::clean_stale(&paths.runtime_dir);
+                wait_gone(r, Duration::from_secs(5));
+                instance::clean_stale(&paths.runtime_dir)?;
             }
         }
         println!("stopped {}", r.name);
@@ -1292,7 +1354,7 @@ pub fn test(
     })?;
     let script = std::fs::canonicalize(&script)?;
     let command = vec![script.display().to_string()];
-    let running = instance::list(&paths.runtime_dir)
+    let running = instance::list(&paths.runtime_dir)?
         .into_iter()
         .any(|r| r.name == name && r.ssh_port.is_some());
     let code = if running {
@@ -1549,12 +1611,12 @@ fn start_virtiofsd(
             .stderr(log_file);
         // The guest drives this virtiofsd's file operations: see crate::confine.
         let confine = crate::confine::Confinement::new(&[share.path.as_path()], Some(store));
-        // SAFETY: prctl, and confine's system calls on data prepared
-        // before fork, are async-signal-safe; virtiofsd dies with mkt.
+        let die = die_with(std::process::id());
+        // SAFETY: prctl, getppid, and confine's system calls on data
+        // prepared before fork, are async-signal-safe; virtiofsd dies with mkt.
         unsafe {
             cmd.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(io::Error::from)?;
+                die()?;
                 confine.enter()
             });
         }
@@ -1640,6 +1702,31 @@ fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
     Ok(())
 }
 
+/// `: ` and the last lines of QEMU's stderr, or nothing when it is empty.
+fn stderr_tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    match lines.len() {
+        0 => String::new(),
+        n => format!(": {}", lines[n.saturating_sub(20)..].join("\n")),
+    }
+}
+
+/// For a child's pre_exec: SIGKILL when mkt (pid `parent`) dies. A kill
+/// -9 of mkt between the fork and the prctl would never reach the child,
+/// which would live on as an orphan: hence the parent check after it.
+fn die_with(parent: u32) -> impl Fn() -> io::Result<()> + Send + Sync + 'static {
+    move || {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(io::Error::from)?;
+        if nix::unistd::getppid().as_raw() as u32 != parent {
+            // SAFETY: _exit is async-signal-safe and skips the parent's
+            // atexit handlers.
+            unsafe { libc::_exit(1) }
+        }
+        Ok(())
+    }
+}
+
 fn spawn_qemu(
     argv: &[String],
     exec: bool,
@@ -1653,12 +1740,12 @@ fn spawn_qemu(
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
     }
     cmd.stderr(Stdio::piped());
-    // SAFETY: prctl and fcntl are async-signal-safe; QEMU dies with mkt
-    // even on kill -9, and inherits the tap fd (`fd=N` names it).
+    // SAFETY: prctl, getppid and fcntl are async-signal-safe; QEMU dies
+    // with mkt even on kill -9, and inherits the tap fd (`fd=N` names it).
+    let die = die_with(std::process::id());
     unsafe {
         cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(io::Error::from)?;
+            die()?;
             if let Some(fd) = keep_fd
                 && libc::fcntl(fd, libc::F_SETFD, 0) < 0
             {
@@ -1683,13 +1770,12 @@ fn spawn_qemu(
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
 pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
     paths.ensure_runtime_dir()?;
-    for stale in instance::clean_stale(&paths.runtime_dir) {
+    for stale in instance::clean_stale(&paths.runtime_dir)? {
         tracing::info!("removed stale run directory {}", stale.display());
     }
-    let name = opts.setup.clone().unwrap_or_else(|| "run".into());
     // As MKT did: running a setup that already runs attaches to it.
     if let (Some(setup), false, false) = (&opts.setup, opts.new, opts.dry_run)
-        && let Some(rec) = instance::list(&paths.runtime_dir)
+        && let Some(rec) = instance::list(&paths.runtime_dir)?
             .into_iter()
             .find(|r| &r.name == setup)
     {
@@ -1707,7 +1793,15 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
         return ssh(paths, Some(setup), &opts.command);
     }
-    let mut run_dir = RunDir::create(&paths.runtime_dir, &name).map_err(RunError::RunDir)?;
+    // An unnamed VM is `run-N`, a setup's `SETUP` (`SETUP-N` with --new):
+    // unique, so that ssh and stop never pick one of several.
+    let mut run_dir = RunDir::create(
+        &paths.runtime_dir,
+        opts.setup.as_deref().unwrap_or("run"),
+        opts.setup.is_none(),
+    )
+    .map_err(RunError::RunDir)?;
+    let name = run_dir.name().to_string();
     let mut prepared = prepare(opts, config, paths, run_dir.path())?;
     let mut argv = qemu::command_line(&prepared.spec);
     if opts.dry_run {
@@ -1871,6 +1965,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         rootfs: prepared.rootfs.clone(),
         started: now_secs(),
         qmp: Some(prepared.spec.qmp.clone()),
+        dir: PathBuf::new(),
     })?;
     if let (Some(port), false) = (ssh_port, opts.quiet || prepared.exec) {
         eprintln!("mkt: ssh on 127.0.0.1:{port} (`mkt ssh {name}`)");
@@ -1918,7 +2013,12 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     }
     let qemu_stderr = err_thread.join().unwrap_or_default();
     if !prepared.exec {
-        return Ok(if status.success() { 0 } else { 1 });
+        if status.success() {
+            return Ok(0);
+        }
+        // QEMU's own error (a bad --qemu-arg, a device it lacks): its
+        // stderr was piped away from the console, so say it here.
+        return Err(RunError::Qemu(format!("QEMU {status}{}", stderr_tail(&qemu_stderr))).into());
     }
     let log = match &prepared.spec.console {
         Console::Log(p) => p.clone(),
@@ -1943,11 +2043,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     {
         return Ok(code);
     }
-    let qemu_desc = if qemu_stderr.trim().is_empty() {
-        format!("QEMU {status}")
-    } else {
-        format!("QEMU {status}: {}", qemu_stderr.trim())
-    };
+    let qemu_desc = format!("QEMU {status}{}", stderr_tail(&qemu_stderr));
     Err(RunError::NoStatus {
         qemu: qemu_desc,
         console,

@@ -292,6 +292,27 @@ fn two_interactive_runs_at_once_get_different_ssh_ports() {
     let mut want = vec![u64::from(pa), u64::from(pb)];
     want.sort();
     assert_eq!(ports, want, "{ps}");
+    // Two unnamed VMs have two names, and `run` names neither: ssh and
+    // stop refuse it, listing both, instead of picking one.
+    let names: Vec<&str> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["run-1", "run-2"], "{ps}");
+    for args in [
+        &["ssh", "run", "--", "true"][..],
+        &["stop", "run", "--force"],
+    ] {
+        let o = common::mkt(home.path()).args(args).output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("ambiguous") && err.contains("run-1") && err.contains("run-2"),
+            "{args:?}: {err}"
+        );
+    }
     let o = common::mkt(home.path())
         .args(["stop", "--all", "--force"])
         .output()
@@ -597,7 +618,8 @@ fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
-    assert_eq!(listed[0]["name"], "run");
+    // Unnamed VMs are numbered; `run` finds the only one.
+    assert_eq!(listed[0]["name"], "run-1");
     assert_eq!(listed[0]["pid"], vm.id());
     // Let the guest boot far enough to be worth stopping.
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -606,7 +628,7 @@ fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(text(&o.stdout), "stopped run\n");
+    assert_eq!(text(&o.stdout), "stopped run-1\n");
     let status = vm.wait().unwrap();
     assert!(
         !status.success(),
@@ -618,6 +640,17 @@ fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
     let o = common::mkt(home.path()).args(["stop"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o.stderr).contains("no VM is running"));
+    // --all with none running: nothing to do, and it says so.
+    let o = common::mkt(home.path())
+        .args(["stop", "--all"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("no VM is running"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 fn write_script(dir: &Path, name: &str, body: &str, user: Option<&common::TestUser>) -> PathBuf {
@@ -943,5 +976,298 @@ fn an_interrupted_run_exits_130_or_143_and_leaves_no_vm() {
             .unwrap();
         let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(list, serde_json::json!([]), "a VM is left");
+    }
+}
+
+/// The pids and command lines of the processes whose command line
+/// mentions `needle`.
+fn pids_mentioning(needle: &str) -> Vec<(i32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            c.contains(needle).then_some((pid, c))
+        })
+        .collect()
+}
+
+/// Busy loops on every CPU while alive, as on a busy CI machine.
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn new() -> Load {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Load(
+            (0..n)
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .unwrap()
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits (polling without sleeping, to catch the moment) until a file of
+/// a run directory under `runs` ends with `suffix`; false after 90 s.
+fn wait_for_run_file(runs: &Path, prefix: &str, suffix: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while std::time::Instant::now() < deadline {
+        let found = std::fs::read_dir(runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read_dir(d.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| {
+                        let n = f.file_name();
+                        let n = n.to_string_lossy();
+                        n.starts_with(prefix) && n.ends_with(suffix)
+                    })
+            });
+        if found {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    false
+}
+
+/// Issue 12 item 5: a `kill -9` of `mkt run` anywhere in its start-up, on
+/// a loaded machine, as root and as the unprivileged user. The next mkt
+/// sweeps the dead run's directory at once (no child of the run may still
+/// hold its lock), and no virtiofsd or QEMU of the run survives it (not
+/// even one forked just before the kill, before it asked for PDEATHSIG).
+/// The kills land right as virtiofsd is forked (its log appears), right as
+/// QEMU is (the last socket appears), and after varied delays.
+#[test]
+fn kill_9_during_start_up_leaves_no_orphan_and_no_stale_run_dir() {
+    let Some(fx) = fixtures() else { return };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let users: Vec<Option<&common::TestUser>> = match &user {
+        Some(u) => vec![None, Some(u)],
+        None => vec![None],
+    };
+    let homes: Vec<tempfile::TempDir> = users.iter().map(|u| common::temp_home(*u)).collect();
+    let _load = Load::new();
+    let mut failures = Vec::new();
+    let mut orphans = Vec::new();
+    for i in 0..20 {
+        let (user, home) = (users[i % users.len()], homes[i % homes.len()].path());
+        let runs = home.join("run/mkt/runs");
+        let mut vm = common::mkt_as(user, home)
+            .arg("run")
+            .args(fx.args(&["--", "sleep", "600"]))
+            .current_dir(home)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let when = match i % 4 {
+            0 | 1 => {
+                wait_for_run_file(&runs, "virtiofsd-", ".log");
+                "virtiofsd forked"
+            }
+            2 => {
+                // Written right after QEMU is forked.
+                wait_for_run_file(&runs, "instance", ".json");
+                "QEMU forked"
+            }
+            _ => {
+                std::thread::sleep(std::time::Duration::from_millis(i as u64 * 137 % 2000));
+                "after a delay"
+            }
+        };
+        vm.kill().unwrap();
+        vm.wait().unwrap();
+        eprintln!("kill {i} ({when}, {:?})", user.map(|u| &u.name));
+        let ps = common::mkt_as(user, home)
+            .args(["ps", "--json"])
+            .output()
+            .unwrap();
+        let left: Vec<_> = std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        if text(&ps.stdout).trim() != "[]" || !left.is_empty() {
+            failures.push(format!(
+                "kill {i} ({when}): stale run dir kept by the next mkt: {left:?} {}",
+                text(&ps.stderr)
+            ));
+            // Let it go before the next round.
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let _ = common::mkt_as(user, home).args(["ps"]).output();
+        }
+        let needle = runs.display().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let alive = pids_mentioning(&needle);
+            if alive.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                failures.push(format!("kill {i} ({when}): orphans {alive:?}"));
+                orphans.extend(alive.into_iter().map(|(p, _)| p));
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    for p in orphans {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Issue 12 item 7: a kernel command line longer than the kernel takes
+/// (cmdline_size in its bzImage header, 2047 bytes on x86) boots to an
+/// empty console; mkt refuses it up front, counting every word it adds.
+#[test]
+fn an_append_longer_than_the_kernel_takes_is_refused() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let long = format!("x={}", "a".repeat(2040));
+    let o = run_as(
+        None,
+        home.path(),
+        &fx.args(&["--append", &long, "--", "true"]),
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("kernel command line") && err.contains("at most 2047"),
+        "{err}"
+    );
+    assert!(err.contains("--append"), "{err}");
+    // Nothing started, nothing left.
+    let left: Vec<_> = std::fs::read_dir(home.path().join("run/mkt/runs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A long one that fits is fine.
+    let fits = format!("x={}", "a".repeat(1500));
+    let o = run_as(
+        None,
+        home.path(),
+        &fx.args(&["--dry-run", "--append", &fits, "--", "true"]),
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+/// Issue 12 item 8: in interactive mode QEMU's own error (here a device it
+/// does not know) reached nobody: mkt exited 1 without a word.
+#[test]
+fn interactive_run_prints_qemus_own_error() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let o = common::mkt(home.path())
+        .arg("run")
+        .args(fx.args(&["--qemu-arg=-device", "--qemu-arg=no-such-device-xyz"]))
+        .current_dir(home.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no-such-device-xyz"), "{err}");
+    assert!(err.contains("QEMU exit status: 1"), "{err}");
+}
+
+/// Issue 12 item 24: with XDG_RUNTIME_DIR unset the runtime dir is
+/// /tmp/mkt-$UID, which another user can make first and fill with records.
+/// Root's `mkt stop --all` then signalled the recorded pid (any process);
+/// now ps, stop and ssh refuse a runtime dir that is not theirs.
+#[test]
+fn a_runtime_dir_planted_by_another_user_is_refused() {
+    let Some(Some(other)) = common::unprivileged_user() else {
+        eprintln!("SKIP: needs root and the unprivileged test user");
+        return;
+    };
+    let home = common::temp_home(None);
+    // What the other user planted: a run dir with a record naming a
+    // process of ours, and a lock they hold.
+    let rt = home.path().join("run/mkt");
+    let run = rt.join("runs/run-1");
+    std::fs::create_dir_all(&run).unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        run.join("instance.json"),
+        format!(
+            r#"{{"name":"run-1","pid":{},"ssh_port":null,"user":"x","kernel":"/k","rootfs":"/r","started":1,"qmp":null}}"#,
+            victim.id()
+        ),
+    )
+    .unwrap();
+    let lock = std::fs::File::create(run.join("lock")).unwrap();
+    let _flock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let l = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let posix = std::fs::OpenOptions::new()
+        .write(true)
+        .open(run.join("lock"))
+        .unwrap();
+    nix::fcntl::fcntl(&posix, nix::fcntl::FcntlArg::F_SETLK(&l)).unwrap();
+    for p in [
+        home.path().join("run"),
+        rt.clone(),
+        rt.join("runs"),
+        run.clone(),
+    ] {
+        nix::unistd::chown(&p, Some(other.uid.into()), Some(other.gid.into())).unwrap();
+    }
+    let outs: Vec<_> = [
+        vec!["stop", "--all", "--force"],
+        vec!["ps"],
+        vec!["ssh", "run-1"],
+    ]
+    .iter()
+    .map(|a| common::mkt(home.path()).args(a).output().unwrap())
+    .collect();
+    let alive = victim.try_wait().unwrap().is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert!(alive, "mkt stop killed a process it does not own");
+    for o in outs {
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&home.path().join("run").display().to_string())
+                && err.contains(&format!("owned by uid {}", other.uid)),
+            "{err}"
+        );
     }
 }

@@ -742,7 +742,15 @@ fn userspace(
                 return Ok(());
             }
         }
-        got.push(findings::parse_compiler(&out_all, &tree.to_string_lossy()));
+        // Subdirectory builds name files without their directory.
+        let known: Vec<String> = git::git(&tree, &["ls-files"])?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        got.push(findings::resolve_paths(
+            findings::parse_compiler(&out_all, &tree.to_string_lossy()),
+            &known,
+        ));
     }
     let new = got.pop().unwrap_or_default();
     let old = got.pop();

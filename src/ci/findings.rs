@@ -69,13 +69,32 @@ pub fn normalise_path(path: &str, tree: &str) -> String {
 /// continuation lines for the same file become the previous finding's
 /// details; everything else (make's chatter, gcc's source excerpts) is
 /// skipped. `tree` is stripped from absolute paths.
+///
+/// A build that descends into subdirectories (`make -C ip`) reports paths
+/// relative to the subdirectory: make's `Entering directory` lines put
+/// them back under the top (see also [`resolve_paths`]).
 pub fn parse_compiler(text: &str, tree: &str) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
+    let mut dirs: Vec<String> = Vec::new();
     for raw in text.lines() {
+        if let Some(d) = make_directory(raw, "Entering directory") {
+            dirs.push(normalise_path(d, tree));
+            continue;
+        }
+        if make_directory(raw, "Leaving directory").is_some() {
+            dirs.pop();
+            continue;
+        }
         let Some((file, line, rest)) = split_location(raw) else {
             continue;
         };
-        let file = normalise_path(file, tree);
+        let file = match dirs.last() {
+            // Under the tree, below its top: relative to that directory.
+            Some(d) if !d.is_empty() && !d.starts_with('/') && !file.starts_with('/') => {
+                normalise_path(&format!("{d}/{file}"), tree)
+            }
+            _ => normalise_path(file, tree),
+        };
         // smatch: `file:123 func() warn: message`.
         let rest = match rest.split_once("() ") {
             Some((func, r)) if !func.contains(' ') && !func.is_empty() => r,
@@ -115,6 +134,36 @@ pub fn parse_compiler(text: &str, tree: &str) -> Vec<Finding> {
         });
     }
     out
+}
+
+/// `make[2]: Entering directory '/t/ip'` → `/t/ip` (for `what`).
+fn make_directory<'a>(l: &'a str, what: &str) -> Option<&'a str> {
+    let rest = l.strip_prefix("make")?;
+    let (_, rest) = rest.split_once(": ")?;
+    let rest = rest.strip_prefix(what)?.trim();
+    let q = |c| matches!(c, '\'' | '`' | '"');
+    Some(rest.trim_start_matches(q).trim_end_matches(q))
+}
+
+/// Puts findings whose file is not a path of the tree (`known`, as `git
+/// ls-files` lists them) at the one path of the tree that ends with it:
+/// builds that run `make --no-print-directory -C ip` report `ipaddress.c`
+/// for `ip/ipaddress.c`. A name that fits several paths stays as it is.
+pub fn resolve_paths(found: Vec<Finding>, known: &[String]) -> Vec<Finding> {
+    let set: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
+    found
+        .into_iter()
+        .map(|mut f| {
+            if !f.file.is_empty() && !set.contains(f.file.as_str()) {
+                let tail = format!("/{}", f.file);
+                let mut fits = known.iter().filter(|k| k.ends_with(&tail));
+                if let (Some(one), None) = (fits.next(), fits.next()) {
+                    f.file = one.clone();
+                }
+            }
+            f
+        })
+        .collect()
 }
 
 fn is_severity(s: &str) -> bool {
@@ -400,5 +449,56 @@ diff --git a/a.c b/a.c
         assert_eq!(normalise_path("./include/x.h", ""), "include/x.h");
         assert_eq!(normalise_path("/t/tree/a/b.c", "/t/tree"), "a/b.c");
         assert_eq!(normalise_path("../drivers/a.c", "/t"), "drivers/a.c");
+    }
+
+    /// iproute2 builds with `make -C ip` (and, unless V=1, with
+    /// --no-print-directory): gcc and sparse name `ipaddress.c`, which is
+    /// `ip/ipaddress.c` in the tree.
+    #[test]
+    fn files_of_subdirectory_builds_keep_their_directory() {
+        let with_dirs = "\
+make[1]: Entering directory '/s/tree/ip'
+    CC       ipaddress.o
+ipaddress.c:120:5: warning: unused variable 'x' [-Wunused-variable]
+make[2]: Entering directory '/s/tree/lib/sub'
+util.c:3: error: expected ';'
+make[2]: Leaving directory '/s/tree/lib/sub'
+iplink.c:9:1: warning: no previous prototype
+make[1]: Leaving directory '/s/tree/ip'
+include/x.h:1:1: warning: top
+";
+        let f = parse_compiler(with_dirs, "/s/tree");
+        let files: Vec<&str> = f.iter().map(|f| f.file.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "ip/ipaddress.c",
+                "lib/sub/util.c",
+                "ip/iplink.c",
+                "include/x.h"
+            ]
+        );
+
+        let quiet = "\
+ip
+    CC       ipaddress.o
+ipaddress.c:120:5: warning: unused variable 'x' [-Wunused-variable]
+ipaddress.c:130:9: warning: incorrect type in assignment (different base types)
+ipaddress.c:130:9:    expected int *p
+ipaddress.c:130:9:    got char *
+utils.c:1:1: warning: both
+ip/ip.c:2:2: warning: already a path
+";
+        let known: Vec<String> = ["ip/ipaddress.c", "ip/ip.c", "lib/utils.c", "tc/utils.c"]
+            .map(String::from)
+            .to_vec();
+        let f = resolve_paths(parse_compiler(quiet, "/s/tree"), &known);
+        let files: Vec<&str> = f.iter().map(|f| f.file.as_str()).collect();
+        assert_eq!(
+            files,
+            ["ip/ipaddress.c", "ip/ipaddress.c", "utils.c", "ip/ip.c"]
+        );
+        assert_eq!(f[1].detail, ["expected int *p", "got char *"]);
+        assert!(f[0].one_line().starts_with("ip/ipaddress.c:120: warning"));
     }
 }

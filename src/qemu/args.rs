@@ -216,6 +216,30 @@ pub fn kernel_args(
     args
 }
 
+/// x86's COMMAND_LINE_SIZE: the kernel keeps at most this many bytes of
+/// its command line, the terminating NUL included.
+pub const COMMAND_LINE_SIZE: usize = 2048;
+
+/// The longest command line (bytes, without the NUL) the kernel whose image
+/// starts with `head` takes: the bzImage header's `cmdline_size` (at 0x238,
+/// boot protocol 2.06 and later), else COMMAND_LINE_SIZE - 1.
+pub fn cmdline_limit(head: &[u8]) -> usize {
+    let u16_at = |o: usize| head.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        head.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    match (head.get(0x202..0x206), u16_at(0x206), u32_at(0x238)) {
+        (Some(b"HdrS"), Some(v), Some(size)) if v >= 0x0206 && size > 0 => size as usize,
+        _ => COMMAND_LINE_SIZE - 1,
+    }
+}
+
+/// The kernel command line QEMU gets for `spec` (what `-append` says).
+pub fn cmdline(spec: &VmSpec) -> String {
+    kernel_cmdline(&spec.append, &spec.profile.append)
+}
+
 /// Joins `words` then `profile_words`, except that the profile's words go
 /// before a `--` in `words`: everything after `--` is passed to init.
 fn kernel_cmdline(words: &[String], profile_words: &[String]) -> String {
@@ -988,5 +1012,20 @@ mod tests {
         ))
         .collect::<Vec<_>>();
         assert_eq!(command_line(&spec), want);
+    }
+
+    #[test]
+    fn cmdline_limit_comes_from_the_bzimage_header() {
+        let mut head = vec![0u8; 0x240];
+        // No header: x86's default.
+        assert_eq!(cmdline_limit(&head), 2047);
+        assert_eq!(cmdline_limit(&[]), 2047);
+        head[0x202..0x206].copy_from_slice(b"HdrS");
+        head[0x238..0x23c].copy_from_slice(&4095u32.to_le_bytes());
+        // Protocol 2.05 has no cmdline_size field.
+        head[0x206..0x208].copy_from_slice(&0x0205u16.to_le_bytes());
+        assert_eq!(cmdline_limit(&head), 2047);
+        head[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        assert_eq!(cmdline_limit(&head), 4095);
     }
 }

@@ -77,7 +77,9 @@ pub fn holders(path: &Path, runtime_dir: Option<&Path>) -> Vec<String> {
         .collect();
     pids.sort();
     pids.dedup();
-    let vms = runtime_dir.map(crate::instance::list).unwrap_or_default();
+    let vms = runtime_dir
+        .and_then(|d| crate::instance::list(d).ok())
+        .unwrap_or_default();
     pids.into_iter()
         .map(|pid| {
             if let Some(r) = vms.iter().find(|r| r.pid == pid) {
