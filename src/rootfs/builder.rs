@@ -59,6 +59,12 @@ struct Log {
 }
 
 impl Log {
+    /// The command line a step runs, in the log before its output.
+    fn command(&mut self, argv: &[OsString]) {
+        let words: Vec<_> = argv.iter().map(|a| a.to_string_lossy()).collect();
+        let _ = writeln!(self.file, "$ {}", words.join(" "));
+    }
+
     fn status(&mut self, msg: &str) {
         let _ = writeln!(self.file, "=== {msg}");
         if !self.quiet {
@@ -281,14 +287,7 @@ fn run_logged(
     log: &mut Log,
     verbose: bool,
 ) -> Result<i32, RootfsError> {
-    let _ = writeln!(
-        log.file,
-        "$ {}",
-        argv.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    log.command(argv);
     let out = (!verbose).then(|| log.file.as_raw_fd());
     ns::run_mapped(argv, ids, out).map_err(|source| RootfsError::Enter {
         name: log.name.clone(),
@@ -301,14 +300,7 @@ fn run_logged(
 /// bytes), else one line a step.
 fn run_with_progress(argv: &[OsString], log: &mut Log, quiet: bool) -> Result<i32, RootfsError> {
     use std::io::IsTerminal;
-    let _ = writeln!(
-        log.file,
-        "$ {}",
-        argv.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    log.command(argv);
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| store_err("create a pipe for", &log.path)(std::io::Error::from(e)))?;
     let file = log
