@@ -26,6 +26,10 @@ const NOT_RUN: &[(&str, &str)] = &[
         "shows the mistake the hint is for; tests/cli.rs run_help_and_a_command_without_double_dash",
     ),
     (
+        "mkt ssh vm -- sh -c 'exit 3'",
+        "needs a running VM called vm; tests/guest.rs shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool runs it",
+    ),
+    (
         "mkt run --rootfs fc30",
         "needs the fc30 tree (a Fedora image pull); tests/recipe.rs builds image recipes",
     ),
