@@ -157,7 +157,8 @@ pub struct RunArgs {
     /// Share a host directory at the same path (repeatable).
     #[arg(long, value_name = "PATH")]
     pub dir: Vec<PathBuf>,
-    /// Serve QEMU's gdb stub on 127.0.0.1:PORT.
+    /// Serve QEMU's gdb stub on 127.0.0.1:PORT; the kernel boots with
+    /// nokaslr so vmlinux's symbols line up (unless --append kaslr).
     #[arg(long, value_name = "PORT")]
     pub gdbserver: Option<u16>,
     /// Host port forwarded to the guest's SSH port [default: a free one,
@@ -181,7 +182,8 @@ pub struct RunArgs {
     /// CONFIG_RDMA_RXE / CONFIG_RDMA_SIW, the rootfs iproute2's `rdma`.
     #[arg(long, value_name = "rxe-IF|siw-IF", value_parser = parse_virt)]
     pub virt: Vec<String>,
-    /// QEMU profile (qemu-profiles/NAME.toml): default, microvm, iommu.
+    /// QEMU profile (qemu-profiles/NAME.toml): default (q35), debug
+    /// (panic_on_warn=1 ignore_loglevel earlyprintk), microvm, iommu.
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
     /// Script run as you once the guest has booted (executable, with #!);

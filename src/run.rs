@@ -250,8 +250,10 @@ pub fn resolve_kernel(
 }
 
 /// Modules a distro kernel needs before it can mount the root and talk to mkt.
+/// virtio_mmio is the transport on microvm (`--profile microvm`).
 pub const BOOT_MODULES: &[&str] = &[
     "virtio_pci",
+    "virtio_mmio",
     "virtio_console",
     "virtio_net",
     "virtio_rng",
@@ -710,6 +712,19 @@ pub fn prepare(
             });
         }
     }
+    // Without the virtio-mmio transport the guest finds no root device and
+    // hangs; say so before booting.
+    if profile.bus == qemu::Bus::Mmio
+        && kernel_option(&kernel, &rootfs, "CONFIG_VIRTIO_MMIO") == Some(false)
+    {
+        return Err(RunError::Invalid(
+            format!("--profile {profile_name}"),
+            format!(
+                "the kernel {} lacks CONFIG_VIRTIO_MMIO, which microvm's devices need (build it with CONFIG_VIRTIO_MMIO=y, or use the default profile)",
+                kernel.image().display()
+            ),
+        ));
+    }
     let ssh_keys = if !exec && net && rootfs.join("usr/sbin/sshd").exists() {
         Some(ensure_ssh_keys(&paths.data_dir.join("ssh"))?)
     } else {
@@ -773,6 +788,12 @@ pub fn prepare(
         append.push("quiet".into());
     }
     append.extend(opts.append.iter().cloned());
+    if opts.gdb_port.is_some() {
+        gdb_nokaslr(&mut append);
+    }
+    if let Some(w) = tsc_word(&profile, &accel, &append, host::tsc::khz) {
+        append.insert(kernel_words_end(&append), w);
+    }
     let ports = if exec {
         ["stdout", "stderr", "status"]
             .iter()
@@ -876,6 +897,51 @@ pub fn prepare(
         net_mode,
         nvme_mib,
     })
+}
+
+/// Where the kernel's words end: at a `--` (init's words follow), else the end.
+fn kernel_words_end(append: &[String]) -> usize {
+    append
+        .iter()
+        .position(|w| w == "--")
+        .unwrap_or(append.len())
+}
+
+/// `tsc_early_khz=<host TSC>` for microvm under TCG: microvm has no HPET
+/// and no ACPI PM timer, so when the kernel's quick PIT calibration fails
+/// (often, on a loaded host) it has no TSC frequency and hangs calibrating
+/// the delay loop. Under TCG the guest TSC is the host's, so the host's
+/// frequency is right. Not when --append already sets it.
+fn tsc_word(
+    profile: &Profile,
+    accel: &kvm::Accel,
+    append: &[String],
+    host_khz: impl FnOnce() -> Option<u64>,
+) -> Option<String> {
+    let microvm = profile.machine.split(',').next() == Some("microvm");
+    if !microvm || *accel != kvm::Accel::Tcg {
+        return None;
+    }
+    if append[..kernel_words_end(append)]
+        .iter()
+        .any(|w| w.starts_with("tsc_early_khz="))
+    {
+        return None;
+    }
+    host_khz().map(|k| format!("tsc_early_khz={k}"))
+}
+
+/// With the gdb stub, the kernel boots with `nokaslr` (before any `--`, so
+/// the kernel reads it), so that vmlinux's symbol addresses are the running
+/// kernel's; an explicit `kaslr`/`nokaslr` in --append is left alone.
+fn gdb_nokaslr(append: &mut Vec<String>) {
+    let kernel_words = kernel_words_end(append);
+    if !append[..kernel_words]
+        .iter()
+        .any(|w| w == "kaslr" || w == "nokaslr")
+    {
+        append.insert(kernel_words, "nokaslr".into());
+    }
 }
 
 /// Refuses a kernel command line longer than the kernel takes: QEMU would
@@ -1803,6 +1869,19 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     .map_err(RunError::RunDir)?;
     let name = run_dir.name().to_string();
     let mut prepared = prepare(opts, config, paths, run_dir.path())?;
+    if let (Some(port), false) = (prepared.spec.gdb_port, opts.quiet) {
+        let kaslr = if qemu::cmdline(&prepared.spec)
+            .split(' ')
+            .any(|w| w == "nokaslr")
+        {
+            "with nokaslr, so vmlinux's symbols line up"
+        } else {
+            "with KASLR, as --append asked: vmlinux's symbols will not line up"
+        };
+        eprintln!(
+            "mkt: gdb stub on 127.0.0.1:{port}; the kernel boots {kaslr} (gdb vmlinux -ex 'target remote :{port}')"
+        );
+    }
     let mut argv = qemu::command_line(&prepared.spec);
     if opts.dry_run {
         println!("{}", qemu::shell_quote(&argv));
@@ -2068,6 +2147,72 @@ mod tests {
         ensure_disk(&img, 1).unwrap();
         assert!(ensure_disk(&img, 1 << 44).is_err());
         assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn microvm_under_tcg_gets_the_host_tsc_frequency() {
+        use crate::host::kvm::Accel;
+        let load = |n: &str| Profile::load(n, None).unwrap();
+        let w = |ws: &[&str]| ws.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // (profile, accelerator, --append, host TSC kHz, word mkt adds)
+        type Case = (
+            &'static str,
+            Accel,
+            &'static [&'static str],
+            Option<u64>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            (
+                "microvm",
+                Accel::Tcg,
+                &[],
+                Some(2596000),
+                Some("tsc_early_khz=2596000"),
+            ),
+            // KVM has kvmclock; other machines have HPET and the PM timer.
+            ("microvm", Accel::Kvm, &[], Some(2596000), None),
+            ("default", Accel::Tcg, &[], Some(2596000), None),
+            ("iommu", Accel::Tcg, &[], Some(2596000), None),
+            // The user's own value wins; one after `--` is init's, not the kernel's.
+            (
+                "microvm",
+                Accel::Tcg,
+                &["tsc_early_khz=1"],
+                Some(2596000),
+                None,
+            ),
+            (
+                "microvm",
+                Accel::Tcg,
+                &["--", "tsc_early_khz=1"],
+                Some(7),
+                Some("tsc_early_khz=7"),
+            ),
+            // Not measurable: nothing added (the kernel calibrates as it can).
+            ("microvm", Accel::Tcg, &[], None, None),
+        ];
+        for (name, accel, append, host, want) in cases {
+            let got = tsc_word(&load(name), accel, &w(append), || *host);
+            assert_eq!(got.as_deref(), *want, "{name} {accel:?} {append:?}");
+        }
+    }
+
+    #[test]
+    fn gdb_adds_nokaslr_before_init_words_unless_asked_otherwise() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["console=ttyS0"], &["console=ttyS0", "nokaslr"]),
+            (&["a", "--", "x"], &["a", "nokaslr", "--", "x"]),
+            (&["kaslr"], &["kaslr"]),
+            (&["nokaslr", "b"], &["nokaslr", "b"]),
+            // After `--` it is init's word, not the kernel's.
+            (&["--", "kaslr"], &["nokaslr", "--", "kaslr"]),
+        ];
+        for (given, want) in cases {
+            let mut a: Vec<String> = given.iter().map(|s| s.to_string()).collect();
+            gdb_nokaslr(&mut a);
+            assert_eq!(a, *want, "{given:?}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MARKER: &str = "MKT-BOOT-OK";
+const CPUS: u32 = 2;
 
 struct Boot {
     status: std::process::ExitStatus,
@@ -20,37 +21,51 @@ struct Boot {
 
 fn boot(bzimage: &Path, rootfs: &Path, user: Option<&common::TestUser>) -> Boot {
     let qemu = mkt::host::probe::find_program("qemu-system-x86_64").unwrap();
-    // The init prints the marker and the release, then powers off through
-    // ACPI (sysrq o): a clean power-off ends QEMU with status 0.
+    // The init runs the shared guest check, prints the marker and the
+    // release, then powers off through ACPI (sysrq o): a clean power-off
+    // ends QEMU with status 0.
     let init = format!(
-        "mount -t proc proc /proc; echo {MARKER} $(uname -r); echo o > /proc/sysrq-trigger; sleep 30"
+        "mount -t proc proc /proc; {}; echo {MARKER} $(uname -r); echo o > /proc/sysrq-trigger; sleep 30",
+        common::GUEST_CHECK
     );
+    assert!(!init.contains('"'), "the init must fit in one quoted word");
     let append = format!(
         "console=ttyS0 root=/dev/root rootfstype=9p rootflags=trans=virtio,version=9p2000.L,cache=loose ro \
          panic=-1 i8042.noaux quiet init=/bin/sh -- -c \"{init}\""
     );
     let mut cmd = Command::new(qemu);
-    cmd.args(["-machine", "pc", "-accel", "tcg", "-m", "512", "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args(["-serial", "stdio"])
-        .arg("-kernel")
-        .arg(bzimage)
-        .args(["-append", &append])
-        .arg("-fsdev")
-        .arg(format!(
-            "local,id=root,path={},security_model=none,readonly=on",
-            rootfs.display()
-        ))
-        .args(["-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // The default profile's machine, with more than one CPU: the guest
+    // check proves both come up.
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-m",
+        "512",
+        "-smp",
+        &CPUS.to_string(),
+    ])
+    .args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-serial", "stdio"])
+    .arg("-kernel")
+    .arg(bzimage)
+    .args(["-append", &append])
+    .arg("-fsdev")
+    .arg(format!(
+        "local,id=root,path={},security_model=none,readonly=on",
+        rootfs.display()
+    ))
+    .args(["-device", "virtio-9p-pci,fsdev=root,mount_tag=/dev/root"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     if let Some(u) = user {
         cmd.uid(u.uid).gid(u.gid);
     }
@@ -101,6 +116,7 @@ fn assert_clean_boot(b: &Boot, release: &str) {
         b.status,
         b.console
     );
+    common::assert_guest_clean(&b.console, CPUS);
 }
 
 fn release_of(tree: &Path) -> String {

@@ -5,6 +5,7 @@
 
 pub mod kvm;
 pub mod probe;
+pub mod tsc;
 
 use serde::Serialize;
 use std::fmt;

@@ -510,12 +510,13 @@ mod tests {
     #[test]
     fn machine_args_table() {
         let cases = [
-            ("default", Accel::Kvm, "-machine pc -accel kvm -cpu host"),
-            ("default", Accel::Tcg, "-machine pc -accel tcg -cpu max"),
+            ("default", Accel::Kvm, "-machine q35 -accel kvm -cpu host"),
+            ("default", Accel::Tcg, "-machine q35 -accel tcg -cpu max"),
+            ("debug", Accel::Tcg, "-machine q35 -accel tcg -cpu max"),
             (
                 "microvm",
                 Accel::Kvm,
-                "-machine microvm,pit=off,pic=off,isa-serial=on,rtc=on -accel kvm -cpu host",
+                "-machine microvm,isa-serial=on,rtc=on -accel kvm -cpu host",
             ),
             (
                 "iommu",
@@ -783,13 +784,18 @@ mod tests {
         for (devs, pcie, want) in cases {
             assert_eq!(pci_args(&devs, pcie), split(want), "{devs:?} {pcie}");
         }
-        let pcie: Vec<(&str, bool)> = ["default", "microvm", "iommu"]
+        let pcie: Vec<(&str, bool)> = ["default", "debug", "microvm", "iommu"]
             .iter()
             .map(|n| (*n, is_pcie(&profile(n))))
             .collect();
         assert_eq!(
             pcie,
-            [("default", false), ("microvm", false), ("iommu", true)]
+            [
+                ("default", true),
+                ("debug", true),
+                ("microvm", false),
+                ("iommu", true)
+            ]
         );
     }
 
@@ -1000,7 +1006,7 @@ mod tests {
         };
         let want = split(
             "qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
-             -machine microvm,pit=off,pic=off,isa-serial=on,rtc=on -accel tcg -cpu max \
+             -machine microvm,isa-serial=on,rtc=on -accel tcg -cpu max \
              -smp 1 -m 512M -kernel /k -initrd /i -append",
         )
         .into_iter()

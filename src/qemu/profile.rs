@@ -15,6 +15,7 @@ pub const DEFAULT_PROFILE: &str = "default";
 
 /// Built-in profiles, `(name, TOML text)`, sorted by name.
 const BUILTIN: &[(&str, &str)] = &[
+    ("debug", include_str!("../../qemu-profiles/debug.toml")),
     ("default", include_str!("../../qemu-profiles/default.toml")),
     ("iommu", include_str!("../../qemu-profiles/iommu.toml")),
     ("microvm", include_str!("../../qemu-profiles/microvm.toml")),
@@ -226,14 +227,27 @@ mod tests {
         let cases: &[Case] = &[
             (
                 "default",
-                "pc",
+                "q35",
                 Bus::Pci,
-                &["i8042.noaux", "8250.nr_uarts=1", "acpi=noirq"],
+                &["i8042.noaux", "8250.nr_uarts=1"],
+                &[],
+            ),
+            (
+                "debug",
+                "q35",
+                Bus::Pci,
+                &[
+                    "i8042.noaux",
+                    "8250.nr_uarts=1",
+                    "panic_on_warn=1",
+                    "ignore_loglevel",
+                    "earlyprintk=serial,ttyS0,115200",
+                ],
                 &[],
             ),
             (
                 "microvm",
-                "microvm,pit=off,pic=off,isa-serial=on,rtc=on",
+                "microvm,isa-serial=on,rtc=on",
                 Bus::Mmio,
                 &["i8042.noaux"],
                 &[],
@@ -246,6 +260,7 @@ mod tests {
                 &["-device", "intel-iommu,intremap=on,caching-mode=on"],
             ),
         ];
+        assert_eq!(cases.len(), builtin_names().count(), "a case per profile");
         for &(name, machine, bus, append, args) in cases {
             let p = Profile::load(name, None).unwrap();
             assert_eq!(p.machine, machine, "{name}");
@@ -265,13 +280,13 @@ mod tests {
         match &err {
             ProfileError::Unknown { name, known } => {
                 assert_eq!(name, "nope");
-                assert_eq!(known, &["default", "iommu", "microvm", "mine"]);
+                assert_eq!(known, &["debug", "default", "iommu", "microvm", "mine"]);
             }
             other => panic!("unexpected error {other:?}"),
         }
         assert_eq!(
             err.to_string(),
-            "unknown QEMU profile `nope`; known profiles: default, iommu, microvm, mine"
+            "unknown QEMU profile `nope`; known profiles: debug, default, iommu, microvm, mine"
         );
     }
 

@@ -230,3 +230,57 @@ pub fn temp_home(user: Option<&TestUser>) -> tempfile::TempDir {
     }
     d
 }
+
+/// The guest-side health check every boot test runs (issue 13: no speed
+/// setting may cost correctness). A POSIX sh one-liner without double
+/// quotes, so it also fits in a kernel command line's `init=/bin/sh -- -c "..."`.
+/// It prints one `mkt-guest-check nproc=N tainted=T` line and one
+/// `mkt-guest-check-bad: LINE` per kernel log line with a warning, BUG,
+/// call trace or oops; dmesg goes through `sudo -n` for a non-root guest
+/// user (distribution kernels restrict dmesg). Output goes to stderr
+/// (`>&2`); in a raw boot that is the console.
+pub const GUEST_CHECK: &str = "{ if dmesg >/dev/null 2>&1; then d=dmesg; else d='sudo -n dmesg'; fi; \
+$d >/dev/null || echo mkt-guest-check-bad: dmesg unreadable; \
+echo mkt-guest-check nproc=$(nproc) tainted=$(cat /proc/sys/kernel/tainted); \
+$d | grep -E 'WARNING:|BUG:|Call Trace|Oops' | sed 's/^/mkt-guest-check-bad: /'; } >&2";
+
+/// `CMD...` wrapped so that the guest check runs first:
+/// `sh -c 'CHECK; exec "$@"' sh CMD...` (CMD's own argv and exit status
+/// are kept).
+pub fn guest_checked<S: AsRef<str>>(cmd: &[S]) -> Vec<String> {
+    let mut v = vec![
+        "sh".to_string(),
+        "-c".into(),
+        format!("{GUEST_CHECK}; exec \"$@\""),
+        "sh".into(),
+    ];
+    v.extend(cmd.iter().map(|s| s.as_ref().to_string()));
+    v
+}
+
+/// Asserts what [`GUEST_CHECK`] printed into `output` (stderr or a
+/// console): every one of `cpus` CPUs online, kernel not tainted, no
+/// warning/BUG/oops in dmesg. The check lines are then removed, so callers
+/// can compare the rest of stderr exactly.
+pub fn assert_guest_clean(output: &str, cpus: u32) -> String {
+    let line = output
+        .lines()
+        .find(|l| l.trim_start().starts_with("mkt-guest-check "))
+        .unwrap_or_else(|| panic!("the guest check did not run; output:\n{output}"));
+    let want = format!("mkt-guest-check nproc={cpus} tainted=0");
+    let bad: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("mkt-guest-check-bad:"))
+        .collect();
+    assert!(
+        line.trim() == want && bad.is_empty(),
+        "guest not clean: want `{want}`, got `{}`{}\noutput:\n{output}",
+        line.trim(),
+        bad.iter().map(|b| format!("\n  {b}")).collect::<String>()
+    );
+    output
+        .lines()
+        .filter(|l| !l.contains("mkt-guest-check"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
