@@ -99,7 +99,7 @@ fn assert_clean_boot(b: &Boot, release: &str) {
     let line = b
         .console
         .lines()
-        .find(|l| l.contains(MARKER))
+        .find(|l| l.starts_with(MARKER))
         .unwrap_or_else(|| panic!("no {MARKER} on the console:\n{}", b.console));
     assert!(
         line.contains(release),
