@@ -23,7 +23,7 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 # The floor: kernel to (missing) init under the same QEMU machine, no fs, no devices.
-floor="qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot -machine pc -accel tcg -cpu max \
+floor="qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot -machine q35 -accel tcg -cpu max \
  -smp $(nproc) -m 1024 -kernel $tree/arch/x86/boot/bzImage -serial file:/dev/null \
  -append 'console=ttyS0 panic=-1 quiet rdinit=/nonexistent i8042.noaux 8250.nr_uarts=1'"
 
