@@ -659,11 +659,8 @@ pub fn prepare(
     let exec = !opts.command.is_empty();
     let mode = if exec {
         Mode::Exec(opts.command.clone())
-    } else if opts.init.as_deref() == Some("shell") || !rootfs.join("lib/systemd/systemd").exists()
-    {
-        Mode::Shell
     } else {
-        Mode::Systemd
+        interactive_mode(opts.init.as_deref(), &rootfs)
     };
     let net = net_mode != net::Mode::None;
     // A bridge normally has a DHCP server; a bare tap may never get one,
@@ -744,6 +741,7 @@ pub fn prepare(
         sriov,
         virt,
         boot_script,
+        term: if exec { None } else { host_terminal() },
     };
     let files = guest::generate(&input);
     let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs)?)
@@ -1404,6 +1402,42 @@ fn remote_script_command(script: &Path) -> Vec<String> {
         "mkt-test".into(),
         name,
     ]
+}
+
+/// The interactive mode: the one asked for, else mkt's shell (seconds to a
+/// prompt and to SSH) when the tree has a shell, else its systemd.
+fn interactive_mode(init: Option<&str>, rootfs: &Path) -> Mode {
+    match init {
+        Some("systemd") => Mode::Systemd,
+        Some(_) => Mode::Shell,
+        None if rootfs.join("bin/sh").exists() || rootfs.join("bin/bash").exists() => Mode::Shell,
+        None if rootfs.join("lib/systemd/systemd").exists() => Mode::Systemd,
+        None => Mode::Shell,
+    }
+}
+
+nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::pty::Winsize);
+
+/// The terminal on stdin (QEMU's console): its TERM and size, for the
+/// guest's console. None when stdin is no terminal.
+fn host_terminal() -> Option<guest::Terminal> {
+    let stdin = io::stdin();
+    if !nix::unistd::isatty(&stdin).unwrap_or(false) {
+        return None;
+    }
+    let mut ws = nix::pty::Winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: fd 0 is open (a tty) and ws is a valid struct winsize.
+    let _ = unsafe { tiocgwinsz(0, &mut ws) };
+    Some(guest::Terminal {
+        term: std::env::var("TERM").unwrap_or_default(),
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
 }
 
 /// Where a command run's serial console goes: the run log dir, so it
