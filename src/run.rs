@@ -2091,6 +2091,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn interactive_default_is_the_shell_when_the_tree_has_one() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("lib/systemd")).unwrap();
+        std::fs::write(r.join("lib/systemd/systemd"), "").unwrap();
+        // systemd only: the tree's init.
+        assert_eq!(interactive_mode(None, r), Mode::Systemd);
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::write(r.join("bin/sh"), "").unwrap();
+        assert_eq!(interactive_mode(None, r), Mode::Shell);
+        assert_eq!(interactive_mode(Some("systemd"), r), Mode::Systemd);
+        assert_eq!(interactive_mode(Some("shell"), r), Mode::Shell);
+    }
+
+    #[test]
     fn a_disk_image_that_cannot_be_made_is_not_left_behind() {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("nvme/run.img");
