@@ -713,6 +713,8 @@ pub fn prepare(
         None
     };
     let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
+    let term = if exec { None } else { host_terminal() };
+    let relay_size = mode == Mode::Shell && term.is_some();
     let input = PlanInput {
         mode,
         user,
@@ -741,7 +743,7 @@ pub fn prepare(
         sriov,
         virt,
         boot_script,
-        term: if exec { None } else { host_terminal() },
+        term,
     };
     let files = guest::generate(&input);
     let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs)?)
@@ -779,6 +781,13 @@ pub fn prepare(
                 socket: run_dir.join(format!("{n}.sock")),
             })
             .collect()
+    } else if relay_size {
+        // The host terminal's new size after a resize (SIGWINCH), for the
+        // init to set on the console: a serial line carries none.
+        vec![Port {
+            name: WINSIZE_PORT.into(),
+            socket: run_dir.join("winsize.sock"),
+        }]
     } else {
         Vec::new()
     };
@@ -1492,6 +1501,36 @@ fn write_run_files(p: &Prepared, run_dir: &Path) -> Result<(), RunError> {
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
+/// The virtio-serial port that carries the host terminal's size.
+const WINSIZE_PORT: &str = "mkt.winsize";
+
+/// Set by SIGWINCH: the host terminal was resized.
+static RESIZED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_winch(_: i32) {
+    RESIZED.store(true, Ordering::SeqCst);
+}
+
+/// Accepts QEMU's connection on `listener`, then sends the terminal's
+/// `rows cols` after each resize until QEMU goes. Detached: it has nothing
+/// to hand back.
+fn relay_winsize(listener: UnixListener) {
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        loop {
+            if RESIZED.swap(false, Ordering::SeqCst)
+                && let Some(t) = host_terminal().filter(|t| t.rows > 0 && t.cols > 0)
+                && writeln!(s, "{} {}", t.rows, t.cols).is_err()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+}
+
 extern "C" fn on_signal(sig: i32) {
     SIGNALLED.store(sig, Ordering::SeqCst);
     crate::interrupt::note(sig);
@@ -1509,6 +1548,15 @@ fn install_signal_handlers() {
         unsafe {
             let _ = sigaction(s, &act);
         }
+    }
+    let winch = SigAction::new(
+        SigHandler::Handler(on_winch),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: as above: the handler only stores to an atomic.
+    unsafe {
+        let _ = sigaction(Signal::SIGWINCH, &winch);
     }
 }
 
@@ -2012,6 +2060,10 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     });
     let mut handles = Vec::new();
     for (name, l) in relays {
+        if name == WINSIZE_PORT {
+            relay_winsize(l);
+            continue;
+        }
         let h = match name.as_str() {
             "mkt.stdout" => relay(l, io::stdout()),
             "mkt.stderr" => relay(l, io::stderr()),

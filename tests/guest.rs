@@ -561,10 +561,18 @@ struct Session {
 /// TERM=xterm-256color, as a terminal user would; waits for `prompt` on the
 /// console, tries `mkt ssh -- true` (through `ssh`) when a port shows, then
 /// types `keys` (which must end the VM) and reads back `file`.
+/// Keys to type on the console: once `after` (when given) is a non-empty
+/// file, with the terminal first resized to `resize` (when given).
+struct Step<'a> {
+    after: Option<&'a Path>,
+    resize: Option<(u16, u16)>,
+    keys: &'a str,
+}
+
 fn console_session(
     mut vm: std::process::Command,
     prompt: &str,
-    keys: &str,
+    steps: &[Step],
     ssh: impl Fn() -> Output,
     file: &Path,
 ) -> Session {
@@ -577,6 +585,18 @@ fn console_session(
     };
     let pty = nix::pty::openpty(Some(&ws), None).unwrap();
     let slave = std::fs::File::from(pty.slave);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid and ioctl are async-signal-safe. The pty becomes mkt's
+    // controlling terminal, as a terminal emulator's is: resizes send SIGWINCH.
+    unsafe {
+        vm.pre_exec(|| {
+            nix::unistd::setsid()?;
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = vm
         .env("TERM", "xterm-256color")
         .stdin(slave.try_clone().unwrap())
@@ -614,7 +634,7 @@ fn console_session(
     });
     let deadline = Instant::now() + Duration::from_secs(200);
     let mut ssh_result = None;
-    let mut typed = false;
+    let mut next = 0;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -628,9 +648,27 @@ fn console_session(
             }
         }
         let at_prompt = text(&console.lock().unwrap()).contains(prompt);
-        if !typed && at_prompt && (ssh_result.is_some() || !*port.lock().unwrap()) {
-            (&master).write_all(keys.as_bytes()).unwrap();
-            typed = true;
+        if let Some(step) = steps.get(next)
+            && at_prompt
+            && (ssh_result.is_some() || !*port.lock().unwrap())
+            && step
+                .after
+                .is_none_or(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+        {
+            if let Some((rows, cols)) = step.resize {
+                let ws = nix::pty::Winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                use std::os::fd::AsRawFd;
+                // SAFETY: the master fd is open and ws is a valid struct winsize.
+                let r = unsafe { nix::libc::ioctl(master.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) };
+                assert_eq!(r, 0, "resize the pty");
+            }
+            (&master).write_all(step.keys.as_bytes()).unwrap();
+            next += 1;
         }
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -656,15 +694,32 @@ fn default_interactive_case(user: Option<&common::TestUser>) {
         return;
     };
     let out = home.path().join("console-out");
-    let keys = "{ id -un; stty size; echo $TERM; cut -f1 /proc/sys/kernel/printk; \
-                sudo -n dmesg | grep -c 'Linux version'; systemctl is-system-running; } > ~/console-out 2>&1; exit\n";
+    let first = home.path().join("console-size");
+    // The size at start, then (after the host terminal is resized to 40x100)
+    // the new size once it has come through, within 30 s.
+    let keys = "{ id -un; cat ~/console-size; echo $TERM; cut -f1 /proc/sys/kernel/printk; \
+                sudo -n dmesg | grep -c 'Linux version'; systemctl is-system-running; \
+                for i in $(seq 150); do [ \"$(stty size)\" = '40 100' ] && break; sleep 0.2; done; \
+                stty size; } > ~/console-out 2>&1; exit\n";
+    let steps = [
+        Step {
+            after: None,
+            resize: None,
+            keys: "stty size > ~/console-size\n",
+        },
+        Step {
+            after: Some(&first),
+            resize: Some((40, 100)),
+            keys,
+        },
+    ];
     let mut vm = common::mkt_as(user, home.path());
     vm.arg("run").current_dir(home.path());
     let h = home.path().to_path_buf();
     let s = console_session(
         vm,
         "@mkt:",
-        keys,
+        &steps,
         || {
             common::mkt_as(user, &h)
                 .args(["ssh", "--", "true"])
@@ -691,6 +746,8 @@ fn default_interactive_case(user: Option<&common::TestUser>) {
     );
     // No systemd: mkt's init is PID 1.
     assert_ne!(lines.get(5), Some(&"running"), "{}", s.file);
+    // The host terminal's resize reached the console.
+    assert_eq!(lines.get(6), Some(&"40 100"), "{}", s.file);
 }
 
 #[test]
@@ -761,10 +818,15 @@ fn systemd_mode_waits_for_no_console_it_lacks() {
         .args(&kernel)
         .args(["--init", "systemd", "--net", "none"])
         .current_dir(home.path());
+    let steps = [Step {
+        after: None,
+        resize: None,
+        keys,
+    }];
     let s = console_session(
         vm,
         "@mkt:",
-        keys,
+        &steps,
         || unreachable!("--net none has no SSH port"),
         &out,
     );

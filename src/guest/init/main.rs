@@ -736,6 +736,23 @@ fn set_winsize(rows: u16, cols: u16) {
     }
 }
 
+/// Reads `rows cols` lines from the port and sets each on the console. A
+/// read returns 0 while the host end is not connected: wait and retry.
+fn follow_winsize(port: &Path) {
+    use std::io::BufRead;
+    loop {
+        let Ok(f) = File::open(port) else { return };
+        for line in io::BufReader::new(f).lines() {
+            let Ok(line) = line else { break };
+            let mut it = line.split_whitespace().map(|n| n.parse::<u16>().ok());
+            if let (Some(Some(rows)), Some(Some(cols))) = (it.next(), it.next()) {
+                set_winsize(rows, cols);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 /// Lowers the console log level to `quiet`'s (errors and worse) so kernel
 /// messages stop landing on the shell; dmesg keeps them all. Left alone
 /// when the command line asks for a level (loglevel=, debug, ignore_loglevel).
@@ -763,6 +780,11 @@ fn run_shell(p: &Plan) -> ! {
         if *rows > 0 && *cols > 0 {
             set_winsize(*rows, *cols);
         }
+    }
+    // The host sends the terminal's new size after each resize; setting it
+    // on the console sends the shell's foreground job SIGWINCH.
+    if let Some(port) = find_port("mkt.winsize") {
+        std::thread::spawn(move || follow_winsize(&port));
     }
     quiet_console();
     if let Some(u) = &p.user {
