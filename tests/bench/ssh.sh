@@ -64,6 +64,7 @@ vng_ssh=
 venv=$cache/bench-venv
 if [ -x "$venv/bin/vng" ] && "$venv/bin/vng" --help 2>&1 | grep -q -- '--ssh-tcp'; then
   vng_ssh=$venv/bin/vng   # --ssh-tcp: no vhost-vsock on this host class
+  export PATH=$venv/bin:$PATH   # vng runs virtme-run from its venv
 else
   echo "vng --ssh: skipped, virtme-ng with --ssh-tcp not installed in $venv (boot.sh installs it)" >&2
 fi
