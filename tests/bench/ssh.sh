@@ -19,7 +19,7 @@ rootfs=$cache/rootfs-bookworm
 (cd "$here" && cargo build --release -q)
 mkt=$here/target/release/mkt
 work=$(mktemp -d)
-cleanup() { [ -n "${vm:-}" ] && kill "$vm" 2>/dev/null; rm -rf "$work"; }
+cleanup() { [ -n "${vm:-}" ] && killtree "$vm"; rm -rf "$work"; }
 trap cleanup EXIT
 # A private runtime dir: `mkt ssh` with no name finds only this script's VM.
 export XDG_RUNTIME_DIR=$work/run
@@ -27,6 +27,8 @@ mkdir -m 0700 "$XDG_RUNTIME_DIR"
 cd "$work"
 
 now() { date +%s.%N; }
+# Ends a process and everything under it, by pid (vng's QEMU is a grandchild).
+killtree() { local c; for c in $(pgrep -P "$1"); do killtree "$c"; done; kill "$1" 2>/dev/null || true; }
 
 # Seconds from `mkt run ARGS` (interactive, its console fed by an idle pipe) to the first
 # `mkt ssh -- true` that succeeds; the VM is stopped after.
@@ -77,12 +79,12 @@ vng_to_ssh() {
   until timeout 20 "$vng_ssh" --ssh-client --ssh-tcp --remote-cmd true </dev/null >/dev/null 2>&1; do
     if ! kill -0 "$vm" 2>/dev/null || [ "$(echo "$(now) - $t0 > 120" | bc)" = 1 ]; then
       echo "vng --ssh: no SSH in 120 s (console: $work/vng-console)" >&2; tail -3 "$work/vng-console" >&2
-      pkill -P "$vm" 2>/dev/null || true; wait "$vm" 2>/dev/null || true; vm=; return 1
+      killtree "$vm"; wait "$vm" 2>/dev/null || true; vm=; return 1
     fi
     sleep 0.2
   done
   t1=$(now)
-  pkill -P "$vm" 2>/dev/null || true; wait "$vm" 2>/dev/null || true; vm=
+  killtree "$vm"; wait "$vm" 2>/dev/null || true; vm=
   echo "$t1 - $t0" | bc
 }
 
