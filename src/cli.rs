@@ -190,8 +190,9 @@ pub struct RunArgs {
     /// its output goes to the console [default: the setup's boot_script].
     #[arg(long, value_name = "FILE")]
     pub boot_script: Option<PathBuf>,
-    /// Interactive mode: the rootfs's systemd (default when present) or a
-    /// plain login shell (faster, no services).
+    /// Interactive mode: mkt's own init with a login shell and the tree's
+    /// sshd (default when the rootfs has a shell: seconds to a prompt), or
+    /// the rootfs's systemd (its units and services; slower).
     #[arg(long, value_parser = ["systemd", "shell"])]
     pub init: Option<String>,
     /// Keep the run directory (generated files) and print it.

@@ -661,11 +661,8 @@ pub fn prepare(
     let exec = !opts.command.is_empty();
     let mode = if exec {
         Mode::Exec(opts.command.clone())
-    } else if opts.init.as_deref() == Some("shell") || !rootfs.join("lib/systemd/systemd").exists()
-    {
-        Mode::Shell
     } else {
-        Mode::Systemd
+        interactive_mode(opts.init.as_deref(), &rootfs)
     };
     let net = net_mode != net::Mode::None;
     // A bridge normally has a DHCP server; a bare tap may never get one,
@@ -731,6 +728,8 @@ pub fn prepare(
         None
     };
     let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
+    let term = if exec { None } else { host_terminal() };
+    let relay_size = mode == Mode::Shell && term.is_some();
     let input = PlanInput {
         mode,
         user,
@@ -759,6 +758,7 @@ pub fn prepare(
         sriov,
         virt,
         boot_script,
+        term,
     };
     let files = guest::generate(&input);
     let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs)?)
@@ -802,6 +802,13 @@ pub fn prepare(
                 socket: run_dir.join(format!("{n}.sock")),
             })
             .collect()
+    } else if relay_size {
+        // The host terminal's new size after a resize (SIGWINCH), for the
+        // init to set on the console: a serial line carries none.
+        vec![Port {
+            name: WINSIZE_PORT.into(),
+            socket: run_dir.join("winsize.sock"),
+        }]
     } else {
         Vec::new()
     };
@@ -1472,6 +1479,42 @@ fn remote_script_command(script: &Path) -> Vec<String> {
     ]
 }
 
+/// The interactive mode: the one asked for, else mkt's shell (seconds to a
+/// prompt and to SSH) when the tree has a shell, else its systemd.
+fn interactive_mode(init: Option<&str>, rootfs: &Path) -> Mode {
+    match init {
+        Some("systemd") => Mode::Systemd,
+        Some(_) => Mode::Shell,
+        None if rootfs.join("bin/sh").exists() || rootfs.join("bin/bash").exists() => Mode::Shell,
+        None if rootfs.join("lib/systemd/systemd").exists() => Mode::Systemd,
+        None => Mode::Shell,
+    }
+}
+
+nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::pty::Winsize);
+
+/// The terminal on stdin (QEMU's console): its TERM and size, for the
+/// guest's console. None when stdin is no terminal.
+fn host_terminal() -> Option<guest::Terminal> {
+    let stdin = io::stdin();
+    if !nix::unistd::isatty(&stdin).unwrap_or(false) {
+        return None;
+    }
+    let mut ws = nix::pty::Winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: fd 0 is open (a tty) and ws is a valid struct winsize.
+    let _ = unsafe { tiocgwinsz(0, &mut ws) };
+    Some(guest::Terminal {
+        term: std::env::var("TERM").unwrap_or_default(),
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
+}
+
 /// Where a command run's serial console goes: the run log dir, so it
 /// (boot script output included) survives the run.
 fn console_log(paths: &Paths, name: &str) -> PathBuf {
@@ -1524,6 +1567,36 @@ fn write_run_files(p: &Prepared, run_dir: &Path) -> Result<(), RunError> {
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
+/// The virtio-serial port that carries the host terminal's size.
+const WINSIZE_PORT: &str = "mkt.winsize";
+
+/// Set by SIGWINCH: the host terminal was resized.
+static RESIZED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_winch(_: i32) {
+    RESIZED.store(true, Ordering::SeqCst);
+}
+
+/// Accepts QEMU's connection on `listener`, then sends the terminal's
+/// `rows cols` after each resize until QEMU goes. Detached: it has nothing
+/// to hand back.
+fn relay_winsize(listener: UnixListener) {
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        loop {
+            if RESIZED.swap(false, Ordering::SeqCst)
+                && let Some(t) = host_terminal().filter(|t| t.rows > 0 && t.cols > 0)
+                && writeln!(s, "{} {}", t.rows, t.cols).is_err()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+}
+
 extern "C" fn on_signal(sig: i32) {
     SIGNALLED.store(sig, Ordering::SeqCst);
     crate::interrupt::note(sig);
@@ -1541,6 +1614,15 @@ fn install_signal_handlers() {
         unsafe {
             let _ = sigaction(s, &act);
         }
+    }
+    let winch = SigAction::new(
+        SigHandler::Handler(on_winch),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: as above: the handler only stores to an atomic.
+    unsafe {
+        let _ = sigaction(Signal::SIGWINCH, &winch);
     }
 }
 
@@ -2057,6 +2139,10 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     });
     let mut handles = Vec::new();
     for (name, l) in relays {
+        if name == WINSIZE_PORT {
+            relay_winsize(l);
+            continue;
+        }
         let h = match name.as_str() {
             "mkt.stdout" => relay(l, io::stdout()),
             "mkt.stderr" => relay(l, io::stderr()),
@@ -2134,6 +2220,21 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interactive_default_is_the_shell_when_the_tree_has_one() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("lib/systemd")).unwrap();
+        std::fs::write(r.join("lib/systemd/systemd"), "").unwrap();
+        // systemd only: the tree's init.
+        assert_eq!(interactive_mode(None, r), Mode::Systemd);
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::write(r.join("bin/sh"), "").unwrap();
+        assert_eq!(interactive_mode(None, r), Mode::Shell);
+        assert_eq!(interactive_mode(Some("systemd"), r), Mode::Systemd);
+        assert_eq!(interactive_mode(Some("shell"), r), Mode::Shell);
+    }
 
     #[test]
     fn a_disk_image_that_cannot_be_made_is_not_left_behind() {

@@ -548,3 +548,295 @@ fn sudo_on_the_shell_mode_console_gets_a_pty() {
         );
     }
 }
+
+/// What a console session saw: the console bytes, `mkt ssh -- true`'s
+/// result (when the VM advertised a port), and the file the typed keys wrote.
+struct Session {
+    console: String,
+    ssh: Option<Output>,
+    file: String,
+}
+
+/// Starts `vm` (an interactive `mkt run`) on a pty of `rows`x`cols` with
+/// TERM=xterm-256color, as a terminal user would; waits for `prompt` on the
+/// console, tries `mkt ssh -- true` (through `ssh`) when a port shows, then
+/// types `keys` (which must end the VM) and reads back `file`.
+/// Keys to type on the console: once `after` (when given) is a non-empty
+/// file, with the terminal first resized to `resize` (when given).
+struct Step<'a> {
+    after: Option<&'a Path>,
+    resize: Option<(u16, u16)>,
+    keys: &'a str,
+}
+
+fn console_session(
+    mut vm: std::process::Command,
+    prompt: &str,
+    steps: &[Step],
+    ssh: impl Fn() -> Output,
+    file: &Path,
+) -> Session {
+    use std::io::{BufRead, Write};
+    let ws = nix::pty::Winsize {
+        ws_row: 37,
+        ws_col: 111,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid and ioctl are async-signal-safe. The pty becomes mkt's
+    // controlling terminal, as a terminal emulator's is: resizes send SIGWINCH.
+    unsafe {
+        vm.pre_exec(|| {
+            nix::unistd::setsid()?;
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = vm
+        .env("TERM", "xterm-256color")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(slave);
+    let master = std::fs::File::from(pty.master);
+    let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = console.clone();
+    let mut reader_end = master.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // EIO once the VM (the last holder of the slave) is gone.
+        while let Ok(n) = std::io::Read::read(&mut reader_end, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let stderr = child.stderr.take().unwrap();
+    let port = std::sync::Arc::new(std::sync::Mutex::new(false));
+    let seen = port.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("ssh on 127.0.0.1:") {
+                *seen.lock().unwrap() = true;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(200);
+    let mut ssh_result = None;
+    let mut next = 0;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        if ssh_result.is_none() && *port.lock().unwrap() {
+            let o = ssh();
+            // The last failure is kept when time runs short.
+            if o.status.success() || Instant::now() + Duration::from_secs(30) > deadline {
+                ssh_result = Some(o);
+            }
+        }
+        let at_prompt = text(&console.lock().unwrap()).contains(prompt);
+        if let Some(step) = steps.get(next)
+            && at_prompt
+            && (ssh_result.is_some() || !*port.lock().unwrap())
+            && step
+                .after
+                .is_none_or(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+        {
+            if let Some((rows, cols)) = step.resize {
+                let ws = nix::pty::Winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                use std::os::fd::AsRawFd;
+                // SAFETY: the master fd is open and ws is a valid struct winsize.
+                let r = unsafe { nix::libc::ioctl(master.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) };
+                assert_eq!(r, 0, "resize the pty");
+            }
+            (&master).write_all(step.keys.as_bytes()).unwrap();
+            next += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = child.wait();
+    // The reader ends when QEMU (the slave's last holder) is gone.
+    let wait = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() && Instant::now() < wait {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = text(&console.lock().unwrap());
+    Session {
+        console,
+        ssh: ssh_result,
+        file: std::fs::read_to_string(file).unwrap_or_default(),
+    }
+}
+
+/// `mkt run` with no flags on the default tree: mkt's init brings up a
+/// shell as the user on the console, with the host terminal's TERM and
+/// size, a quiet console (dmesg keeps everything), and the tree's sshd.
+fn default_interactive_case(user: Option<&common::TestUser>) {
+    let Some(home) = common::home_with_default_rootfs(user) else {
+        return;
+    };
+    let out = home.path().join("console-out");
+    let first = home.path().join("console-size");
+    // The size at start, then (after the host terminal is resized to 40x100)
+    // the new size once it has come through, within 30 s.
+    let keys = "{ id -un; cat ~/console-size; echo $TERM; cut -f1 /proc/sys/kernel/printk; \
+                sudo -n dmesg | grep -c 'Linux version'; systemctl is-system-running; \
+                for i in $(seq 150); do [ \"$(stty size)\" = '40 100' ] && break; sleep 0.2; done; \
+                stty size; } > ~/console-out 2>&1; exit\n";
+    let steps = [
+        Step {
+            after: None,
+            resize: None,
+            keys: "stty size > ~/console-size\n",
+        },
+        Step {
+            after: Some(&first),
+            resize: Some((40, 100)),
+            keys,
+        },
+    ];
+    let mut vm = common::mkt_as(user, home.path());
+    vm.arg("run").current_dir(home.path());
+    let h = home.path().to_path_buf();
+    let s = console_session(
+        vm,
+        "@mkt:",
+        &steps,
+        || {
+            common::mkt_as(user, &h)
+                .args(["ssh", "--", "true"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        },
+        &out,
+    );
+    let name = user.map_or("root".to_string(), |u| u.name.clone());
+    let ssh = s.ssh.as_ref().expect("no SSH port advertised");
+    assert!(
+        ssh.status.success(),
+        "mkt ssh -- true: {}",
+        text(&ssh.stderr)
+    );
+    let lines: Vec<&str> = s.file.lines().collect();
+    assert_eq!(
+        lines.get(..5),
+        Some(&[name.as_str(), "37 111", "xterm-256color", "4", "1"][..]),
+        "{}\nconsole:\n{}",
+        s.file,
+        s.console
+    );
+    // No systemd: mkt's init is PID 1.
+    assert_ne!(lines.get(5), Some(&"running"), "{}", s.file);
+    // The host terminal's resize reached the console.
+    assert_eq!(lines.get(6), Some(&"40 100"), "{}", s.file);
+}
+
+#[test]
+fn default_interactive_mode_is_a_shell_with_the_host_terminal_and_ssh() {
+    default_interactive_case(None);
+}
+
+#[test]
+fn default_interactive_mode_is_a_shell_with_the_host_terminal_and_ssh_rootless() {
+    let Some(Some(user)) = common::unprivileged_user() else {
+        eprintln!("SKIP: no unprivileged test user");
+        return;
+    };
+    default_interactive_case(Some(&user));
+}
+
+/// `--init systemd` on a tree whose recipe enabled a getty on hvc0 (every
+/// shipped recipe does; QEMU has no hvc0): at the prompt systemd has no job
+/// left waiting (no dev-hvc0.device), the terminal came through, and no
+/// per-boot host key generation is set to run. Root only: the tree is the
+/// fixture under an overlay with the recipe's symlink.
+#[test]
+fn systemd_mode_waits_for_no_console_it_lacks() {
+    let Some((rootfs, kernel)) = tree() else {
+        return;
+    };
+    if !nix::unistd::getuid().is_root() {
+        common::unavailable::<()>("root (to overlay the fixture rootfs)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (upper, wdir, merged) = (
+        work.path().join("upper"),
+        work.path().join("work"),
+        work.path().join("tree"),
+    );
+    let wants = upper.join("etc/systemd/system/getty.target.wants");
+    for d in [&wants, &wdir, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::os::unix::fs::symlink(
+        "/lib/systemd/system/serial-getty@.service",
+        wants.join("serial-getty@hvc0.service"),
+    )
+    .unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        rootfs.display(),
+        upper.display(),
+        wdir.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+    let home = common::temp_home(None);
+    let out = home.path().join("console-out");
+    let keys = "{ systemctl list-jobs --no-pager; systemctl show -p LoadState serial-getty@hvc0.service; \
+                stty size; echo $TERM; } > ~/console-out 2>&1; systemctl poweroff\n";
+    let mut vm = common::mkt(home.path());
+    vm.arg("run")
+        .arg("--rootfs")
+        .arg(&merged)
+        .args(&kernel)
+        .args(["--init", "systemd", "--net", "none"])
+        .current_dir(home.path());
+    let steps = [Step {
+        after: None,
+        resize: None,
+        keys,
+    }];
+    let s = console_session(
+        vm,
+        "@mkt:",
+        &steps,
+        || unreachable!("--net none has no SSH port"),
+        &out,
+    );
+    let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+    assert!(
+        s.file.contains("No jobs running."),
+        "{}\nconsole:\n{}",
+        s.file,
+        s.console
+    );
+    assert!(s.file.contains("LoadState=masked"), "{}", s.file);
+    assert!(s.file.contains("37 111\nxterm-256color\n"), "{}", s.file);
+}

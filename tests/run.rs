@@ -589,7 +589,8 @@ fn interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm() {
     )
     .unwrap();
     let mut c = common::mkt_as(user, home.path());
-    c.args(["run", "cx5"])
+    // systemd mode: the default shell would end at stdin's EOF.
+    c.args(["run", "cx5", "--init", "systemd"])
         .env("MKT_CONFIG", &cfg)
         .current_dir(home.path());
     c.stdin(std::process::Stdio::null())

@@ -46,6 +46,7 @@ const MS_MOVE: u64 = 8192;
 const RB_POWER_OFF: i32 = 0x4321fedc;
 const SYS_FINIT_MODULE: i64 = 313;
 const TIOCSCTTY: u64 = 0x540E;
+const TIOCSWINSZ: u64 = 0x5414;
 
 const SIOCADDRT: u64 = 0x890B;
 const SIOCGIFFLAGS: u64 = 0x8913;
@@ -482,6 +483,8 @@ struct Plan {
     boot: Option<String>,
     /// The tree's sshd, started by the init (shell mode).
     sshd: Option<String>,
+    /// The host terminal: TERM, rows, cols (0: unknown).
+    term: Option<(String, u16, u16)>,
     net: Option<(String, String, String, String)>,
     /// (device, hostname, timeout in seconds): configure the device by DHCP.
     dhcp: Option<(String, String, u64)>,
@@ -511,6 +514,7 @@ fn parse_plan(text: &str) -> Plan {
             "setup" => p.setup = Some(n(1)),
             "boot" => p.boot = Some(n(1)),
             "sshd" => p.sshd = Some(n(1)),
+            "term" => p.term = Some((n(1), n(2).parse().unwrap_or(0), n(3).parse().unwrap_or(0))),
             "net" => p.net = Some((n(1), n(2), n(3), n(4))),
             "dhcp" => p.dhcp = Some((n(1), n(2), n(3).parse().unwrap_or(30))),
             _ => p.ops.push(f),
@@ -722,6 +726,46 @@ fn run_exec(p: &Plan) -> ! {
     poweroff()
 }
 
+/// The console's size (the host terminal's): a serial line carries none.
+/// The init keeps the console open, so the size stays for the shell.
+fn set_winsize(rows: u16, cols: u16) {
+    let ws: [u16; 4] = [rows, cols, 0, 0];
+    // SAFETY: ws is a struct winsize (4 u16) that outlives the call.
+    if unsafe { ioctl(0, TIOCSWINSZ, ws.as_ptr()) } != 0 {
+        log(&format!("console size {rows}x{cols}: {}", io::Error::last_os_error()));
+    }
+}
+
+/// Reads `rows cols` lines from the port and sets each on the console. A
+/// read returns 0 while the host end is not connected: wait and retry.
+fn follow_winsize(port: &Path) {
+    use std::io::BufRead;
+    loop {
+        let Ok(f) = File::open(port) else { return };
+        for line in io::BufReader::new(f).lines() {
+            let Ok(line) = line else { break };
+            let mut it = line.split_whitespace().map(|n| n.parse::<u16>().ok());
+            if let (Some(Some(rows)), Some(Some(cols))) = (it.next(), it.next()) {
+                set_winsize(rows, cols);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// Lowers the console log level to `quiet`'s (errors and worse) so kernel
+/// messages stop landing on the shell; dmesg keeps them all. Left alone
+/// when the command line asks for a level (loglevel=, debug, ignore_loglevel).
+fn quiet_console() {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let asked = cmdline.split_whitespace().any(|w| {
+        w.starts_with("loglevel=") || w == "debug" || w == "ignore_loglevel"
+    });
+    if !asked && let Err(e) = fs::write("/proc/sys/kernel/printk", "4\n") {
+        log(&format!("console log level: {e}"));
+    }
+}
+
 /// Shell mode: a login shell of the user on the console, power off after.
 fn run_shell(p: &Plan) -> ! {
     let shell = "/bin/bash";
@@ -729,6 +773,20 @@ fn run_shell(p: &Plan) -> ! {
     let mut cmd = Command::new(shell);
     cmd.arg("-l");
     user_env(&mut cmd, &p.user);
+    if let Some((term, rows, cols)) = &p.term {
+        if !term.is_empty() {
+            cmd.env("TERM", term);
+        }
+        if *rows > 0 && *cols > 0 {
+            set_winsize(*rows, *cols);
+        }
+    }
+    // The host sends the terminal's new size after each resize; setting it
+    // on the console sends the shell's foreground job SIGWINCH.
+    if let Some(port) = find_port("mkt.winsize") {
+        std::thread::spawn(move || follow_winsize(&port));
+    }
+    quiet_console();
     if let Some(u) = &p.user {
         cmd.current_dir(&u.3);
     }
