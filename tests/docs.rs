@@ -30,6 +30,10 @@ const NOT_RUN: &[(&str, &str)] = &[
         "needs a running VM called vm; tests/guest.rs shell_mode_serves_ssh_running_the_exact_argv_tests_and_the_guest_tool runs it",
     ),
     (
+        "mkt ssh -- true",
+        "needs a running VM; tests/guest.rs default_interactive_mode_is_a_shell_with_the_host_terminal_and_ssh runs it",
+    ),
+    (
         "mkt run --rootfs fc30",
         "needs the fc30 tree (a Fedora image pull); tests/recipe.rs builds image recipes",
     ),
