@@ -164,17 +164,43 @@ pub fn unprivileged_user() -> Option<Option<TestUser>> {
     }))
 }
 
-/// A copy of the mkt binary any user can execute (the build dir may sit
-/// under root's 0700 home).
+/// The mkt binary at a path any user can execute (the build dir may sit
+/// under root's 0700 home). One per build of the binary, shared by every
+/// test process (nextest runs each test in its own): a copy per process
+/// filled /tmp with one 117 MiB binary per test that ran as the test user.
 pub fn shared_mkt() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mkt-test-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_mkt"));
+        let m = std::fs::metadata(bin).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "mkt-test-bin-{}-{}-{}",
+            m.ino(),
+            m.mtime(),
+            m.mtime_nsec()
+        ));
         let dst = dir.join("mkt");
-        std::fs::copy(env!("CARGO_BIN_EXE_mkt"), &dst).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if dst.exists() {
+            return dst;
+        }
+        // Made aside and renamed into place, so a test never runs a
+        // half-written binary; a process that loses the race uses the
+        // winner's. A hard link costs no space; a copy where it cannot be.
+        let tmp = tempfile::Builder::new()
+            .prefix("mkt-test-bin-tmp-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let part = tmp.join("mkt");
+        if std::fs::hard_link(bin, &part).is_err() {
+            std::fs::copy(bin, &part).unwrap();
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(dst.exists(), "no shared mkt binary at {}", dst.display());
         dst
     })
     .clone()
