@@ -188,23 +188,6 @@ fn guest_cannot_plant_setid_files_or_devices_over_9p() {
     no_planting(&rootfs, &kernel, Some("9p"));
 }
 
-/// A listing that changes when anything under `root` changes.
-fn digest(root: &Path) -> Vec<(PathBuf, u64, u32, i64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let m = e.path().symlink_metadata().unwrap();
-            out.push((e.path(), m.size(), m.mode(), m.mtime()));
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// The guest (as the user and with sudo) tries to change a stored tree
 /// under the shared home, and to move the store away and put its own in
 /// place; the host's store stays as it was.
@@ -230,7 +213,7 @@ fn store_out_of_reach(
         ] {
             chown_to(&d, user);
         }
-        let before = digest(&store);
+        let before = common::tree_digest(&store);
         let s = store.display().to_string();
         let script = format!(
             "echo x > {s}/victim/etc/os-release; touch {s}/victim/new; rm -rf {s}/victim/etc; \
@@ -247,7 +230,7 @@ fn store_out_of_reach(
         let (out, err) = (text(&o.stdout), text(&o.stderr));
         assert_eq!(out, "done\n", "{err}");
         assert!(
-            before == digest(&store),
+            before == common::tree_digest(&store),
             "the guest changed the store:\n{err}"
         );
         assert_eq!(

@@ -97,27 +97,6 @@ fn exec_mode_works_rootless() {
     exec_case(user.as_ref(), None);
 }
 
-/// A listing of the tree that changes when any file's content, size,
-/// mode or mtime changes (hashing every byte of a rootfs would be slow).
-fn tree_digest(root: &Path) -> Vec<(PathBuf, u64, u32, i64)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let m = e.path().symlink_metadata().unwrap();
-            out.push((e.path(), m.size(), m.mode(), m.mtime()));
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn home_is_shared_rw_and_the_stored_tree_never_changes() {
     let Some(fx) = fixtures() else { return };
@@ -138,7 +117,7 @@ fn home_is_shared_rw_and_the_stored_tree_never_changes() {
         )
         .unwrap();
     }
-    let before = tree_digest(&fx.rootfs);
+    let before = common::tree_digest(&fx.rootfs);
     let script = "cat data.bin; echo guest > from-guest.txt; \
         sudo sh -c 'echo x > /etc/mkt-test; echo y > /usr/bin/mkt-test; rm -f /etc/hostname; touch /etc/passwd' >&2; \
         test -f /etc/mkt-test && echo etc-written >&2";
@@ -161,7 +140,7 @@ fn home_is_shared_rw_and_the_stored_tree_never_changes() {
         .unwrap_or_else(|| nix::unistd::getuid().as_raw());
     assert_eq!(std::fs::metadata(&f).unwrap().uid(), want_uid);
     assert!(
-        before == tree_digest(&fx.rootfs),
+        before == common::tree_digest(&fx.rootfs),
         "the stored rootfs changed"
     );
 }

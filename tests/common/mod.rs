@@ -311,3 +311,25 @@ pub fn assert_guest_clean(output: &str, cpus: u32) -> String {
         .map(|l| format!("{l}\n"))
         .collect()
 }
+
+/// A listing of the tree that changes when any file's content, size,
+/// mode or mtime changes (hashing every byte of a rootfs would be slow).
+pub fn tree_digest(root: &Path) -> Vec<(PathBuf, u64, u32, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            out.push((e.path(), m.size(), m.mode(), m.mtime()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
