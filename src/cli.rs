@@ -289,7 +289,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             if all {
                 cmd.push("--all".into());
             }
-            crate::run::ssh(&ctx.paths, name.as_deref(), &cmd)
+            crate::run::ssh(&ctx.paths, name.as_deref(), &cmd, cli.global.quiet)
         }
         Command::Ps { json } => {
             let ctx = load_context(&cli.global)?;
@@ -312,7 +312,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Ssh { name, command } => {
             let ctx = load_context(&cli.global)?;
-            crate::run::ssh(&ctx.paths, name.as_deref(), &command)
+            crate::run::ssh(&ctx.paths, name.as_deref(), &command, cli.global.quiet)
         }
         Command::Rootfs(args) => {
             let ctx = load_context(&cli.global)?;

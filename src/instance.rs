@@ -25,6 +25,10 @@ pub struct Record {
     /// QEMU's QMP socket, for `mkt stop`.
     #[serde(default)]
     pub qmp: Option<PathBuf>,
+    /// The guest says when its sshd listens (see [`ssh_state`]): `mkt ssh`
+    /// waits for that instead of connecting early.
+    #[serde(default)]
+    pub ssh_reports_ready: bool,
     /// The run directory the record was read from (not stored).
     #[serde(skip)]
     pub dir: PathBuf,
@@ -59,6 +63,41 @@ pub fn qmp(socket: &Path, command: &str) -> io::Result<String> {
             return Ok(line.trim().to_string());
         }
     }
+}
+
+/// The file in a run directory holding what the guest said of its sshd.
+pub const SSH_STATE: &str = "ssh-state";
+
+/// What the guest has said of its sshd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshState {
+    /// Nothing yet: still booting.
+    Starting,
+    Ready,
+    /// It did not start; the guest's words.
+    Failed(String),
+}
+
+/// What the guest of `r` has said of its sshd (written by its mkt run).
+pub fn ssh_state(r: &Record) -> SshState {
+    match fs::read_to_string(r.dir.join(SSH_STATE)) {
+        Ok(s) if s.trim() == "sshd ready" => SshState::Ready,
+        Ok(s) => SshState::Failed(
+            s.trim()
+                .strip_prefix("sshd failed: ")
+                .unwrap_or(s.trim())
+                .to_string(),
+        ),
+        Err(_) => SshState::Starting,
+    }
+}
+
+/// Records the guest's line about its sshd, whole or not at all (a reader
+/// never sees half of it).
+pub fn set_ssh_state(run_dir: &Path, line: &str) -> io::Result<()> {
+    let tmp = run_dir.join(format!(".{SSH_STATE}.tmp"));
+    fs::write(&tmp, format!("{}\n", line.trim()))?;
+    fs::rename(&tmp, run_dir.join(SSH_STATE))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -529,8 +568,32 @@ mod tests {
             rootfs: "/r".into(),
             started: 1,
             qmp: None,
+            ssh_reports_ready: false,
             dir: PathBuf::new(),
         }
+    }
+
+    #[test]
+    fn the_guests_word_on_sshd_is_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Record {
+            dir: d.path().into(),
+            ..record("t", 1)
+        };
+        assert_eq!(ssh_state(&r), SshState::Starting);
+        set_ssh_state(
+            d.path(),
+            "sshd failed: nothing listens on port 22 after 5s\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ssh_state(&r),
+            SshState::Failed("nothing listens on port 22 after 5s".into())
+        );
+        set_ssh_state(d.path(), "sshd ready").unwrap();
+        assert_eq!(ssh_state(&r), SshState::Ready);
+        // Written aside and renamed: no temp file stays.
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }
 
     #[test]

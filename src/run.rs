@@ -8,7 +8,7 @@ use crate::host::{self, kvm};
 use crate::instance::{self, RunDir};
 use crate::net;
 use crate::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -364,6 +364,8 @@ pub struct Prepared {
     pub net_mode: net::Mode,
     /// The NVMe disk's size, when there is one (the file is made at run).
     pub nvme_mib: Option<u64>,
+    /// The guest says on a port when its sshd listens.
+    pub ssh_reports_ready: bool,
 }
 
 /// A guest file system a kernel may lack.
@@ -794,7 +796,7 @@ pub fn prepare(
     if let Some(w) = tsc_word(&profile, &accel, &append, host::tsc::khz) {
         append.insert(kernel_words_end(&append), w);
     }
-    let ports = if exec {
+    let mut ports = if exec {
         ["stdout", "stderr", "status"]
             .iter()
             .map(|n| Port {
@@ -843,6 +845,15 @@ pub fn prepare(
         },
         _ => Net::None,
     };
+    // The guest says when its sshd listens (mkt's init, or a unit in
+    // systemd mode), so `mkt ssh` waits for that rather than connecting early.
+    let ssh_reports_ready = ssh_keys.is_some() && matches!(net, Net::User { ssh_port: Some(_) });
+    if ssh_reports_ready {
+        ports.push(Port {
+            name: READY_PORT.into(),
+            socket: run_dir.join("ready.sock"),
+        });
+    }
     let cpus = opts
         .cpus
         .or(setup.cpus.map(crate::config::Cpus::get))
@@ -903,6 +914,7 @@ pub fn prepare(
         rootfs,
         net_mode,
         nvme_mib,
+        ssh_reports_ready,
     })
 }
 
@@ -1117,8 +1129,13 @@ fn find_vm<'a>(
 }
 
 /// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
-pub fn ssh(paths: &Paths, name: Option<&str>, command: &[String]) -> anyhow::Result<i32> {
-    ssh_with_stdin(paths, name, command, None)
+pub fn ssh(
+    paths: &Paths,
+    name: Option<&str>,
+    command: &[String],
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    ssh_with_stdin(paths, name, command, None, quiet)
 }
 
 /// [`ssh`] with the remote command's stdin read from `stdin` (else mkt's).
@@ -1127,6 +1144,7 @@ fn ssh_with_stdin(
     name: Option<&str>,
     command: &[String],
     stdin: Option<std::fs::File>,
+    quiet: bool,
 ) -> anyhow::Result<i32> {
     let running = instance::list(&paths.runtime_dir)?;
     let rec = match name {
@@ -1143,6 +1161,9 @@ fn ssh_with_stdin(
             rec.name
         )
     })?;
+    if rec.ssh_reports_ready {
+        wait_for_sshd(rec, quiet)?;
+    }
     let keys = ensure_ssh_keys(&paths.data_dir.join("ssh"))?;
     let argv = ssh_argv(&keys, &rec.user, port, command);
     let mut cmd = Command::new(&argv[0]);
@@ -1439,6 +1460,7 @@ pub fn test(
             Some(&name),
             &remote_script_command(&script),
             Some(file),
+            quiet,
         )?
     } else {
         let opts = RunOptions {
@@ -1569,6 +1591,65 @@ static SIGNALLED: AtomicI32 = AtomicI32::new(0);
 
 /// The virtio-serial port that carries the host terminal's size.
 const WINSIZE_PORT: &str = "mkt.winsize";
+
+/// The virtio-serial port on which the guest says whether its sshd listens.
+const READY_PORT: &str = "mkt.ready";
+
+/// How long `mkt ssh` waits for a booting guest's sshd before trying anyway
+/// (a systemd boot under TCG on a busy host takes ~20 s).
+const SSHD_WAIT: Duration = Duration::from_secs(120);
+
+/// Accepts QEMU's connection on `listener` and records each line the guest
+/// sends about its sshd in the run directory, for `mkt ssh`. Detached.
+fn relay_ready(listener: UnixListener, run_dir: PathBuf) {
+    std::thread::spawn(move || {
+        let Ok((s, _)) = listener.accept() else {
+            return;
+        };
+        for line in io::BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            if line.starts_with("sshd ")
+                && let Err(e) = instance::set_ssh_state(&run_dir, &line)
+            {
+                tracing::warn!("cannot record the guest's sshd state: {e}");
+            }
+        }
+    });
+}
+
+/// Waits until the guest of `rec` says its sshd listens: a connection made
+/// before that sits in QEMU's NAT, whose SYN retries back off to seconds.
+/// Gives up (and lets ssh try) after [`SSHD_WAIT`].
+fn wait_for_sshd(rec: &instance::Record, quiet: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SSHD_WAIT;
+    let mut said = false;
+    loop {
+        match instance::ssh_state(rec) {
+            instance::SshState::Ready => return Ok(()),
+            instance::SshState::Failed(why) => anyhow::bail!(
+                "the sshd of VM {:?} did not start: {why} (its console says more)",
+                rec.name
+            ),
+            instance::SshState::Starting => {}
+        }
+        if !instance::running(rec) {
+            anyhow::bail!("VM {:?} ended before its sshd listened", rec.name);
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                "VM {:?} has not said its sshd listens after {}s; trying anyway",
+                rec.name,
+                SSHD_WAIT.as_secs()
+            );
+            return Ok(());
+        }
+        if !said && !quiet && io::stderr().is_terminal() {
+            eprintln!("mkt: waiting for {}'s sshd (booting)", rec.name);
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// Set by SIGWINCH: the host terminal was resized.
 static RESIZED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1939,7 +2020,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
                 rec.pid
             );
         }
-        return ssh(paths, Some(setup), &opts.command);
+        return ssh(paths, Some(setup), &opts.command, opts.quiet);
     }
     // An unnamed VM is `run-N`, a setup's `SETUP` (`SETUP-N` with --new):
     // unique, so that ssh and stop never pick one of several.
@@ -2126,6 +2207,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         rootfs: prepared.rootfs.clone(),
         started: now_secs(),
         qmp: Some(prepared.spec.qmp.clone()),
+        ssh_reports_ready: prepared.ssh_reports_ready,
         dir: PathBuf::new(),
     })?;
     if let (Some(port), false) = (ssh_port, opts.quiet || prepared.exec) {
@@ -2141,6 +2223,10 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     for (name, l) in relays {
         if name == WINSIZE_PORT {
             relay_winsize(l);
+            continue;
+        }
+        if name == READY_PORT {
+            relay_ready(l, run_dir.path().to_path_buf());
             continue;
         }
         let h = match name.as_str() {

@@ -454,6 +454,22 @@ pub fn generate(input: &PlanInput) -> Generated {
             );
         }
     }
+    if let (Mode::Systemd, Some(_), true) = (&input.mode, &input.ssh, input.etc.has_sshd) {
+        // The host's `mkt ssh` waits for this word rather than knocking on a
+        // port nothing listens on yet (QEMU's NAT then retries for seconds).
+        // Debian calls the unit ssh, Fedora sshd; After= on a missing unit
+        // is a no-op.
+        g.add(
+            "mkt-ssh-ready.service",
+            format!(
+                "[Unit]\nDescription=mkt: tell the host that sshd listens\nAfter=ssh.service sshd.service\n\n\
+                 [Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart={GUEST_TOOL} ssh-ready\n\n\
+                 [Install]\nWantedBy=multi-user.target\n"
+            ),
+            Some("/etc/systemd/system/mkt-ssh-ready.service"),
+            0o644,
+        );
+    }
     if let Some(script) = &input.boot_script {
         // Under /etc, not /run: systemd mounts a fresh /run at boot.
         g.add("boot-script", script.clone(), Some(BOOT_SCRIPT), 0o755);
@@ -548,6 +564,13 @@ pub fn generate(input: &PlanInput) -> Generated {
             "sshd-keygen@.service",
         ] {
             plan += &plan_line(&["symlink", "/dev/null", &format!("{etc}/{unit}")]);
+        }
+        if let (Some(_), true) = (&input.ssh, input.etc.has_sshd) {
+            plan += &plan_line(&[
+                "symlink",
+                &format!("{etc}/mkt-ssh-ready.service"),
+                &format!("{etc}/multi-user.target.wants/mkt-ssh-ready.service"),
+            ]);
         }
         if input.boot_script.is_some() {
             plan += &plan_line(&[
@@ -919,6 +942,34 @@ mod tests {
         assert!(!generate(&i).text("plan").unwrap().contains("sshd\t"));
         assert_eq!(group_gid("a:x:1:\nshadow:x:42:u\n", "shadow"), Some(42));
         assert_eq!(group_gid("a:x:1:\n", "shadow"), None);
+    }
+
+    #[test]
+    fn systemd_mode_tells_the_host_when_sshd_listens() {
+        let g = generate(&input(Mode::Systemd));
+        let unit = g.text("mkt-ssh-ready.service").unwrap();
+        assert!(unit.contains("After=ssh.service sshd.service\n"), "{unit}");
+        assert!(
+            unit.contains("ExecStart=/usr/local/bin/mkt ssh-ready\n"),
+            "{unit}"
+        );
+        assert!(g.text("plan").unwrap().contains(
+            "symlink\t/etc/systemd/system/mkt-ssh-ready.service\t/etc/systemd/system/multi-user.target.wants/mkt-ssh-ready.service\n"
+        ));
+        // Shell mode's init reports itself; no sshd or no SSH: nothing to report.
+        assert!(
+            generate(&input(Mode::Shell))
+                .get("mkt-ssh-ready.service")
+                .is_none()
+        );
+        let mut i = input(Mode::Systemd);
+        i.etc.has_sshd = false;
+        let g = generate(&i);
+        assert!(g.get("mkt-ssh-ready.service").is_none());
+        assert!(!g.text("plan").unwrap().contains("mkt-ssh-ready"));
+        let mut i = input(Mode::Systemd);
+        i.ssh = None;
+        assert!(generate(&i).get("mkt-ssh-ready.service").is_none());
     }
 
     #[test]

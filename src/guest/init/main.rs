@@ -622,6 +622,48 @@ fn mount_dev_extras() {
     }
 }
 
+/// The virtio-serial port on which the guest tells the host whether its
+/// sshd listens, so `mkt ssh` connects only once it does.
+const READY_PORT: &str = "mkt.ready";
+
+/// Whether a socket listens on TCP port 22 (IPv4 or IPv6): the port QEMU
+/// forwards the host's SSH port to.
+fn sshd_listening() -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            // sl local_address rem_address st ...; 0A is LISTEN.
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() > 3 && w[1].ends_with(":0016") && w[3] == "0A"
+        })
+    })
+}
+
+/// Tells the host (on [`READY_PORT`]) whether sshd listens, waiting up to
+/// `wait` for it.
+fn report_sshd(wait: std::time::Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    let listening = loop {
+        if sshd_listening() {
+            break true;
+        }
+        if std::time::Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let line = if listening {
+        "sshd ready".to_string()
+    } else {
+        format!("sshd failed: nothing listens on port 22 after {}s", wait.as_secs())
+    };
+    match open_port(READY_PORT) {
+        Some(mut port) => {
+            let _ = writeln!(port, "{line}");
+        }
+        None => log(&format!("{line} (no {READY_PORT} port to tell the host)")),
+    }
+}
+
 /// Starts the tree's sshd (it forks into the background once listening).
 fn start_sshd(sshd: &str) {
     // Its privilege-separation directory; /run comes from the tree.
@@ -945,10 +987,16 @@ fn modules_reload(args: &[String]) -> i32 {
 fn main() {
     if std::process::id() != 1 {
         let args: Vec<String> = std::env::args().collect();
-        if args.get(1).map(String::as_str) == Some("modules-reload") {
-            std::process::exit(modules_reload(&args[2..]));
+        match args.get(1).map(String::as_str) {
+            Some("modules-reload") => std::process::exit(modules_reload(&args[2..])),
+            // systemd mode's mkt-ssh-ready.service, once ssh.service started.
+            Some("ssh-ready") if args.len() == 2 => {
+                report_sshd(std::time::Duration::from_secs(30));
+                std::process::exit(0)
+            }
+            _ => {}
         }
-        eprintln!("usage: mkt modules-reload [--all]  (mkt's guest side; PID 1 of mkt guests)");
+        eprintln!("usage: mkt modules-reload [--all] | mkt ssh-ready  (mkt's guest side; PID 1 of mkt guests)");
         std::process::exit(2);
     }
     for (src, dst, fstype) in [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")] {
@@ -1016,8 +1064,13 @@ fn main() {
             Err(e) => log(&format!("cannot run {setup}: {e}")),
         }
     }
-    if let Some(sshd) = &plan.sshd {
-        start_sshd(sshd);
+    if let Some(sshd) = plan.sshd.clone() {
+        // Beside the boot: the shell's prompt does not wait for sshd, and
+        // the host hears when sshd listens.
+        std::thread::spawn(move || {
+            start_sshd(&sshd);
+            report_sshd(std::time::Duration::from_secs(5));
+        });
     }
     // The boot script runs as the user before the command or shell (systemd
     // mode runs it from a unit instead); its output goes to the console.
