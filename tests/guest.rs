@@ -985,7 +985,7 @@ fn systemd_mode_answers_ssh_at_once_and_runs_the_boot_script_on_time() {
         .output()
         .unwrap();
     let stop = common::mkt(home.path())
-        .args(["stop", "--timeout", "60"])
+        .args(["stop", "--force"])
         .output()
         .unwrap();
     let _ = vm.wait();

@@ -173,6 +173,11 @@ impl Generated {
 /// Where mkt installs its guest tool (the init binary) in every guest.
 pub const GUEST_TOOL: &str = "/usr/local/bin/mkt";
 
+/// `path` as a systemd unit setting's value: `%` starts a specifier.
+fn unit_path(path: &str) -> String {
+    path.replace('%', "%%")
+}
+
 /// The tree's sshd, which shell mode starts itself.
 pub const SSHD: &str = "/usr/sbin/sshd";
 
@@ -478,10 +483,17 @@ pub fn generate(input: &PlanInput) -> Generated {
                 "mkt-boot-script.service",
                 format!(
                     "[Unit]\nDescription=mkt boot script\nAfter=multi-user.target\n\n\
-                     [Service]\nType=oneshot\nUser={u}\nWorkingDirectory=~\nExecStart={BOOT_SCRIPT}\n\
+                     [Service]\nType=oneshot\nUser={u}\nWorkingDirectory={home}\nEnvironment=\"HOME={home_env}\"\n\
+                     ExecStart={BOOT_SCRIPT}\n\
                      StandardOutput=journal+console\nStandardError=journal+console\n\n\
                      [Install]\nWantedBy=multi-user.target\n",
-                    u = u.name
+                    u = u.name,
+                    // Not `~`: systemd takes root's home to be /root, while
+                    // mkt gives root the host's home, as in shell mode.
+                    home = unit_path(&u.home.to_string_lossy()),
+                    home_env = unit_path(&u.home.to_string_lossy())
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\""),
                 ),
                 Some("/etc/systemd/system/mkt-boot-script.service"),
                 0o644,
@@ -914,6 +926,19 @@ mod tests {
         let g = generate(&i);
         let unit = g.text("mkt-boot-script.service").unwrap();
         assert!(unit.contains("User=dev\n") && unit.contains("ExecStart=/etc/mkt/boot-script\n"));
+        // The user's home as mkt gives it (systemd's `~` is /root for root).
+        assert!(
+            unit.contains("WorkingDirectory=/home/dev\nEnvironment=\"HOME=/home/dev\"\n"),
+            "{unit}"
+        );
+        i.user.home = "/h/50% \"x\"".into();
+        let unit = generate(&i).text("mkt-boot-script.service").unwrap();
+        assert!(
+            unit.contains(
+                "WorkingDirectory=/h/50%% \"x\"\nEnvironment=\"HOME=/h/50%% \\\"x\\\"\"\n"
+            ),
+            "{unit}"
+        );
         assert!(
             g.text("plan")
                 .unwrap()
