@@ -59,7 +59,9 @@ fn write_file(p: &Path, body: &str, mode: u32, user: Option<&common::TestUser>) 
     chown_to(p, user);
 }
 
-/// `mkt run --rootfs ROOTFS KERNEL_ARGS EXTRA -- sh -c SCRIPT` in `home`.
+/// `mkt run --rootfs ROOTFS KERNEL_ARGS EXTRA -- sh -c SCRIPT` in `home`,
+/// after the shared guest check (every CPU, no taint, no warning), which is
+/// asserted here and taken out of the stderr returned.
 fn run_sh(
     user: Option<&common::TestUser>,
     home: &Path,
@@ -68,16 +70,20 @@ fn run_sh(
     extra: &[&str],
     script: &str,
 ) -> Output {
-    common::mkt_as(user, home)
+    let mut o = common::mkt_as(user, home)
         .arg("run")
         .arg("--rootfs")
         .arg(rootfs)
         .args(kernel)
         .args(extra)
-        .args(["--", "sh", "-c", script])
+        .arg("--")
+        .args(common::guest_checked(&["sh", "-c", script]))
         .current_dir(home)
         .output()
-        .expect("spawn mkt")
+        .expect("spawn mkt");
+    let err = text(&o.stderr);
+    o.stderr = common::assert_guest_clean(&err, host_cpus()).into_bytes();
+    o
 }
 
 /// The CPUs a VM gets by default (mkt gives it the host's).
