@@ -516,6 +516,16 @@ fn two_interactive_runs_at_once_get_different_ssh_ports() {
             "{args:?}: {err}"
         );
     }
+    // Without a name (and without --all): several run, exit 1 listing both.
+    for args in [&["ssh", "--", "true"][..], &["stop"]] {
+        let o = common::mkt(home.path()).args(args).output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("several VMs are running") && err.contains("run-1, run-2"),
+            "{args:?}: {err}"
+        );
+    }
     let o = common::mkt(home.path())
         .args(["stop", "--all", "--force"])
         .output()
