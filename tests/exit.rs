@@ -192,6 +192,162 @@ fn ssh_and_stop_exit_1_without_a_vm_and_stop_all_0() {
     assert_eq!(err, "mkt: no VM is running; nothing to stop\n");
 }
 
+/// `git ...` in `dir`, which must succeed.
+fn git(dir: &Path, args: &[&str]) {
+    let o = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=Mkt Test",
+            "-c",
+            "user.email=mkt@example.invalid",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "git {args:?}: {}", text(&o.stderr));
+}
+
+/// `mkt ci --wait` on an iproute2-like commit (a small stand-in with its
+/// shape): 2 when a check cannot run (checkpatch, with no kernel tree in
+/// the config) and nothing is new; 0 once that check is turned off
+/// (`--no-checkpatch`). The repository is named by `-C`.
+#[test]
+fn ci_exits_2_when_a_check_cannot_run_and_0_without_it() {
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("iproute2");
+    std::fs::create_dir_all(repo.join("ip")).unwrap();
+    let write = |p: &str, s: &str| std::fs::write(repo.join(p), s).unwrap();
+    write("configure", "#!/bin/sh\necho CONFIGURED=1 > config.mk\n");
+    std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(repo.join("configure"))
+        .status()
+        .unwrap();
+    write(
+        "Makefile",
+        "CC ?= cc\nall:\n\t$(CC) -Wall -c ip/ip.c -o ip/ip.o\nclean:\n\trm -f ip/*.o config.mk\n",
+    );
+    write(".gitignore", "config.mk\n*.o\n");
+    let c = "// SPDX-License-Identifier: GPL-2.0\nint main(void)\n{\n\treturn 0;\n}\n";
+    write("ip/ip.c", c);
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-s", "-m", "ip: base"]);
+    write("ip/ip.c", &c.replace("return 0", "return 1"));
+    git(
+        &repo,
+        &[
+            "commit",
+            "-q",
+            "-a",
+            "-s",
+            "-m",
+            "ip: return 1",
+            "-m",
+            "Clean.",
+        ],
+    );
+    let ci = |extra: &[&str]| {
+        let o = common::mkt(home.path())
+            .args(["ci", "iproute2", "--wait", "-C"])
+            .arg(&repo)
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .args(extra)
+            .current_dir(home.path())
+            .output()
+            .unwrap();
+        (o.status.code(), text(&o.stdout), text(&o.stderr))
+    };
+    let (code, out, err) = ci(&[]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(out.contains("checkpatch: NOT RUN ("), "{out}");
+    assert!(out.contains("warnings: nothing new"), "{out}");
+    assert!(
+        out.contains("result: no new findings; not run: checkpatch (exit 2"),
+        "{out}"
+    );
+    let (code, out, err) = ci(&["--no-checkpatch"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("checkpatch: disabled (--no-checkpatch)"),
+        "{out}"
+    );
+    assert!(out.contains("result: no new findings (exit 0"), "{out}");
+}
+
+/// A background `mkt ci` exits 0 printing the job's id; `--status ID` is 0
+/// while the job is queued (its scratch tree held by another job: here the
+/// test) and, once the job has failed, 2.
+#[test]
+fn ci_status_is_0_while_a_job_waits_and_2_once_it_failed() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("r");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["commit", "-q", "--allow-empty", "-m", "x"]);
+    // No project in the tree: the job fails once it runs.
+    let submit = || {
+        let o = common::mkt(home.path())
+            .args(["ci", "--rootfs", "/"])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+        text(&o.stdout).trim().to_string()
+    };
+    let status = |id: &str| {
+        let o = common::mkt(home.path())
+            .args(["ci", "--status", id])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        (o.status.code(), text(&o.stdout), text(&o.stderr))
+    };
+    let wait_failed = |id: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let (code, out, err) = status(id);
+            if out.contains("failed: ") {
+                return (code, out, err);
+            }
+            assert!(std::time::Instant::now() < deadline, "{out}{err}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    // The first job makes the scratch tree (and its lock) and fails.
+    let first = submit();
+    assert_eq!(first, "1");
+    let (code, out, err) = wait_failed(&first);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(out.contains("no project found in"), "{out}");
+    // With the scratch tree's lock held, the next job waits: queued, 0.
+    let locks: Vec<_> = std::fs::read_dir(home.path().join(".cache/mkt/ci"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("lock"))
+        .filter(|p| p.exists())
+        .collect();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&locks[0]).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap_or_else(|_| panic!("{} is held", locks[0].display()));
+    let second = submit();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (code, out, err) = status(&second);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(" queued ("), "{out}");
+    drop(held);
+    let (code, out, err) = wait_failed(&second);
+    assert_eq!(code, Some(2), "{out}{err}");
+}
+
 /// Every exit status a command's page promises (docs/CMD.md, "## EXIT
 /// STATUS"), what it means, and the test that asserts it (`FILE::TEST`, a
 /// file under tests/ or `src/...` for a unit test). A new promise in docs/
