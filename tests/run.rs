@@ -1170,8 +1170,9 @@ fn dry_run_into_a_closed_pipe_does_not_panic() {
     }
 }
 
-/// SIGINT (Ctrl-C) or SIGTERM while `mkt run` boots: mkt tears the VM down
-/// and exits 130 or 143, as shells report an interrupted command (not 1).
+/// SIGINT (Ctrl-C), SIGTERM or SIGHUP while `mkt run` boots: mkt tears the
+/// VM down and exits 130, 143 or 129, as shells report an interrupted
+/// command (not 1).
 #[test]
 fn an_interrupted_run_exits_130_or_143_and_leaves_no_vm() {
     let Some(_) = common::program("qemu-system-x86_64") else {
@@ -1183,6 +1184,7 @@ fn an_interrupted_run_exits_130_or_143_and_leaves_no_vm() {
     for (user, sig) in [
         (None, nix::sys::signal::Signal::SIGINT),
         (user.as_ref(), nix::sys::signal::Signal::SIGTERM),
+        (None, nix::sys::signal::Signal::SIGHUP),
     ] {
         let Some(home) = common::home_with_default_rootfs(user) else {
             return;
