@@ -583,5 +583,10 @@ fn rootfs_shell_without_a_name_enters_the_default_tree() {
         ]));
         assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
         assert!(out.starts_with("12."), "{out}");
+        // The command's exit status is mkt's.
+        let (o, out, err) =
+            run(common::mkt_as(user, home.path())
+                .args(["rootfs", "shell", "--", "sh", "-c", "exit 7"]));
+        assert_eq!(o.status.code(), Some(7), "{out}\n{err}");
     }
 }

@@ -352,328 +352,70 @@ fn ci_status_is_0_while_a_job_waits_and_2_once_it_failed() {
 /// STATUS"), what it means, and the test that asserts it (`FILE::TEST`, a
 /// file under tests/ or `src/...` for a unit test). A new promise in docs/
 /// fails `every_documented_exit_status_has_a_test` until a row names its test.
-/// The "pass" rows are statuses passed on from another program.
+/// The "pass" rows are statuses passed on from another program; a test
+/// written `untested: WHY` is a promise no test checks yet, and why.
+#[rustfmt::skip]
 const STATUSES: &[(&str, &str, &str, &str)] = &[
     // (command, status, meaning, test)
-    (
-        "build",
-        "0",
-        "built",
-        "build.rs::one_file_rebuild_as_the_user_then_a_compile_error",
-    ),
-    (
-        "build",
-        "1",
-        "a step fails",
-        "build.rs::one_file_rebuild_as_the_user_then_a_compile_error",
-    ),
-    (
-        "build",
-        "1",
-        "no project",
-        "build.rs::an_empty_directory_is_not_a_project",
-    ),
-    (
-        "build",
-        "2",
-        "usage error",
-        "exit.rs::every_subcommand_exits_2_on_a_usage_error",
-    ),
-    (
-        "build",
-        "130",
-        "Ctrl-C",
-        "build.rs::ctrl_c_stops_a_build_with_status_130",
-    ),
-    (
-        "build",
-        "143",
-        "SIGTERM",
-        "build.rs::ctrl_c_stops_a_build_with_status_130",
-    ),
-    (
-        "build",
-        "129",
-        "SIGHUP",
-        "build.rs::ctrl_c_stops_a_build_with_status_130",
-    ),
-    (
-        "build",
-        "pass",
-        "--shell: the shell's status",
-        "build.rs::shell_runs_as_the_user_with_a_passwd_entry",
-    ),
-    (
-        "ci",
-        "0",
-        "nothing new",
-        "ci.rs::kernel_commits_report_exactly_what_they_introduce",
-    ),
-    (
-        "ci",
-        "1",
-        "new findings",
-        "ci.rs::kernel_commits_report_exactly_what_they_introduce",
-    ),
-    (
-        "ci",
-        "1",
-        "not a repository, unknown revision",
-        "ci.rs::errors_name_what_is_wrong",
-    ),
-    (
-        "ci",
-        "2",
-        "a check could not run",
-        "ci.rs::iproute2_commit_gets_a_warnings_build_and_checkpatch",
-    ),
-    (
-        "ci",
-        "3",
-        "findings and a check not run",
-        "ci.rs::iproute2_commit_gets_a_warnings_build_and_checkpatch",
-    ),
-    (
-        "completions",
-        "0",
-        "written",
-        "cli.rs::completions_for_each_shell",
-    ),
-    (
-        "completions",
-        "2",
-        "unknown shell",
-        "exit.rs::every_subcommand_exits_2_on_a_usage_error",
-    ),
-    (
-        "doctor",
-        "0",
-        "required checks ok",
-        "cli.rs::doctor_reports_every_capability",
-    ),
-    (
-        "doctor",
-        "1",
-        "a required check fails",
-        "exit.rs::doctor_exits_1_when_a_required_check_fails",
-    ),
-    (
-        "doctor",
-        "1",
-        "bad config",
-        "setup.rs::doctor_fails_on_a_bad_config_naming_file_and_key",
-    ),
-    (
-        "man",
-        "0",
-        "written",
-        "cli.rs::man_pages_render_for_every_subcommand",
-    ),
-    (
-        "man",
-        "1",
-        "DIR cannot be written",
-        "exit.rs::man_exits_1_when_its_directory_cannot_be_written",
-    ),
-    (
-        "modules-reload",
-        "0",
-        "reloaded",
-        "run.rs::modules_reload_reloads_exactly_the_rebuilt_module",
-    ),
-    (
-        "modules-reload",
-        "1",
-        "a module in use",
-        "run.rs::modules_reload_reloads_exactly_the_rebuilt_module",
-    ),
-    (
-        "rootfs",
-        "0",
-        "pulled, listed, removed",
-        "rootfs.rs::pull_list_rm",
-    ),
-    (
-        "rootfs",
-        "1",
-        "bad reference, registry error",
-        "rootfs.rs::bad_arguments_are_clear_errors",
-    ),
-    (
-        "rootfs",
-        "1",
-        "digest mismatch",
-        "rootfs.rs::resume_digest_mismatch_and_second_pull",
-    ),
-    (
-        "rootfs",
-        "1",
-        "a tree in use",
-        "rootfs.rs::rm_refuses_a_tree_in_use",
-    ),
-    (
-        "rootfs",
-        "1",
-        "gc during a pull",
-        "rootfs.rs::gc_and_the_stale_sweep_spare_a_running_pull",
-    ),
-    (
-        "rootfs",
-        "2",
-        "usage error",
-        "exit.rs::every_subcommand_exits_2_on_a_usage_error",
-    ),
-    (
-        "rootfs",
-        "130",
-        "Ctrl-C during a pull",
-        "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing",
-    ),
-    (
-        "rootfs",
-        "143",
-        "SIGTERM during a pull",
-        "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing",
-    ),
-    (
-        "rootfs",
-        "pass",
-        "shell: the command's status",
-        "rootfs.rs::root_shell_cannot_change_the_host",
-    ),
-    (
-        "run",
-        "pass",
-        "CMD's status",
-        "run.rs::exec_mode_streams_stdout_stderr_and_exit_code",
-    ),
-    (
-        "run",
-        "128",
-        "128+N: CMD killed by signal N",
-        "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126",
-    ),
-    (
-        "run",
-        "127",
-        "CMD not found",
-        "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126",
-    ),
-    (
-        "run",
-        "126",
-        "CMD not executable",
-        "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126",
-    ),
-    (
-        "run",
-        "0",
-        "after an interactive session",
-        "run.rs::interactive_systemd_boot_serves_ssh_and_cleans_up_on_sigterm",
-    ),
-    (
-        "run",
-        "1",
-        "bad input",
-        "run.rs::bad_inputs_name_the_flag_or_value",
-    ),
-    (
-        "run",
-        "1",
-        "boot failure, panic",
-        "run.rs::a_kernel_panic_is_an_error_quoting_the_panic",
-    ),
-    (
-        "run",
-        "2",
-        "usage error",
-        "cli.rs::zero_cpus_is_refused_on_the_command_line_as_in_the_config",
-    ),
-    (
-        "run",
-        "130",
-        "SIGINT",
-        "run.rs::an_interrupted_run_exits_130_or_143_and_leaves_no_vm",
-    ),
-    (
-        "run",
-        "143",
-        "SIGTERM",
-        "run.rs::an_interrupted_run_exits_130_or_143_and_leaves_no_vm",
-    ),
-    (
-        "run",
-        "129",
-        "SIGHUP",
-        "run.rs::an_interrupted_run_exits_130_or_143_and_leaves_no_vm",
-    ),
-    (
-        "setup",
-        "0",
-        "in place",
-        "cli.rs::setup_creates_dirs_and_keeps_existing_config",
-    ),
-    (
-        "setup",
-        "1",
-        "invalid config",
-        "cli.rs::bad_config_names_file_line_and_key_with_cause_chain",
-    ),
+    ("build", "0", "built", "build.rs::one_file_rebuild_as_the_user_then_a_compile_error"),
+    ("build", "1", "a step fails", "build.rs::one_file_rebuild_as_the_user_then_a_compile_error"),
+    ("build", "1", "no project", "build.rs::an_empty_directory_is_not_a_project"),
+    ("build", "2", "usage error", "exit.rs::every_subcommand_exits_2_on_a_usage_error"),
+    ("build", "130", "Ctrl-C", "build.rs::ctrl_c_stops_a_build_with_status_130"),
+    ("build", "143", "SIGTERM", "build.rs::ctrl_c_stops_a_build_with_status_130"),
+    ("build", "129", "SIGHUP", "build.rs::ctrl_c_stops_a_build_with_status_130"),
+    ("build", "pass", "--shell: the shell's status", "build.rs::shell_runs_as_the_user_with_a_passwd_entry"),
+    ("ci", "0", "nothing new", "ci.rs::kernel_commits_report_exactly_what_they_introduce"),
+    ("ci", "1", "new findings", "ci.rs::kernel_commits_report_exactly_what_they_introduce"),
+    ("ci", "1", "not a repository, unknown revision", "ci.rs::errors_name_what_is_wrong"),
+    ("ci", "1", "new findings (iproute2)", "ci.rs::iproute2_commit_gets_a_warnings_build_and_checkpatch"),
+    ("ci", "0", "--no-checkpatch: every enabled check ran", "exit.rs::ci_exits_2_when_a_check_cannot_run_and_0_without_it"),
+    ("ci", "2", "a check could not run", "exit.rs::ci_exits_2_when_a_check_cannot_run_and_0_without_it"),
+    ("ci", "3", "findings and a check not run", "ci.rs::kernel_commits_report_exactly_what_they_introduce"),
+    ("ci", "0", "submitting; --status ID while the job waits", "exit.rs::ci_status_is_0_while_a_job_waits_and_2_once_it_failed"),
+    ("ci", "2", "--status ID of a failed job", "exit.rs::ci_status_is_0_while_a_job_waits_and_2_once_it_failed"),
+    ("completions", "0", "written", "cli.rs::completions_for_each_shell"),
+    ("completions", "2", "unknown shell", "exit.rs::every_subcommand_exits_2_on_a_usage_error"),
+    ("doctor", "0", "required checks ok", "cli.rs::doctor_reports_every_capability"),
+    ("doctor", "1", "a required check fails", "exit.rs::doctor_exits_1_when_a_required_check_fails"),
+    ("doctor", "1", "bad config", "setup.rs::doctor_fails_on_a_bad_config_naming_file_and_key"),
+    ("man", "0", "written", "cli.rs::man_pages_render_for_every_subcommand"),
+    ("man", "1", "DIR cannot be written", "exit.rs::man_exits_1_when_its_directory_cannot_be_written"),
+    ("modules-reload", "0", "reloaded", "run.rs::modules_reload_reloads_exactly_the_rebuilt_module"),
+    ("modules-reload", "1", "a module in use", "untested: needs a module held in use in the guest; issue 14 item 2"),
+    ("rootfs", "0", "pulled, listed, removed", "rootfs.rs::pull_list_rm"),
+    ("rootfs", "1", "bad reference, registry error", "rootfs.rs::bad_arguments_are_clear_errors"),
+    ("rootfs", "1", "digest mismatch", "rootfs.rs::resume_digest_mismatch_and_second_pull"),
+    ("rootfs", "1", "a tree in use", "rootfs.rs::rm_refuses_a_tree_in_use"),
+    ("rootfs", "1", "gc during a pull", "rootfs.rs::gc_and_the_stale_sweep_spare_a_running_pull"),
+    ("rootfs", "2", "usage error", "exit.rs::every_subcommand_exits_2_on_a_usage_error"),
+    ("rootfs", "130", "Ctrl-C during a pull", "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing"),
+    ("rootfs", "143", "SIGTERM during a pull", "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing"),
+    ("rootfs", "129", "SIGHUP during a pull", "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing"),
+    ("rootfs", "pass", "shell: the command's status", "cli.rs::rootfs_shell_without_a_name_enters_the_default_tree"),
+    ("run", "pass", "CMD's status", "run.rs::exec_mode_streams_stdout_stderr_and_exit_code"),
+    ("run", "128", "128+N: CMD killed by signal N", "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126"),
+    ("run", "127", "CMD not found", "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126"),
+    ("run", "126", "CMD not executable", "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126"),
+    ("run", "0", "after an interactive session", "guest.rs::console_session"),
+    ("run", "1", "bad input", "run.rs::bad_inputs_name_the_flag_or_value"),
+    ("run", "1", "boot failure, panic", "run.rs::a_kernel_panic_is_an_error_quoting_the_panic"),
+    ("run", "2", "usage error", "cli.rs::zero_cpus_is_refused_on_the_command_line_as_in_the_config"),
+    ("run", "130", "SIGINT", "run.rs::an_interrupted_run_exits_130_or_143_and_leaves_no_vm"),
+    ("run", "143", "SIGTERM", "run.rs::an_interrupted_run_exits_130_or_143_and_leaves_no_vm"),
+    ("run", "129", "SIGHUP", "run.rs::an_interrupted_run_exits_130_or_143_and_leaves_no_vm"),
+    ("setup", "0", "in place", "cli.rs::setup_creates_dirs_and_keeps_existing_config"),
+    ("setup", "1", "invalid config", "cli.rs::bad_config_names_file_line_and_key_with_cause_chain"),
     ("ssh", "pass", "CMD's status", "guest.rs::shell_mode_case"),
-    (
-        "ssh",
-        "255",
-        "ssh cannot connect",
-        "guest.rs::shell_mode_case",
-    ),
-    (
-        "ssh",
-        "1",
-        "no such VM",
-        "exit.rs::ssh_and_stop_exit_1_without_a_vm_and_stop_all_0",
-    ),
-    (
-        "ssh",
-        "1",
-        "its sshd did not start",
-        "guest.rs::mkt_ssh_says_when_the_guests_sshd_did_not_start",
-    ),
-    (
-        "stop",
-        "0",
-        "stopped",
-        "run.rs::ps_lists_a_running_vm_and_stop_ends_it_cleanly",
-    ),
-    (
-        "stop",
-        "0",
-        "--all with none running",
-        "exit.rs::ssh_and_stop_exit_1_without_a_vm_and_stop_all_0",
-    ),
-    (
-        "stop",
-        "1",
-        "no VM of that name, none",
-        "exit.rs::ssh_and_stop_exit_1_without_a_vm_and_stop_all_0",
-    ),
-    (
-        "stop",
-        "1",
-        "several run",
-        "run.rs::two_interactive_runs_at_once_get_different_ssh_ports",
-    ),
-    (
-        "test",
-        "0",
-        "the script exits 0",
-        "run.rs::mkt_test_passes_and_fails_with_the_scripts_status",
-    ),
-    (
-        "test",
-        "1",
-        "the script fails",
-        "run.rs::mkt_test_passes_and_fails_with_the_scripts_status",
-    ),
+    ("ssh", "255", "ssh cannot connect", "untested: needs a VM whose sshd stops answering; issue 14 item 2"),
+    ("ssh", "1", "no such VM", "exit.rs::ssh_and_stop_exit_1_without_a_vm_and_stop_all_0"),
+    ("ssh", "1", "its sshd did not start", "guest.rs::mkt_ssh_says_when_the_guests_sshd_did_not_start"),
+    ("stop", "0", "stopped", "run.rs::ps_lists_a_running_vm_and_stop_ends_it_cleanly"),
+    ("stop", "0", "none running (with --all)", "exit.rs::ssh_and_stop_exit_1_without_a_vm_and_stop_all_0"),
+    ("stop", "1", "no VM of that name, none", "exit.rs::ssh_and_stop_exit_1_without_a_vm_and_stop_all_0"),
+    ("stop", "1", "several run", "run.rs::two_interactive_runs_at_once_get_different_ssh_ports"),
+    ("test", "0", "the script exits 0", "run.rs::mkt_test_passes_and_fails_with_the_scripts_status"),
+    ("test", "1", "the script fails", "run.rs::mkt_test_passes_and_fails_with_the_scripts_status"),
 ];
 
 /// The numbers in each page's EXIT STATUS section.
@@ -726,7 +468,17 @@ fn every_documented_exit_status_has_a_test() {
             *status == "pass" || documented.contains(&(cmd.to_string(), status.to_string())),
             "STATUSES row `{cmd} {status}` ({what}) is no longer in docs/{cmd}.md"
         );
-        let (file, func) = test.split_once("::").unwrap();
+        if let Some(why) = test.strip_prefix("untested: ") {
+            assert!(
+                !why.trim().is_empty(),
+                "{cmd} {status}: say why it is untested"
+            );
+            eprintln!("UNTESTED: {cmd} {status} ({what}): {why}");
+            continue;
+        }
+        let (file, func) = test
+            .split_once("::")
+            .unwrap_or_else(|| panic!("{cmd} {status}: {test:?} is not FILE::TEST"));
         let path = if file.starts_with("src/") {
             root.join(file)
         } else {
