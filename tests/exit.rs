@@ -392,6 +392,8 @@ const STATUSES: &[(&str, &str, &str, &str)] = &[
     ("rootfs", "130", "Ctrl-C during a pull", "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing"),
     ("rootfs", "143", "SIGTERM during a pull", "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing"),
     ("rootfs", "129", "SIGHUP during a pull", "rootfs.rs::an_interrupted_pull_exits_130_or_143_and_stores_nothing"),
+    ("rootfs", "143", "SIGTERM during a build", "setup.rs::an_interrupted_rootfs_build_exits_143_or_130_and_stores_nothing"),
+    ("rootfs", "130", "Ctrl-C during a build", "setup.rs::an_interrupted_rootfs_build_exits_143_or_130_and_stores_nothing"),
     ("rootfs", "pass", "shell: the command's status", "cli.rs::rootfs_shell_without_a_name_enters_the_default_tree"),
     ("run", "pass", "CMD's status", "run.rs::exec_mode_streams_stdout_stderr_and_exit_code"),
     ("run", "128", "128+N: CMD killed by signal N", "exit.rs::guest_command_killed_missing_or_not_executable_gives_137_127_126"),
