@@ -120,20 +120,38 @@ fn test_sources() -> Vec<(PathBuf, String)> {
     out
 }
 
-/// Whether `src` passes `needle` (`--flag`, `-C`) as an argument: right
-/// after a quote or a space inside a literal, and followed by a quote, `=`
-/// or a space (so `--force` is not found in `--force-x`).
+/// Whether `src` passes `needle` (`--flag`, `-C`) as an argument: a
+/// literal of its own (`"--flag"`, `"--flag=x"`), or a word of a command
+/// line in a literal that starts with `mkt ` (`"mkt ssh --all"`); then
+/// followed by a quote, `=` or a space (so `--force` is not found in
+/// `--force-x`). A flag named in a message (`"failed without --clean"`)
+/// does not count.
 fn uses_flag(src: &str, needle: &str) -> bool {
-    src.match_indices(&needle).any(|(i, _)| {
-        let before = src[..i].chars().next_back();
+    src.match_indices(needle).any(|(i, _)| {
+        let before = &src[..i];
         let after = src[i + needle.len()..].chars().next();
-        matches!(before, Some('"' | ' ' | '\'')) && matches!(after, Some('"' | '=' | ' ' | '\''))
+        if !matches!(after, Some('"' | '=' | ' ' | '\'')) {
+            return false;
+        }
+        if before.ends_with('"') {
+            return true;
+        }
+        // In a command line: the literal (from its opening quote on this
+        // line) starts with `mkt ` and holds only words up to the flag.
+        let line = before.rsplit('\n').next().unwrap_or("");
+        before.ends_with(' ')
+            && line.rsplit_once('"').is_some_and(|(_, lit)| {
+                lit.starts_with("mkt ")
+                    && lit
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || " -_./=".contains(c))
+            })
     })
 }
 
 /// Whether `src` (the file `file`) passes `--flag` to the command `path`
 /// (`rootfs pull`): the flag in a literal with the command's last word
-/// near it, on the 30 lines before it or the 3 after: as a literal
+/// near it, on the 30 lines before it or the 10 after: as a literal
 /// (`"pull"`, or starting one: `"pull --x"`) or in a call of a function of
 /// the file that names it so (tests/hardware.rs's `pci_run`); or anywhere in
 /// tests/WORD.rs, whose helpers add the word (tests/run.rs's `run_as`).
@@ -159,7 +177,7 @@ fn passes_flag(file: &Path, src: &str, path: &str, flag: &str) -> bool {
     lines.iter().enumerate().any(|(i, l)| {
         uses_flag(l, flag)
             && (own
-                || lines[i.saturating_sub(30)..(i + 4).min(lines.len())]
+                || lines[i.saturating_sub(30)..(i + 11).min(lines.len())]
                     .iter()
                     .any(|l| names(l)))
     })
@@ -167,10 +185,13 @@ fn passes_flag(file: &Path, src: &str, path: &str, flag: &str) -> bool {
 
 /// Whether a test passes `--flag` (or its short form) to `path`.
 fn tested(sources: &[(PathBuf, String)], path: &str, flag: &str) -> bool {
-    let short = flags_and_shorts()
-        .into_iter()
+    static ALL: std::sync::OnceLock<Vec<(String, String, Option<char>)>> =
+        std::sync::OnceLock::new();
+    let short = ALL
+        .get_or_init(flags_and_shorts)
+        .iter()
         .find(|(p, l, _)| p == path && l == flag)
-        .and_then(|(_, _, s)| s);
+        .and_then(|(_, _, s)| *s);
     let words = std::iter::once(format!("--{flag}")).chain(short.map(|c| format!("-{c}")));
     let words: Vec<String> = words.collect();
     sources
@@ -226,7 +247,8 @@ fn every_flag_is_tested_or_listed_as_untested_with_a_reason() {
 fn flag_matching_takes_whole_flags_in_literals() {
     assert!(uses_flag(r#"args(["--force"])"#, "--force"));
     assert!(uses_flag(r#""--cpus=2""#, "--cpus"));
-    assert!(uses_flag(r#""run --cpus 2""#, "--cpus"));
+    assert!(uses_flag(r#""mkt run --cpus 2""#, "--cpus"));
+    assert!(!uses_flag(r#""cleaned without --clean""#, "--clean"));
     assert!(!uses_flag(r#""--force-x""#, "--force"));
     assert!(!uses_flag("// --force", "--force"));
     let f = Path::new("tests/rootfs.rs");
