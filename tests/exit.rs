@@ -17,7 +17,9 @@ fn text(b: &[u8]) -> String {
 /// `mkt run -- CMD` in command mode passes on what the guest init saw:
 /// 128+N for a command killed by signal N (SIGKILL: 137), 127 for a command
 /// that does not exist, 126 for one that cannot be executed, as shells
-/// report them. Three boots (one status each), as the unprivileged user.
+/// report them. Three boots (one status each), as the unprivileged user;
+/// two of them also check `--accel`: `tcg` says nothing of KVM, `kvm` on a
+/// host where KVM is unusable says so and why, in one line.
 #[test]
 fn guest_command_killed_missing_or_not_executable_gives_137_127_126() {
     let Some(tree) = common::kernel_tree() else {
@@ -34,9 +36,10 @@ fn guest_command_killed_missing_or_not_executable_gives_137_127_126() {
     };
     let user = user.as_ref();
     let home = common::temp_home(user);
-    let boot = |cmd: &[&str]| -> (Output, String) {
+    let accel_note = common::expected_accel_note(user);
+    let boot = |accel: &str, cmd: &[&str]| -> (Output, String) {
         let o = common::mkt_as(user, home.path())
-            .args(["run", "--cpus", "2", "--rootfs"])
+            .args(["run", "--accel", accel, "--cpus", "2", "--rootfs"])
             .arg(&rootfs)
             .arg("--kernel")
             .arg(&tree)
@@ -53,6 +56,7 @@ fn guest_command_killed_missing_or_not_executable_gives_137_127_126() {
     // init's own child dies of SIGKILL (a shell in between would turn the
     // signal into an exit status of its own).
     let (o, err) = boot(
+        "tcg",
         &common::guest_checked(&["sh", "-c", "echo out; kill -9 $$"])
             .iter()
             .map(String::as_str)
@@ -62,10 +66,24 @@ fn guest_command_killed_missing_or_not_executable_gives_137_127_126() {
     assert_eq!(text(&o.stdout), "out\n");
     let rest = common::assert_guest_clean(&err, 2);
     assert!(!rest.contains("mkt: error"), "{rest}");
+    assert!(!rest.contains("KVM"), "--accel tcg: {rest}");
 
     // The init execs the command itself, so no shell says 127 for it.
-    let (o, err) = boot(&["/no/such/command", "arg"]);
+    let (o, err) = boot("kvm", &["/no/such/command", "arg"]);
     assert_eq!(o.status.code(), Some(127), "{err}");
+    let kvm: Vec<&str> = err.lines().filter(|l| l.contains("KVM")).collect();
+    match accel_note
+        .as_deref()
+        .and_then(|n| n.strip_prefix("mkt: KVM unusable ("))
+    {
+        Some(why) => {
+            let why = why.strip_suffix("), using TCG").unwrap();
+            let want =
+                format!("mkt: KVM was requested but cannot be used ({why}), using TCG instead");
+            assert_eq!(kvm, [want.as_str()], "{err}");
+        }
+        None => assert!(kvm.is_empty(), "{err}"),
+    }
     assert!(
         err.lines().any(
             |l| l == "mkt: cannot run /no/such/command: No such file or directory (os error 2)"
@@ -74,7 +92,7 @@ fn guest_command_killed_missing_or_not_executable_gives_137_127_126() {
     );
 
     // A file without execute permission: EACCES.
-    let (o, err) = boot(&["/etc/passwd"]);
+    let (o, err) = boot("tcg", &["/etc/passwd"]);
     assert_eq!(o.status.code(), Some(126), "{err}");
     assert!(
         err.lines()

@@ -549,7 +549,9 @@ fn two_interactive_runs_at_once_get_different_ssh_ports() {
 }
 
 /// `--accel tcg` gives TCG (`-cpu max`) whatever the host has; `--accel
-/// kvm` gives KVM (`-cpu host`) where it is usable, else TCG.
+/// kvm` gives KVM (`-cpu host`) where it is usable, else TCG. (Where KVM is
+/// unusable both are the default's choice: exit.rs's guest boots check the
+/// line `--accel kvm` prints then.)
 #[test]
 fn accel_flag_picks_the_accelerator() {
     let Some(fx) = fixtures() else { return };
