@@ -669,13 +669,59 @@ fn write_maps(pid: Pid, uids: &[IdRange], gids: &[IdRange]) -> Result<(), NsErro
 pub fn run_mapped(argv: &[OsString], ids: &Ids, out: Option<i32>) -> Result<i32, NsError> {
     let child = spawn_mapped(argv, ids, &[], out)?;
     let _ignore = IgnoreSignals::new();
+    // A stop signal mkt caught (`rootfs pull` and `build` catch SIGINT,
+    // SIGTERM, SIGHUP) is passed on: a child that only the terminal's
+    // signals reach would otherwise run to its end after `kill PID`.
+    let mut forwarded = false;
+    let mut nap = Duration::from_millis(1);
     loop {
-        match waitpid(child, None) {
+        let flags = (!forwarded).then_some(WaitPidFlag::WNOHANG);
+        match waitpid(child, flags) {
             Ok(WaitStatus::Exited(_, c)) => return Ok(c),
             Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Ok(WaitStatus::StillAlive) => match crate::interrupt::caught() {
+                Some(sig) => {
+                    if let Ok(sig) = Signal::try_from(sig) {
+                        signal_tree(child, sig);
+                    }
+                    forwarded = true;
+                }
+                None => {
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(50));
+                }
+            },
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(NsError::Wait(e)),
         }
+    }
+}
+
+/// Sends `sig` to `root` and every process under it, as a terminal's
+/// Ctrl-C reaches them all (mmdebstrap given SIGTERM alone waits for its
+/// apt and dpkg to finish first).
+fn signal_tree(root: Pid, sig: Signal) {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut todo = vec![root.as_raw()];
+    while let Some(pid) = todo.pop() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), sig);
+        todo.extend(children.get(&pid).into_iter().flatten());
     }
 }
 
@@ -1159,7 +1205,9 @@ fn step_error(step: u32, source: Errno, prep: &Prepared, spec: &Spec) -> NsError
 }
 
 /// Ignores SIGINT/SIGQUIT in mkt while a child runs (like system(3)); the
-/// child resets them. Restored on drop.
+/// child resets them. Restored on drop. A handler of mkt's own (`rootfs
+/// pull`/`build` stop cleanly on Ctrl-C) stays: mkt must learn of the
+/// interrupt to exit 130.
 struct IgnoreSignals(Vec<(Signal, nix::sys::signal::SigAction)>);
 
 impl IgnoreSignals {
@@ -1170,7 +1218,15 @@ impl IgnoreSignals {
         for s in [Signal::SIGINT, Signal::SIGQUIT] {
             // SAFETY: installing SIG_IGN runs no code in signal context.
             if let Ok(prev) = unsafe { sigaction(s, &ign) } {
-                old.push((s, prev));
+                if matches!(
+                    prev.handler(),
+                    SigHandler::Handler(_) | SigHandler::SigAction(_)
+                ) {
+                    // SAFETY: puts back the handler that was installed.
+                    let _ = unsafe { sigaction(s, &prev) };
+                } else {
+                    old.push((s, prev));
+                }
             }
         }
         IgnoreSignals(old)

@@ -253,6 +253,29 @@ fn kconfig_is_generated_in_an_unconfigured_tree() {
     );
     let meta = std::fs::metadata(tree.join(".config")).unwrap();
     assert_eq!(meta.uid(), uid_of(user));
+    // --kconfig generates it again over an existing .config (~16 s here).
+    let edited = config.replace("CONFIG_DUMMY=m", "# CONFIG_DUMMY is not set");
+    std::fs::write(tree.join(".config"), edited).unwrap();
+    let o = build_as(
+        user,
+        home.path(),
+        &tree,
+        &[
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kconfig",
+            "--",
+            "olddefconfig",
+        ],
+    );
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert!(err.contains("kconfig: generated .config;"), "{err}");
+    let config = std::fs::read_to_string(tree.join(".config")).unwrap();
+    assert!(
+        config.lines().any(|l| l == "CONFIG_DUMMY=m"),
+        "not regenerated"
+    );
 }
 
 /// (d) The namespace through the library, as the current user: own uid
@@ -455,7 +478,9 @@ fn an_iproute2_like_tree_is_configured_and_built() {
     );
     std::fs::write(
         t.join("Makefile"),
-        "all:\n\techo \"built $(MAKEFLAGS) $(CC) $(EXTRA)\" > ip/ip.out\n",
+        "all:\n\techo \"built $(MAKEFLAGS) $(CC) $(EXTRA)\" > ip/ip.out\n\
+         \tif [ -n \"$(SHARED)\" ]; then cat $(SHARED)/in > ip/shared.out; fi\n\
+         clean:\n\techo cleaned > cleaned.txt\n",
     )
     .unwrap();
     if let Some(u) = user {
@@ -482,6 +507,34 @@ fn an_iproute2_like_tree_is_configured_and_built() {
     let out = std::fs::read_to_string(t.join("ip/ip.out")).unwrap();
     assert!(out.contains("ccache gcc") && out.contains(" x"), "{out}");
     assert_eq!(std::fs::metadata(t.join("ip/ip.out")).unwrap().uid(), uid);
+    assert!(!t.join("cleaned.txt").exists(), "cleaned without --clean");
+    // A host directory is seen only when bound with --dir; --clean runs
+    // the project's clean first.
+    let shared = user_dir(user, "mkt-shared-");
+    std::fs::write(shared.path().join("in"), "from the host\n").unwrap();
+    let s = format!("SHARED={}", shared.path().display());
+    let o = build_as(user, home.path(), t, &["iproute2", "--rootfs", r, "--", &s]);
+    let d = shared.path().to_str().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let log = err.split("mkt: log: ").nth(1).unwrap().trim();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains(&format!("{d}/in: No such file")), "{log}");
+    let o = build_as(
+        user,
+        home.path(),
+        t,
+        &["iproute2", "--rootfs", r, "--clean", "--dir", d, "--", &s],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(t.join("cleaned.txt")).unwrap(),
+        "cleaned\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join("ip/shared.out")).unwrap(),
+        "from the host\n"
+    );
     // Naming another project than the tree is an error.
     let o = build_as(user, home.path(), t, &["qemu", "--rootfs", r]);
     assert_eq!(o.status.code(), Some(1));
@@ -644,20 +697,29 @@ fn custom_recipe_with_the_default_rootfs_in_a_plain_directory() {
 }
 
 /// Ctrl-C during a build (SIGINT to the terminal's process group) stops
-/// it, and mkt exits 130 as a shell reports it, not 1.
+/// it, and mkt exits 130 as a shell reports it, not 1; SIGTERM (`kill`)
+/// gives 143 and SIGHUP (the terminal closed) 129, as a shell reports them
+/// (mkt catches neither: it ends by the signal). The recipe's command does
+/// not outlive mkt.
 #[test]
 fn ctrl_c_stops_a_build_with_status_130() {
+    use nix::sys::signal::Signal;
     let Some(rootfs) = common::rootfs() else {
         return;
     };
     let Some(user) = common::unprivileged_user() else {
         return;
     };
-    for user in [None, user.as_ref()] {
+    for (user, sig) in [
+        (None, Signal::SIGINT),
+        (user.as_ref(), Signal::SIGINT),
+        (user.as_ref(), Signal::SIGTERM),
+        (None, Signal::SIGHUP),
+    ] {
         let home = common::temp_home(user);
         let work = user_dir(user, "mkt-ctrl-c-");
         let t = work.path();
-        std::fs::write(t.join("build.sh"), "touch started\nsleep 600\n").unwrap();
+        std::fs::write(t.join("build.sh"), "touch started\nsleep 6007\n").unwrap();
         let mut c = common::mkt_as(user, home.path());
         c.args(["build", "--recipe", "build.sh", "--rootfs"])
             .arg(&rootfs)
@@ -666,13 +728,45 @@ fn ctrl_c_stops_a_build_with_status_130() {
             .stderr(std::process::Stdio::piped());
         let child = c.spawn().unwrap();
         let deadline = Instant::now() + std::time::Duration::from_secs(120);
-        while !t.join("started").exists() {
+        while !(t.join("started").exists() && sleeping_6007()) {
             assert!(Instant::now() < deadline, "the recipe never started");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if sig == Signal::SIGINT {
+            // Ctrl-C: the terminal signals the whole foreground group.
+            nix::sys::signal::killpg(pid, sig).unwrap();
+        } else {
+            nix::sys::signal::kill(pid, sig).unwrap();
+        }
         let o = child.wait_with_output().unwrap();
-        assert_eq!(o.status.code(), Some(130), "{}", text(&o.stderr));
+        use std::os::unix::process::ExitStatusExt;
+        let shell_status = o.status.code().or(o.status.signal().map(|s| 128 + s));
+        assert_eq!(
+            shell_status,
+            Some(128 + sig as i32),
+            "{sig}: {:?} {}",
+            o.status,
+            text(&o.stderr)
+        );
+        if sig == Signal::SIGINT {
+            assert_eq!(o.status.code(), Some(130), "mkt exits itself after Ctrl-C");
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while sleeping_6007() {
+            assert!(
+                Instant::now() < deadline,
+                "{sig}: the recipe's sleep outlived mkt"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
+}
+
+/// Whether a `sleep 6007` (the recipe's, above) runs on this host.
+fn sleeping_6007() -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x006007\x00"))
 }

@@ -663,7 +663,15 @@ fn console_session(
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    let _ = child.wait();
+    // An interactive session that ended (not killed at the deadline)
+    // exits 0 (docs/run.md, EXIT STATUS).
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the interactive session's exit status: {status:?}; console:\n{}",
+        text(&console.lock().unwrap())
+    );
     // The reader ends when QEMU (the slave's last holder) is gone.
     let wait = Instant::now() + Duration::from_secs(10);
     while !reader.is_finished() && Instant::now() < wait {

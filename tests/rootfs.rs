@@ -2315,6 +2315,60 @@ fn gc_and_the_stale_sweep_spare_a_running_pull() {
     assert!(out.contains("removed 0 unused blobs"), "{out}");
 }
 
+/// SIGINT (Ctrl-C, to the process group) or SIGTERM or SIGHUP while a pull
+/// waits for its last layer: mkt stops within seconds, exits 130, 143 or
+/// 129 as a shell reports it, and stores nothing (no tree, no temp dir).
+#[test]
+fn an_interrupted_pull_exits_130_or_143_and_stores_nothing() {
+    use nix::sys::signal::Signal;
+    use std::os::unix::process::CommandExt;
+    use std::sync::atomic::Ordering;
+    let Some(reg) = Registry::start() else { return };
+    let l = Layout::new();
+    let layers = main_image();
+    let last = sha256_digest(&layers[2].0);
+    let img = l.image(&layers, "amd64");
+    reg.push_raw(&l, &img, "test/main", "v1");
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let staller = Staller::start(reg.port, last.clone());
+        let home = common::temp_home(None);
+        let h = home.path();
+        let image = format!("127.0.0.1:{}/test/main:v1", staller.port);
+        let mut pull = Reaped(Some(
+            common::mkt(h)
+                .args(["rootfs", "pull", "--owners", "xattrs", &image])
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !staller.asked.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the pull never asked for the last layer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pid = nix::unistd::Pid::from_raw(pull.0.as_ref().unwrap().id() as i32);
+        if sig == Signal::SIGINT {
+            nix::sys::signal::killpg(pid, sig).unwrap();
+        } else {
+            nix::sys::signal::kill(pid, sig).unwrap();
+        }
+        let t0 = Instant::now();
+        let (o, out, err) = wait_or_kill(pull.0.take().unwrap(), 30, "the interrupted pull");
+        let took = t0.elapsed();
+        assert_eq!(o.status.code(), Some(128 + sig as i32), "{sig}: {out}{err}");
+        assert!(err.contains("interrupted"), "{sig}: {err}");
+        assert!(took < Duration::from_secs(5), "{sig}: took {took:?}");
+        assert_eq!(store_entries(h), Vec::<String>::new(), "{sig}");
+        staller.release.store(true, Ordering::SeqCst);
+    }
+}
+
 /// newuidmap refuses a subordinate range that overlaps the user's own uid:
 /// `rootfs shell` on a mapped tree fails with newuidmap's own words (it used
 /// to hang for ever). The user and its range exist only for this test.

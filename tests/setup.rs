@@ -490,3 +490,101 @@ fn rootfs_build_without_a_tty_prints_one_line_per_mmdebstrap_step() {
     // The remarks between steps are in the log only.
     assert!(!err.contains("chosen format"), "{err}");
 }
+
+/// Whether a process runs whose command line names `needle` (here the
+/// test's HOME, which mmdebstrap's tarball path is under).
+fn process_naming(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
+}
+
+/// SIGTERM (`kill PID`, as root: mmdebstrap --mode=root) or Ctrl-C (SIGINT
+/// to the terminal's process group, as the user: --mode=unshare) while
+/// `mkt rootfs build` bootstraps: mkt stops mmdebstrap and all it started
+/// within seconds, exits 143 or 130, and stores nothing (no tree, no temp
+/// dir, no base tarball).
+#[test]
+fn an_interrupted_rootfs_build_exits_143_or_130_and_stores_nothing() {
+    use nix::sys::signal::Signal;
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+    if common::program("mmdebstrap").is_none() {
+        return;
+    }
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    for (user, sig) in [(None, Signal::SIGTERM), (user.as_ref(), Signal::SIGINT)] {
+        let home = common::temp_home(user);
+        let h = home.path();
+        let recipe = h.join("tiny.toml");
+        std::fs::write(&recipe, TINY_RECIPE).unwrap();
+        if let Some(u) = user {
+            nix::unistd::chown(&recipe, Some(u.uid.into()), Some(u.gid.into())).unwrap();
+        }
+        let mut child = common::mkt_as(user, h)
+            .args(["rootfs", "build"])
+            .arg(&recipe)
+            .args(["--name", "tiny"])
+            .current_dir(h)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Once mmdebstrap downloads (apt and its helpers run under it).
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains("mmdebstrap: downloading packages") {
+            let mut line = String::new();
+            if err.read_line(&mut line).unwrap() == 0 {
+                panic!("{sig}: the build ended first:\n{seen}");
+            }
+            seen += &line;
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let t0 = Instant::now();
+        if sig == Signal::SIGINT {
+            nix::sys::signal::killpg(pid, sig).unwrap();
+        } else {
+            nix::sys::signal::kill(pid, sig).unwrap();
+        }
+        let deadline = t0 + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{sig}: mkt rootfs build still runs after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = t0.elapsed();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + sig as i32), "{sig}: {seen}{rest}");
+        assert!(took < Duration::from_secs(15), "{sig}: took {took:?}");
+        let store = h.join(".local/share/mkt/rootfs");
+        let left: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".meta")
+            .collect();
+        assert!(left.is_empty(), "{sig}: left in the store: {left:?}");
+        let bases: Vec<_> = std::fs::read_dir(h.join(".local/share/mkt/blobs/recipes"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(bases.is_empty(), "{sig}: base tarballs: {bases:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_naming(h.to_str().unwrap()) {
+            assert!(Instant::now() < deadline, "{sig}: mmdebstrap outlived mkt");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

@@ -22,6 +22,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -639,22 +640,42 @@ pub(crate) fn pull_unpacked(
     total.set_message(format!("{} to fetch", human(total_size)));
 
     let n = img.layers.len();
-    let next = AtomicUsize::new(0);
-    let downloaded = AtomicUsize::new(0);
-    let result: Result<(), RootfsError> = std::thread::scope(|s| {
+    let next = Arc::new(AtomicUsize::new(0));
+    let downloaded = Arc::new(AtomicUsize::new(0));
+    // The downloads are not scoped: after Ctrl-C or an error the pull
+    // returns (and removes its temp dir) at once instead of waiting for a
+    // request the registry stalls, up to the client's timeout; `stop` ends
+    // them at their next read, or the process's exit does.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reg = Arc::new(reg);
+    let layers: Arc<Vec<(String, u64)>> = Arc::new(
+        img.layers
+            .iter()
+            .map(|l| (l.digest.clone(), l.size))
+            .collect(),
+    );
+    let mut downloads = Vec::new();
+    let result: Result<(), RootfsError> = {
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..PARALLEL.min(n) {
             let tx = tx.clone();
-            let (reg, blobs, img, next, layer_bars, downloaded) =
-                (&reg, &blobs, &img, &next, &layer_bars, &downloaded);
-            s.spawn(move || {
+            let (reg, blobs, layers, next, layer_bars, downloaded, stop) = (
+                reg.clone(),
+                BlobStore::new(&paths.blob_dir),
+                layers.clone(),
+                next.clone(),
+                layer_bars.clone(),
+                downloaded.clone(),
+                stop.clone(),
+            );
+            downloads.push(std::thread::spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n || cancel.load(Ordering::Relaxed) {
+                    if i >= n || stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let l = &img.layers[i];
-                    let r = blobs.fetch(reg, &l.digest, l.size, &layer_bars[i], cancel);
+                    let (digest, size) = &layers[i];
+                    let r = blobs.fetch(&reg, digest, *size, &layer_bars[i], &stop);
                     if let Ok((_, f)) = &r {
                         downloaded.fetch_add(f.downloaded as usize, Ordering::Relaxed);
                         layer_bars[i].set_message("downloaded");
@@ -663,7 +684,7 @@ pub(crate) fn pull_unpacked(
                         break;
                     }
                 }
-            });
+            }));
         }
         drop(tx);
         let mut ready: Vec<Option<PathBuf>> = vec![None; n];
@@ -702,10 +723,15 @@ pub(crate) fn pull_unpacked(
         if r.is_err() {
             // Stop the other downloads; their partial files stay for a resume.
             cancel.store(true, Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
         }
         r
-    });
+    };
     result?;
+    // Every layer is in: the downloads have ended or are about to.
+    for d in downloads {
+        let _ = d.join();
+    }
     let (stats, owners) = match (unpacker, &how) {
         (Some(u), How::Here(_, owners)) => (
             u.finish().map_err(|source| RootfsError::Unpack {

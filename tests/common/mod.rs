@@ -257,6 +257,45 @@ pub fn temp_home(user: Option<&TestUser>) -> tempfile::TempDir {
     d
 }
 
+/// The reason the KVM probe gives on a CPU without vmx/svm (this machine
+/// class: a cloud VM without nested virtualisation), word for word.
+pub const NO_VMX: &str = "the CPU does not expose vmx/svm (nested virtualisation disabled?)";
+
+/// Whether /proc/cpuinfo's flags include vmx or svm.
+pub fn cpu_has_virt() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    cpuinfo
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim() == "flags")
+        .any(|(_, f)| f.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+}
+
+/// The one line `mkt run` prints about its accelerator, as `user`: `None`
+/// when it uses KVM, else `mkt: KVM unusable (WHY), using TCG` with the
+/// reason `mkt doctor` gives that user (checked against the CPU flags where
+/// they alone decide).
+pub fn expected_accel_note(user: Option<&TestUser>) -> Option<String> {
+    let home = temp_home(user);
+    let o = mkt_as(user, home.path())
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let accel = checks.iter().find(|c| c["name"] == "accel").unwrap();
+    let detail = accel["detail"].as_str().unwrap();
+    if !cpu_has_virt() {
+        assert_eq!(detail, format!("KVM unusable ({NO_VMX}), using TCG"));
+    }
+    match accel["status"].as_str().unwrap() {
+        "ok" => {
+            assert_eq!(detail, "KVM usable");
+            None
+        }
+        _ => Some(format!("mkt: {detail}")),
+    }
+}
+
 /// The guest-side health check every boot test runs (issue 13: no speed
 /// setting may cost correctness). A POSIX sh one-liner without double
 /// quotes, so it also fits in a kernel command line's `init=/bin/sh -- -c "..."`.
