@@ -543,3 +543,79 @@ fn sriov_and_nested_setups_get_q35_iommu_root_ports_and_memory() {
         assert!(out.contains(want), "{want:?} not in\n{out}");
     }
 }
+
+/// `MKT_SYSFS_ROOT` is for tests only: an mkt with file capabilities (the
+/// documented `setcap cap_net_admin+ep` install, or set-id) runs with
+/// AT_SECURE and must not let its caller point it at a sysfs of their own
+/// making. The same user and fake tree: the plain binary uses the fake
+/// device, the capable copy looks in the real /sys and finds none.
+#[test]
+fn sysfs_root_is_ignored_by_an_mkt_with_file_capabilities() {
+    if !vfio_fixtures() {
+        return;
+    }
+    let Some(Some(user)) = common::unprivileged_user() else {
+        // Not root: cannot setcap a copy (nor switch to another user).
+        return common::unavailable("root (setcap on a copy of mkt)").unwrap_or(());
+    };
+    let Some(setcap) = common::program("setcap") else {
+        return;
+    };
+    // A device no real machine has at this address.
+    let bdf = "0000:fe:1f.7";
+    let sys = FakeSys::new();
+    sys.device(bdf, "3", "mlx5_core");
+    let home = common::temp_home(Some(&user));
+    // `bin` with the environment mkt_as gives the user's mkt.
+    let run = |bin: &Path| {
+        use std::os::unix::process::CommandExt;
+        let tmpl = common::mkt_as(Some(&user), home.path());
+        let mut c = Command::new(bin);
+        c.env_clear();
+        for (k, v) in tmpl.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c.uid(user.uid)
+            .gid(user.gid)
+            .current_dir(home.path())
+            .env("MKT_SYSFS_ROOT", sys.root())
+            .args([
+                "run",
+                "--rootfs",
+                common::rootfs().unwrap().to_str().unwrap(),
+            ])
+            .args(["--kernel", common::kernel_tree().unwrap().to_str().unwrap()])
+            .args(["--pci", bdf, "--", "true"])
+            .output()
+            .unwrap()
+    };
+    let plain = run(&common::shared_mkt());
+    let err = text(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("VFIO passthrough of {bdf} needs root")),
+        "the fake device was not used: {err}"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("mkt-cap-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let capable = dir.path().join("mkt");
+    std::fs::copy(common::shared_mkt(), &capable).unwrap();
+    let o = Command::new(setcap)
+        .args(["cap_net_admin+ep"])
+        .arg(&capable)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "setcap: {}", text(&o.stderr));
+    let secure = run(&capable);
+    let err = text(&secure.stderr);
+    assert_eq!(secure.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{bdf} does not exist")),
+        "a capable mkt used MKT_SYSFS_ROOT: {err}"
+    );
+}
