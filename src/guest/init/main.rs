@@ -333,7 +333,9 @@ fn dhcp(dev: &str, host: &str, timeout: u64) -> io::Result<String> {
         let mut buf = [0u8; 1500];
         loop {
             sock.send_to(req, server)?;
-            let until = Instant::now() + wait;
+            // Never past the deadline: the backoff alone would give up
+            // at 7.5 s for a 5 s timeout (0.5 + 1 + 2 + 4).
+            let until = (Instant::now() + wait).min(deadline);
             while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
                 sock.set_read_timeout(Some(left))?;
                 let n = match sock.recv(&mut buf) {
@@ -347,7 +349,7 @@ fn dhcp(dev: &str, host: &str, timeout: u64) -> io::Result<String> {
                     return Ok(l);
                 }
             }
-            if Instant::now() > deadline {
+            if Instant::now() >= deadline {
                 let msg = format!("no DHCP answer in {timeout} s");
                 return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
             }
