@@ -1475,3 +1475,177 @@ fn a_runtime_dir_planted_by_another_user_is_refused() {
         );
     }
 }
+
+/// One interactive VM for several documented behaviours:
+/// - `--ssh-port N` forwards exactly N to the guest's sshd (its banner
+///   answers there), printed and recorded for `mkt ps`;
+/// - `--keep` says where the run directory is and keeps it (generated guest
+///   files, initramfs) after the run, also from the next mkt's sweep;
+/// - `--new` boots a second VM of a running setup (`SETUP-2`) instead of
+///   attaching to it;
+/// - cleanup: Ctrl-A X on its console quits that second one (exit 0 after
+///   an interactive session) and leaves none of its processes and no run
+///   directory; SIGHUP (a closed terminal) ends the first with 129 and
+///   leaves none of its processes (its directory is kept, as asked).
+#[test]
+fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
+    use std::io::{BufRead, Read, Write};
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let h = home.path();
+    let cfg = h.join("mkt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[setup.kp]\nrootfs = \"{}\"\nkernel = \"{}\"\n",
+            fx.rootfs.display(),
+            fx.tree.display()
+        ),
+    )
+    .unwrap();
+    let mkt = |args: &[&str]| {
+        let mut c = common::mkt(h);
+        c.args(args).env("MKT_CONFIG", &cfg).current_dir(h);
+        c
+    };
+    let ps = || -> Vec<serde_json::Value> {
+        let o = mkt(&["ps", "--json"]).output().unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_s = port.to_string();
+    let mut a = mkt(&[
+        "run",
+        "kp",
+        "--init",
+        "shell",
+        "--keep",
+        "--ssh-port",
+        &port_s,
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut err = std::io::BufReader::new(a.stderr.take().unwrap());
+    let mut said = String::new();
+    let mut line = String::new();
+    while !said.contains("ssh on") {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            let _ = a.kill();
+            panic!("mkt run ended: {said}");
+        }
+        said += &line;
+    }
+    // Drained from now on, so mkt never blocks on a full pipe.
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    assert!(
+        said.contains(&format!("ssh on 127.0.0.1:{port} ")),
+        "{said}"
+    );
+    let kept = said
+        .lines()
+        .find_map(|l| l.strip_prefix("mkt: keeping the run directory "))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("--keep said nothing: {said}"));
+    assert_eq!(kept, h.join("run/mkt/runs/kp"));
+    let vms = ps();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0]["ssh_port"], port, "{vms:?}");
+    // The guest's sshd answers on that very port.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let banner = loop {
+        let got = std::net::TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b)?;
+                Ok(b)
+            })
+            .ok();
+        match got {
+            Some(b) if &b == b"SSH-2.0-" => break Some(b),
+            _ if std::time::Instant::now() > deadline => break None,
+            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    };
+    // --new: a second VM of the running setup, not an attach.
+    let mut b = mkt(&["run", "kp", "--new", "--init", "shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b_err = b.stderr.take().unwrap();
+    let b_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::BufReader::new(b_err).read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let both = loop {
+        let vms = ps();
+        if vms.len() == 2 || std::time::Instant::now() > deadline || b.try_wait().unwrap().is_some()
+        {
+            break vms;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let second = h.join("run/mkt/runs/kp-2");
+    // Let QEMU start reading its console.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let b_procs = processes_mentioning(&second.display().to_string());
+    // Ctrl-A X on its console: QEMU quits, mkt cleans up.
+    let mut stdin = b.stdin.take().unwrap();
+    stdin.write_all(b"\x01x").unwrap();
+    stdin.flush().unwrap();
+    let b_status = b.wait().unwrap();
+    drop(stdin);
+    let b_err = b_err.join().unwrap();
+    let b_left = processes_mentioning(&second.display().to_string());
+    let after_b = ps();
+    // SIGHUP (the terminal closed) to the first.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let a_status = a.wait().unwrap();
+    let a_err = rest.join().unwrap();
+    let a_left = processes_mentioning(&kept.display().to_string());
+    let after_a = ps();
+
+    assert!(banner.is_some(), "no sshd banner on 127.0.0.1:{port}");
+    let mut names: Vec<&str> = both.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["kp", "kp-2"], "{both:?}\n{b_err}");
+    assert!(!b_procs.is_empty(), "the second VM's QEMU was not seen");
+    assert!(!b_err.contains("attaching"), "{b_err}");
+    assert_eq!(b_status.code(), Some(0), "Ctrl-A X: {b_err}");
+    assert!(b_left.is_empty(), "left after Ctrl-A X: {b_left:?}");
+    assert!(!second.exists(), "Ctrl-A X left the run directory");
+    assert_eq!(after_b.len(), 1, "{after_b:?}");
+    assert_eq!(a_status.code(), Some(129), "SIGHUP: {said}{a_err}");
+    assert!(a_left.is_empty(), "left after SIGHUP: {a_left:?}");
+    assert!(after_a.is_empty(), "{after_a:?}");
+    // Kept, with what --keep promises, past the next mkt's sweep.
+    let o = mkt(&["run", "--dry-run", "kp"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(kept.join("initrd").is_file(), "{kept:?}");
+    let guest: Vec<_> = std::fs::read_dir(kept.join("guest"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(!guest.is_empty(), "no generated guest files kept");
+}
