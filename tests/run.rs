@@ -1601,6 +1601,12 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
+    if both.len() != 2 {
+        let _ = b.kill();
+        let _ = a.kill();
+        let _ = (b.wait(), a.wait());
+        panic!("--new did not start a second VM: {both:?}");
+    }
     let second = h.join("run/mkt/runs/kp-2");
     // Let QEMU start reading its console.
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -1609,7 +1615,9 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
     let mut stdin = b.stdin.take().unwrap();
     stdin.write_all(b"\x01x").unwrap();
     stdin.flush().unwrap();
-    let b_status = b.wait().unwrap();
+    let b_status = wait_or_kill(&mut b, 60);
+    // Before any other mkt runs: the next one would sweep a dead run's dir.
+    let b_dir_left = second.exists();
     drop(stdin);
     let b_err = b_err.join().unwrap();
     let b_left = processes_mentioning(&second.display().to_string());
@@ -1620,7 +1628,7 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    let a_status = a.wait().unwrap();
+    let a_status = wait_or_kill(&mut a, 60);
     let a_err = rest.join().unwrap();
     let a_left = processes_mentioning(&kept.display().to_string());
     let after_a = ps();
@@ -1631,11 +1639,11 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
     assert_eq!(names, ["kp", "kp-2"], "{both:?}\n{b_err}");
     assert!(!b_procs.is_empty(), "the second VM's QEMU was not seen");
     assert!(!b_err.contains("attaching"), "{b_err}");
-    assert_eq!(b_status.code(), Some(0), "Ctrl-A X: {b_err}");
+    assert_eq!(b_status, Some(0), "Ctrl-A X: {b_err}");
     assert!(b_left.is_empty(), "left after Ctrl-A X: {b_left:?}");
-    assert!(!second.exists(), "Ctrl-A X left the run directory");
+    assert!(!b_dir_left, "Ctrl-A X left the run directory");
     assert_eq!(after_b.len(), 1, "{after_b:?}");
-    assert_eq!(a_status.code(), Some(129), "SIGHUP: {said}{a_err}");
+    assert_eq!(a_status, Some(129), "SIGHUP: {said}{a_err}");
     assert!(a_left.is_empty(), "left after SIGHUP: {a_left:?}");
     assert!(after_a.is_empty(), "{after_a:?}");
     // Kept, with what --keep promises, past the next mkt's sweep.
@@ -1648,4 +1656,20 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
         .map(|e| e.file_name())
         .collect();
     assert!(!guest.is_empty(), "no generated guest files kept");
+}
+
+/// The child's exit code once it ends; killed (and `None`) after `secs`.
+fn wait_or_kill(c: &mut std::process::Child, secs: u64) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
