@@ -795,15 +795,25 @@ fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
     );
 }
 
+/// `mkt stop` powers the guest off through ACPI (not a forced quit after
+/// its timeout): the guest's command sees the shutdown (a SIGTERM, which
+/// it traps, printing and exiting 7, and mkt run reports that status), and
+/// the stop takes far less than the --timeout that a forced quit waits out.
 #[test]
 fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
+    use std::io::BufRead;
     let Some(fx) = fixtures() else { return };
     let home = common::temp_home(None);
     let mut vm = common::mkt(home.path())
         .arg("run")
-        .args(fx.args(&["--", "sleep", "600"]))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .args(fx.args(&[
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo stopped-by-acpi >&2; exit 7' TERM; echo ready; sleep 600 & wait",
+        ]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -825,18 +835,29 @@ fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
     // Unnamed VMs are numbered; `run` finds the only one.
     assert_eq!(listed[0]["name"], "run-1");
     assert_eq!(listed[0]["pid"], vm.id());
-    // Let the guest boot far enough to be worth stopping.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Stop once the command runs (its trap is set).
+    let mut out = std::io::BufReader::new(vm.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let t0 = std::time::Instant::now();
     let o = common::mkt(home.path())
-        .args(["stop", "run", "--timeout", "2"])
+        .args(["stop", "run", "--timeout", "20"])
         .output()
         .unwrap();
+    let took = t0.elapsed();
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "stopped run-1\n");
-    let status = vm.wait().unwrap();
+    let run = vm.wait_with_output().unwrap();
+    let err = text(&run.stderr);
     assert!(
-        !status.success(),
-        "a stopped command run does not report success"
+        err.contains("stopped-by-acpi"),
+        "the guest saw no shutdown: {err}"
+    );
+    assert_eq!(run.status.code(), Some(7), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "stop took {took:?}: the guest did not power off by itself"
     );
     let runs = home.path().join("run/mkt/runs");
     let left: Vec<_> = std::fs::read_dir(&runs).unwrap().flatten().collect();
