@@ -1074,6 +1074,35 @@ fn modules_reload_reloads_exactly_the_rebuilt_module() {
     );
 }
 
+/// `mkt modules-reload --all` reloads a loaded module of the tree that did
+/// not change, and the command exits 1 when a module cannot be loaded
+/// again (its file replaced by garbage: a bind mount in the guest, so the
+/// fixture tree stays as it is). No rebuild, so no copy of the tree.
+#[test]
+fn modules_reload_all_and_a_module_that_fails_to_load() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let script = "sudo modprobe dummy; \
+         mkt modules-reload; echo rc=$?; \
+         mkt modules-reload --all; echo rc=$?; \
+         t=$(readlink -f \"$(modinfo -n dummy)\"); echo garbage > /tmp/bad.ko; \
+         sudo mount --bind /tmp/bad.ko \"$t\" && mkt modules-reload 2>&1; echo rc=$?";
+    let o = run_as(None, home.path(), &fx.args(&["--", "sh", "-c", script]));
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..4],
+        ["no modules changed", "rc=0", "reloaded: dummy", "rc=0"],
+        "{out}"
+    );
+    assert!(
+        lines[4].starts_with("mkt: cannot load ") && lines[4].contains("dummy.ko"),
+        "{out}"
+    );
+    assert_eq!(lines[5..], ["rc=1"], "{out}");
+}
+
 /// A closed stdout (`mkt run --dry-run | head` after head exited) ends
 /// the dry run like `cat`, never with a panic (exit 101).
 fn dry_run_into_a_closed_pipe(user: Option<&common::TestUser>, home: &Path) {
