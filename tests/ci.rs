@@ -456,4 +456,74 @@ fn iproute2_commit_gets_a_warnings_build_and_checkpatch() {
         assert_eq!(check(&report, c)["status"], "disabled", "{report:#}");
     }
     assert_eq!(report["project"], "iproute2");
+
+    // JOBS: a job waits (`queued`) while another holds the scratch tree;
+    // one whose process disappears shows as `failed`, and `--status ID`
+    // exits 2 for it. The test holds the tree's lock as a job would.
+    let scratch: Vec<_> = std::fs::read_dir(home.path().join(".cache/mkt/ci"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("lock").exists())
+        .collect();
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(scratch[0].join("lock")).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let o = ci(
+        user,
+        home.path(),
+        &repo,
+        &["iproute2", "--rootfs", rootfs.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let id = text(&o.stdout).trim().to_string();
+    let log = home
+        .path()
+        .join(format!(".local/state/mkt/logs/ci/{id}.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting for another job's scratch tree")
+    {
+        assert!(Instant::now() < deadline, "the job never waited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = ci(user, home.path(), &repo, &["--status", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("  queued ("),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = ci(user, home.path(), &repo, &["--status", &id, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["job"]["state"], "queued", "{v:#}");
+    let pid = nix::unistd::Pid::from_raw(v["job"]["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        assert!(Instant::now() < deadline, "the job outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held);
+    let o = ci(user, home.path(), &repo, &["--status", &id]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains(&format!(
+            "failed: the job's process ({pid}) ended without finishing"
+        )),
+        "{out}"
+    );
+    let o = ci(user, home.path(), &repo, &["--status"]);
+    assert!(
+        text(&o.stdout)
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{id} ")) && l.contains("failed: ")),
+        "{}",
+        text(&o.stdout)
+    );
 }
