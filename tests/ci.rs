@@ -346,6 +346,55 @@ fn kernel_commits_report_exactly_what_they_introduce() {
     // Every job is listed.
     let o = ci(user, home.path(), &repo, &["--status"]);
     assert_eq!(text(&o.stdout).lines().count(), 4, "{}", text(&o.stdout));
+
+    // --kernel-config FILE: the job analyses with that config (copied to
+    // .config, then olddefconfig) and names it; one without CONFIG_DUMMY
+    // leaves the touched dummy.c uncompiled, which the report says.
+    let Some(tree) = common::kernel_tree() else {
+        return;
+    };
+    let no_dummy: String = std::fs::read_to_string(tree.join(".config"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("CONFIG_DUMMY="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let kcfg = home.path().join("no-dummy.config");
+    std::fs::write(&kcfg, no_dummy).unwrap();
+    let t0 = Instant::now();
+    let o = ci(
+        user,
+        home.path(),
+        &repo,
+        &[
+            "--rev",
+            &c3,
+            "--wait",
+            "--json",
+            "--rootfs",
+            r,
+            "--kernel-config",
+            kcfg.to_str().unwrap(),
+            "--no-checkpatch",
+            "--no-sparse",
+            "--no-smatch",
+            "--no-clang",
+        ],
+    );
+    eprintln!("C3 with --kernel-config: {:?}", t0.elapsed());
+    let report: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&o.stdout), text(&o.stderr)));
+    assert_eq!(o.status.code(), Some(0), "{report:#}");
+    assert_eq!(
+        report["kernel_config"],
+        kcfg.to_str().unwrap(),
+        "{report:#}"
+    );
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("not analysed: drivers/net/dummy.c"),
+        "{notes}"
+    );
 }
 
 #[test]
