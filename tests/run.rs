@@ -1529,6 +1529,8 @@ fn a_runtime_dir_planted_by_another_user_is_refused() {
 /// One interactive VM for several documented behaviours:
 /// - `--ssh-port N` forwards exactly N to the guest's sshd (its banner
 ///   answers there), printed and recorded for `mkt ps`;
+/// - `mkt ssh` exits 255 (ssh's) when ssh cannot connect: the guest's sshd
+///   killed from the console;
 /// - `--keep` says where the run directory is and keeps it (generated guest
 ///   files, initramfs) after the run, also from the next mkt's sweep;
 /// - `--new` boots a second VM of a running setup (`SETUP-2`) instead of
@@ -1629,6 +1631,29 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
             _ => std::thread::sleep(std::time::Duration::from_millis(500)),
         }
     };
+    // `mkt ssh` passes on ssh's 255 when ssh cannot connect (the guest's
+    // sshd killed from the console), where mkt's own failures are 1.
+    let mut a_console = a.stdin.take().unwrap();
+    a_console.write_all(b"pkill -x sshd\n").unwrap();
+    a_console.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let sshd_gone = loop {
+        let answers = std::net::TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b)
+            })
+            .is_ok();
+        if !answers || std::time::Instant::now() > deadline {
+            break !answers;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let no_sshd = mkt(&["ssh", "kp", "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     // --new: a second VM of the running setup, not an attach.
     let mut b = mkt(&["run", "kp", "--new", "--init", "shell"])
         .stdin(std::process::Stdio::piped())
@@ -1679,11 +1704,19 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
     )
     .unwrap();
     let a_status = wait_or_kill(&mut a, 60);
+    drop(a_console);
     let a_err = rest.join().unwrap();
     let a_left = processes_mentioning(&kept.display().to_string());
     let after_a = ps();
 
     assert!(banner.is_some(), "no sshd banner on 127.0.0.1:{port}");
+    assert!(sshd_gone, "the guest's sshd still answers after pkill");
+    assert_eq!(
+        no_sshd.status.code(),
+        Some(255),
+        "{}",
+        text(&no_sshd.stderr)
+    );
     let mut names: Vec<&str> = both.iter().map(|v| v["name"].as_str().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["kp", "kp-2"], "{both:?}\n{b_err}");
