@@ -1538,7 +1538,8 @@ fn a_runtime_dir_planted_by_another_user_is_refused() {
 /// - cleanup: Ctrl-A X on its console quits that second one (exit 0 after
 ///   an interactive session) and leaves none of its processes and no run
 ///   directory; SIGHUP (a closed terminal) ends the first with 129 and
-///   leaves none of its processes (its directory is kept, as asked).
+///   leaves none of its processes (its directory is kept, as asked);
+/// - `mkt stop` of a shell-mode VM is an ACPI power-off its init acts on.
 #[test]
 fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
     use std::io::{BufRead, Read, Write};
@@ -1697,6 +1698,39 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
     let b_err = b_err.join().unwrap();
     let b_left = processes_mentioning(&second.display().to_string());
     let after_b = ps();
+    // `mkt stop` of a shell-mode VM: the init acts on the ACPI power button
+    // (the shell gets SIGHUP), well before the forced quit's timeout.
+    let mut c = mkt(&["run", "kp", "--new", "--init", "shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c_console = c.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c_out = std::thread::spawn(move || {
+        let mut con = std::io::BufReader::new(c_console);
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        while let Ok(n) = con.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !told && String::from_utf8_lossy(&all).contains("@kp:") {
+                let _ = tx.send(());
+                told = true;
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let prompt = rx.recv_timeout(std::time::Duration::from_secs(120)).is_ok();
+    let t0 = std::time::Instant::now();
+    let c_stop = mkt(&["stop", "kp-2", "--timeout", "20"]).output().unwrap();
+    let c_took = t0.elapsed();
+    let c_status = wait_or_kill(&mut c, 60);
+    let c_console = c_out.join().unwrap();
     // SIGHUP (the terminal closed) to the first.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(a.id() as i32),
@@ -1726,6 +1760,21 @@ fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
     assert!(b_left.is_empty(), "left after Ctrl-A X: {b_left:?}");
     assert!(!b_dir_left, "Ctrl-A X left the run directory");
     assert_eq!(after_b.len(), 1, "{after_b:?}");
+    assert!(
+        prompt,
+        "no shell prompt on the third VM's console: {c_console}"
+    );
+    assert!(c_stop.status.success(), "{}", text(&c_stop.stderr));
+    assert!(
+        c_console.contains("mkt-init: ACPI power button: stopping")
+            && !c_console.contains("still running after 5 s"),
+        "the shell did not end on the power button: {c_console}"
+    );
+    assert!(
+        c_took < std::time::Duration::from_secs(15),
+        "stop took {c_took:?}: the guest did not power off by itself"
+    );
+    assert_eq!(c_status, Some(0), "{c_console}");
     assert_eq!(a_status, Some(129), "SIGHUP: {said}{a_err}");
     assert!(a_left.is_empty(), "left after SIGHUP: {a_left:?}");
     assert!(after_a.is_empty(), "{after_a:?}");
