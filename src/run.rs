@@ -250,8 +250,10 @@ pub fn resolve_kernel(
 }
 
 /// Modules a distro kernel needs before it can mount the root and talk to mkt.
-/// virtio_mmio is the transport on microvm (`--profile microvm`).
+/// virtio_mmio is the transport on microvm (`--profile microvm`); `button`
+/// (the ACPI power button) lets the init act on `mkt stop`'s power-off.
 pub const BOOT_MODULES: &[&str] = &[
+    "button",
     "virtio_pci",
     "virtio_mmio",
     "virtio_console",

@@ -689,6 +689,48 @@ mod tests {
         recover(run.path(), Some(fake::kernel)).unwrap();
     }
 
+    /// One device that cannot be given back must not strand the others on
+    /// vfio-pci (a host NIC left unusable): the restore goes on, reports
+    /// the failure, and keeps the state file so the next run retries.
+    #[test]
+    fn a_failing_restore_still_restores_the_other_devices() {
+        let t = Tree::new();
+        t.device("0000:05:00.0", "3", Some("mlx5_core"));
+        t.device("0000:06:00.0", "4", Some("ixgbe"));
+        let s = t.sysfs();
+        let devs = s.check(&["05:00.0".into(), "06:00.0".into()]).unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let state = run.path().join(STATE_FILE);
+        let b = s.bind(&devs, &state).unwrap();
+        // The first device's override cannot be written (a device that
+        // went away, say).
+        let first_ov = t
+            .root()
+            .join("sys/bus/pci/devices/0000:05:00.0/driver_override");
+        fs::remove_file(&first_ov).unwrap();
+        let e = b.restore().unwrap_err();
+        assert!(
+            matches!(&e, VfioError::Write { path, .. } if *path == first_ov),
+            "{e:?}"
+        );
+        assert_eq!(s.driver("0000:06:00.0").as_deref(), Some("ixgbe"));
+        assert!(state.exists(), "the state file goes only when all are back");
+        // Through recover (after kill -9) too: the second is restored.
+        std::mem::forget(b);
+        s.bind(&devs[1..], &run.path().join("other.json"))
+            .map(std::mem::forget)
+            .unwrap();
+        assert_eq!(s.driver("0000:06:00.0").as_deref(), Some(VFIO_DRIVER));
+        assert!(recover(run.path(), Some(fake::kernel)).is_err());
+        assert_eq!(s.driver("0000:06:00.0").as_deref(), Some("ixgbe"));
+        assert!(state.exists());
+        // Once the first can be written again, the next run finishes it.
+        fs::write(&first_ov, "vfio-pci").unwrap();
+        recover(run.path(), Some(fake::kernel)).unwrap();
+        assert_eq!(s.driver("0000:05:00.0").as_deref(), Some("mlx5_core"));
+        assert!(!state.exists());
+    }
+
     #[test]
     fn devices_already_on_vfio_are_left_alone() {
         let t = Tree::new();

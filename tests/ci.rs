@@ -346,6 +346,55 @@ fn kernel_commits_report_exactly_what_they_introduce() {
     // Every job is listed.
     let o = ci(user, home.path(), &repo, &["--status"]);
     assert_eq!(text(&o.stdout).lines().count(), 4, "{}", text(&o.stdout));
+
+    // --kernel-config FILE: the job analyses with that config (copied to
+    // .config, then olddefconfig) and names it; one without CONFIG_DUMMY
+    // leaves the touched dummy.c uncompiled, which the report says.
+    let Some(tree) = common::kernel_tree() else {
+        return;
+    };
+    let no_dummy: String = std::fs::read_to_string(tree.join(".config"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("CONFIG_DUMMY="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let kcfg = home.path().join("no-dummy.config");
+    std::fs::write(&kcfg, no_dummy).unwrap();
+    let t0 = Instant::now();
+    let o = ci(
+        user,
+        home.path(),
+        &repo,
+        &[
+            "--rev",
+            &c3,
+            "--wait",
+            "--json",
+            "--rootfs",
+            r,
+            "--kernel-config",
+            kcfg.to_str().unwrap(),
+            "--no-checkpatch",
+            "--no-sparse",
+            "--no-smatch",
+            "--no-clang",
+        ],
+    );
+    eprintln!("C3 with --kernel-config: {:?}", t0.elapsed());
+    let report: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", text(&o.stdout), text(&o.stderr)));
+    assert_eq!(o.status.code(), Some(0), "{report:#}");
+    assert_eq!(
+        report["kernel_config"],
+        kcfg.to_str().unwrap(),
+        "{report:#}"
+    );
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains("not analysed: drivers/net/dummy.c"),
+        "{notes}"
+    );
 }
 
 #[test]
@@ -456,4 +505,74 @@ fn iproute2_commit_gets_a_warnings_build_and_checkpatch() {
         assert_eq!(check(&report, c)["status"], "disabled", "{report:#}");
     }
     assert_eq!(report["project"], "iproute2");
+
+    // JOBS: a job waits (`queued`) while another holds the scratch tree;
+    // one whose process disappears shows as `failed`, and `--status ID`
+    // exits 2 for it. The test holds the tree's lock as a job would.
+    let scratch: Vec<_> = std::fs::read_dir(home.path().join(".cache/mkt/ci"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("lock").exists())
+        .collect();
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(scratch[0].join("lock")).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|(_, e)| e)
+    .unwrap();
+    let o = ci(
+        user,
+        home.path(),
+        &repo,
+        &["iproute2", "--rootfs", rootfs.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let id = text(&o.stdout).trim().to_string();
+    let log = home
+        .path()
+        .join(format!(".local/state/mkt/logs/ci/{id}.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting for another job's scratch tree")
+    {
+        assert!(Instant::now() < deadline, "the job never waited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = ci(user, home.path(), &repo, &["--status", &id]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("  queued ("),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = ci(user, home.path(), &repo, &["--status", &id, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["job"]["state"], "queued", "{v:#}");
+    let pid = nix::unistd::Pid::from_raw(v["job"]["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        assert!(Instant::now() < deadline, "the job outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held);
+    let o = ci(user, home.path(), &repo, &["--status", &id]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains(&format!(
+            "failed: the job's process ({pid}) ended without finishing"
+        )),
+        "{out}"
+    );
+    let o = ci(user, home.path(), &repo, &["--status"]);
+    assert!(
+        text(&o.stdout)
+            .lines()
+            .any(|l| l.trim_start().starts_with(&format!("{id} ")) && l.contains("failed: ")),
+        "{}",
+        text(&o.stdout)
+    );
 }

@@ -543,3 +543,139 @@ fn sriov_and_nested_setups_get_q35_iommu_root_ports_and_memory() {
         assert!(out.contains(want), "{want:?} not in\n{out}");
     }
 }
+
+/// `MKT_SYSFS_ROOT` is for tests only: an mkt with file capabilities (the
+/// documented `setcap cap_net_admin+ep` install, or set-id) runs with
+/// AT_SECURE and must not let its caller point it at a sysfs of their own
+/// making. The same user and fake tree: the plain binary uses the fake
+/// device, the capable copy looks in the real /sys and finds none.
+#[test]
+fn sysfs_root_is_ignored_by_an_mkt_with_file_capabilities() {
+    if !vfio_fixtures() {
+        return;
+    }
+    let Some(Some(user)) = common::unprivileged_user() else {
+        // Not root: cannot setcap a copy (nor switch to another user).
+        return common::unavailable("root (setcap on a copy of mkt)").unwrap_or(());
+    };
+    let Some(setcap) = common::program("setcap") else {
+        return;
+    };
+    // A device no real machine has at this address.
+    let bdf = "0000:fe:1f.7";
+    let sys = FakeSys::new();
+    sys.device(bdf, "3", "mlx5_core");
+    let home = common::temp_home(Some(&user));
+    // `bin` with the environment mkt_as gives the user's mkt.
+    let run = |bin: &Path| {
+        use std::os::unix::process::CommandExt;
+        let tmpl = common::mkt_as(Some(&user), home.path());
+        let mut c = Command::new(bin);
+        c.env_clear();
+        for (k, v) in tmpl.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c.uid(user.uid)
+            .gid(user.gid)
+            .current_dir(home.path())
+            .env("MKT_SYSFS_ROOT", sys.root())
+            .args([
+                "run",
+                "--rootfs",
+                common::rootfs().unwrap().to_str().unwrap(),
+            ])
+            .args(["--kernel", common::kernel_tree().unwrap().to_str().unwrap()])
+            .args(["--pci", bdf, "--", "true"])
+            .output()
+            .unwrap()
+    };
+    let plain = run(&common::shared_mkt());
+    let err = text(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("VFIO passthrough of {bdf} needs root")),
+        "the fake device was not used: {err}"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("mkt-cap-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let capable = dir.path().join("mkt");
+    std::fs::copy(common::shared_mkt(), &capable).unwrap();
+    let o = Command::new(setcap)
+        .args(["cap_net_admin+ep"])
+        .arg(&capable)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "setcap: {}", text(&o.stderr));
+    let secure = run(&capable);
+    let err = text(&secure.stderr);
+    assert_eq!(secure.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{bdf} does not exist")),
+        "a capable mkt used MKT_SYSFS_ROOT: {err}"
+    );
+}
+
+/// With no DHCP server (a `--net tap` on no bridge), the guest's DHCP
+/// client gives up after 5 s, says so on the console, and the run goes on
+/// (docs/run.md: "gives up after 30 s (5 s for --net tap) and boots on").
+/// The wait is measured in the guest: from the init's start (its start
+/// time in /proc/1/stat) to the command's, which is the DHCP wait plus a
+/// little init work (~1.3 s under TCG here). The client's backoff alone
+/// (0.5 + 1 + 2 + 4 s) used to overshoot to 7.5 s: that fails the bound.
+#[test]
+fn dhcp_without_a_server_gives_up_after_5_s_for_a_tap_and_boots_on() {
+    let (Some(rootfs), Some(tree)) = (common::rootfs(), common::kernel_tree()) else {
+        return;
+    };
+    if !nix::unistd::getuid().is_root() {
+        return common::unavailable("root, for a network namespace and a tap").unwrap_or(());
+    }
+    if common::program("ip").is_none() || common::program("dnsmasq").is_none() {
+        return;
+    }
+    let ns = Netns::new();
+    let home = common::temp_home(None);
+    let c = common::mkt(home.path());
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(c.get_program())
+        .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .current_dir(home.path())
+        .args(["run", "--rootfs", rootfs.to_str().unwrap()])
+        .args(["--kernel", tree.to_str().unwrap(), "--net", "tap"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "read up _ < /proc/uptime; echo $up $(cut -d' ' -f22 /proc/1/stat) $(getconf CLK_TCK)",
+        ])
+        .output()
+        .unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "the run did not boot on: {err}");
+    let out = text(&o.stdout);
+    let v: Vec<f64> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    let waited = v[0] - v[1] / v[2];
+    eprintln!("DHCP: init start to command {waited:.2} s");
+    assert!(
+        (5.0..7.5).contains(&waited),
+        "init start to command: {waited:.2} s, want 5 s of DHCP and a little more ({out})"
+    );
+    let logs = home.path().join(".local/state/mkt/logs/run");
+    let log = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .next()
+        .expect("no console log");
+    assert!(
+        log.contains("mkt-init: DHCP on eth0 FAILED: no DHCP answer in 5 s"),
+        "{log}"
+    );
+    assert!(ns.taps().is_empty(), "tap left behind: {:?}", ns.taps());
+}

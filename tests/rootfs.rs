@@ -2519,3 +2519,70 @@ fn rm_refuses_the_tree_of_a_running_vm() {
     assert!(o.status.success(), "{out}{err}");
     assert_eq!(store_entries(h), Vec::<String>::new());
 }
+
+/// `--insecure` speaks plain HTTP to a registry that is not loopback by
+/// name (`0.0.0.0` reaches this host, but mkt cannot know it is local):
+/// without it, mkt asks for HTTPS and the pull fails. `--owners real`
+/// gives real owners as root, and refuses, saying how to get a range, for
+/// a user without subordinate ids (where `auto` falls back to xattrs).
+#[test]
+fn insecure_reaches_plain_http_and_owners_real_needs_real_ids() {
+    let Some(reg) = Registry::start() else { return };
+    let l = Layout::new();
+    let img = l.image(&main_image(), "amd64");
+    reg.push_raw(&l, &img, "test/main", "v1");
+    let image = format!("0.0.0.0:{}/test/main:v1", reg.port);
+    let home = common::temp_home(None);
+    let h = home.path();
+    let (o, out, err) = run(common::mkt(h).args(["rootfs", "pull", "--name=plain", &image]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(!store(h).join("plain").exists());
+    if !nix::unistd::getuid().is_root() {
+        return common::unavailable("root (real owners; a user without subuids)").unwrap_or(());
+    }
+    let (o, out, err) = run(common::mkt(h).args([
+        "rootfs",
+        "pull",
+        "--insecure",
+        "--owners=real",
+        "--name=plain",
+        &image,
+    ]));
+    assert!(o.status.success(), "{out}{err}");
+    let notes = std::fs::symlink_metadata(store(h).join("plain/home/user/notes")).unwrap();
+    assert_eq!((notes.uid(), notes.gid()), (1000, 1001));
+    let (_, out, _) = run(common::mkt(h).args(["rootfs", "list", "--json"]));
+    assert!(out.contains("\"owners\": \"host\""), "{out}");
+
+    // nobody has no subordinate id range.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let text = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    assert!(!text.lines().any(|l| l.starts_with("nobody:")), "{text}");
+    let user = common::TestUser {
+        name: "nobody".into(),
+        uid: nobody.uid.as_raw(),
+        gid: nobody.gid.as_raw(),
+        home: nobody.dir,
+    };
+    let home = common::temp_home(Some(&user));
+    let h = home.path();
+    let (o, out, err) = run(common::mkt_as(Some(&user), h).args([
+        "rootfs",
+        "pull",
+        "--insecure",
+        "--owners=real",
+        &image,
+    ]));
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("nobody has no subordinate uid range")
+            && err.contains("usermod --add-subuids"),
+        "{err}"
+    );
+    assert!(!store(h).join("main-v1").exists());
+    let (o, out, err) =
+        run(common::mkt_as(Some(&user), h).args(["rootfs", "pull", "--insecure", &image]));
+    assert!(o.status.success(), "{out}{err}");
+    let (_, out, _) = run(common::mkt_as(Some(&user), h).args(["rootfs", "list", "--json"]));
+    assert!(out.contains("\"owners\": \"xattrs\""), "{out}");
+}

@@ -840,15 +840,25 @@ fn kill_9_leaves_no_qemu_and_the_next_run_cleans_up() {
     );
 }
 
+/// `mkt stop` powers the guest off through ACPI (not a forced quit after
+/// its timeout): the guest's command sees the shutdown (a SIGTERM, which
+/// it traps, printing and exiting 7, and mkt run reports that status), and
+/// the stop takes far less than the --timeout that a forced quit waits out.
 #[test]
 fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
+    use std::io::BufRead;
     let Some(fx) = fixtures() else { return };
     let home = common::temp_home(None);
     let mut vm = common::mkt(home.path())
         .arg("run")
-        .args(fx.args(&["--", "sleep", "600"]))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .args(fx.args(&[
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo stopped-by-acpi >&2; exit 7' TERM; echo ready; sleep 600 & wait",
+        ]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -870,18 +880,29 @@ fn ps_lists_a_running_vm_and_stop_ends_it_cleanly() {
     // Unnamed VMs are numbered; `run` finds the only one.
     assert_eq!(listed[0]["name"], "run-1");
     assert_eq!(listed[0]["pid"], vm.id());
-    // Let the guest boot far enough to be worth stopping.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Stop once the command runs (its trap is set).
+    let mut out = std::io::BufReader::new(vm.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let t0 = std::time::Instant::now();
     let o = common::mkt(home.path())
-        .args(["stop", "run", "--timeout", "2"])
+        .args(["stop", "run", "--timeout", "20"])
         .output()
         .unwrap();
+    let took = t0.elapsed();
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "stopped run-1\n");
-    let status = vm.wait().unwrap();
+    let run = vm.wait_with_output().unwrap();
+    let err = text(&run.stderr);
     assert!(
-        !status.success(),
-        "a stopped command run does not report success"
+        err.contains("stopped-by-acpi"),
+        "the guest saw no shutdown: {err}"
+    );
+    assert_eq!(run.status.code(), Some(7), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "stop took {took:?}: the guest did not power off by itself"
     );
     let runs = home.path().join("run/mkt/runs");
     let left: Vec<_> = std::fs::read_dir(&runs).unwrap().flatten().collect();
@@ -1096,6 +1117,35 @@ fn modules_reload_reloads_exactly_the_rebuilt_module() {
         all,
         "v-none\nno modules changed\nready\nreloaded: dummy\nmkt-2\nno modules changed\n"
     );
+}
+
+/// `mkt modules-reload --all` reloads a loaded module of the tree that did
+/// not change, and the command exits 1 when a module cannot be loaded
+/// again (its file replaced by garbage: a bind mount in the guest, so the
+/// fixture tree stays as it is). No rebuild, so no copy of the tree.
+#[test]
+fn modules_reload_all_and_a_module_that_fails_to_load() {
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let script = "sudo modprobe dummy; \
+         mkt modules-reload; echo rc=$?; \
+         mkt modules-reload --all; echo rc=$?; \
+         t=$(readlink -f \"$(modinfo -n dummy)\"); echo garbage > /tmp/bad.ko; \
+         sudo mount --bind /tmp/bad.ko \"$t\" && mkt modules-reload 2>&1; echo rc=$?";
+    let o = run_as(None, home.path(), &fx.args(&["--", "sh", "-c", script]));
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..4],
+        ["no modules changed", "rc=0", "reloaded: dummy", "rc=0"],
+        "{out}"
+    );
+    assert!(
+        lines[4].starts_with("mkt: cannot load ") && lines[4].contains("dummy.ko"),
+        "{out}"
+    );
+    assert_eq!(lines[5..], ["rc=1"], "{out}");
 }
 
 /// A closed stdout (`mkt run --dry-run | head` after head exited) ends
@@ -1520,5 +1570,285 @@ fn a_runtime_dir_planted_by_another_user_is_refused() {
                 && err.contains(&format!("owned by uid {}", other.uid)),
             "{err}"
         );
+    }
+}
+
+/// One interactive VM for several documented behaviours:
+/// - `--ssh-port N` forwards exactly N to the guest's sshd (its banner
+///   answers there), printed and recorded for `mkt ps`;
+/// - `mkt ssh` exits 255 (ssh's) when ssh cannot connect: the guest's sshd
+///   killed from the console;
+/// - `--keep` says where the run directory is and keeps it (generated guest
+///   files, initramfs) after the run, also from the next mkt's sweep;
+/// - `--new` boots a second VM of a running setup (`SETUP-2`) instead of
+///   attaching to it;
+/// - cleanup: Ctrl-A X on its console quits that second one (exit 0 after
+///   an interactive session) and leaves none of its processes and no run
+///   directory; SIGHUP (a closed terminal) ends the first with 129 and
+///   leaves none of its processes (its directory is kept, as asked);
+/// - `mkt stop` of a shell-mode VM is an ACPI power-off its init acts on.
+#[test]
+fn keep_ssh_port_new_sighup_and_ctrl_a_x() {
+    use std::io::{BufRead, Read, Write};
+    let Some(fx) = fixtures() else { return };
+    let home = common::temp_home(None);
+    let h = home.path();
+    let cfg = h.join("mkt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[setup.kp]\nrootfs = \"{}\"\nkernel = \"{}\"\n",
+            fx.rootfs.display(),
+            fx.tree.display()
+        ),
+    )
+    .unwrap();
+    let mkt = |args: &[&str]| {
+        let mut c = common::mkt(h);
+        c.args(args).env("MKT_CONFIG", &cfg).current_dir(h);
+        c
+    };
+    let ps = || -> Vec<serde_json::Value> {
+        let o = mkt(&["ps", "--json"]).output().unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_s = port.to_string();
+    let mut a = mkt(&[
+        "run",
+        "kp",
+        "--init",
+        "shell",
+        "--keep",
+        "--ssh-port",
+        &port_s,
+    ])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut err = std::io::BufReader::new(a.stderr.take().unwrap());
+    let mut said = String::new();
+    let mut line = String::new();
+    while !said.contains("ssh on") {
+        line.clear();
+        if err.read_line(&mut line).unwrap() == 0 {
+            let _ = a.kill();
+            panic!("mkt run ended: {said}");
+        }
+        said += &line;
+    }
+    // Drained from now on, so mkt never blocks on a full pipe.
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    assert!(
+        said.contains(&format!("ssh on 127.0.0.1:{port} ")),
+        "{said}"
+    );
+    let kept = said
+        .lines()
+        .find_map(|l| l.strip_prefix("mkt: keeping the run directory "))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("--keep said nothing: {said}"));
+    assert_eq!(kept, h.join("run/mkt/runs/kp"));
+    let vms = ps();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0]["ssh_port"], port, "{vms:?}");
+    // The guest's sshd answers on that very port.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let banner = loop {
+        let got = std::net::TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b)?;
+                Ok(b)
+            })
+            .ok();
+        match got {
+            Some(b) if &b == b"SSH-2.0-" => break Some(b),
+            _ if std::time::Instant::now() > deadline => break None,
+            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    };
+    // `mkt ssh` passes on ssh's 255 when ssh cannot connect (the guest's
+    // sshd killed from the console), where mkt's own failures are 1.
+    let mut a_console = a.stdin.take().unwrap();
+    a_console.write_all(b"pkill -x sshd\n").unwrap();
+    a_console.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let sshd_gone = loop {
+        let answers = std::net::TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b)
+            })
+            .is_ok();
+        if !answers || std::time::Instant::now() > deadline {
+            break !answers;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let no_sshd = mkt(&["ssh", "kp", "--", "true"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    // --new: a second VM of the running setup, not an attach.
+    let mut b = mkt(&["run", "kp", "--new", "--init", "shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b_err = b.stderr.take().unwrap();
+    let b_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::BufReader::new(b_err).read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let both = loop {
+        let vms = ps();
+        if vms.len() == 2 || std::time::Instant::now() > deadline || b.try_wait().unwrap().is_some()
+        {
+            break vms;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    if both.len() != 2 {
+        let _ = b.kill();
+        let _ = a.kill();
+        let _ = (b.wait(), a.wait());
+        panic!("--new did not start a second VM: {both:?}");
+    }
+    let second = h.join("run/mkt/runs/kp-2");
+    // Let QEMU start reading its console.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let b_procs = processes_mentioning(&second.display().to_string());
+    // Ctrl-A X on its console: QEMU quits, mkt cleans up.
+    let mut stdin = b.stdin.take().unwrap();
+    stdin.write_all(b"\x01x").unwrap();
+    stdin.flush().unwrap();
+    let b_status = wait_or_kill(&mut b, 60);
+    // Before any other mkt runs: the next one would sweep a dead run's dir.
+    let b_dir_left = second.exists();
+    drop(stdin);
+    let b_err = b_err.join().unwrap();
+    let b_left = processes_mentioning(&second.display().to_string());
+    let after_b = ps();
+    // `mkt stop` of a shell-mode VM: the init acts on the ACPI power button
+    // (the shell gets SIGHUP), well before the forced quit's timeout.
+    let mut c = mkt(&["run", "kp", "--new", "--init", "shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c_console = c.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c_out = std::thread::spawn(move || {
+        let mut con = std::io::BufReader::new(c_console);
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut told = false;
+        while let Ok(n) = con.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !told && String::from_utf8_lossy(&all).contains("@kp:") {
+                let _ = tx.send(());
+                told = true;
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let prompt = rx.recv_timeout(std::time::Duration::from_secs(120)).is_ok();
+    let t0 = std::time::Instant::now();
+    let c_stop = mkt(&["stop", "kp-2", "--timeout", "20"]).output().unwrap();
+    let c_took = t0.elapsed();
+    let c_status = wait_or_kill(&mut c, 60);
+    let c_console = c_out.join().unwrap();
+    // SIGHUP (the terminal closed) to the first.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let a_status = wait_or_kill(&mut a, 60);
+    drop(a_console);
+    let a_err = rest.join().unwrap();
+    let a_left = processes_mentioning(&kept.display().to_string());
+    let after_a = ps();
+
+    assert!(banner.is_some(), "no sshd banner on 127.0.0.1:{port}");
+    assert!(sshd_gone, "the guest's sshd still answers after pkill");
+    assert_eq!(
+        no_sshd.status.code(),
+        Some(255),
+        "{}",
+        text(&no_sshd.stderr)
+    );
+    let mut names: Vec<&str> = both.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["kp", "kp-2"], "{both:?}\n{b_err}");
+    assert!(!b_procs.is_empty(), "the second VM's QEMU was not seen");
+    assert!(!b_err.contains("attaching"), "{b_err}");
+    assert_eq!(b_status, Some(0), "Ctrl-A X: {b_err}");
+    assert!(b_left.is_empty(), "left after Ctrl-A X: {b_left:?}");
+    assert!(!b_dir_left, "Ctrl-A X left the run directory");
+    assert_eq!(after_b.len(), 1, "{after_b:?}");
+    assert!(
+        prompt,
+        "no shell prompt on the third VM's console: {c_console}"
+    );
+    assert!(c_stop.status.success(), "{}", text(&c_stop.stderr));
+    assert!(
+        c_console.contains("mkt-init: ACPI power button: stopping")
+            && !c_console.contains("still running after 5 s"),
+        "the shell did not end on the power button: {c_console}"
+    );
+    assert!(
+        c_took < std::time::Duration::from_secs(15),
+        "stop took {c_took:?}: the guest did not power off by itself"
+    );
+    assert_eq!(c_status, Some(0), "{c_console}");
+    assert_eq!(a_status, Some(129), "SIGHUP: {said}{a_err}");
+    assert!(a_left.is_empty(), "left after SIGHUP: {a_left:?}");
+    assert!(after_a.is_empty(), "{after_a:?}");
+    // Kept, with what --keep promises, past the next mkt's sweep.
+    let o = mkt(&["run", "--dry-run", "kp"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(kept.join("initrd").is_file(), "{kept:?}");
+    let guest: Vec<_> = std::fs::read_dir(kept.join("guest"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(!guest.is_empty(), "no generated guest files kept");
+}
+
+/// The child's exit code once it ends; killed (and `None`) after `secs`.
+fn wait_or_kill(c: &mut std::process::Child, secs: u64) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

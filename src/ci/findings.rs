@@ -444,6 +444,46 @@ diff --git a/a.c b/a.c
         assert!(introduced(&old, &old, &added).is_empty());
     }
 
+    /// A hunk `+s,n` covers lines s..s+n-1 exactly: a finding on the line
+    /// just after it (or just before) is not on an added line, one on its
+    /// first or last line is. Each group has one finding more than the
+    /// parent, listed outside-first so that position alone would pick it.
+    #[test]
+    fn added_ranges_end_at_the_hunks_last_line() {
+        let diff = "\
+diff --git a/a.c b/a.c
+--- a/a.c
++++ b/a.c
+@@ -10,0 +11,4 @@ int x;
++a
++b
++c
++d
+@@ -40 +44 @@
+-old
++new
+@@ -60,2 +63,0 @@
+-gone
+-gone
+";
+        let added = added_lines(diff);
+        assert_eq!(added["a.c"], [(11, 4), (44, 1)], "a deletion adds no range");
+        let old = vec![w("a.c", 1, "end"), w("a.c", 1, "start"), w("a.c", 1, "one")];
+        let new = vec![
+            w("a.c", 15, "end"),   // just after 11..=14
+            w("a.c", 14, "end"),   // its last line
+            w("a.c", 10, "start"), // just before
+            w("a.c", 11, "start"), // its first line
+            w("a.c", 45, "one"),   // just after the one-line hunk 44
+            w("a.c", 44, "one"),
+        ];
+        let kept: Vec<u32> = introduced(&new, &old, &added)
+            .iter()
+            .map(|f| f.line)
+            .collect();
+        assert_eq!(kept, [14, 11, 44]);
+    }
+
     #[test]
     fn paths_are_normalised() {
         assert_eq!(normalise_path("./include/x.h", ""), "include/x.h");
