@@ -623,10 +623,10 @@ fn sysfs_root_is_ignored_by_an_mkt_with_file_capabilities() {
 /// With no DHCP server (a `--net tap` on no bridge), the guest's DHCP
 /// client gives up after 5 s, says so on the console, and the run goes on
 /// (docs/run.md: "gives up after 30 s (5 s for --net tap) and boots on").
-/// The wait is measured in the guest: from the init's start (its start
-/// time in /proc/1/stat) to the command's, which is the DHCP wait plus a
-/// little init work (~1.3 s under TCG here). The client's backoff alone
-/// (0.5 + 1 + 2 + 4 s) used to overshoot to 7.5 s: that fails the bound.
+/// The wait is measured in the guest by the init's DHCP client itself (its
+/// message says how long it waited), so the init's other work, slower on a
+/// busy host, is not counted. The client's backoff alone (0.5 + 1 + 2 + 4 s)
+/// used to overshoot to 7.5 s: that fails the bound. The command still runs.
 #[test]
 fn dhcp_without_a_server_gives_up_after_5_s_for_a_tap_and_boots_on() {
     let (Some(rootfs), Some(tree)) = (common::rootfs(), common::kernel_tree()) else {
@@ -648,24 +648,12 @@ fn dhcp_without_a_server_gives_up_after_5_s_for_a_tap_and_boots_on() {
         .current_dir(home.path())
         .args(["run", "--rootfs", rootfs.to_str().unwrap()])
         .args(["--kernel", tree.to_str().unwrap(), "--net", "tap"])
-        .args([
-            "--",
-            "sh",
-            "-c",
-            "read up _ < /proc/uptime; echo $up $(cut -d' ' -f22 /proc/1/stat) $(getconf CLK_TCK)",
-        ])
+        .args(["--", "echo", "booted on"])
         .output()
         .unwrap();
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "the run did not boot on: {err}");
-    let out = text(&o.stdout);
-    let v: Vec<f64> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
-    let waited = v[0] - v[1] / v[2];
-    eprintln!("DHCP: init start to command {waited:.2} s");
-    assert!(
-        (5.0..7.5).contains(&waited),
-        "init start to command: {waited:.2} s, want 5 s of DHCP and a little more ({out})"
-    );
+    assert_eq!(text(&o.stdout), "booted on\n");
     let logs = home.path().join(".local/state/mkt/logs/run");
     let log = std::fs::read_dir(&logs)
         .unwrap()
@@ -673,9 +661,17 @@ fn dhcp_without_a_server_gives_up_after_5_s_for_a_tap_and_boots_on() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .next()
         .expect("no console log");
+    let waited: f64 = log
+        .split("mkt-init: DHCP on eth0 FAILED: no DHCP answer in 5 s (gave up after ")
+        .nth(1)
+        .and_then(|r| r.split(" s)").next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no DHCP give-up line:\n{log}"));
+    eprintln!("DHCP gave up after {waited:.2} s");
+    // At its limit, not before; past it only by the last reply's handling.
     assert!(
-        log.contains("mkt-init: DHCP on eth0 FAILED: no DHCP answer in 5 s"),
-        "{log}"
+        (5.0..6.0).contains(&waited),
+        "DHCP waited {waited:.2} s:\n{log}"
     );
     assert!(ns.taps().is_empty(), "tap left behind: {:?}", ns.taps());
 }

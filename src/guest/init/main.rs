@@ -327,7 +327,8 @@ fn dhcp(dev: &str, host: &str, timeout: u64) -> io::Result<String> {
     let mut seed = [0u8; 4];
     let _ = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
     let xid = u32::from_ne_bytes(seed);
-    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(timeout);
     // Waits for a reply of `kind` (or a NAK), resending `req` with backoff.
     let exchange = |req: &[u8], kinds: &[u8]| -> io::Result<Lease> {
         let mut wait = Duration::from_millis(500);
@@ -351,7 +352,11 @@ fn dhcp(dev: &str, host: &str, timeout: u64) -> io::Result<String> {
                 }
             }
             if Instant::now() >= deadline {
-                let msg = format!("no DHCP answer in {timeout} s");
+                // The time it really waited, for those checking the limit.
+                let msg = format!(
+                    "no DHCP answer in {timeout} s (gave up after {:.2} s)",
+                    start.elapsed().as_secs_f64()
+                );
                 return Err(io::Error::new(io::ErrorKind::TimedOut, msg));
             }
             wait = (wait * 2).min(Duration::from_secs(4));
