@@ -652,6 +652,8 @@ mod tests {
         let run = tempfile::tempdir().unwrap();
         let state = run.path().join(STATE_FILE);
         let b = s.bind(&devs, &state).unwrap();
+        // What QEMU is given: the devices as checked, original drivers kept.
+        assert_eq!(b.devices(), &devs[..]);
         assert_eq!(s.driver("0000:05:00.0").as_deref(), Some(VFIO_DRIVER));
         assert_eq!(s.driver("0000:06:00.0").as_deref(), Some(VFIO_DRIVER));
         let dev = t.root().join("sys/bus/pci/devices/0000:05:00.0");
@@ -746,6 +748,51 @@ mod tests {
             .root()
             .join("sys/bus/pci/devices/0000:05:00.0/driver_override");
         assert_eq!(fs::read_to_string(ov).unwrap(), "(null)\n");
+    }
+
+    #[test]
+    fn ids_are_the_devices_vendor_and_device() {
+        let t = Tree::new();
+        t.device("0000:05:00.0", "3", Some("mlx5_core"));
+        let s = t.sysfs();
+        assert_eq!(
+            s.ids("0000:05:00.0"),
+            Some(("0x15b3".to_string(), "0x1017".to_string()))
+        );
+        assert_eq!(s.ids("0000:06:00.0"), None);
+    }
+
+    /// A missing attribute or /dev/vfio/vfio is refused before anything
+    /// changes (as root too, for whom every existing file is writable).
+    #[test]
+    fn missing_sysfs_files_and_vfio_node_are_refused_naming_them() {
+        let t = Tree::new();
+        t.device("0000:05:00.0", "3", Some("e1000e"));
+        let s = t.sysfs();
+        let devs = s.check(&["05:00.0".into()]).unwrap();
+        let ov = t
+            .root()
+            .join("sys/bus/pci/devices/0000:05:00.0/driver_override");
+        fs::remove_file(&ov).unwrap();
+        let e = s.check_privilege(&devs).unwrap_err().to_string();
+        assert!(e.contains(&format!("cannot write {}", ov.display())), "{e}");
+        fs::write(&ov, "(null)\n").unwrap();
+        fs::remove_file(t.root().join("dev/vfio/vfio")).unwrap();
+        let e = s.check_privilege(&devs).unwrap_err().to_string();
+        assert!(e.contains("read-write access to"), "{e}");
+        assert!(e.contains("dev/vfio/vfio"), "{e}");
+        assert_eq!(s.driver("0000:05:00.0").as_deref(), Some("e1000e"));
+    }
+
+    /// A state file that exists but cannot be read is an error, not "no
+    /// dead run to recover" (which would leave its devices on vfio-pci).
+    #[test]
+    fn an_unreadable_state_file_is_an_error() {
+        let run = tempfile::tempdir().unwrap();
+        assert!(recover(run.path(), Some(fake::kernel)).is_ok());
+        fs::create_dir(run.path().join(STATE_FILE)).unwrap();
+        let e = recover(run.path(), Some(fake::kernel)).unwrap_err();
+        assert!(matches!(e, VfioError::State(..)), "{e:?}");
     }
 
     #[test]

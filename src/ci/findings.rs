@@ -484,6 +484,92 @@ diff --git a/a.c b/a.c
         assert_eq!(kept, [14, 11, 44]);
     }
 
+    /// A finding is the parent's only if file, severity, type and message
+    /// all match: each of these differs from the parent's in one of them.
+    #[test]
+    fn introduced_tells_findings_apart_by_file_severity_type_and_message() {
+        let old = vec![w("a.c", 1, "m")];
+        let mut error = w("a.c", 1, "m");
+        error.severity = "error".into();
+        let mut typed = w("a.c", 1, "m");
+        typed.kind = "LONG_LINE".into();
+        let new = vec![w("b.c", 1, "m"), error, typed, w("a.c", 1, "other")];
+        assert_eq!(introduced(&new, &old, &HashMap::new()), new);
+        assert!(introduced(&old, &old, &HashMap::new()).is_empty());
+    }
+
+    /// Only `file:line: severity: message` lines of files that look like
+    /// the tree's are findings: not make's own warnings, not lines whose
+    /// "file" has spaces, not an unknown severity. A gcc message quoting
+    /// `f() ` is not smatch's `func() severity:` form.
+    #[test]
+    fn only_findings_of_the_trees_files_are_kept() {
+        let text = "\
+Makefile:12: warning: overriding recipe for target 'all'
+note from x.c:5: warning: not a file
+lib/a.c:7: from here: not a severity
+lib/b.c:8:2: warning: call to f() ignored: its result
+lib/c.c:9 f() warn: smatch says
+";
+        let f = parse_compiler(text, "/t");
+        let got: Vec<(&str, u32, &str, &str)> = f
+            .iter()
+            .map(|f| {
+                (
+                    f.file.as_str(),
+                    f.line,
+                    f.severity.as_str(),
+                    f.message.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("lib/b.c", 8, "warning", "call to f() ignored: its result"),
+                ("lib/c.c", 9, "warning", "smatch says"),
+            ]
+        );
+    }
+
+    /// The directory make entered is prefixed only when it is a relative
+    /// directory of the tree and the file's path is relative.
+    #[test]
+    fn make_directories_outside_the_tree_or_at_its_top_add_nothing() {
+        let text = "\
+make[1]: Entering directory '/elsewhere/x'
+a.c:1:1: warning: outside
+make[1]: Leaving directory '/elsewhere/x'
+make[1]: Entering directory '/t'
+b.c:2:1: warning: top
+make[1]: Leaving directory '/t'
+make[1]: Entering directory '/t/ip'
+/t/lib/c.c:3:1: warning: absolute
+";
+        let files: Vec<String> = parse_compiler(text, "/t")
+            .into_iter()
+            .map(|f| f.file)
+            .collect();
+        assert_eq!(files, ["a.c", "b.c", "lib/c.c"]);
+    }
+
+    /// A name that is already a path of the tree stays, even when another
+    /// path ends with it.
+    #[test]
+    fn known_paths_are_not_moved_into_subdirectories() {
+        let known = vec![
+            "x.c".to_string(),
+            "sub/x.c".to_string(),
+            "ip/y.c".to_string(),
+        ];
+        let got = resolve_paths(
+            vec![w("x.c", 1, "m"), w("y.c", 1, "m"), w("", 0, "c")],
+            &known,
+        );
+        let files: Vec<&str> = got.iter().map(|f| f.file.as_str()).collect();
+        assert_eq!(files, ["x.c", "ip/y.c", ""]);
+    }
+
     #[test]
     fn paths_are_normalised() {
         assert_eq!(normalise_path("./include/x.h", ""), "include/x.h");
