@@ -508,6 +508,7 @@ diff --git a/a.c b/a.c
 Makefile:12: warning: overriding recipe for target 'all'
 note from x.c:5: warning: not a file
 lib/a.c:7: from here: not a severity
+lib/d.c:3:: warning: no column between the colons
 lib/b.c:8:2: warning: call to f() ignored: its result
 lib/c.c:9 f() warn: smatch says
 ";
