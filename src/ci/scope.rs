@@ -342,6 +342,32 @@ mod tests {
             "{:?}",
             s.notes
         );
+        // The directories with the most includers are the ones checked,
+        // not the first by name.
+        let includers = |_: &str| -> Vec<String> {
+            (0..20)
+                .flat_map(|i| {
+                    let n = if i >= 12 { 3 } else { 1 };
+                    (0..n).map(move |j| format!("drivers/d{i:02}/x{j}.c"))
+                })
+                .collect()
+        };
+        let s = scope(&["include/linux/big.h".into()], &has, &|_| true, &includers);
+        let want: Vec<String> = (12..20).map(|i| format!("drivers/d{i:02}")).collect();
+        assert_eq!(s.dirs.iter().cloned().collect::<Vec<_>>(), want);
+    }
+
+    /// Files of trees Kbuild does not build have no Kbuild directory, even
+    /// where a Makefile exists.
+    #[test]
+    fn directories_kbuild_does_not_build_are_not_kbuild_dirs() {
+        let has = |_: &str| true;
+        assert_eq!(kbuild_dir("tools/perf/x.c", &has), None);
+        assert_eq!(kbuild_dir("Makefile", &has), None);
+        assert_eq!(
+            kbuild_dir("drivers/net/x.c", &has).as_deref(),
+            Some("drivers/net")
+        );
     }
 
     #[test]
