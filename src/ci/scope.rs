@@ -354,7 +354,7 @@ mod tests {
         };
         let s = scope(&["include/linux/big.h".into()], &has, &|_| true, &includers);
         let want: Vec<String> = (12..20).map(|i| format!("drivers/d{i:02}")).collect();
-        assert_eq!(s.dirs.iter().cloned().collect::<Vec<_>>(), want);
+        assert_eq!(s.dirs.to_vec(), want);
     }
 
     /// Files of trees Kbuild does not build have no Kbuild directory, even
