@@ -1971,6 +1971,38 @@ fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Waits for a child to exit without reaping it, at most a given time: a
+/// pidfd wakes the caller the moment QEMU exits (a plain sleep between
+/// polls cost up to its whole length at the end of every run).
+struct ExitWatch(Option<std::os::fd::OwnedFd>);
+
+impl ExitWatch {
+    fn new(pid: u32) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd
+        // (or -1 on kernels before 5.3: then the caller just sleeps).
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        // SAFETY: a non-negative result is a new fd that nothing else owns.
+        ExitWatch((fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    fn wait(&self, most: Duration) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        match &self.0 {
+            Some(fd) => {
+                let ms = u16::try_from(most.as_millis()).unwrap_or(u16::MAX);
+                // A signal interrupts it (EINTR): the caller checks for that.
+                let _ = poll(
+                    &mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)],
+                    PollTimeout::from(ms),
+                );
+            }
+            None => std::thread::sleep(most),
+        }
+    }
+}
+
 /// `: ` and the last lines of QEMU's stderr, or nothing when it is empty.
 fn stderr_tail(stderr: &str) -> String {
     let lines: Vec<&str> = stderr.trim().lines().collect();
@@ -2277,6 +2309,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         handles.push((name, h));
     }
 
+    let exited = ExitWatch::new(child.id());
     let status = loop {
         if let Some(s) = child
             .try_wait()
@@ -2291,7 +2324,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             unblock(&sockets);
             return Err(RunError::Interrupted(sig).into());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        exited.wait(Duration::from_millis(20));
     };
     tracing::info!("QEMU ran {:.2?} and exited {status}", started.elapsed());
     unblock(&sockets);
