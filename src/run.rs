@@ -265,10 +265,11 @@ pub const BOOT_MODULES: &[&str] = &[
     "overlay",
 ];
 
-/// The boot modules for a run over `fs`: without the other transport's
-/// (a kernel with both as modules would load 9p, 9pnet, netfs and fscache
-/// for nothing on a virtiofs run: ~30 ms each under TCG).
-pub fn boot_module_names(fs: GFs) -> Vec<&'static str> {
+/// The boot modules for a run over `fs` on `bus`: without the other
+/// transport's (a kernel with both as modules would load 9p, 9pnet, netfs
+/// and fscache for nothing on a virtiofs run: ~30 ms each under TCG), and
+/// without virtio_mmio on a PCI machine (it has no virtio-mmio devices).
+pub fn boot_module_names(fs: GFs, bus: qemu::Bus) -> Vec<&'static str> {
     let other: &[&str] = match fs {
         GFs::NineP => &["virtiofs"],
         GFs::Virtiofs => &["9pnet_virtio", "9p"],
@@ -277,18 +278,23 @@ pub fn boot_module_names(fs: GFs) -> Vec<&'static str> {
         .iter()
         .copied()
         .filter(|m| !other.contains(m))
+        .filter(|m| *m != "virtio_mmio" || bus == qemu::Bus::Mmio)
         .collect()
 }
 
 /// The modules to pack into the initramfs, decompressed.
-fn boot_modules(kernel: &Kernel, fs: GFs) -> Result<Vec<guest::initramfs::BootModule>, RunError> {
+fn boot_modules(
+    kernel: &Kernel,
+    fs: GFs,
+    bus: qemu::Bus,
+) -> Result<Vec<guest::initramfs::BootModule>, RunError> {
     let Kernel::Image {
         modules: Some(dir), ..
     } = kernel
     else {
         return Ok(Vec::new());
     };
-    let plan = guest::modules::resolve(dir, &boot_module_names(fs))
+    let plan = guest::modules::resolve(dir, &boot_module_names(fs, bus))
         .map_err(|e| RunError::Modules(dir.clone(), e))?;
     let fs_modules: &[&str] = match fs {
         GFs::NineP => &["9p", "9pnet_virtio"],
@@ -780,7 +786,7 @@ pub fn prepare(
         term,
     };
     let files = guest::generate(&input);
-    let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs)?)
+    let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs, profile.bus)?)
         .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
 
     let qfs = |tag: &str, path: &Path, ro: bool| Share {
@@ -2396,16 +2402,22 @@ mod tests {
     }
 
     #[test]
-    fn boot_modules_are_only_the_chosen_file_systems() {
-        let v = boot_module_names(GFs::Virtiofs);
-        let p = boot_module_names(GFs::NineP);
-        for m in ["virtio_pci", "virtio_mmio", "virtio_console", "overlay"] {
-            assert!(v.contains(&m) && p.contains(&m), "{m}");
+    fn boot_modules_are_only_the_chosen_file_systems_and_bus() {
+        use qemu::Bus;
+        for bus in [Bus::Pci, Bus::Mmio] {
+            let v = boot_module_names(GFs::Virtiofs, bus);
+            let p = boot_module_names(GFs::NineP, bus);
+            for m in ["virtio_pci", "virtio_console", "virtio_net", "overlay"] {
+                assert!(v.contains(&m) && p.contains(&m), "{m}");
+            }
+            assert!(v.contains(&"virtiofs"));
+            assert!(!v.contains(&"9p") && !v.contains(&"9pnet_virtio"), "{v:?}");
+            assert!(p.contains(&"9p") && p.contains(&"9pnet_virtio"));
+            assert!(!p.contains(&"virtiofs"), "{p:?}");
+            // microvm's devices are virtio-mmio; q35's are all PCI.
+            assert_eq!(v.contains(&"virtio_mmio"), bus == Bus::Mmio, "{bus:?}");
+            assert_eq!(p.contains(&"virtio_mmio"), bus == Bus::Mmio, "{bus:?}");
         }
-        assert!(v.contains(&"virtiofs"));
-        assert!(!v.contains(&"9p") && !v.contains(&"9pnet_virtio"), "{v:?}");
-        assert!(p.contains(&"9p") && p.contains(&"9pnet_virtio"));
-        assert!(!p.contains(&"virtiofs"), "{p:?}");
     }
 
     #[test]
