@@ -1119,33 +1119,56 @@ fn modules_reload_reloads_exactly_the_rebuilt_module() {
     );
 }
 
-/// `mkt modules-reload --all` reloads a loaded module of the tree that did
-/// not change, and the command exits 1 when a module cannot be loaded
-/// again (its file replaced by garbage: a bind mount in the guest, so the
-/// fixture tree stays as it is). No rebuild, so no copy of the tree.
+/// `mkt modules-reload --all` reloads the loaded modules of the tree that
+/// did not change; it exits 1 when a module is in use (tun, held by an open
+/// /dev/net/tun), leaving every module loaded, and when a module cannot be
+/// loaded again (its file replaced by garbage: a bind mount in the guest,
+/// so the fixture tree stays as it is). No rebuild, so no copy of the tree.
 #[test]
-fn modules_reload_all_and_a_module_that_fails_to_load() {
+fn modules_reload_all_a_module_in_use_and_one_that_fails_to_load() {
     let Some(fx) = fixtures() else { return };
     let home = common::temp_home(None);
-    let script = "sudo modprobe dummy; \
+    let script = "loaded() { for m in dummy tun; do test -d /sys/module/$m && printf '%s ' $m; done; echo; }; \
+         sudo modprobe dummy; sudo modprobe tun; \
          mkt modules-reload; echo rc=$?; \
-         mkt modules-reload --all; echo rc=$?; \
+         sudo sh -c 'exec 3<>/dev/net/tun; echo $$ > /tmp/held; exec sleep 600' & \
+         until [ -s /tmp/held ]; do sleep 0.1; done; \
+         mkt modules-reload --all 2>&1; echo rc=$?; loaded; \
+         sudo kill $(cat /tmp/held); wait; \
+         r=$(mkt modules-reload --all); echo rc=$?; echo $r | tr ' ' '\\n' | sort | tr '\\n' ' '; echo; loaded; \
          t=$(readlink -f \"$(modinfo -n dummy)\"); echo garbage > /tmp/bad.ko; \
          sudo mount --bind /tmp/bad.ko \"$t\" && mkt modules-reload 2>&1; echo rc=$?";
     let o = run_as(None, home.path(), &fx.args(&["--", "sh", "-c", script]));
     let out = text(&o.stdout);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["no modules changed", "rc=0"], "{out}");
+    // tun in use: refused, exit 1, and both modules are still loaded
+    // (whatever was unloaded before tun was loaded back).
+    let busy = lines
+        .iter()
+        .position(|l| l.starts_with("rc="))
+        .filter(|&i| i >= 2)
+        .unwrap();
+    assert!(
+        lines[2..busy]
+            .iter()
+            .any(|l| l.starts_with("mkt: cannot unload tun: ")
+                && l.ends_with("(in use); nothing more is unloaded")),
+        "{out}"
+    );
+    assert_eq!(lines[busy..busy + 2], ["rc=1", "dummy tun "], "{out}");
+    // Released: both reloaded.
     assert_eq!(
-        lines[..4],
-        ["no modules changed", "rc=0", "reloaded: dummy", "rc=0"],
+        lines[busy + 2..busy + 5],
+        ["rc=0", "dummy reloaded: tun ", "dummy tun "],
         "{out}"
     );
     assert!(
-        lines[4].starts_with("mkt: cannot load ") && lines[4].contains("dummy.ko"),
+        lines[busy + 5].starts_with("mkt: cannot load ") && lines[busy + 5].contains("dummy.ko"),
         "{out}"
     );
-    assert_eq!(lines[5..], ["rc=1"], "{out}");
+    assert_eq!(lines[busy + 6..], ["rc=1"], "{out}");
 }
 
 /// A closed stdout (`mkt run --dry-run | head` after head exited) ends

@@ -1088,16 +1088,25 @@ fn modules_reload(args: &[String]) -> i32 {
     for m in &to_reload {
         unload_order(m, &mut order);
     }
+    // A module in use stops the unloading; those already unloaded are
+    // loaded again below, so a refused reload leaves the guest as it was.
+    let mut unloaded = Vec::new();
+    let mut failed = false;
     for m in &order {
         let name = c(m);
         // SAFETY: name is a valid C string; O_NONBLOCK (2048) fails when busy.
         if unsafe { syscall(176, name.as_ptr(), 2048) } != 0 {
-            eprintln!("mkt: cannot unload {m}: {}", io::Error::last_os_error());
-            return 1;
+            let e = io::Error::last_os_error();
+            // EAGAIN (O_NONBLOCK) or EBUSY: something holds it.
+            let why = if matches!(e.raw_os_error(), Some(11 | 16)) { " (in use)" } else { "" };
+            eprintln!("mkt: cannot unload {m}: {e}{why}; nothing more is unloaded");
+            failed = true;
+            break;
         }
+        unloaded.push(m.clone());
     }
     let mut reloaded = Vec::new();
-    for m in order.iter().rev() {
+    for m in unloaded.iter().rev() {
         let Some(path) = paths.get(m) else {
             eprintln!("mkt: {m} was unloaded but is not a module of the tree: modprobe it");
             continue;
@@ -1112,15 +1121,22 @@ fn modules_reload(args: &[String]) -> i32 {
         });
         match loaded {
             Ok(()) => reloaded.push(m.clone()),
+            // The others are still loaded back.
             Err(e) => {
                 eprintln!("mkt: cannot load {path}: {e}");
-                return 1;
+                failed = true;
             }
         }
     }
+    if !reloaded.is_empty() {
+        println!("reloaded: {}", reloaded.join(" "));
+    }
+    if failed {
+        // The record stays: the next reload tries the changed ones again.
+        return 1;
+    }
     let text: String = records.iter().map(|(_, l)| format!("{l}\n")).collect();
     let _ = fs::write(MODULES_BOOT, text);
-    println!("reloaded: {}", reloaded.join(" "));
     0
 }
 
