@@ -1145,11 +1145,10 @@ fn modules_reload_all_a_module_in_use_and_one_that_fails_to_load() {
     assert_eq!(lines[..2], ["no modules changed", "rc=0"], "{out}");
     // tun in use: refused, exit 1, and both modules are still loaded
     // (whatever was unloaded before tun was loaded back).
-    let busy = lines
+    let busy = 2 + lines[2..]
         .iter()
         .position(|l| l.starts_with("rc="))
-        .filter(|&i| i >= 2)
-        .unwrap();
+        .unwrap_or_else(|| panic!("{out}"));
     assert!(
         lines[2..busy]
             .iter()
