@@ -779,15 +779,7 @@ fn systemd_mode_waits_for_no_console_it_lacks() {
         common::unavailable::<()>("root (to overlay the fixture rootfs)");
         return;
     }
-    let tree = Overlay::new(&rootfs, |upper| {
-        let wants = upper.join("etc/systemd/system/getty.target.wants");
-        std::fs::create_dir_all(&wants).unwrap();
-        std::os::unix::fs::symlink(
-            "/lib/systemd/system/serial-getty@.service",
-            wants.join("serial-getty@hvc0.service"),
-        )
-        .unwrap();
-    });
+    let tree = with_hvc0_getty(&rootfs);
     let merged = tree.merged.clone();
     let home = common::temp_home(None);
     let out = home.path().join("console-out");
@@ -867,6 +859,20 @@ impl Drop for Overlay {
     fn drop(&mut self) {
         let _ = nix::mount::umount2(&self.merged, nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// The fixture rootfs with a getty enabled on hvc0, as every shipped recipe
+/// has it (QEMU has no hvc0).
+fn with_hvc0_getty(rootfs: &Path) -> Overlay {
+    Overlay::new(rootfs, |upper| {
+        let wants = upper.join("etc/systemd/system/getty.target.wants");
+        std::fs::create_dir_all(&wants).unwrap();
+        std::os::unix::fs::symlink(
+            "/lib/systemd/system/serial-getty@.service",
+            wants.join("serial-getty@hvc0.service"),
+        )
+        .unwrap();
+    })
 }
 
 /// Starts an interactive `mkt run` (stdin closed) and returns it once it has
@@ -962,15 +968,7 @@ fn systemd_mode_answers_ssh_at_once_and_runs_the_boot_script_on_time() {
         common::unavailable::<()>("root (to overlay the fixture rootfs)");
         return;
     }
-    let tree = Overlay::new(&rootfs, |upper| {
-        let wants = upper.join("etc/systemd/system/getty.target.wants");
-        std::fs::create_dir_all(&wants).unwrap();
-        std::os::unix::fs::symlink(
-            "/lib/systemd/system/serial-getty@.service",
-            wants.join("serial-getty@hvc0.service"),
-        )
-        .unwrap();
-    });
+    let tree = with_hvc0_getty(&rootfs);
     let home = common::temp_home(None);
     let script = home.path().join("boot.sh");
     write_file(

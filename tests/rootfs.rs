@@ -2182,6 +2182,34 @@ struct Staller {
 }
 
 impl Staller {
+    /// Starts `mkt rootfs pull` of test/main:v1 through the staller, in a
+    /// process group of its own (so Ctrl-C can go to the group), and returns
+    /// once it has asked for the stalled layer.
+    fn pull(&self, h: &Path) -> Reaped {
+        use std::os::unix::process::CommandExt;
+        use std::sync::atomic::Ordering;
+        let image = format!("127.0.0.1:{}/test/main:v1", self.port);
+        let pull = Reaped(Some(
+            common::mkt(h)
+                .args(["rootfs", "pull", "--owners", "xattrs", &image])
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.asked.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the pull never asked for the last layer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pull
+    }
+
     fn start(target: u16, digest: String) -> Staller {
         use std::io::Read;
         use std::sync::Arc;
@@ -2248,24 +2276,7 @@ fn gc_and_the_stale_sweep_spare_a_running_pull() {
     let staller = Staller::start(reg.port, last.clone());
     let home = common::temp_home(None);
     let h = home.path();
-    let image = format!("127.0.0.1:{}/test/main:v1", staller.port);
-    let mut pull = Reaped(Some(
-        common::mkt(h)
-            .args(["rootfs", "pull", "--owners", "xattrs", &image])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !staller.asked.load(Ordering::SeqCst) {
-        assert!(
-            Instant::now() < deadline,
-            "the pull never asked for the last layer"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut pull = staller.pull(h);
     let blobs = || {
         let mut v: Vec<String> = std::fs::read_dir(blob_cache(h))
             .unwrap()
@@ -2321,7 +2332,6 @@ fn gc_and_the_stale_sweep_spare_a_running_pull() {
 #[test]
 fn an_interrupted_pull_exits_130_or_143_and_stores_nothing() {
     use nix::sys::signal::Signal;
-    use std::os::unix::process::CommandExt;
     use std::sync::atomic::Ordering;
     let Some(reg) = Registry::start() else { return };
     let l = Layout::new();
@@ -2333,25 +2343,7 @@ fn an_interrupted_pull_exits_130_or_143_and_stores_nothing() {
         let staller = Staller::start(reg.port, last.clone());
         let home = common::temp_home(None);
         let h = home.path();
-        let image = format!("127.0.0.1:{}/test/main:v1", staller.port);
-        let mut pull = Reaped(Some(
-            common::mkt(h)
-                .args(["rootfs", "pull", "--owners", "xattrs", &image])
-                .process_group(0)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        ));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !staller.asked.load(Ordering::SeqCst) {
-            assert!(
-                Instant::now() < deadline,
-                "the pull never asked for the last layer"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut pull = staller.pull(h);
         let pid = nix::unistd::Pid::from_raw(pull.0.as_ref().unwrap().id() as i32);
         if sig == Signal::SIGINT {
             nix::sys::signal::killpg(pid, sig).unwrap();

@@ -571,6 +571,23 @@ make[1]: Entering directory '/t/ip'
         assert_eq!(files, ["x.c", "ip/y.c", ""]);
     }
 
+    /// The same finding printed twice (a header's warning, once per object
+    /// including it) is kept once; a different line or message is not a
+    /// duplicate.
+    #[test]
+    fn dedup_keeps_the_first_of_exact_duplicates() {
+        let v = vec![
+            w("a.h", 3, "m"),
+            w("a.h", 3, "m"),
+            w("a.h", 4, "m"),
+            w("a.h", 3, "n"),
+        ];
+        assert_eq!(
+            dedup(v),
+            [w("a.h", 3, "m"), w("a.h", 4, "m"), w("a.h", 3, "n")]
+        );
+    }
+
     #[test]
     fn paths_are_normalised() {
         assert_eq!(normalise_path("./include/x.h", ""), "include/x.h");

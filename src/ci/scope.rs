@@ -320,6 +320,20 @@ mod tests {
                 vec![],
                 1,
             ),
+            (
+                "a file Kbuild does not compile, in a Kbuild directory: checkpatch only",
+                vec!["drivers/net/README"],
+                vec![],
+                vec![],
+                1,
+            ),
+            (
+                "Makefile.* and Kconfig.* fragments: their directory",
+                vec!["drivers/net/Makefile.extra", "fs/ext4/Kconfig.debug"],
+                vec!["drivers/net", "fs/ext4"],
+                vec![],
+                0,
+            ),
         ];
         for (name, files, dirs, c, notes) in cases {
             let files: Vec<String> = files.into_iter().map(String::from).collect();
@@ -328,6 +342,13 @@ mod tests {
             assert_eq!(s.c_files, c, "{name}");
             assert_eq!(s.notes.len(), notes, "{name}: {:?}", s.notes);
         }
+        // All of a header's includer directories checked (most includers
+        // first): said so, no cap.
+        let s = scope(&["include/linux/mkt.h".into()], &has, &exists, &includers);
+        assert_eq!(
+            s.notes,
+            ["include/linux/mkt.h: checked through its includers in fs/ext4 drivers/block"]
+        );
     }
 
     #[test]
