@@ -405,6 +405,21 @@ mod tests {
         assert_eq!(Reference::parse("fedora").unwrap().manifest_ref(), "latest");
     }
 
+    /// What mutation testing found no test for: a registry host with a
+    /// port, repository components with digits and `._-`, and a `:` that is
+    /// not a tag's (a `/` follows it).
+    #[test]
+    fn ports_component_characters_and_colons_inside_the_path() {
+        let r = Reference::parse("registry.example:5000/my_team/app-2.x:v1").unwrap();
+        assert_eq!(r.registry, "registry.example:5000");
+        assert_eq!(r.repository, "my_team/app-2.x");
+        assert_eq!(r.tag.as_deref(), Some("v1"));
+        let e = Reference::parse("registry.example:/a").unwrap_err();
+        assert!(e.reason.contains("bad registry"), "{e:?}");
+        let e = Reference::parse("registry.example/a:b/c").unwrap_err();
+        assert!(e.reason.contains("bad repository component"), "{e:?}");
+    }
+
     #[test]
     fn rejects_bad_references_with_a_reason() {
         let cases = [
