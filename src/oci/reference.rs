@@ -406,7 +406,7 @@ mod tests {
     }
 
     /// What mutation testing found no test for: a registry host with a
-    /// port, repository components with digits and `._-`, and a `:` that is
+    /// port or a `-` (and not a `_`), repository components with digits and `._-`, and a `:` that is
     /// not a tag's (a `/` follows it).
     #[test]
     fn ports_component_characters_and_colons_inside_the_path() {
@@ -414,6 +414,10 @@ mod tests {
         assert_eq!(r.registry, "registry.example:5000");
         assert_eq!(r.repository, "my_team/app-2.x");
         assert_eq!(r.tag.as_deref(), Some("v1"));
+        let r = Reference::parse("my-registry.example/a").unwrap();
+        assert_eq!(r.registry, "my-registry.example");
+        let e = Reference::parse("my_registry.example/a").unwrap_err();
+        assert!(e.reason.contains("bad registry"), "{e:?}");
         let e = Reference::parse("registry.example:/a").unwrap_err();
         assert!(e.reason.contains("bad registry"), "{e:?}");
         let e = Reference::parse("registry.example/a:b/c").unwrap_err();
