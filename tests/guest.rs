@@ -775,11 +775,9 @@ fn systemd_mode_waits_for_no_console_it_lacks() {
     let Some((rootfs, kernel)) = tree() else {
         return;
     };
-    if !nix::unistd::getuid().is_root() {
-        common::unavailable::<()>("root (to overlay the fixture rootfs)");
+    let Some(tree) = with_hvc0_getty(&rootfs) else {
         return;
-    }
-    let tree = with_hvc0_getty(&rootfs);
+    };
     let merged = tree.merged.clone();
     let home = common::temp_home(None);
     let out = home.path().join("console-out");
@@ -815,15 +813,18 @@ fn systemd_mode_waits_for_no_console_it_lacks() {
     assert!(s.file.contains("37 111\nxterm-256color\n"), "{}", s.file);
 }
 
-/// The fixture rootfs under an overlay whose upper layer `fill` writes
-/// (root only); unmounted when dropped.
+/// The fixture rootfs under an overlay whose upper layer `fill` writes;
+/// unmounted when dropped. Root only: None (SKIP, or a failure in CI) else.
 struct Overlay {
     _work: tempfile::TempDir,
     merged: PathBuf,
 }
 
 impl Overlay {
-    fn new(rootfs: &Path, fill: impl FnOnce(&Path)) -> Overlay {
+    fn new(rootfs: &Path, fill: impl FnOnce(&Path)) -> Option<Overlay> {
+        if !nix::unistd::getuid().is_root() {
+            return common::unavailable("root (to overlay the fixture rootfs)");
+        }
         let work = tempfile::tempdir().unwrap();
         let (upper, wdir, merged) = (
             work.path().join("upper"),
@@ -848,10 +849,10 @@ impl Overlay {
             Some(opts.as_str()),
         )
         .unwrap();
-        Overlay {
+        Some(Overlay {
             _work: work,
             merged,
-        }
+        })
     }
 }
 
@@ -863,7 +864,7 @@ impl Drop for Overlay {
 
 /// The fixture rootfs with a getty enabled on hvc0, as every shipped recipe
 /// has it (QEMU has no hvc0).
-fn with_hvc0_getty(rootfs: &Path) -> Overlay {
+fn with_hvc0_getty(rootfs: &Path) -> Option<Overlay> {
     Overlay::new(rootfs, |upper| {
         let wants = upper.join("etc/systemd/system/getty.target.wants");
         std::fs::create_dir_all(&wants).unwrap();
@@ -909,18 +910,16 @@ fn mkt_ssh_says_when_the_guests_sshd_did_not_start() {
     let Some((rootfs, kernel)) = cloud() else {
         return;
     };
-    if !nix::unistd::getuid().is_root() {
-        common::unavailable::<()>("root (to overlay the fixture rootfs)");
-        return;
-    }
-    let tree = Overlay::new(&rootfs, |upper| {
+    let Some(tree) = Overlay::new(&rootfs, |upper| {
         write_file(
             &upper.join("usr/sbin/sshd"),
             "#!/bin/sh\necho sshd broken by the test >&2\nexit 1\n",
             0o755,
             None,
         );
-    });
+    }) else {
+        return;
+    };
     let home = common::temp_home(None);
     let mut vm = common::mkt(home.path());
     vm.arg("run")
@@ -964,11 +963,9 @@ fn systemd_mode_answers_ssh_at_once_and_runs_the_boot_script_on_time() {
     let Some((rootfs, kernel)) = cloud() else {
         return;
     };
-    if !nix::unistd::getuid().is_root() {
-        common::unavailable::<()>("root (to overlay the fixture rootfs)");
+    let Some(tree) = with_hvc0_getty(&rootfs) else {
         return;
-    }
-    let tree = with_hvc0_getty(&rootfs);
+    };
     let home = common::temp_home(None);
     let script = home.path().join("boot.sh");
     write_file(

@@ -2182,6 +2182,17 @@ struct Staller {
 }
 
 impl Staller {
+    /// A registry holding test/main:v1, and the digest of its last layer
+    /// (the one a staller holds back).
+    fn registry() -> Option<(Registry, String)> {
+        let reg = Registry::start()?;
+        let l = Layout::new();
+        let layers = main_image();
+        let img = l.image(&layers, "amd64");
+        reg.push_raw(&l, &img, "test/main", "v1");
+        Some((reg, sha256_digest(&layers[2].0)))
+    }
+
     /// Starts `mkt rootfs pull` of test/main:v1 through the staller, in a
     /// process group of its own (so Ctrl-C can go to the group), and returns
     /// once it has asked for the stalled layer.
@@ -2267,12 +2278,9 @@ fn gc_and_the_stale_sweep_spare_a_running_pull() {
         common::unavailable::<()>("root (for a pid namespace)");
         return;
     }
-    let Some(reg) = Registry::start() else { return };
-    let l = Layout::new();
-    let layers = main_image();
-    let last = sha256_digest(&layers[2].0);
-    let img = l.image(&layers, "amd64");
-    reg.push_raw(&l, &img, "test/main", "v1");
+    let Some((reg, last)) = Staller::registry() else {
+        return;
+    };
     let staller = Staller::start(reg.port, last.clone());
     let home = common::temp_home(None);
     let h = home.path();
@@ -2333,12 +2341,9 @@ fn gc_and_the_stale_sweep_spare_a_running_pull() {
 fn an_interrupted_pull_exits_130_or_143_and_stores_nothing() {
     use nix::sys::signal::Signal;
     use std::sync::atomic::Ordering;
-    let Some(reg) = Registry::start() else { return };
-    let l = Layout::new();
-    let layers = main_image();
-    let last = sha256_digest(&layers[2].0);
-    let img = l.image(&layers, "amd64");
-    reg.push_raw(&l, &img, "test/main", "v1");
+    let Some((reg, last)) = Staller::registry() else {
+        return;
+    };
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         let staller = Staller::start(reg.port, last.clone());
         let home = common::temp_home(None);
