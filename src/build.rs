@@ -145,7 +145,7 @@ pub fn kernel_version(makefile: &str) -> Option<String> {
 /// CPUs this process may really use: the affinity mask, capped by the
 /// cgroup v2 CPU quota of its cgroup and every ancestor.
 pub fn jobs() -> u32 {
-    let cpus = crate::run::available_cpus();
+    let cpus = crate::host::user::available_cpus();
     let quota = fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|c| cgroup_quota(&c, |p| fs::read_to_string(p).ok()));
@@ -368,25 +368,6 @@ pub fn sweep_work_dirs(tmp: &Path) {
     }
 }
 
-/// `YYYYmmdd-HHMMSS` (UTC) for log names.
-fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    // "YYYY-mm-ddTHH:MM:SSZ" -> "YYYYmmdd-HHMMSS"
-    let t = crate::rootfs::rfc3339(secs);
-    format!(
-        "{}{}{}-{}{}{}",
-        &t[0..4],
-        &t[5..7],
-        &t[8..10],
-        &t[11..13],
-        &t[14..16],
-        &t[17..19]
-    )
-}
-
 /// `mkt build`'s options, as parsed from the command line.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -429,7 +410,7 @@ pub(crate) fn prepare_env(
     src: PathBuf,
 ) -> Result<Env, BuildError> {
     // The same user `mkt run` recreates in guests, with the home mkt uses.
-    let mut user = crate::run::host_user();
+    let mut user = crate::guest::GuestUser::of(crate::host::user::current());
     user.home = paths.home.clone();
     user.shell = ["/bin/bash", "/bin/sh"]
         .into_iter()
@@ -701,29 +682,6 @@ fn newer(a: &Path, b: &Path) -> bool {
     }
 }
 
-pub(crate) fn open_log(dir: &Path, project: &str) -> Result<(PathBuf, fs::File), BuildError> {
-    fs::create_dir_all(dir).map_err(|e| BuildError::Create(dir.into(), e))?;
-    let ts = timestamp();
-    for n in 0.. {
-        let name = if n == 0 {
-            format!("{project}-{ts}.log")
-        } else {
-            format!("{project}-{ts}-{n}.log")
-        };
-        let p = dir.join(name);
-        match fs::OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&p)
-        {
-            Ok(f) => return Ok((p, f)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(BuildError::Create(p, e)),
-        }
-    }
-    unreachable!()
-}
-
 /// `mkt build`: the exit status (0 built, 1 failed; with --shell, the
 /// shell's).
 pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
@@ -805,7 +763,8 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         };
         (project.name(), project.describe(), steps(&project, &input))
     };
-    let (log_path, mut log) = open_log(&paths.logs_dir.join("build"), name)?;
+    let (log_path, mut log) = crate::util::fs::open_log(&paths.logs_dir.join("build"), name)
+        .map_err(|e| BuildError::Create(e.path, e.source))?;
     let say = |s: &str| {
         if !opts.quiet {
             eprintln!("mkt: {s}");
@@ -1094,12 +1053,5 @@ mod tests {
         let got = error_lines(&plain);
         assert_eq!(got.len(), 20);
         assert_eq!(got[0], "line 11");
-    }
-
-    #[test]
-    fn timestamp_shape() {
-        let t = timestamp();
-        assert_eq!(t.len(), 15, "{t}");
-        assert!(t.starts_with("20"), "{t}");
     }
 }

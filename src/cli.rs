@@ -250,15 +250,6 @@ fn load_context(global: &Global) -> Result<Ctx> {
     })
 }
 
-fn user_name(uid: u32) -> String {
-    nix::unistd::User::from_uid(uid.into())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| uid.to_string())
-}
-
 /// Runs the parsed command line; the exit status on success.
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
@@ -425,7 +416,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
 
 fn doctor(args: &DoctorArgs, global: &Global) -> Result<i32> {
     let uid = nix::unistd::getuid().as_raw();
-    let mut checks = host::probe::all(&user_name(uid), uid);
+    let mut checks = host::probe::all(&host::user::name_of(uid), uid);
     checks.push(config_check(global, uid));
     let mut out = std::io::stdout().lock();
     if args.json {

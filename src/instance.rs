@@ -95,9 +95,10 @@ pub fn ssh_state(r: &Record) -> SshState {
 /// Records the guest's line about its sshd, whole or not at all (a reader
 /// never sees half of it).
 pub fn set_ssh_state(run_dir: &Path, line: &str) -> io::Result<()> {
-    let tmp = run_dir.join(format!(".{SSH_STATE}.tmp"));
-    fs::write(&tmp, format!("{}\n", line.trim()))?;
-    fs::rename(&tmp, run_dir.join(SSH_STATE))
+    crate::util::fs::write_atomic(
+        &run_dir.join(SSH_STATE),
+        format!("{}\n", line.trim()).as_bytes(),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -428,14 +429,12 @@ impl RunDir {
     /// reader never sees half of it.
     pub fn write_record(&self, r: &Record) -> Result<(), InstanceError> {
         let path = self.path.join("instance.json");
-        let tmp = self.path.join(".instance.json.tmp");
         let err = |source| InstanceError::Record {
             path: path.clone(),
             source,
         };
         let text = serde_json::to_vec_pretty(r).map_err(|e| err(io::Error::other(e)))?;
-        fs::write(&tmp, text).map_err(err)?;
-        fs::rename(&tmp, &path).map_err(err)
+        crate::util::fs::write_atomic(&path, &text).map_err(err)
     }
 
     /// Keep the directory after the run (for --keep).

@@ -18,4 +18,5 @@ pub mod qemu;
 pub mod rootfs;
 pub mod run;
 pub mod unpack;
+pub mod util;
 pub mod vfio;

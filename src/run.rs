@@ -348,37 +348,6 @@ pub fn free_port() -> io::Result<u16> {
         .port())
 }
 
-/// The invoking user as guests and builds recreate it.
-pub fn host_user() -> GuestUser {
-    let uid = nix::unistd::getuid();
-    let gid = nix::unistd::getgid();
-    let pw = nix::unistd::User::from_uid(uid).ok().flatten();
-    let name = pw
-        .as_ref()
-        .map(|u| u.name.clone())
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| format!("u{uid}"));
-    let group = nix::unistd::Group::from_gid(gid)
-        .ok()
-        .flatten()
-        .map(|g| g.name)
-        .unwrap_or_else(|| name.clone());
-    // $HOME, not the passwd entry: the home a developer works in is the one
-    // shared at the same path.
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .or(pw.map(|u| u.dir))
-        .unwrap_or_else(|| "/".into());
-    GuestUser {
-        name,
-        uid: uid.as_raw(),
-        gid: gid.as_raw(),
-        group,
-        home,
-        shell: "/bin/sh".into(),
-    }
-}
-
 fn read_etc(rootfs: &Path) -> RootfsEtc {
     let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).ok();
     RootfsEtc {
@@ -630,7 +599,7 @@ pub fn prepare(
             })?),
             GFs::NineP => None,
         };
-    let mut user = host_user();
+    let mut user = GuestUser::of(crate::host::user::current());
     user.shell = if rootfs.join("bin/bash").exists() {
         "/bin/bash".into()
     } else {
@@ -915,7 +884,7 @@ pub fn prepare(
     let cpus = opts
         .cpus
         .or(setup.cpus.map(crate::config::Cpus::get))
-        .unwrap_or_else(available_cpus);
+        .unwrap_or_else(crate::host::user::available_cpus);
     let mem_mib = opts
         .mem_mib
         .or_else(|| {
@@ -1235,13 +1204,6 @@ fn ssh_with_stdin(
     Ok(status.code().unwrap_or(255))
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// `mkt ps`: the running VMs, as a table or JSON.
 pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
     let running = instance::list(&paths.runtime_dir)?;
@@ -1254,7 +1216,7 @@ pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
         "NAME", "PID", "SSH", "UP"
     );
     for r in &running {
-        let up = now_secs().saturating_sub(r.started);
+        let up = crate::util::time::epoch_secs().saturating_sub(r.started);
         println!(
             "{:<16} {:>8} {:>6} {:>7}s  {} on {}",
             r.name,
@@ -1600,19 +1562,11 @@ fn host_terminal() -> Option<guest::Terminal> {
 fn console_log(paths: &Paths, name: &str) -> PathBuf {
     let dir = paths.logs_dir.join("run");
     let _ = std::fs::create_dir_all(&dir);
-    dir.join(format!("{name}-{}-{}.log", now_secs(), std::process::id()))
-}
-
-/// CPUs this process may use (its affinity mask), at least 1.
-pub fn available_cpus() -> u32 {
-    nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
-        .map(|set| {
-            (0..nix::sched::CpuSet::count())
-                .filter(|&i| set.is_set(i).unwrap_or(false))
-                .count() as u32
-        })
-        .unwrap_or(1)
-        .max(1)
+    dir.join(format!(
+        "{name}-{}-{}.log",
+        crate::util::time::epoch_secs(),
+        std::process::id()
+    ))
 }
 
 fn check_boot_script(script: &Path) -> Result<(), RunError> {
@@ -2318,7 +2272,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         user: prepared.user.clone(),
         kernel: prepared.spec.kernel.clone(),
         rootfs: prepared.rootfs.clone(),
-        started: now_secs(),
+        started: crate::util::time::epoch_secs(),
         qmp: Some(prepared.spec.qmp.clone()),
         ssh_reports_ready: prepared.ssh_reports_ready,
         dir: PathBuf::new(),

@@ -83,9 +83,7 @@ pub fn save(dir: &Path, r: &Record) -> Result<(), CiError> {
 }
 
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CiError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).map_err(|e| CiError::Write(tmp.clone(), e))?;
-    fs::rename(&tmp, path).map_err(|e| CiError::Write(path.into(), e))
+    crate::util::fs::write_atomic(path, data).map_err(|e| CiError::Write(path.into(), e))
 }
 
 pub fn load(jobs: &Path, id: u64) -> Result<Record, CiError> {

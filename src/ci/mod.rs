@@ -138,7 +138,7 @@ pub fn ci(opts: &CiOptions, config: &Config, paths: &Paths) -> anyhow::Result<i3
         request,
         commit,
         subject,
-        submitted: now(),
+        submitted: crate::util::time::rfc3339_now(),
         finished: None,
         exit: None,
         error: None,
@@ -229,14 +229,6 @@ fn make_request(opts: &CiOptions, config: &Config, paths: &Paths) -> anyhow::Res
         kernel_config,
         junit,
     })
-}
-
-fn now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    crate::rootfs::rfc3339(secs)
 }
 
 /// Starts `mkt ci --run-job ID` in a new session, detached from the
@@ -344,7 +336,7 @@ fn run_job(
         .ok()
         .flatten();
     let result = checks::run(record, dir, config, paths, &progress);
-    record.finished = Some(now());
+    record.finished = Some(crate::util::time::rfc3339_now());
     match result {
         Ok(report) => {
             let json = serde_json::to_vec_pretty(&report).expect("reports serialise");

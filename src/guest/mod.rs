@@ -22,6 +22,20 @@ pub struct GuestUser {
     pub shell: String,
 }
 
+impl GuestUser {
+    /// The host user, with `/bin/sh` until the caller knows the tree's shell.
+    pub fn of(u: crate::host::user::User) -> Self {
+        GuestUser {
+            name: u.name,
+            uid: u.uid,
+            gid: u.gid,
+            group: u.group,
+            home: u.home,
+            shell: "/bin/sh".into(),
+        }
+    }
+}
+
 /// What PID 1 does once the root is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {

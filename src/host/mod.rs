@@ -6,6 +6,7 @@
 pub mod kvm;
 pub mod probe;
 pub mod tsc;
+pub mod user;
 
 use serde::Serialize;
 use std::fmt;

@@ -114,8 +114,8 @@ pub fn build(
         name: name.clone(),
         source,
     })?;
-    let (log_path, file) = crate::build::open_log(&paths.logs_dir.join("rootfs"), &name)
-        .map_err(|e| RootfsError::Log(Box::new(e)))?;
+    let (log_path, file) = crate::util::fs::open_log(&paths.logs_dir.join("rootfs"), &name)
+        .map_err(RootfsError::Log)?;
     let mut log = Log {
         path: log_path,
         file,
@@ -137,7 +137,7 @@ pub fn build(
     let tree = temp.0.clone().expect("temp dir");
     steps(&tree, r, &ids, &mut log, opts)?;
     let (size, entries) = super::tree_size(&tree);
-    let now = super::rfc3339_now();
+    let now = crate::util::time::rfc3339_now();
     let meta = Meta {
         name: name.clone(),
         image: format!("recipe:{}", found.name),

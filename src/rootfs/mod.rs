@@ -84,7 +84,7 @@ pub enum RootfsError {
         source: crate::ns::IdsError,
     },
     #[error("cannot open the build log")]
-    Log(#[source] Box<crate::build::BuildError>),
+    Log(#[source] crate::util::fs::CreateError),
     #[error("{program} is not installed (Debian/Ubuntu: apt install {package})")]
     Missing {
         program: &'static str,
@@ -793,7 +793,7 @@ pub(crate) fn pull_unpacked(
         platform: platform.to_string(),
         layers: img.layers.iter().map(|l| l.digest.clone()).collect(),
         created: config.created.clone(),
-        pulled: rfc3339_now(),
+        pulled: crate::util::time::rfc3339_now(),
         size,
         entries,
         recipe: None,
@@ -1015,36 +1015,6 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", units[u])
     }
-}
-
-/// Now, as `2026-11-29T10:37:51Z`.
-pub fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    rfc3339(secs)
-}
-
-/// Seconds since the epoch as RFC 3339 UTC (civil-from-days, H. Hinnant).
-pub fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
 }
 
 /// The table `mkt rootfs list` prints.
@@ -1417,9 +1387,6 @@ mod tests {
 
     #[test]
     fn time_and_sizes() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
         assert_eq!(human(512), "512 B");
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human(3 << 20), "3.0 MiB");

@@ -1,0 +1,5 @@
+//! Small helpers more than one part of mkt needs, one copy each: clocks and
+//! dates, files (logs, atomic writes), hashing. Nothing here knows a command.
+
+pub mod fs;
+pub mod time;
