@@ -1,5 +1,7 @@
 //! Command line: the clap definition and the dispatch to each concern.
 
+mod rootfs;
+
 use crate::config::{self, Config, Paths};
 use crate::host;
 use anyhow::{Context, Result};
@@ -307,7 +309,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Rootfs(args) => {
             let ctx = load_context(&cli.global)?;
-            crate::rootfs::cli(&ctx, args)
+            rootfs::run(&ctx, args)
         }
         Command::Build(a) => {
             let ctx = load_context(&cli.global)?;
