@@ -122,7 +122,8 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Manifest, String
     let index = media == OCI_INDEX || media == DOCKER_LIST;
     match (p.manifests, p.config, p.layers) {
         (Some(m), _, _) if index || media.is_empty() => Ok(Manifest::Index(m)),
-        (None, Some(config), Some(layers)) if !index => {
+        // A field the image manifest does not define is ignored, as OCI says.
+        (_, Some(config), Some(layers)) if !index => {
             Ok(Manifest::Image(ImageManifest { config, layers }))
         }
         _ if media.is_empty() => Err("neither an image manifest nor an index".into()),
@@ -366,5 +367,83 @@ mod tests {
         }
         assert!(is_config("application/vnd.oci.image.config.v1+json"));
         assert!(!is_config("application/vnd.cncf.helm.config.v1+json"));
+    }
+
+    #[test]
+    fn accept_header_asks_for_indexes_first() {
+        assert_eq!(
+            accept_header(),
+            format!("{OCI_INDEX}, {DOCKER_LIST}, {OCI_MANIFEST}, {DOCKER_MANIFEST}")
+        );
+    }
+
+    #[test]
+    fn the_media_type_decides_between_index_and_image() {
+        // An image manifest that also carries a `manifests` field stays an image.
+        let both = format!(
+            r#"{{"mediaType":"{OCI_MANIFEST}","manifests":[],"config":{{"digest":"sha256:bb","size":1}},"layers":[]}}"#
+        );
+        assert!(matches!(
+            parse(both.as_bytes(), None),
+            Ok(Manifest::Image(_))
+        ));
+        // A known type without its fields, and a body with no type and no shape.
+        let e = parse(
+            format!(r#"{{"mediaType":"{OCI_MANIFEST}"}}"#).as_bytes(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            format!("it does not have the fields of a {OCI_MANIFEST}")
+        );
+        let e = parse(br#"{"schemaVersion":2}"#, None).unwrap_err();
+        assert_eq!(e, "neither an image manifest nor an index");
+    }
+
+    #[test]
+    fn attestations_are_told_by_platform_or_annotation() {
+        let amd = Platform::parse("linux/amd64").unwrap();
+        let half = desc("linux", "unknown", None, 1);
+        assert!(is_attestation(&half));
+        assert!(is_attestation(&desc("unknown", "amd64", None, 1)));
+        let mut att = desc("linux", "amd64", None, 2);
+        let note =
+            |v: &str| Some([("vnd.docker.reference.type".to_string(), v.to_string())].into());
+        att.annotations = note("attestation-manifest");
+        assert!(is_attestation(&att));
+        assert!(select(std::slice::from_ref(&att), &amd).is_err());
+        let mut other = desc("linux", "amd64", None, 3);
+        other.annotations = note("something-else");
+        assert!(!is_attestation(&other));
+        assert_eq!(select(&[att, other.clone()], &amd).unwrap(), &other);
+    }
+
+    #[test]
+    fn arm64_without_a_variant_prefers_v8() {
+        let list = vec![
+            desc("linux", "arm64", Some("v9"), 1),
+            desc("linux", "arm64", Some("v8"), 2),
+        ];
+        let got = select(&list, &Platform::parse("linux/arm64").unwrap()).unwrap();
+        assert_eq!(got, &list[1]);
+    }
+
+    #[test]
+    fn layer_media_types() {
+        for ok in [
+            "",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.layer.v1.tar",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        ] {
+            assert!(is_layer(ok), "{ok}");
+        }
+        for bad in [
+            "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+            "application/vnd.oci.image.config.v1+json",
+        ] {
+            assert!(!is_layer(bad), "{bad}");
+        }
     }
 }
