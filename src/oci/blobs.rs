@@ -498,4 +498,64 @@ mod tests {
         assert!(e.to_string().contains("more than"), "{e}");
         assert!(!store.partial_path(&digest).exists());
     }
+
+    fn fetch_all(
+        store: &BlobStore,
+        reg: &Registry,
+        digest: &str,
+    ) -> Result<(PathBuf, Fetched), OciError> {
+        let size = BLOB.len() as u64;
+        store.fetch(
+            reg,
+            digest,
+            size,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+        )
+    }
+
+    #[test]
+    fn blobs_are_named_by_their_hex_digest() {
+        let store = BlobStore::new(Path::new("/cache"));
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            store.path(&d),
+            Path::new("/cache/sha256").join("ab".repeat(32))
+        );
+        assert_eq!(
+            store.partial_path(&d),
+            Path::new("/cache/sha256").join(format!("{}.partial", "ab".repeat(32)))
+        );
+    }
+
+    #[test]
+    fn a_cached_blob_of_the_right_size_is_not_fetched_again() {
+        // The server answers one request only: a second fetch must not ask.
+        let (base, rx) = serve(1, |_| response("200 OK", "", BLOB));
+        let (_d, store, reg, digest) = setup(BLOB, 0, &base);
+        let (first, f) = fetch_all(&store, &reg, &digest).unwrap();
+        assert_eq!(f.downloaded, BLOB.len() as u64);
+        assert_eq!(
+            store.cached(&digest, BLOB.len() as u64),
+            Some(first.clone())
+        );
+        assert_eq!(store.cached(&digest, BLOB.len() as u64 + 1), None);
+        let (again, f) = fetch_all(&store, &reg, &digest).unwrap();
+        assert_eq!((again, f), (first, Fetched::default()));
+        assert_eq!(rx.recv().unwrap(), None);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_partial_longer_than_the_blob_starts_over() {
+        let (base, rx) = serve(1, |_| response("200 OK", "", BLOB));
+        let (_d, store, reg, digest) = setup(BLOB, 0, &base);
+        let mut long = BLOB.to_vec();
+        long.extend_from_slice(b"junk");
+        std::fs::write(store.partial_path(&digest), long).unwrap();
+        let (path, f) = fetch_all(&store, &reg, &digest).unwrap();
+        assert_eq!(rx.recv().unwrap(), None, "no Range after a bad partial");
+        assert_eq!(f.downloaded, BLOB.len() as u64);
+        assert_eq!(std::fs::read(path).unwrap(), BLOB);
+    }
 }
