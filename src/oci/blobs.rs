@@ -558,4 +558,14 @@ mod tests {
         assert_eq!(f.downloaded, BLOB.len() as u64);
         assert_eq!(std::fs::read(path).unwrap(), BLOB);
     }
+
+    #[test]
+    fn a_complete_partial_is_verified_and_kept_without_a_request() {
+        // mkt stopped between the last byte and the rename: no server needed.
+        let (base, _rx) = serve(0, |_| Vec::new());
+        let (_d, store, reg, digest) = setup(BLOB, BLOB.len(), &base);
+        let (path, f) = fetch_all(&store, &reg, &digest).unwrap();
+        assert_eq!(f, Fetched::default());
+        assert_eq!(std::fs::read(path).unwrap(), BLOB);
+    }
 }
