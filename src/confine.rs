@@ -101,8 +101,8 @@ impl Confinement {
             self.private_mounts()?;
         }
         if let Some(filter) = &self.filter {
-            // SAFETY: a plain prctl call.
             if self.no_new_privs
+                // SAFETY: a plain prctl call with integer arguments.
                 && unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0
             {
                 return Err(io::Error::last_os_error());

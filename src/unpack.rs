@@ -887,6 +887,7 @@ impl Unpacker {
         Ok(())
     }
 
+    #[allow(clippy::too_many_lines)] // still to be split (the structure issue)
     fn apply(
         &mut self,
         it: Item,

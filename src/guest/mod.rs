@@ -358,6 +358,7 @@ fn soft_rdma_script(v: &SoftRdma) -> String {
 pub const NAT_GUEST: (&str, &str, &str) = ("10.0.2.15", "255.255.255.0", "10.0.2.2");
 
 /// Generates the plan and every file it refers to.
+#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
 pub fn generate(input: &PlanInput) -> Generated {
     let mut g = Generated::default();
     let u = &input.user;
