@@ -170,19 +170,17 @@ fn download(
         file.set_len(0)?;
         have = 0;
     }
-    // The bytes already here count towards the digest.
+    // The bytes already here (all `have` of them: the file is locked)
+    // count towards the digest.
     let mut hasher = Sha256::new();
     file.seek(SeekFrom::Start(0))?;
     let mut buf = vec![0u8; 256 << 10];
-    let mut left = have;
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = file.read(&mut buf[..want])?;
+    loop {
+        let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        left -= n as u64;
     }
     let mut tries = 0;
     while have < size {
@@ -434,6 +432,11 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, OciError::BlobRead { .. }), "{e:?}");
         assert!(e.to_string().contains(&digest), "{e}");
+        // The read error itself (hyper's incomplete body), not retried into
+        // another request or our own end-of-transfer message.
+        let source = std::error::Error::source(&e).unwrap();
+        let io = source.downcast_ref::<std::io::Error>().unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::Other, "{io:?}");
         assert_eq!(
             std::fs::metadata(store.partial_path(&digest))
                 .unwrap()
@@ -535,6 +538,7 @@ mod tests {
         let (_d, store, reg, digest) = setup(BLOB, 0, &base);
         let (first, f) = fetch_all(&store, &reg, &digest).unwrap();
         assert_eq!(f.downloaded, BLOB.len() as u64);
+        assert!(!f.restarted && f.resumed_from == 0, "{f:?}");
         assert_eq!(
             store.cached(&digest, BLOB.len() as u64),
             Some(first.clone())
@@ -567,5 +571,73 @@ mod tests {
         let (path, f) = fetch_all(&store, &reg, &digest).unwrap();
         assert_eq!(f, Fetched::default());
         assert_eq!(std::fs::read(path).unwrap(), BLOB);
+    }
+
+    fn partial_content(from: u64) -> Vec<u8> {
+        let s = from as usize;
+        response(
+            "206 Partial Content",
+            &format!(
+                "Content-Range: bytes {s}-{}/{}\r\n",
+                BLOB.len() - 1,
+                BLOB.len()
+            ),
+            &BLOB[s..],
+        )
+    }
+
+    #[test]
+    fn a_range_the_server_cannot_satisfy_starts_over_once() {
+        // 416 to the first ranged request: start from byte 0, once.
+        let (base, rx) = serve(2, |start| match start {
+            Some(_) => response("416 Range Not Satisfiable", "", b""),
+            None => response("200 OK", "", BLOB),
+        });
+        let (_d, store, reg, digest) = setup(BLOB, 20, &base);
+        let (path, _) = fetch_all(&store, &reg, &digest).unwrap();
+        assert_eq!((rx.recv().unwrap(), rx.recv().unwrap()), (Some(20), None));
+        assert_eq!(std::fs::read(path).unwrap(), BLOB);
+        // A second 416 (to a request from byte 0) is an error, not a loop.
+        let (base, _rx) = serve(2, |_| response("416 Range Not Satisfiable", "", b""));
+        let (_d, store, reg, digest) = setup(BLOB, 20, &base);
+        let e = fetch_all(&store, &reg, &digest).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("unexpected HTTP 416 to a request from byte 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_206_from_another_byte_or_unasked_is_refused() {
+        for (partial, from) in [(20, 10), (0, 0)] {
+            let (base, _rx) = serve(1, move |_| partial_content(from));
+            let (_d, store, reg, digest) = setup(BLOB, partial, &base);
+            let e = fetch_all(&store, &reg, &digest).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!(
+                    "unexpected HTTP 206 to a request from byte {partial}"
+                )),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_cut_short_without_a_length_is_an_error_naming_the_bytes() {
+        // No Content-Length: the end of the connection ends the body.
+        let (base, _rx) = serve(1, |_| {
+            let mut v = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+            v.extend_from_slice(&BLOB[..15]);
+            v
+        });
+        let (_d, store, reg, digest) = setup(BLOB, 0, &base);
+        let e = fetch_all(&store, &reg, &digest).unwrap_err();
+        assert!(matches!(e, OciError::BlobRead { .. }), "{e:?}");
+        let chain = format!("{:?}", e);
+        assert!(
+            chain.contains("the transfer ended after 15 of 36 bytes"),
+            "{chain}"
+        );
     }
 }
