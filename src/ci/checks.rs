@@ -188,17 +188,13 @@ pub fn run(
     };
     let mut results: HashMap<&str, CheckResult> = HashMap::new();
     if let Project::Kernel { .. } = project {
-        kernel(
-            &mut r,
-            &req,
-            &commit,
-            parent.as_deref(),
-            &files,
-            &added,
-            &have,
-            &mut report,
-            &mut results,
-        )?;
+        let revs = Revisions {
+            commit: &commit,
+            parent: parent.as_deref(),
+            files: &files,
+            added: &added,
+        };
+        kernel(&mut r, &req, revs, &have, &mut report, &mut results)?;
     } else {
         userspace(
             &mut r,
@@ -315,15 +311,35 @@ struct RevFindings {
     seconds: HashMap<&'static str, f64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
+/// The revisions one kernel job compares and what it found at each.
+struct Revisions<'a> {
+    commit: &'a str,
+    parent: Option<&'a str>,
+    files: &'a [String],
+    added: &'a HashMap<String, Vec<(u32, u32)>>,
+}
+
+/// What stays the same across one kernel job's revisions.
+struct KernelJob<'a> {
+    req: &'a super::Request,
+    tree: PathBuf,
+    /// The compile checks to run.
+    want: Vec<&'static str>,
+    /// `CONFIG_X=y` lines for the options the touched files need.
+    fragment: String,
+    /// `-jN`.
+    j: String,
+    /// `dir/` make targets of the touched Kbuild directories.
+    targets: Vec<String>,
+    dirs: Vec<String>,
+    /// Stamps, checker outputs and the clang build (`.mkt-ci` in the tree).
+    out_dir: PathBuf,
+}
+
 fn kernel(
     r: &mut Runner,
     req: &super::Request,
-    commit: &str,
-    parent: Option<&str>,
-    files: &[String],
-    added: &HashMap<String, Vec<(u32, u32)>>,
+    revs: Revisions,
     have: &dyn Fn(&str) -> bool,
     report: &mut Report,
     results: &mut HashMap<&'static str, CheckResult>,
@@ -332,13 +348,59 @@ fn kernel(
     let has_makefile =
         |d: &str| tree.join(d).join("Makefile").is_file() || tree.join(d).join("Kbuild").is_file();
     let exists = |f: &str| tree.join(f).exists();
-    let includers = |inc: &str| git::includers(&tree, commit, inc);
-    let sc = scope::scope(files, &has_makefile, &exists, &includers);
+    let includers = |inc: &str| git::includers(&tree, revs.commit, inc);
+    let sc = scope::scope(revs.files, &has_makefile, &exists, &includers);
     report.dirs = sc.dirs.clone();
     report.notes.extend(sc.notes.clone());
 
-    // Which compile checks to run, and why not the others.
-    let mut want: Vec<&'static str> = Vec::new();
+    let want = choose_checks(req, &sc, have, results);
+    if want.is_empty() {
+        return Ok(());
+    }
+    let options = config_options(&tree, &sc);
+    let fragment: String = options.iter().map(|o| format!("{o}=y\n")).collect();
+    let frag_path = r.env.files.join("ci.config");
+    fs::write(&frag_path, &fragment).map_err(|e| CiError::Write(frag_path.clone(), e))?;
+    report.kernel_config = describe_config(req, &options);
+    if let Some(f) = &req.kernel_config {
+        let dst = r.env.files.join("user.config");
+        fs::copy(f, &dst).map_err(|e| CiError::KernelConfig(f.clone(), e))?;
+    }
+    let out_dir = tree.join(".mkt-ci");
+    fs::create_dir_all(&out_dir).map_err(|e| CiError::Create(out_dir.clone(), e))?;
+    let job = KernelJob {
+        req,
+        want,
+        fragment,
+        j: format!("-j{}", build::jobs()),
+        targets: sc.dirs.iter().map(|d| format!("{d}/")).collect(),
+        dirs: sc.dirs.clone(),
+        out_dir,
+        tree,
+    };
+
+    let old = match revs.parent {
+        Some(p) => Some(job.at_revision(r, "parent", p, report)?),
+        None => None,
+    };
+    let new = job.at_revision(r, "commit", revs.commit, report)?;
+    if let Some(note) = not_compiled(&job.tree, &sc.c_files) {
+        report.notes.push(note);
+    }
+    for name in &job.want {
+        results.insert(name, judge(name, old.as_ref(), &new, revs.added));
+    }
+    Ok(())
+}
+
+/// The compile checks to run; a result saying why for each of the others.
+fn choose_checks(
+    req: &super::Request,
+    sc: &scope::Scope,
+    have: &dyn Fn(&str) -> bool,
+    results: &mut HashMap<&'static str, CheckResult>,
+) -> Vec<&'static str> {
+    let mut want = Vec::new();
     let wanted = [
         ("warnings", req.warnings, "--no-warnings", true),
         ("sparse", req.sparse, "--no-sparse", have("sparse")),
@@ -347,36 +409,31 @@ fn kernel(
     ];
     for (name, on, flag, installed) in wanted {
         let res = if !on {
-            Some(CheckResult::disabled(name, flag))
+            CheckResult::disabled(name, flag)
         } else if sc.dirs.is_empty() {
-            Some(CheckResult::disabled(
+            CheckResult::disabled(
                 name,
                 "nothing to compile: the patch touches no Kbuild directory",
-            ))
+            )
         } else if !installed {
-            Some(CheckResult::not_run(
+            CheckResult::not_run(
                 name,
                 &format!(
                     "{name} is not installed in the rootfs {}",
                     req.rootfs.display()
                 ),
-            ))
+            )
         } else {
-            None
+            want.push(name);
+            continue;
         };
-        match res {
-            Some(c) => {
-                results.insert(name, c);
-            }
-            None => want.push(name),
-        }
+        results.insert(name, res);
     }
-    if want.is_empty() {
-        return Ok(());
-    }
+    want
+}
 
-    // The config: the given one, or mkt build's VM config plus the options
-    // the touched files' Makefiles name.
+/// The config options the touched files' and directories' Makefiles name.
+fn config_options(tree: &Path, sc: &scope::Scope) -> std::collections::BTreeSet<String> {
     let read_mk = |d: &str| {
         fs::read_to_string(tree.join(d).join("Makefile"))
             .or_else(|_| fs::read_to_string(tree.join(d).join("Kbuild")))
@@ -389,10 +446,12 @@ fn kernel(
     for d in &sc.dirs {
         options.extend(scope::options_for(&format!("{d}/Makefile"), &read_mk));
     }
-    let fragment: String = options.iter().map(|o| format!("{o}=y\n")).collect();
-    let frag_path = r.env.files.join("ci.config");
-    fs::write(&frag_path, &fragment).map_err(|e| CiError::Write(frag_path.clone(), e))?;
-    report.kernel_config = match &req.kernel_config {
+    options
+}
+
+/// The report's line on the kernel config used.
+fn describe_config(req: &super::Request, options: &std::collections::BTreeSet<String>) -> String {
+    match &req.kernel_config {
         Some(f) => f.display().to_string(),
         None => format!(
             "mkt build's VM config (tinyconfig + kvm_guest.config + configs/vm.config){}",
@@ -405,219 +464,248 @@ fn kernel(
                 )
             }
         ),
-    };
-    if let Some(f) = &req.kernel_config {
-        let dst = r.env.files.join("user.config");
-        fs::copy(f, &dst).map_err(|e| CiError::KernelConfig(f.clone(), e))?;
     }
+}
 
-    let jobs = build::jobs();
-    let j = format!("-j{jobs}");
-    let targets: Vec<String> = sc.dirs.iter().map(|d| format!("{d}/")).collect();
-    let out_dir = tree.join(".mkt-ci");
-    fs::create_dir_all(&out_dir).map_err(|e| CiError::Create(out_dir.clone(), e))?;
-
-    let mut revs: Vec<(&str, &str)> = Vec::new();
-    if let Some(p) = parent {
-        revs.push(("parent", p));
-    }
-    revs.push(("commit", commit));
-    let mut per_rev: Vec<RevFindings> = Vec::new();
-    for (label, rev) in &revs {
-        git::checkout(&tree, rev)?;
+impl KernelJob<'_> {
+    /// Checks out `rev` and runs the wanted checks there.
+    fn at_revision(
+        &self,
+        r: &mut Runner,
+        label: &str,
+        rev: &str,
+        report: &mut Report,
+    ) -> Result<RevFindings, CiError> {
+        git::checkout(&self.tree, rev)?;
         let mut rf = RevFindings::default();
-        // kconfig
         let t0 = Instant::now();
-        let cfg_steps: Vec<Vec<String>> = if req.kernel_config.is_some() {
-            vec![
+        if let Some(why) = self.configure(r, label)? {
+            for c in &self.want {
+                rf.failed.insert(c, why.clone());
+            }
+            return Ok(rf);
+        }
+        if label == "commit" {
+            report.notes.extend(self.dropped_note());
+        }
+        let config_secs = t0.elapsed().as_secs_f64();
+        if !self.w1_build(r, label, &mut rf)? {
+            return Ok(rf);
+        }
+        *rf.seconds.entry("warnings").or_default() += config_secs;
+        for (name, checker) in [("sparse", "sparse"), ("smatch", "smatch -p=kernel")] {
+            if self.want.contains(&name) {
+                self.checker(r, label, name, checker, &mut rf)?;
+            }
+        }
+        if self.want.contains(&"clang") {
+            self.clang(r, label, &mut rf)?;
+        }
+        Ok(rf)
+    }
+
+    /// Makes `.config` (kept when its inputs did not change); why it failed.
+    fn configure(&self, r: &mut Runner, label: &str) -> Result<Option<String>, CiError> {
+        // The same inputs as the last config made here: keep it (saves
+        // tinyconfig's and olddefconfig's runs, and .config's mtime).
+        let stamp = config_stamp(
+            &self.tree,
+            &self.fragment,
+            self.req.kernel_config.as_deref(),
+        );
+        let stamp_file = self.out_dir.join("config.stamp");
+        let fresh = self.tree.join(".config").is_file()
+            && fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
+        let _ = fs::remove_file(&stamp_file);
+        if fresh {
+            r.progress
+                .say(&format!("{label}: kernel config unchanged, kept"));
+        } else {
+            for argv in self.config_steps(r) {
+                let (st, out) = r.run(&format!("{label}: {}", argv[..2].join(" ")), &argv)?;
+                if st != 0 {
+                    return Ok(Some(format!(
+                        "`{}` failed at the {label}: {}",
+                        argv.join(" "),
+                        build::error_lines(&out).join(" / ")
+                    )));
+                }
+            }
+        }
+        let _ = fs::write(&stamp_file, &stamp);
+        Ok(None)
+    }
+
+    /// The given config, else mkt build's VM config plus the fragment.
+    fn config_steps(&self, r: &Runner) -> Vec<Vec<String>> {
+        if self.req.kernel_config.is_some() {
+            return vec![
                 vec![
                     "cp".into(),
                     format!("{MKT_DIR}/user.config"),
                     ".config".into(),
                 ],
                 r.make(&["-s", "olddefconfig"]),
-            ]
-        } else {
+            ];
+        }
+        vec![
+            r.make(&["-s", "tinyconfig"]),
             vec![
-                r.make(&["-s", "tinyconfig"]),
-                vec![
-                    "scripts/kconfig/merge_config.sh".into(),
-                    "-m".into(),
-                    ".config".into(),
-                    "kernel/configs/kvm_guest.config".into(),
-                    format!("{MKT_DIR}/vm.config"),
-                    format!("{MKT_DIR}/ci.config"),
-                ],
-                r.make(&["-s", "olddefconfig"]),
-            ]
-        };
-        let mut config_failed = None;
-        // The same inputs as the last config made here: keep it (saves
-        // tinyconfig's and olddefconfig's runs, and .config's mtime).
-        let stamp = config_stamp(&tree, &fragment, req.kernel_config.as_deref());
-        let stamp_file = out_dir.join("config.stamp");
-        let fresh = tree.join(".config").is_file()
-            && fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
-        let _ = fs::remove_file(&stamp_file);
-        let cfg_steps = if fresh {
-            r.progress
-                .say(&format!("{label}: kernel config unchanged, kept"));
-            vec![]
-        } else {
-            cfg_steps
-        };
-        for argv in cfg_steps {
-            let (st, out) = r.run(&format!("{label}: {}", argv[..2].join(" ")), &argv)?;
-            if st != 0 {
-                config_failed = Some(format!(
-                    "`{}` failed at the {label}: {}",
-                    argv.join(" "),
-                    build::error_lines(&out).join(" / ")
-                ));
-                break;
-            }
-        }
-        if let Some(why) = config_failed {
-            for c in &want {
-                rf.failed.insert(c, why.clone());
-            }
-            per_rev.push(rf);
-            continue;
-        }
-        let _ = fs::write(&stamp_file, &stamp);
-        if *label == "commit" && req.kernel_config.is_none() && !fragment.is_empty() {
-            let got = fs::read_to_string(tree.join(".config")).unwrap_or_default();
-            let dropped = build::dropped_options(&fragment, &got);
-            if !dropped.is_empty() {
-                let names: Vec<String> = dropped.iter().map(|d| d.0.clone()).collect();
-                report.notes.push(format!(
-                    "olddefconfig dropped {} (unmet dependencies): code behind them is not compiled",
-                    names.join(" ")
-                ));
-            }
-        }
-        let config_secs = t0.elapsed().as_secs_f64();
+                "scripts/kconfig/merge_config.sh".into(),
+                "-m".into(),
+                ".config".into(),
+                "kernel/configs/kvm_guest.config".into(),
+                format!("{MKT_DIR}/vm.config"),
+                format!("{MKT_DIR}/ci.config"),
+            ],
+            r.make(&["-s", "olddefconfig"]),
+        ]
+    }
 
-        for d in &sc.dirs {
-            delete_objects(&tree.join(d));
+    /// The note on options olddefconfig dropped from the fragment.
+    fn dropped_note(&self) -> Option<String> {
+        if self.req.kernel_config.is_some() || self.fragment.is_empty() {
+            return None;
         }
-        // W=1 build; also the objects sparse and smatch need.
+        let got = fs::read_to_string(self.tree.join(".config")).unwrap_or_default();
+        let dropped = build::dropped_options(&self.fragment, &got);
+        if dropped.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = dropped.iter().map(|d| d.0.clone()).collect();
+        Some(format!(
+            "olddefconfig dropped {} (unmet dependencies): code behind them is not compiled",
+            names.join(" ")
+        ))
+    }
+
+    /// The W=1 build, which also makes the objects sparse and smatch need;
+    /// false when it failed (every check then has the reason).
+    fn w1_build(&self, r: &mut Runner, label: &str, rf: &mut RevFindings) -> Result<bool, CiError> {
+        for d in &self.dirs {
+            delete_objects(&self.tree.join(d));
+        }
         let t0 = Instant::now();
-        let mut args = vec!["-s", "-k", &j, "W=1"];
-        args.extend(targets.iter().map(String::as_str));
+        let mut args = vec!["-s", "-k", &self.j, "W=1"];
+        args.extend(self.targets.iter().map(String::as_str));
         let argv = r.make(&args);
-        let (st, out) = r.run(&format!("{label}: make W=1 {}", targets.join(" ")), &argv)?;
-        let found = findings::parse_compiler(&out, &tree.to_string_lossy());
-        let built = st == 0 || found.iter().any(|f| f.severity == "error");
-        if built {
-            rf.warnings = Some(found);
-        } else {
+        let what = format!("{label}: make W=1 {}", self.targets.join(" "));
+        let (st, out) = r.run(&what, &argv)?;
+        let found = findings::parse_compiler(&out, &self.tree.to_string_lossy());
+        if st != 0 && !found.iter().any(|f| f.severity == "error") {
             let why = format!(
                 "the W=1 build failed at the {label}: {}",
                 build::error_lines(&out).join(" / ")
             );
-            for c in &want {
+            for c in &self.want {
                 rf.failed.insert(c, why.clone());
             }
-            per_rev.push(rf);
-            continue;
+            return Ok(false);
         }
-        rf.seconds
-            .insert("warnings", config_secs + t0.elapsed().as_secs_f64());
+        rf.warnings = Some(found);
+        rf.seconds.insert("warnings", t0.elapsed().as_secs_f64());
+        Ok(true)
+    }
 
-        for (name, checker) in [("sparse", "sparse"), ("smatch", "smatch -p=kernel")] {
-            if !want.contains(&name) {
-                continue;
-            }
-            let t0 = Instant::now();
-            let out_file = out_dir.join(format!("{name}-{label}.txt"));
-            fs::write(&out_file, "").map_err(|e| CiError::Write(out_file.clone(), e))?;
-            let check = format!("CHECK=sh {MKT_DIR}/check {} {checker}", out_file.display());
-            let mut args = vec!["-s", "-k", &j, "W=1", "C=2", &check];
-            args.extend(targets.iter().map(String::as_str));
-            let argv = r.make(&args);
-            let (st, out) = r.run(&format!("{label}: {name} (C=2)"), &argv)?;
-            let text = fs::read_to_string(&out_file).unwrap_or_default();
-            let _ = writeln!(r.progress.log(), "--- {name} output:\n{text}");
-            if st != 0 && text.trim().is_empty() {
-                rf.failed.insert(
-                    name,
-                    format!(
-                        "make C=2 failed at the {label}: {}",
-                        build::error_lines(&out).join(" / ")
-                    ),
-                );
-                continue;
-            }
-            let v = findings::parse_compiler(&text, &tree.to_string_lossy());
-            if name == "sparse" {
-                rf.sparse = Some(v);
-            } else {
-                rf.smatch = Some(v);
-            }
-            rf.seconds.insert(name, t0.elapsed().as_secs_f64());
+    /// sparse or smatch through `make C=2`, their output in a file of its own.
+    fn checker(
+        &self,
+        r: &mut Runner,
+        label: &str,
+        name: &'static str,
+        checker: &str,
+        rf: &mut RevFindings,
+    ) -> Result<(), CiError> {
+        let t0 = Instant::now();
+        let out_file = self.out_dir.join(format!("{name}-{label}.txt"));
+        fs::write(&out_file, "").map_err(|e| CiError::Write(out_file.clone(), e))?;
+        let check = format!("CHECK=sh {MKT_DIR}/check {} {checker}", out_file.display());
+        let mut args = vec!["-s", "-k", &self.j, "W=1", "C=2", &check];
+        args.extend(self.targets.iter().map(String::as_str));
+        let argv = r.make(&args);
+        let (st, out) = r.run(&format!("{label}: {name} (C=2)"), &argv)?;
+        let text = fs::read_to_string(&out_file).unwrap_or_default();
+        let _ = writeln!(r.progress.log(), "--- {name} output:\n{text}");
+        if st != 0 && text.trim().is_empty() {
+            rf.failed.insert(
+                name,
+                format!(
+                    "make C=2 failed at the {label}: {}",
+                    build::error_lines(&out).join(" / ")
+                ),
+            );
+            return Ok(());
         }
+        let v = findings::parse_compiler(&text, &self.tree.to_string_lossy());
+        if name == "sparse" {
+            rf.sparse = Some(v);
+        } else {
+            rf.smatch = Some(v);
+        }
+        rf.seconds.insert(name, t0.elapsed().as_secs_f64());
+        Ok(())
+    }
 
-        if want.contains(&"clang") {
-            let t0 = Instant::now();
-            let o = out_dir.join("clang");
-            fs::create_dir_all(&o).map_err(|e| CiError::Create(o.clone(), e))?;
-            let _ = fs::copy(tree.join(".config"), o.join(".config"));
-            for d in &sc.dirs {
-                delete_objects(&o.join(d));
-            }
-            let o_arg = format!("O={}", o.display());
-            let cc = if r.env.ccache {
-                "CC=ccache clang"
-            } else {
-                "CC=clang"
-            };
-            let mut cfg = vec![
-                "make".to_string(),
-                "-s".into(),
-                o_arg.clone(),
-                cc.into(),
-                "olddefconfig".into(),
-            ];
-            let (st, out) = r.run(&format!("{label}: clang olddefconfig"), &cfg)?;
-            if st != 0 {
+    /// The clang W=1 build, in an output directory of its own.
+    fn clang(&self, r: &mut Runner, label: &str, rf: &mut RevFindings) -> Result<(), CiError> {
+        let t0 = Instant::now();
+        let o = self.out_dir.join("clang");
+        fs::create_dir_all(&o).map_err(|e| CiError::Create(o.clone(), e))?;
+        let _ = fs::copy(self.tree.join(".config"), o.join(".config"));
+        for d in &self.dirs {
+            delete_objects(&o.join(d));
+        }
+        let cc = if r.env.ccache {
+            "CC=ccache clang"
+        } else {
+            "CC=clang"
+        };
+        let mut cfg = vec![
+            "make".to_string(),
+            "-s".into(),
+            format!("O={}", o.display()),
+            cc.into(),
+            "olddefconfig".into(),
+        ];
+        let (st, out) = r.run(&format!("{label}: clang olddefconfig"), &cfg)?;
+        if st != 0 {
+            rf.failed.insert(
+                "clang",
+                format!(
+                    "clang olddefconfig failed: {}",
+                    build::error_lines(&out).join(" / ")
+                ),
+            );
+        } else {
+            cfg.truncate(4);
+            cfg.extend(["-k".into(), self.j.clone(), "W=1".into()]);
+            cfg.extend(self.targets.iter().cloned());
+            let (st, out) = r.run(&format!("{label}: clang W=1 build"), &cfg)?;
+            let v = findings::parse_compiler(&out, &o.to_string_lossy());
+            if st != 0 && !v.iter().any(|f| f.severity == "error") {
                 rf.failed.insert(
                     "clang",
                     format!(
-                        "clang olddefconfig failed: {}",
+                        "the clang build failed at the {label}: {}",
                         build::error_lines(&out).join(" / ")
                     ),
                 );
             } else {
-                cfg.truncate(4);
-                cfg.extend(["-k".into(), j.clone(), "W=1".into()]);
-                cfg.extend(targets.iter().cloned());
-                let (st, out) = r.run(&format!("{label}: clang W=1 build"), &cfg)?;
-                let v = findings::parse_compiler(&out, &o.to_string_lossy());
-                if st != 0 && !v.iter().any(|f| f.severity == "error") {
-                    rf.failed.insert(
-                        "clang",
-                        format!(
-                            "the clang build failed at the {label}: {}",
-                            build::error_lines(&out).join(" / ")
-                        ),
-                    );
-                } else {
-                    rf.clang = Some(v);
-                }
+                rf.clang = Some(v);
             }
-            rf.seconds.insert("clang", t0.elapsed().as_secs_f64());
         }
-        per_rev.push(rf);
+        rf.seconds.insert("clang", t0.elapsed().as_secs_f64());
+        Ok(())
     }
+}
 
-    // Touched files the config did not compile.
-    let not_built: Vec<&str> = sc
-        .c_files
+/// The note on touched files the config did not compile (their objects
+/// were deleted before the build: only what it compiled is there).
+fn not_compiled(tree: &Path, c_files: &[String]) -> Option<String> {
+    let not_built: Vec<&str> = c_files
         .iter()
         .filter(|f| {
             let (d, n) = f.rsplit_once('/').unwrap_or(("", f));
-            // Objects were deleted before the build: only what it compiled is there.
             !tree
                 .join(d)
                 .join(format!("{}.o", n.trim_end_matches(".c")))
@@ -625,54 +713,46 @@ fn kernel(
         })
         .map(String::as_str)
         .collect();
-    if !not_built.is_empty() {
-        report.notes.push(format!(
+    (!not_built.is_empty()).then(|| {
+        format!(
             "not compiled by this kernel config, so not analysed: {}",
             not_built.join(" ")
-        ));
-    }
+        )
+    })
+}
 
-    let (old, new) = match per_rev.len() {
-        2 => {
-            let mut it = per_rev.into_iter();
-            let o = it.next().unwrap();
-            (Some(o), it.next().unwrap())
-        }
-        _ => (
-            None,
-            per_rev.into_iter().next().expect("one revision at least"),
-        ),
-    };
-    for name in want {
-        let why = new
-            .failed
-            .get(name)
-            .or_else(|| old.as_ref().and_then(|o| o.failed.get(name)));
-        if let Some(why) = why {
-            results.insert(name, CheckResult::not_run(name, why));
-            continue;
-        }
-        let pick = |rf: &RevFindings| match name {
-            "warnings" => rf.warnings.clone(),
-            "sparse" => rf.sparse.clone(),
-            "smatch" => rf.smatch.clone(),
-            _ => rf.clang.clone(),
-        };
-        let secs = new.seconds.get(name).copied().unwrap_or(0.0)
-            + old
-                .as_ref()
-                .and_then(|o| o.seconds.get(name).copied())
-                .unwrap_or(0.0);
-        let res = compare(
-            name,
-            pick(&new).unwrap_or_default(),
-            old.as_ref().map(|o| pick(o).unwrap_or_default()),
-            added,
-            secs,
-        );
-        results.insert(name, res);
+/// One check's result: why it could not run (at either revision), else what
+/// the commit introduced over its parent.
+fn judge(
+    name: &'static str,
+    old: Option<&RevFindings>,
+    new: &RevFindings,
+    added: &HashMap<String, Vec<(u32, u32)>>,
+) -> CheckResult {
+    let why = new
+        .failed
+        .get(name)
+        .or_else(|| old.and_then(|o| o.failed.get(name)));
+    if let Some(why) = why {
+        return CheckResult::not_run(name, why);
     }
-    Ok(())
+    let pick = |rf: &RevFindings| match name {
+        "warnings" => rf.warnings.clone(),
+        "sparse" => rf.sparse.clone(),
+        "smatch" => rf.smatch.clone(),
+        _ => rf.clang.clone(),
+    };
+    let secs = new.seconds.get(name).copied().unwrap_or(0.0)
+        + old
+            .and_then(|o| o.seconds.get(name).copied())
+            .unwrap_or(0.0);
+    compare(
+        name,
+        pick(new).unwrap_or_default(),
+        old.map(|o| pick(o).unwrap_or_default()),
+        added,
+        secs,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
