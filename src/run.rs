@@ -510,8 +510,7 @@ pub fn prepare(
         None => None,
     };
 
-    let probe = kvm::probe();
-    let (accel, accel_note) = kvm::choose(opts.accel.clone(), &probe);
+    let (accel, accel_note) = kvm::choose(opts.accel.clone(), kvm::probe);
     // Passed through: --pci, the setup's pci, and the functions its guest
     // hands on to a nested guest (they must reach that guest first).
     let mut pci: Vec<String> = Vec::new();

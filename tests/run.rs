@@ -551,7 +551,8 @@ fn two_interactive_runs_at_once_get_different_ssh_ports() {
 /// `--accel tcg` gives TCG (`-cpu max`) whatever the host has; `--accel
 /// kvm` gives KVM (`-cpu host`) where it is usable, else TCG. (Where KVM is
 /// unusable both are the default's choice: exit.rs's guest boots check the
-/// line `--accel kvm` prints then.)
+/// line `--accel kvm` prints then.) Only `--accel kvm` probes KVM (the
+/// probe's debug line): `--accel tcg` needs no probe.
 #[test]
 fn accel_flag_picks_the_accelerator() {
     let Some(fx) = fixtures() else { return };
@@ -565,13 +566,15 @@ fn accel_flag_picks_the_accelerator() {
         let o = run_as(
             None,
             home.path(),
-            &fx.args(&["--accel", accel, "--dry-run", "--", "true"]),
+            &fx.args(&["-vv", "--accel", accel, "--dry-run", "--", "true"]),
         );
         let (out, err) = (text(&o.stdout), text(&o.stderr));
         assert_eq!(o.status.code(), Some(0), "{err}");
         let line = out.lines().next().unwrap();
         assert!(line.contains(want), "--accel {accel}: {line}");
         assert_eq!(line.matches("-accel ").count(), 1, "{line}");
+        let probed = err.lines().any(|l| l.contains("KVM probe"));
+        assert_eq!(probed, accel == "kvm", "--accel {accel}: {err}");
     }
 }
 

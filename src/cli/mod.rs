@@ -118,6 +118,10 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// (internal) Run the KVM probe's test guest on DEV and print the
+    /// verdict as JSON; run by the probe as a process it can kill.
+    #[command(hide = true, name = crate::host::kvm::HELPER_SUBCOMMAND)]
+    KvmTestGuest { dev: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +365,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let opts = run_options(*args, &cli.global)?;
             crate::run::run(&opts, &ctx.config, &ctx.paths)
         }
+        Command::KvmTestGuest { dev } => Ok(crate::host::kvm::test_guest_main(&dev)),
     }
 }
 

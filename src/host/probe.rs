@@ -85,7 +85,7 @@ pub fn accel() -> Check {
     if probe.usable {
         return Check::ok("accel", "KVM usable");
     }
-    let (_, line) = kvm::choose(None, &probe);
+    let (_, line) = kvm::choose(None, || probe.clone());
     Check {
         name: "accel",
         status: Status::Unusable,
