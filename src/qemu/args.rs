@@ -1018,6 +1018,8 @@ mod tests {
         ))
         .collect::<Vec<_>>();
         assert_eq!(command_line(&spec), want);
+        // What the kernel gets is what -append says.
+        assert_eq!(cmdline(&spec), "console=ttyS0 i8042.noaux");
     }
 
     #[test]
@@ -1033,5 +1035,8 @@ mod tests {
         assert_eq!(cmdline_limit(&head), 2047);
         head[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
         assert_eq!(cmdline_limit(&head), 4095);
+        // A header that says 0 says nothing.
+        head[0x238..0x23c].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(cmdline_limit(&head), 2047);
     }
 }
