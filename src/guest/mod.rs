@@ -749,7 +749,12 @@ mod tests {
             },
         ];
         let s = setup_script(&i).unwrap();
-        assert!(s.contains("modprobe -q rdma_rxe"), "{s}");
+        // Each device loads its own module.
+        assert!(
+            s.contains("# --virt rxe-eth0\nmodprobe -q rdma_rxe "),
+            "{s}"
+        );
+        assert!(s.contains("# --virt siw-eth1\nmodprobe -q siw "), "{s}");
         assert!(
             s.contains("rdma link add rxe_eth0 type rxe netdev eth0"),
             "{s}"
@@ -1033,6 +1038,16 @@ mod tests {
                 .contains(" ttyS0 $TERM\n")
         );
         assert!(g.get("mkt-console.sh").is_none());
+        // A terminal that reports no size (0 rows or 0 columns): no stty.
+        for (rows, cols) in [(0, 132), (50, 0)] {
+            let mut i = input(Mode::Systemd);
+            let t = i.term.as_mut().unwrap();
+            (t.rows, t.cols) = (rows, cols);
+            assert!(
+                generate(&i).get("mkt-console.sh").is_none(),
+                "{rows}x{cols}"
+            );
+        }
     }
 
     #[test]
