@@ -273,7 +273,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Test { setup, script } => {
             let ctx = load_context(&cli.global)?;
-            crate::run::test(&ctx.config, &ctx.paths, setup, script, cli.global.quiet)
+            crate::vm::test(&ctx.config, &ctx.paths, setup, script, cli.global.quiet)
         }
         Command::ModulesReload { name, all } => {
             let ctx = load_context(&cli.global)?;
@@ -286,11 +286,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             if all {
                 cmd.push("--all".into());
             }
-            crate::run::ssh(&ctx.paths, name.as_deref(), &cmd, cli.global.quiet)
+            crate::vm::ssh(&ctx.paths, name.as_deref(), &cmd, cli.global.quiet)
         }
         Command::Ps { json } => {
             let ctx = load_context(&cli.global)?;
-            crate::run::ps(&ctx.paths, json)
+            crate::vm::ps(&ctx.paths, json)
         }
         Command::Stop {
             name,
@@ -299,7 +299,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             timeout,
         } => {
             let ctx = load_context(&cli.global)?;
-            crate::run::stop(
+            crate::vm::stop(
                 &ctx.paths,
                 name.as_deref(),
                 all,
@@ -309,7 +309,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Ssh { name, command } => {
             let ctx = load_context(&cli.global)?;
-            crate::run::ssh(&ctx.paths, name.as_deref(), &command, cli.global.quiet)
+            crate::vm::ssh(&ctx.paths, name.as_deref(), &command, cli.global.quiet)
         }
         Command::Rootfs(args) => {
             let ctx = load_context(&cli.global)?;
@@ -363,7 +363,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Run(args) => {
             let ctx = load_context(&cli.global)?;
             let opts = run_options(*args, &cli.global)?;
-            crate::run::run(&opts, &ctx.config, &ctx.paths)
+            crate::vm::run(&opts, &ctx.config, &ctx.paths)
         }
         Command::KvmTestGuest { dev } => Ok(crate::host::kvm::test_guest_main(&dev)),
     }
@@ -377,14 +377,14 @@ fn parse_virt(s: &str) -> std::result::Result<String, String> {
     config::parse_virt(s).map(|_| s.to_string())
 }
 
-fn run_options(a: RunArgs, g: &Global) -> Result<crate::run::RunOptions> {
+fn run_options(a: RunArgs, g: &Global) -> Result<crate::vm::RunOptions> {
     use crate::host::kvm::Accel;
     let mem_mib = a
         .mem
         .as_deref()
         .map(|m| config::parse_mem_mib(m).map_err(|e| anyhow::anyhow!("--mem {m:?}: {e}")))
         .transpose()?;
-    Ok(crate::run::RunOptions {
+    Ok(crate::vm::RunOptions {
         setup: a.setup,
         rootfs: a.rootfs,
         kernel: a.kernel,

@@ -1,0 +1,111 @@
+//! `mkt ps` and `mkt stop`: the running VMs from their records.
+
+use super::ssh::find_vm;
+use crate::config::Paths;
+use crate::instance::{self};
+use std::time::{Duration, Instant};
+
+/// `mkt ps`: the running VMs, as a table or JSON.
+pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
+    let running = instance::list(&paths.runtime_dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&running)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:>8} {:>6} {:>8}  KERNEL / ROOTFS",
+        "NAME", "PID", "SSH", "UP"
+    );
+    for r in &running {
+        let up = crate::util::time::epoch_secs().saturating_sub(r.started);
+        println!(
+            "{:<16} {:>8} {:>6} {:>7}s  {} on {}",
+            r.name,
+            r.pid,
+            r.ssh_port
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            up,
+            r.kernel.display(),
+            r.rootfs.display()
+        );
+    }
+    Ok(0)
+}
+
+/// Waits until the run of `r` has ended (its mkt released the run's lock).
+pub(crate) fn wait_gone(r: &instance::Record, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while instance::running(r) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// `mkt stop`: an ACPI power-off request through QMP, then (after
+/// `timeout`, or at once with `force`) QMP quit, then signals to mkt. The
+/// VM's own mkt does the cleanup, as for any other end of the run.
+pub fn stop(
+    paths: &Paths,
+    name: Option<&str>,
+    all: bool,
+    force: bool,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let running = instance::list(&paths.runtime_dir)?;
+    let targets: Vec<&instance::Record> = match (name, all) {
+        (_, true) if running.is_empty() => {
+            eprintln!("mkt: no VM is running; nothing to stop");
+            return Ok(0);
+        }
+        (_, true) => running.iter().collect(),
+        (Some(n), false) => vec![find_vm(&running, n)?],
+        (None, false) => match running.as_slice() {
+            [one] => vec![one],
+            [] => anyhow::bail!("no VM is running"),
+            _ => anyhow::bail!(
+                "several VMs are running; name one or use --all: {}",
+                names(&running)
+            ),
+        },
+    };
+    for r in targets {
+        let qmp = r.qmp.as_deref();
+        let mut stopped = false;
+        if !force && let Some(q) = qmp {
+            let _ = instance::qmp(q, "system_powerdown");
+            stopped = wait_gone(r, timeout);
+        }
+        if !stopped && let Some(q) = qmp {
+            let _ = instance::qmp(q, "quit");
+            stopped = wait_gone(r, Duration::from_secs(5));
+        }
+        // Signals only to the process that holds this run's lock: the
+        // recorded pid may have ended and been reused meanwhile.
+        if !stopped && instance::running(r) {
+            use nix::sys::signal::{Signal, kill};
+            let pid = nix::unistd::Pid::from_raw(r.pid as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            if !wait_gone(r, Duration::from_secs(5)) && instance::running(r) {
+                let _ = kill(pid, Signal::SIGKILL);
+                wait_gone(r, Duration::from_secs(5));
+                instance::clean_stale(&paths.runtime_dir)?;
+            }
+        }
+        println!("stopped {}", r.name);
+    }
+    Ok(0)
+}
+
+pub(crate) fn names(r: &[instance::Record]) -> String {
+    if r.is_empty() {
+        return "none".into();
+    }
+    r.iter()
+        .map(|r| r.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

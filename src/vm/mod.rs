@@ -1,0 +1,624 @@
+//! `mkt run`: resolve the kernel and rootfs, generate the guest files and
+//! initramfs into a private run directory, start QEMU, relay the command's
+//! output and exit status, and tear everything down whatever happens.
+
+mod control;
+mod prepare;
+mod ssh;
+mod supervise;
+mod virtiofsd;
+
+use crate::config::{Config, Paths};
+use crate::guest;
+use crate::host::kvm;
+use crate::instance::{self, RunDir};
+use crate::net;
+use crate::qemu::{self, Console, FsKind, Net};
+pub use control::{ps, stop};
+use prepare::{ensure_disk, host_sysfs, prepare, write_run_files};
+use ssh::{READY_PORT, relay_ready};
+pub use ssh::{ssh, test};
+use std::io::{self, Read};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use supervise::{
+    ExitWatch, SIGNALLED, WINSIZE_PORT, install_signal_handlers, relay, relay_winsize, spawn_qemu,
+    stderr_tail, unblock,
+};
+use virtiofsd::{Daemons, start_virtiofsd};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("--virt {virt}: the kernel lacks {option} (build it with {option}=m)")]
+    NoSoftRdma { virt: String, option: &'static str },
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::resolve::ResolveError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error("cannot serve {} with its owners", .0.display())]
+    Owners(PathBuf, #[source] crate::ns::IdsError),
+    #[error("kernel tree {0}")]
+    Modules(PathBuf, #[source] guest::modules::ModulesError),
+    #[error("the kernel needs module {name} to boot, and {dir} does not have it")]
+    MissingBootModule { name: String, dir: PathBuf },
+    #[error("--boot-script {0}: {1}")]
+    BootScript(PathBuf, String),
+    #[error("setup {0:?} is not in the config{1}")]
+    NoSetup(String, String),
+    #[error("--profile")]
+    Profile(#[source] qemu::ProfileError),
+    #[error("cannot prepare the run directory")]
+    RunDir(#[source] instance::InstanceError),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] io::Error),
+    #[error("cannot start {0}")]
+    Spawn(PathBuf, #[source] io::Error),
+    #[error("{0}")]
+    Io(String, #[source] io::Error),
+    /// `nine_p`: the kernel can mount 9p, so `--fs 9p` is a way out.
+    #[error("virtiofs needs virtiofsd, which is not installed (see `mkt doctor`; ./install.sh installs it){}",
+        if *.nine_p { ", or use --fs 9p" } else { "; this kernel has no 9p, so virtiofs is the only way to share the rootfs" })]
+    NoVirtiofsd { nine_p: bool },
+    #[error("virtiofsd for {0} did not start: {1}")]
+    Virtiofsd(PathBuf, String),
+    #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
+    NoQemu,
+    #[error("the guest ended without reporting the command's exit status ({qemu}){}\nconsole log: {}", last_lines(.console), .log.display())]
+    NoStatus {
+        qemu: String,
+        console: String,
+        log: PathBuf,
+    },
+    #[error(
+        "the kernel command line would be {len} bytes, but {} takes at most {limit}: shorten --append (the kernel would cut it, and the guest hang)", .kernel.display()
+    )]
+    CmdlineTooLong {
+        len: usize,
+        limit: usize,
+        kernel: PathBuf,
+    },
+    #[error("{0}")]
+    Qemu(String),
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::VfioError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+}
+
+fn last_lines(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(25)..];
+    let panic = lines.iter().find(|l| l.contains("Kernel panic"));
+    let mut s = String::new();
+    if let Some(p) = panic {
+        s += &format!("\n{}", p.trim());
+    }
+    if !tail.is_empty() {
+        s += "\nlast console lines:\n";
+        s += &tail.join("\n");
+    }
+    s
+}
+
+/// What `mkt run` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub setup: Option<String>,
+    pub rootfs: Option<String>,
+    pub kernel: Option<PathBuf>,
+    pub modules: Option<PathBuf>,
+    pub command: Vec<String>,
+    pub fs: Option<String>,
+    pub accel: Option<kvm::Accel>,
+    pub cpus: Option<u32>,
+    pub mem_mib: Option<u64>,
+    pub append: Vec<String>,
+    pub qemu_args: Vec<String>,
+    pub dirs: Vec<PathBuf>,
+    pub gdb_port: Option<u16>,
+    pub ssh_port: Option<u16>,
+    pub net_none: bool,
+    /// `--net`: nat, none, tap, bridge, bridge=BR [default: the setup's, nat].
+    pub net: Option<String>,
+    /// Host PCI functions to pass through, added to the setup's.
+    pub pci: Vec<String>,
+    /// Size of the NVMe scratch disk in MiB.
+    pub nvme_mib: Option<u64>,
+    /// `--virt`: soft RDMA devices, added to the setup's.
+    pub virt: Vec<String>,
+    pub profile: Option<String>,
+    pub boot_script: Option<PathBuf>,
+    pub init: Option<String>,
+    pub keep: bool,
+    /// Start another VM even when the setup is already running.
+    pub new: bool,
+    pub dry_run: bool,
+    pub quiet: bool,
+    pub verbose: bool,
+}
+
+/// Runs a guest; returns mkt's exit status (the command's in exec mode).
+#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
+pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
+    paths.ensure_runtime_dir()?;
+    for stale in instance::clean_stale(&paths.runtime_dir)? {
+        tracing::info!("removed stale run directory {}", stale.display());
+    }
+    // As MKT did: running a setup that already runs attaches to it.
+    if let (Some(setup), false, false) = (&opts.setup, opts.new, opts.dry_run)
+        && let Some(rec) = instance::list(&paths.runtime_dir)?
+            .into_iter()
+            .find(|r| &r.name == setup)
+    {
+        if rec.ssh_port.is_none() {
+            anyhow::bail!(
+                "{setup} is already running (pid {}) without SSH (a command run, --net none, or no sshd in its rootfs); use --new for another VM",
+                rec.pid
+            );
+        }
+        if !opts.quiet {
+            eprintln!(
+                "mkt: {setup} is already running (pid {}): attaching over ssh (--new starts another)",
+                rec.pid
+            );
+        }
+        return ssh(paths, Some(setup), &opts.command, opts.quiet);
+    }
+    // An unnamed VM is `run-N`, a setup's `SETUP` (`SETUP-N` with --new):
+    // unique, so that ssh and stop never pick one of several.
+    let mut run_dir = RunDir::create(
+        &paths.runtime_dir,
+        opts.setup.as_deref().unwrap_or("run"),
+        opts.setup.is_none(),
+    )
+    .map_err(RunError::RunDir)?;
+    let name = run_dir.name().to_string();
+    let mut prepared = prepare(opts, config, paths, run_dir.path())?;
+    if let (Some(port), false) = (prepared.spec.gdb_port, opts.quiet) {
+        let kaslr = if qemu::cmdline(&prepared.spec)
+            .split(' ')
+            .any(|w| w == "nokaslr")
+        {
+            "with nokaslr, so vmlinux's symbols line up"
+        } else {
+            "with KASLR, as --append asked: vmlinux's symbols will not line up"
+        };
+        eprintln!(
+            "mkt: gdb stub on 127.0.0.1:{port}; the kernel boots {kaslr} (gdb vmlinux -ex 'target remote :{port}')"
+        );
+    }
+    let mut argv = qemu::command_line(&prepared.spec);
+    if opts.dry_run {
+        println!("{}", qemu::shell_quote(&argv));
+        println!("# generated guest files (packed into the initramfs's /mkt):");
+        for f in &prepared.files.files {
+            println!(
+                "#   {}{}",
+                f.name,
+                f.dest
+                    .as_ref()
+                    .map(|d| format!(" -> {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        return Ok(0);
+    }
+    // Held for the VM's whole life: `rootfs rm` refuses a tree in use.
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &prepared.rootfs)?;
+    if let (Some(note), false) = (&prepared.accel_note, opts.quiet) {
+        eprintln!("mkt: {note}");
+    }
+    write_run_files(&prepared, run_dir.path())?;
+    if opts.keep {
+        run_dir.keep();
+        if !opts.quiet {
+            eprintln!(
+                "mkt: keeping the run directory {}",
+                run_dir.path().display()
+            );
+        }
+    }
+    install_signal_handlers();
+    let _pipe = crate::interrupt::KeepOnClosedPipe::new();
+
+    // The privileged steps: checked up front, undone when the run ends
+    // (these guards drop before run_dir), and after kill -9 by the next
+    // run's sweep of stale run directories.
+    let wants_tap = matches!(prepared.spec.net, Net::Tap { .. });
+    if wants_tap {
+        net::check_privilege(&prepared.net_mode)?;
+    }
+    let _vfio = if prepared.spec.pci.is_empty() {
+        None
+    } else {
+        let sys = host_sysfs();
+        let devices = sys.check(&prepared.spec.pci)?;
+        sys.check_privilege(&devices)?;
+        Some(sys.bind(&devices, &run_dir.path().join(crate::vfio::STATE_FILE))?)
+    };
+    if let (Some(n), Some(mib)) = (&prepared.spec.nvme, prepared.nvme_mib) {
+        ensure_disk(&n.path, mib)?;
+    }
+    let tap = if let Net::Tap { mac, .. } = &prepared.spec.net {
+        let bridge = match &prepared.net_mode {
+            net::Mode::Bridge(b) => Some(b.as_str()),
+            _ => None,
+        };
+        let tap = net::Tap::create(
+            &format!("mkt{}", std::process::id()),
+            bridge,
+            run_dir.path(),
+        )?;
+        // The tap exists and QEMU gets its fd: nothing else needs the
+        // capability (the kernel deletes the tap with the last fd).
+        net::drop_net_admin();
+        if !opts.quiet && !prepared.exec {
+            eprintln!(
+                "mkt: guest NIC {mac} on tap {}{}",
+                tap.name,
+                bridge
+                    .map(|b| format!(" in bridge {b}"))
+                    .unwrap_or_default()
+            );
+        }
+        prepared.spec.net = Net::Tap {
+            fd: Some(tap.fd()),
+            mac: mac.clone(),
+        };
+        argv = qemu::command_line(&prepared.spec);
+        Some(tap)
+    } else {
+        None
+    };
+
+    let mut relays = Vec::new();
+    let sockets: Vec<PathBuf> = prepared
+        .spec
+        .ports
+        .iter()
+        .map(|p| p.socket.clone())
+        .collect();
+    for port in &prepared.spec.ports {
+        let l = UnixListener::bind(&port.socket)
+            .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
+        relays.push((port.name.clone(), l));
+    }
+    // The store exists before the file servers start, so they can show it
+    // read-only (else a guest could make it, with trees of its own).
+    std::fs::create_dir_all(&paths.rootfs_dir)
+        .map_err(|e| RunError::Write(paths.rootfs_dir.clone(), e))?;
+    let store = std::fs::canonicalize(&paths.rootfs_dir).unwrap_or(paths.rootfs_dir.clone());
+    let _daemons = match &prepared.virtiofsd {
+        Some(bin) => start_virtiofsd(
+            bin,
+            &prepared.spec.shares,
+            run_dir.path(),
+            prepared.root_ids.as_ref(),
+            &store,
+        )?,
+        None => Daemons(Vec::new(), Vec::new()),
+    };
+    let nine_p: Vec<&Path> = prepared
+        .spec
+        .shares
+        .iter()
+        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .map(|s| s.path.as_path())
+        .collect();
+    let qemu_confine = if nine_p.is_empty() {
+        crate::confine::Confinement::default()
+    } else {
+        // Not root, the store is hidden in a user namespace that maps only
+        // the caller's ids: QEMU then serves the root tree too, and a tree
+        // the caller does not own (root's, `--rootfs /`) would lose its
+        // owners (no set-uid sudo): such a run goes without that.
+        use std::os::unix::fs::MetadataExt;
+        let uid = nix::unistd::geteuid();
+        let foreign = !uid.is_root()
+            && std::fs::metadata(&prepared.rootfs).is_ok_and(|m| m.uid() != uid.as_raw());
+        if foreign {
+            tracing::warn!(
+                "9p as a normal user on {} (not yours): the rootfs store is not hidden from the guest (virtiofs hides it)",
+                prepared.rootfs.display()
+            );
+        }
+        let c = crate::confine::Confinement::new(&nine_p, (!foreign).then_some(store.as_path()));
+        if matches!(prepared.spec.net, Net::BridgeHelper { .. }) {
+            c.keeping_setid_exec()
+        } else {
+            c
+        }
+    };
+    let started = Instant::now();
+    let mut child = spawn_qemu(
+        &argv,
+        prepared.exec,
+        tap.as_ref().map(|t| t.fd()),
+        qemu_confine,
+    )?;
+    let ssh_port = match &prepared.spec.net {
+        Net::User { ssh_port } => *ssh_port,
+        _ => None,
+    };
+    run_dir.write_record(&instance::Record {
+        name: name.clone(),
+        pid: std::process::id(),
+        ssh_port,
+        user: prepared.user.clone(),
+        kernel: prepared.spec.kernel.clone(),
+        rootfs: prepared.rootfs.clone(),
+        started: crate::util::time::epoch_secs(),
+        qmp: Some(prepared.spec.qmp.clone()),
+        ssh_reports_ready: prepared.ssh_reports_ready,
+        dir: PathBuf::new(),
+    })?;
+    if let (Some(port), false) = (ssh_port, opts.quiet || prepared.exec) {
+        eprintln!("mkt: ssh on 127.0.0.1:{port} (`mkt ssh {name}`)");
+    }
+    let mut qemu_err = child.stderr.take().expect("piped stderr");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = qemu_err.read_to_string(&mut s);
+        s
+    });
+    let mut handles = Vec::new();
+    for (name, l) in relays {
+        if name == WINSIZE_PORT {
+            relay_winsize(l);
+            continue;
+        }
+        if name == READY_PORT {
+            relay_ready(l, run_dir.path().to_path_buf());
+            continue;
+        }
+        let h = match name.as_str() {
+            "mkt.stdout" => relay(l, io::stdout()),
+            "mkt.stderr" => relay(l, io::stderr()),
+            _ => relay(l, io::sink()),
+        };
+        handles.push((name, h));
+    }
+
+    let exited = ExitWatch::new(child.id());
+    let status = loop {
+        if let Some(s) = child
+            .try_wait()
+            .map_err(|e| RunError::Io("waiting for QEMU".into(), e))?
+        {
+            break s;
+        }
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            unblock(&sockets);
+            return Err(RunError::Interrupted(sig).into());
+        }
+        exited.wait(Duration::from_millis(20));
+    };
+    tracing::info!("QEMU ran {:.2?} and exited {status}", started.elapsed());
+    unblock(&sockets);
+    let mut exit_line = String::new();
+    for (name, h) in handles {
+        let kept = h.join().unwrap_or_default();
+        if name == "mkt.status" {
+            exit_line = String::from_utf8_lossy(&kept).into_owned();
+        }
+    }
+    let qemu_stderr = err_thread.join().unwrap_or_default();
+    if !prepared.exec {
+        if status.success() {
+            return Ok(0);
+        }
+        // QEMU's own error (a bad --qemu-arg, a device it lacks): its
+        // stderr was piped away from the console, so say it here.
+        return Err(RunError::Qemu(format!("QEMU {status}{}", stderr_tail(&qemu_stderr))).into());
+    }
+    let log = match &prepared.spec.console {
+        Console::Log(p) => p.clone(),
+        Console::Interactive => PathBuf::new(),
+    };
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    // A failing boot script is reported, not left for the log to hide.
+    if let Some(line) = console
+        .lines()
+        .find(|l| l.contains("mkt-init: boot script") && l.contains("FAILED"))
+    {
+        eprintln!(
+            "mkt: warning: {} (console log: {})",
+            line.trim_start_matches("mkt-init: "),
+            log.display()
+        );
+    }
+    if let Some(code) = exit_line
+        .lines()
+        .find_map(|l| l.strip_prefix("EXIT "))
+        .and_then(|c| c.trim().parse::<i32>().ok())
+    {
+        return Ok(code);
+    }
+    let qemu_desc = format!("QEMU {status}{}", stderr_tail(&qemu_stderr));
+    Err(RunError::NoStatus {
+        qemu: qemu_desc,
+        console,
+        log,
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prepare::*;
+    use super::*;
+    use crate::guest::{FsKind as GFs, Mode};
+    use crate::qemu::Profile;
+
+    #[test]
+    fn interactive_default_is_the_shell_when_the_tree_has_one() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("lib/systemd")).unwrap();
+        std::fs::write(r.join("lib/systemd/systemd"), "").unwrap();
+        // systemd only: the tree's init.
+        assert_eq!(interactive_mode(None, r), Mode::Systemd);
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::write(r.join("bin/sh"), "").unwrap();
+        assert_eq!(interactive_mode(None, r), Mode::Shell);
+        assert_eq!(interactive_mode(Some("systemd"), r), Mode::Systemd);
+        assert_eq!(interactive_mode(Some("shell"), r), Mode::Shell);
+    }
+
+    #[test]
+    fn boot_modules_are_only_the_chosen_file_systems_and_bus() {
+        use qemu::Bus;
+        for bus in [Bus::Pci, Bus::Mmio] {
+            let v = boot_module_names(GFs::Virtiofs, bus);
+            let p = boot_module_names(GFs::NineP, bus);
+            for m in ["virtio_pci", "virtio_console", "virtio_net", "overlay"] {
+                assert!(v.contains(&m) && p.contains(&m), "{m}");
+            }
+            assert!(v.contains(&"virtiofs"));
+            assert!(!v.contains(&"9p") && !v.contains(&"9pnet_virtio"), "{v:?}");
+            assert!(p.contains(&"9p") && p.contains(&"9pnet_virtio"));
+            assert!(!p.contains(&"virtiofs"), "{p:?}");
+            // microvm's devices are virtio-mmio; q35's are all PCI.
+            assert_eq!(v.contains(&"virtio_mmio"), bus == Bus::Mmio, "{bus:?}");
+            assert_eq!(p.contains(&"virtio_mmio"), bus == Bus::Mmio, "{bus:?}");
+        }
+    }
+
+    #[test]
+    fn generated_paths_go_through_the_trees_relative_first_link() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("usr/lib/modules")).unwrap();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", r.join("lib")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin", r.join("bin")).unwrap();
+        std::os::unix::fs::symlink("../x", r.join("up")).unwrap();
+        let f = |p: &str| through_tree_link(r, Path::new(p));
+        assert_eq!(
+            f("/lib/modules/6.1/kernel/a.ko"),
+            Path::new("/usr/lib/modules/6.1/kernel/a.ko")
+        );
+        assert_eq!(f("/lib"), Path::new("/usr/lib"));
+        // Real directories, absolute or upward links, missing names: as given.
+        assert_eq!(f("/etc/passwd"), Path::new("/etc/passwd"));
+        assert_eq!(f("/bin/x"), Path::new("/bin/x"));
+        assert_eq!(f("/up/x"), Path::new("/up/x"));
+        assert_eq!(f("/nope/x"), Path::new("/nope/x"));
+        assert_eq!(f("relative/x"), Path::new("relative/x"));
+    }
+
+    #[test]
+    fn a_disk_image_that_cannot_be_made_is_not_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("nvme/run.img");
+        // 2^44 MiB is more than any file can be.
+        let e = ensure_disk(&img, 1 << 44).unwrap_err().to_string();
+        assert!(e.contains("run.img"), "{e}");
+        assert!(!img.exists(), "an empty image was left");
+        // An existing image is never removed, even when growing it fails.
+        ensure_disk(&img, 1).unwrap();
+        assert!(ensure_disk(&img, 1 << 44).is_err());
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn microvm_under_tcg_gets_the_host_tsc_frequency() {
+        use crate::host::kvm::Accel;
+        let load = |n: &str| Profile::load(n, None).unwrap();
+        let w = |ws: &[&str]| ws.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // (profile, accelerator, --append, host TSC kHz, word mkt adds)
+        type Case = (
+            &'static str,
+            Accel,
+            &'static [&'static str],
+            Option<u64>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            (
+                "microvm",
+                Accel::Tcg,
+                &[],
+                Some(2596000),
+                Some("tsc_early_khz=2596000"),
+            ),
+            // KVM has kvmclock; other machines have HPET and the PM timer.
+            ("microvm", Accel::Kvm, &[], Some(2596000), None),
+            ("default", Accel::Tcg, &[], Some(2596000), None),
+            ("iommu", Accel::Tcg, &[], Some(2596000), None),
+            // The user's own value wins; one after `--` is init's, not the kernel's.
+            (
+                "microvm",
+                Accel::Tcg,
+                &["tsc_early_khz=1"],
+                Some(2596000),
+                None,
+            ),
+            (
+                "microvm",
+                Accel::Tcg,
+                &["--", "tsc_early_khz=1"],
+                Some(7),
+                Some("tsc_early_khz=7"),
+            ),
+            // Not measurable: nothing added (the kernel calibrates as it can).
+            ("microvm", Accel::Tcg, &[], None, None),
+        ];
+        for (name, accel, append, host, want) in cases {
+            let got = tsc_word(&load(name), accel, &w(append), || *host);
+            assert_eq!(got.as_deref(), *want, "{name} {accel:?} {append:?}");
+        }
+    }
+
+    #[test]
+    fn gdb_adds_nokaslr_before_init_words_unless_asked_otherwise() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["console=ttyS0"], &["console=ttyS0", "nokaslr"]),
+            (&["a", "--", "x"], &["a", "nokaslr", "--", "x"]),
+            (&["kaslr"], &["kaslr"]),
+            (&["nokaslr", "b"], &["nokaslr", "b"]),
+            // After `--` it is init's word, not the kernel's.
+            (&["--", "kaslr"], &["nokaslr", "--", "kaslr"]),
+        ];
+        for (given, want) in cases {
+            let mut a: Vec<String> = given.iter().map(|s| s.to_string()).collect();
+            gdb_nokaslr(&mut a);
+            assert_eq!(a, *want, "{given:?}");
+        }
+    }
+
+    #[test]
+    fn boot_script_must_be_executable_with_shebang() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path().join("boot.sh");
+        std::fs::write(&s, "echo hi\n").unwrap();
+        let e = check_boot_script(&s).unwrap_err().to_string();
+        assert!(e.contains("not an executable"), "{e}");
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check_boot_script(&s).unwrap_err().to_string();
+        assert!(e.contains("#!"), "{e}");
+        std::fs::write(&s, "#!/bin/sh\necho hi\n").unwrap();
+        check_boot_script(&s).unwrap();
+    }
+
+    #[test]
+    fn last_lines_quotes_the_panic() {
+        let console = "a\nb\nKernel panic - not syncing: No init found\nc\n";
+        let s = last_lines(console);
+        assert!(
+            s.starts_with("\nKernel panic - not syncing: No init found"),
+            "{s}"
+        );
+        assert!(s.contains("last console lines:\na\nb"));
+    }
+}

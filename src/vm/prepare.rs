@@ -1,0 +1,843 @@
+//! Everything `mkt run` decides before QEMU starts: the kernel, the rootfs,
+//! the guest's files and initramfs, the QEMU command line.
+
+use super::ssh::{READY_PORT, ensure_ssh_keys};
+use super::supervise::WINSIZE_PORT;
+use super::{RunError, RunOptions};
+use crate::config::{Config, Paths, Setup};
+use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
+use crate::host::{self, kvm};
+use crate::kernel::depmod::{host_depmod, modules_boot_record};
+use crate::kernel::{Guestfs, Kernel, kernel_has, kernel_option, resolve_kernel};
+use crate::net;
+use crate::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Modules a distro kernel needs before it can mount the root and talk to mkt.
+/// virtio_mmio is the transport on microvm (`--profile microvm`); `button`
+/// (the ACPI power button) lets the init act on `mkt stop`'s power-off.
+pub const BOOT_MODULES: &[&str] = &[
+    "button",
+    "virtio_pci",
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+    "9pnet_virtio",
+    "9p",
+    "virtiofs",
+    "overlay",
+];
+
+/// The boot modules for a run over `fs` on `bus`: without the other
+/// transport's (a kernel with both as modules would load 9p, 9pnet, netfs
+/// and fscache for nothing on a virtiofs run: ~30 ms each under TCG), and
+/// without virtio_mmio on a PCI machine (it has no virtio-mmio devices).
+pub fn boot_module_names(fs: GFs, bus: qemu::Bus) -> Vec<&'static str> {
+    let other: &[&str] = match fs {
+        GFs::NineP => &["virtiofs"],
+        GFs::Virtiofs => &["9pnet_virtio", "9p"],
+    };
+    BOOT_MODULES
+        .iter()
+        .copied()
+        .filter(|m| !other.contains(m))
+        .filter(|m| *m != "virtio_mmio" || bus == qemu::Bus::Mmio)
+        .collect()
+}
+
+/// The modules to pack into the initramfs, decompressed.
+pub(crate) fn boot_modules(
+    kernel: &Kernel,
+    fs: GFs,
+    bus: qemu::Bus,
+) -> Result<Vec<guest::initramfs::BootModule>, RunError> {
+    let Kernel::Image {
+        modules: Some(dir), ..
+    } = kernel
+    else {
+        return Ok(Vec::new());
+    };
+    let plan = guest::modules::resolve(dir, &boot_module_names(fs, bus))
+        .map_err(|e| RunError::Modules(dir.clone(), e))?;
+    let fs_modules: &[&str] = match fs {
+        GFs::NineP => &["9p", "9pnet_virtio"],
+        GFs::Virtiofs => &["virtiofs"],
+    };
+    for &must in fs_modules.iter().chain(&["overlay", "virtio_console"]) {
+        if plan.absent.iter().any(|a| a.replace('-', "_") == must) {
+            return Err(RunError::MissingBootModule {
+                name: must.into(),
+                dir: dir.clone(),
+            });
+        }
+    }
+    plan.needed
+        .iter()
+        .map(|rel| {
+            let data = guest::modules::decompress(&dir.join(rel))
+                .map_err(|e| RunError::Modules(dir.clone(), e))?;
+            let base = rel.file_name().and_then(|n| n.to_str()).unwrap_or("m.ko");
+            let name = base.split(".ko").next().unwrap_or(base).to_string() + ".ko";
+            Ok(guest::initramfs::BootModule { name, data })
+        })
+        .collect()
+}
+
+/// `guest` with its first component replaced by that component's target
+/// when it is a relative link in `tree` (merged /usr: /lib -> usr/lib).
+/// The init makes each generated file and link with several path walks,
+/// and a shared root answers each walk through such a link with a
+/// round trip to the file server (the guest caches no symlink targets on
+/// virtiofs): ~100 READLINKs of /lib in a kernel tree's boot before.
+pub fn through_tree_link(tree: &Path, guest: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut parts = guest.components();
+    let (Some(Component::RootDir), Some(Component::Normal(first))) = (parts.next(), parts.next())
+    else {
+        return guest.to_path_buf();
+    };
+    match std::fs::read_link(tree.join(first)) {
+        Ok(t) if t.components().all(|c| matches!(c, Component::Normal(_))) => {
+            Path::new("/").join(t).join(parts.as_path())
+        }
+        _ => guest.to_path_buf(),
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub(crate) fn read_etc(rootfs: &Path) -> RootfsEtc {
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).ok();
+    RootfsEtc {
+        passwd: read("etc/passwd").unwrap_or_else(|| "root:x:0:0:root:/root:/bin/sh\n".into()),
+        group: read("etc/group").unwrap_or_else(|| "root:x:0:\n".into()),
+        shadow: read("etc/shadow"),
+        sudoers_readable: std::fs::File::open(rootfs.join("etc/sudoers")).is_ok(),
+        has_sudo: rootfs.join("usr/bin/sudo").exists(),
+        has_sshd: rootfs.join("usr/sbin/sshd").exists(),
+    }
+}
+
+/// Everything prepared for one boot, before anything is started.
+pub struct Prepared {
+    pub spec: VmSpec,
+    pub files: guest::Generated,
+    pub initrd: Vec<u8>,
+    pub accel_note: Option<String>,
+    pub exec: bool,
+    /// The virtiofsd binary when shares go over virtiofs.
+    pub virtiofsd: Option<PathBuf>,
+    /// The id map the root share's virtiofsd runs under (a tree with
+    /// subordinate-id owners), else the caller's own ids.
+    pub root_ids: Option<crate::ns::Ids>,
+    pub user: String,
+    pub rootfs: PathBuf,
+    pub net_mode: net::Mode,
+    /// The NVMe disk's size, when there is one (the file is made at run).
+    pub nvme_mib: Option<u64>,
+    /// The guest says on a port when its sshd listens.
+    pub ssh_reports_ready: bool,
+}
+
+/// Resolves and generates everything, with no side effect but reading.
+#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
+pub fn prepare(
+    opts: &RunOptions,
+    config: &Config,
+    paths: &Paths,
+    run_dir: &Path,
+) -> Result<Prepared, RunError> {
+    let setup_name = opts.setup.clone().or_else(|| config.defaults.setup.clone());
+    let setup: Setup = match &setup_name {
+        Some(n) => config.setups.get(n).cloned().ok_or_else(|| {
+            let known: Vec<_> = config.setups.keys().cloned().collect();
+            let mut detail = config
+                .file
+                .as_ref()
+                .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
+                .unwrap_or_default();
+            // `mkt run uname`: a command without `--` reads as a setup.
+            if opts.setup.as_ref() == Some(n) && opts.command.is_empty() {
+                detail +=
+                    &format!("\n  to run a command in the guest, put it after --: mkt run -- {n}");
+            }
+            RunError::NoSetup(n.clone(), detail)
+        })?,
+        None => Setup::default(),
+    };
+    let wanted = crate::rootfs::resolve::wanted(opts.rootfs.as_deref(), Some(&setup), config);
+    let first_use = crate::rootfs::resolve::FirstUse {
+        dry_run: opts.dry_run,
+        quiet: opts.quiet,
+        verbose: opts.verbose,
+    };
+    let rootfs = crate::rootfs::resolve::resolve(paths, &wanted, first_use)?.path(paths);
+    // A tree whose owners are shifted by the user's subordinate ids is
+    // served from a user namespace with the same map, so the guest sees
+    // its real owners (root's files as root's, setuid sudo working).
+    let root_ids = match rootfs
+        .parent()
+        .filter(|p| *p == paths.rootfs_dir)
+        .and_then(|_| rootfs.file_name())
+        .and_then(|n| crate::rootfs::meta(paths, &n.to_string_lossy()))
+        .map(|m| m.owners)
+    {
+        Some(crate::rootfs::Owners::Mapped) if !nix::unistd::geteuid().is_root() => {
+            Some(crate::ns::Ids::for_owners().map_err(|e| RunError::Owners(rootfs.clone(), e))?)
+        }
+        _ => None,
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let kernel_arg = opts
+        .kernel
+        .clone()
+        .or(setup.kernel.clone())
+        .or(config.defaults.kernel.clone());
+    let kernel = resolve_kernel(
+        kernel_arg.as_deref(),
+        opts.modules.as_deref(),
+        &cwd,
+        &rootfs,
+    )?;
+    let boot_script = match opts.boot_script.as_ref().or(setup.boot_script.as_ref()) {
+        Some(script) => {
+            check_boot_script(script)?;
+            Some(
+                std::fs::read(script)
+                    .map_err(|e| RunError::BootScript(script.clone(), e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+
+    let (accel, accel_note) = kvm::choose(opts.accel.clone(), kvm::probe);
+    // Passed through: --pci, the setup's pci, and the functions its guest
+    // hands on to a nested guest (they must reach that guest first).
+    let mut pci: Vec<String> = Vec::new();
+    for a in opts.pci.iter().chain(&setup.pci).chain(&setup.nested_pci) {
+        let bdf = crate::config::normalize_pci(a)
+            .map_err(|e| RunError::Invalid(format!("--pci {a:?}"), e))?;
+        if !pci.contains(&bdf) {
+            pci.push(bdf);
+        }
+    }
+    let num_vfs = setup.num_of_vfs.filter(|&n| n > 0 && !pci.is_empty());
+    let explicit_profile = opts.profile.clone().or(setup.profile.clone());
+    // Nested passthrough needs the guest's own IOMMU; SR-IOV needs PCIe
+    // (the capability sits in extended config space): both get q35.
+    let wants_iommu = !setup.nested_pci.is_empty() || num_vfs.is_some();
+    let profile_name = explicit_profile.clone().unwrap_or_else(|| {
+        if wants_iommu {
+            "iommu"
+        } else {
+            qemu::DEFAULT_PROFILE
+        }
+        .to_string()
+    });
+    let user_profiles = paths.config_file.parent().map(|d| d.join("qemu-profiles"));
+    let profile =
+        Profile::load(&profile_name, user_profiles.as_deref()).map_err(RunError::Profile)?;
+    let nvme_mib = match (opts.nvme_mib, &setup.nvme) {
+        (Some(m), _) => Some(m),
+        (None, Some(s)) => {
+            Some(crate::config::parse_mem_mib(s).map_err(|e| RunError::Invalid("nvme".into(), e))?)
+        }
+        (None, None) => None,
+    };
+    if profile.bus == qemu::Bus::Mmio && (!pci.is_empty() || nvme_mib.is_some()) {
+        return Err(RunError::Invalid(
+            format!("profile {profile_name}"),
+            "it has no PCI bus, which --pci and --nvme need (use the default or iommu profile)"
+                .into(),
+        ));
+    }
+    if num_vfs.is_some() && !qemu::is_pcie(&profile) {
+        return Err(RunError::Invalid(
+            "num_of_vfs".into(),
+            format!(
+                "SR-IOV needs a PCI Express machine, and profile {profile_name} is not one (use profile iommu)"
+            ),
+        ));
+    }
+    let net_mode = if opts.net_none {
+        net::Mode::None
+    } else {
+        match opts.net.as_deref().or(setup.net.as_deref()) {
+            Some(s) => {
+                net::Mode::parse(s).map_err(|e| RunError::Invalid(format!("--net {s}"), e))?
+            }
+            None => net::Mode::Nat,
+        }
+    };
+    let qemu_bin = host::probe::find_program("qemu-system-x86_64").ok_or(RunError::NoQemu)?;
+
+    let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
+    let fs = match opts.fs.as_deref() {
+        Some("virtiofs") => GFs::Virtiofs,
+        Some("9p") => {
+            if root_ids.is_some() {
+                tracing::warn!(
+                    "9p shows {} with host ids (your subordinate ids), not its real owners; virtiofs shows them",
+                    rootfs.display()
+                );
+            }
+            GFs::NineP
+        }
+        _ if root_ids.is_some() && have_virtiofsd => GFs::Virtiofs,
+        // Both boot equally fast; virtiofs is ~1.8x faster on file-heavy
+        // work (docs/run.md, BENCHMARKS), so it is the default when it can be.
+        _ if have_virtiofsd && kernel_has(&kernel, Guestfs::Virtiofs) => GFs::Virtiofs,
+        _ if kernel_has(&kernel, Guestfs::NineP) => GFs::NineP,
+        _ => GFs::Virtiofs,
+    };
+    let virtiofsd =
+        match fs {
+            GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
+                RunError::NoVirtiofsd {
+                    nine_p: kernel_has(&kernel, Guestfs::NineP),
+                }
+            })?),
+            GFs::NineP => None,
+        };
+    let mut user = GuestUser::of(crate::host::user::current());
+    user.shell = if rootfs.join("bin/bash").exists() {
+        "/bin/bash".into()
+    } else {
+        "/bin/sh".into()
+    };
+
+    // Host dirs shared at the same path: home (rw), --dir and config dirs,
+    // the kernel tree (ro) unless already inside one of them.
+    let mut shared: Vec<(PathBuf, bool)> = vec![(user.home.clone(), false)];
+    for d in opts
+        .dirs
+        .iter()
+        .chain(&setup.dirs)
+        .chain(&config.defaults.dirs)
+    {
+        let d = std::fs::canonicalize(d)
+            .map_err(|e| RunError::Io(format!("--dir {}", d.display()), e))?;
+        if !shared.iter().any(|(s, _)| d.starts_with(s)) {
+            shared.push((d, false));
+        }
+    }
+    let mut links = Vec::new();
+    let mut depmod_release = None;
+    let mut extra_files = Vec::new();
+    match &kernel {
+        Kernel::Tree { tree, release } => {
+            let tree = std::fs::canonicalize(tree).unwrap_or(tree.clone());
+            if !shared.iter().any(|(s, _)| tree.starts_with(s)) {
+                shared.push((tree.clone(), true));
+            }
+            let tm = guest::modules::tree_modules(&tree)
+                .map_err(|e| RunError::Modules(tree.clone(), e))?;
+            links = guest::modules::link_plan(&tm, &tree);
+            match host_depmod(&links, release, &paths.data_dir.join("depmod"), run_dir) {
+                Some(files) => extra_files = files,
+                None => depmod_release = Some(release.clone()),
+            }
+            extra_files.push(modules_boot_record(&links, release));
+        }
+        Kernel::Image {
+            release,
+            modules: Some(dir),
+            ..
+        } => {
+            let dir = std::fs::canonicalize(dir).unwrap_or(dir.clone());
+            let guest_dir = PathBuf::from("/lib/modules").join(release);
+            // The rootfs's own modules (its own kernel) are there already;
+            // compared canonically, as /lib is often a link to usr/lib.
+            let in_rootfs = rootfs.join(guest_dir.strip_prefix("/").unwrap());
+            if dir != std::fs::canonicalize(&in_rootfs).unwrap_or(in_rootfs) {
+                links.push((guest_dir, dir.clone()));
+                if !shared.iter().any(|(s, _)| dir.starts_with(s)) {
+                    shared.push((dir, true));
+                }
+            }
+        }
+        Kernel::Image { .. } => {}
+    }
+    let mounts: Vec<GuestMount> = shared
+        .iter()
+        .enumerate()
+        .map(|(i, (path, ro))| GuestMount {
+            tag: format!("m{i}"),
+            guest_path: path.clone(),
+            readonly: *ro,
+            kind: fs,
+        })
+        .collect();
+    let cwd_in_guest = shared
+        .iter()
+        .any(|(s, _)| cwd.starts_with(s))
+        .then(|| cwd.clone());
+
+    let exec = !opts.command.is_empty();
+    let mode = if exec {
+        Mode::Exec(opts.command.clone())
+    } else {
+        interactive_mode(opts.init.as_deref(), &rootfs)
+    };
+    let net = net_mode != net::Mode::None;
+    // A bridge normally has a DHCP server; a bare tap may never get one,
+    // so the guest waits less before booting on without an address.
+    let dhcp = match net_mode {
+        net::Mode::Bridge(_) => Some(30),
+        net::Mode::Tap => Some(5),
+        _ => None,
+    };
+    let sriov = num_vfs.map(|n| {
+        let sys = host_sysfs();
+        let ids: Option<Vec<_>> = opts
+            .pci
+            .iter()
+            .chain(&setup.pci)
+            .filter_map(|a| crate::config::normalize_pci(a).ok())
+            .map(|b| sys.ids(&b))
+            .collect();
+        guest::Sriov {
+            num_vfs: n,
+            ids: ids.unwrap_or_default(),
+        }
+    });
+    let virt: Vec<guest::SoftRdma> = opts
+        .virt
+        .iter()
+        .chain(&setup.virt)
+        .filter_map(|v| crate::config::parse_virt(v).ok())
+        .map(|(kind, netdev)| guest::SoftRdma {
+            kind: kind.to_string(),
+            netdev: netdev.to_string(),
+        })
+        .collect();
+    for v in &virt {
+        let option = if v.kind == "rxe" {
+            "CONFIG_RDMA_RXE"
+        } else {
+            "CONFIG_RDMA_SIW"
+        };
+        if let Some(false) = kernel_option(&kernel, &rootfs, option) {
+            return Err(RunError::NoSoftRdma {
+                virt: format!("{}-{}", v.kind, v.netdev),
+                option,
+            });
+        }
+    }
+    // Without the virtio-mmio transport the guest finds no root device and
+    // hangs; say so before booting.
+    if profile.bus == qemu::Bus::Mmio
+        && kernel_option(&kernel, &rootfs, "CONFIG_VIRTIO_MMIO") == Some(false)
+    {
+        return Err(RunError::Invalid(
+            format!("--profile {profile_name}"),
+            format!(
+                "the kernel {} lacks CONFIG_VIRTIO_MMIO, which microvm's devices need (build it with CONFIG_VIRTIO_MMIO=y, or use the default profile)",
+                kernel.image().display()
+            ),
+        ));
+    }
+    let ssh_keys = if !exec && net && rootfs.join("usr/sbin/sshd").exists() {
+        Some(ensure_ssh_keys(&paths.data_dir.join("ssh"))?)
+    } else {
+        None
+    };
+    let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
+    let term = if exec { None } else { host_terminal() };
+    let relay_size = mode == Mode::Shell && term.is_some();
+    // Written through the tree's own links (merged /usr: /lib -> usr/lib).
+    let links: Vec<(PathBuf, PathBuf)> = links
+        .into_iter()
+        .map(|(l, t)| (through_tree_link(&rootfs, &l), t))
+        .collect();
+    for f in &mut extra_files {
+        if let Some(d) = &f.dest {
+            f.dest = Some(
+                through_tree_link(&rootfs, Path::new(d))
+                    .display()
+                    .to_string(),
+            );
+        }
+    }
+    let input = PlanInput {
+        mode,
+        user,
+        hostname,
+        root: GuestMount {
+            tag: "root".into(),
+            guest_path: "/".into(),
+            readonly: true,
+            kind: fs,
+        },
+        mounts: mounts.clone(),
+        cwd: cwd_in_guest,
+        links,
+        depmod_release,
+        extra_files,
+        etc: read_etc(&rootfs),
+        ssh: match (&ssh_keys, net) {
+            (Some(k), true) => Some(guest::SshSetup {
+                authorized_key: k.client_pub.clone(),
+                host_key: k.host_private.clone(),
+            }),
+            _ => None,
+        },
+        net,
+        dhcp,
+        sriov,
+        virt,
+        boot_script,
+        term,
+    };
+    let files = guest::generate(&input);
+    let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs, profile.bus)?)
+        .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
+
+    let qfs = |tag: &str, path: &Path, ro: bool| Share {
+        tag: tag.into(),
+        path: path.into(),
+        readonly: ro,
+        kind: match fs {
+            GFs::NineP => FsKind::NineP,
+            GFs::Virtiofs => FsKind::Virtiofs {
+                socket: run_dir.join(format!("vfs-{tag}.sock")),
+            },
+        },
+    };
+    let mut shares = vec![qfs("root", &rootfs, true)];
+    shares.extend(
+        mounts
+            .iter()
+            .map(|m| qfs(&m.tag, &m.guest_path, m.readonly)),
+    );
+
+    let mut append = vec!["console=ttyS0".to_string(), "panic=-1".into()];
+    if exec && !opts.verbose {
+        // Less serial output: under TCG every console byte costs time.
+        append.push("quiet".into());
+    }
+    append.extend(opts.append.iter().cloned());
+    if opts.gdb_port.is_some() {
+        gdb_nokaslr(&mut append);
+    }
+    if let Some(w) = tsc_word(&profile, &accel, &append, host::tsc::khz) {
+        append.insert(kernel_words_end(&append), w);
+    }
+    let mut ports = if exec {
+        ["stdout", "stderr", "status"]
+            .iter()
+            .map(|n| Port {
+                name: format!("mkt.{n}"),
+                socket: run_dir.join(format!("{n}.sock")),
+            })
+            .collect()
+    } else if relay_size {
+        // The host terminal's new size after a resize (SIGWINCH), for the
+        // init to set on the console: a serial line carries none.
+        vec![Port {
+            name: WINSIZE_PORT.into(),
+            socket: run_dir.join("winsize.sock"),
+        }]
+    } else {
+        Vec::new()
+    };
+    let mac = setup
+        .mac
+        .clone()
+        .unwrap_or_else(|| net::mac_for(setup_name.as_deref().unwrap_or("mkt")));
+    let net = match &net_mode {
+        net::Mode::Tap => Net::Tap { fd: None, mac },
+        // Without CAP_NET_ADMIN, a configured qemu-bridge-helper can still
+        // put the VM on the bridge.
+        net::Mode::Bridge(br) => match net::bridge_helper(br) {
+            Some(helper) if !net::has_net_admin() => Net::BridgeHelper {
+                bridge: br.clone(),
+                helper,
+                mac,
+            },
+            _ => Net::Tap { fd: None, mac },
+        },
+        _ if net => Net::User {
+            // No sshd in the tree: no port to advertise (an explicit
+            // --ssh-port is still forwarded, for an sshd of the user's).
+            ssh_port: if exec || (ssh_keys.is_none() && opts.ssh_port.is_none()) {
+                None
+            } else {
+                Some(
+                    opts.ssh_port
+                        .map_or_else(free_port, Ok)
+                        .map_err(|e| RunError::Io("cannot find a free port".into(), e))?,
+                )
+            },
+        },
+        _ => Net::None,
+    };
+    // The guest says when its sshd listens (mkt's init, or a unit in
+    // systemd mode), so `mkt ssh` waits for that rather than connecting early.
+    let ssh_reports_ready = ssh_keys.is_some() && matches!(net, Net::User { ssh_port: Some(_) });
+    if ssh_reports_ready {
+        ports.push(Port {
+            name: READY_PORT.into(),
+            socket: run_dir.join("ready.sock"),
+        });
+    }
+    let cpus = opts
+        .cpus
+        .or(setup.cpus.map(crate::config::Cpus::get))
+        .unwrap_or_else(crate::host::user::available_cpus);
+    let mem_mib = opts
+        .mem_mib
+        .or_else(|| {
+            setup
+                .mem
+                .as_deref()
+                .and_then(|m| crate::config::parse_mem_mib(m).ok())
+        })
+        .unwrap_or(1024);
+    // Passed devices pin DMA memory: the default grows with them (MKT's
+    // rule); an explicit --mem is taken as is.
+    let mem_mib = if opts.mem_mib.is_some() {
+        mem_mib
+    } else {
+        qemu::mem_for_devices(mem_mib, pci.len())
+    };
+    let nvme_name = setup_name.as_deref().unwrap_or("run");
+    let spec = VmSpec {
+        qemu: qemu_bin,
+        profile,
+        accel,
+        cpus,
+        mem_mib,
+        kernel: kernel.image(),
+        initrd: Some(run_dir.join("initrd")),
+        append,
+        shares,
+        console: if exec {
+            Console::Log(console_log(paths, setup_name.as_deref().unwrap_or("run")))
+        } else {
+            Console::Interactive
+        },
+        ports,
+        qmp: run_dir.join("qmp.sock"),
+        net,
+        pci,
+        nvme: nvme_mib.map(|_| qemu::Nvme {
+            path: paths.data_dir.join("nvme").join(format!("{nvme_name}.img")),
+            serial: format!("mkt-{nvme_name}"),
+        }),
+        gdb_port: opts.gdb_port,
+        extra: opts.qemu_args.clone(),
+    };
+    check_cmdline(&spec)?;
+    Ok(Prepared {
+        spec,
+        files,
+        initrd,
+        accel_note,
+        exec,
+        virtiofsd,
+        root_ids: if fs == GFs::Virtiofs { root_ids } else { None },
+        user: input.user.name.clone(),
+        rootfs,
+        net_mode,
+        nvme_mib,
+        ssh_reports_ready,
+    })
+}
+
+/// Where the kernel's words end: at a `--` (init's words follow), else the end.
+pub(crate) fn kernel_words_end(append: &[String]) -> usize {
+    append
+        .iter()
+        .position(|w| w == "--")
+        .unwrap_or(append.len())
+}
+
+/// `tsc_early_khz=<host TSC>` for microvm under TCG: microvm has no HPET
+/// and no ACPI PM timer, so when the kernel's quick PIT calibration fails
+/// (often, on a loaded host) it has no TSC frequency and hangs calibrating
+/// the delay loop. Under TCG the guest TSC is the host's, so the host's
+/// frequency is right. Not when --append already sets it.
+pub(crate) fn tsc_word(
+    profile: &Profile,
+    accel: &kvm::Accel,
+    append: &[String],
+    host_khz: impl FnOnce() -> Option<u64>,
+) -> Option<String> {
+    let microvm = profile.machine.split(',').next() == Some("microvm");
+    if !microvm || *accel != kvm::Accel::Tcg {
+        return None;
+    }
+    if append[..kernel_words_end(append)]
+        .iter()
+        .any(|w| w.starts_with("tsc_early_khz="))
+    {
+        return None;
+    }
+    host_khz().map(|k| format!("tsc_early_khz={k}"))
+}
+
+/// With the gdb stub, the kernel boots with `nokaslr` (before any `--`, so
+/// the kernel reads it), so that vmlinux's symbol addresses are the running
+/// kernel's; an explicit `kaslr`/`nokaslr` in --append is left alone.
+pub(crate) fn gdb_nokaslr(append: &mut Vec<String>) {
+    let kernel_words = kernel_words_end(append);
+    if !append[..kernel_words]
+        .iter()
+        .any(|w| w == "kaslr" || w == "nokaslr")
+    {
+        append.insert(kernel_words, "nokaslr".into());
+    }
+}
+
+/// Refuses a kernel command line longer than the kernel takes: QEMU would
+/// boot it cut short (or not at all), with nothing on the console.
+pub(crate) fn check_cmdline(spec: &VmSpec) -> Result<(), RunError> {
+    let mut head = Vec::with_capacity(0x240);
+    if let Ok(f) = std::fs::File::open(&spec.kernel) {
+        let _ = f.take(0x240).read_to_end(&mut head);
+    }
+    let (len, limit) = (qemu::cmdline(spec).len(), qemu::cmdline_limit(&head));
+    if len > limit {
+        return Err(RunError::CmdlineTooLong {
+            len,
+            limit,
+            kernel: spec.kernel.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The interactive mode: the one asked for, else mkt's shell (seconds to a
+/// prompt and to SSH) when the tree has a shell, else its systemd.
+pub(crate) fn interactive_mode(init: Option<&str>, rootfs: &Path) -> Mode {
+    match init {
+        Some("systemd") => Mode::Systemd,
+        Some(_) => Mode::Shell,
+        None if rootfs.join("bin/sh").exists() || rootfs.join("bin/bash").exists() => Mode::Shell,
+        None if rootfs.join("lib/systemd/systemd").exists() => Mode::Systemd,
+        None => Mode::Shell,
+    }
+}
+
+nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::pty::Winsize);
+
+/// The terminal on stdin (QEMU's console): its TERM and size, for the
+/// guest's console. None when stdin is no terminal.
+pub(crate) fn host_terminal() -> Option<guest::Terminal> {
+    let stdin = io::stdin();
+    if !nix::unistd::isatty(&stdin).unwrap_or(false) {
+        return None;
+    }
+    let mut ws = nix::pty::Winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: fd 0 is open (a tty) and ws is a valid struct winsize.
+    let _ = unsafe { tiocgwinsz(0, &mut ws) };
+    Some(guest::Terminal {
+        term: std::env::var("TERM").unwrap_or_default(),
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
+}
+
+/// Where a command run's serial console goes: the run log dir, so it
+/// (boot script output included) survives the run.
+pub(crate) fn console_log(paths: &Paths, name: &str) -> PathBuf {
+    let dir = paths.logs_dir.join("run");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!(
+        "{name}-{}-{}.log",
+        crate::util::time::epoch_secs(),
+        std::process::id()
+    ))
+}
+
+pub(crate) fn check_boot_script(script: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |why: &str| RunError::BootScript(script.into(), why.into());
+    let meta = std::fs::metadata(script).map_err(|e| err(&e.to_string()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(err("not an executable file (chmod +x it)"));
+    }
+    let mut head = [0u8; 2];
+    std::fs::File::open(script)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| err(&e.to_string()))?;
+    if &head != b"#!" {
+        return Err(err("has no #! line"));
+    }
+    Ok(())
+}
+
+/// Writes the generated files and the initramfs into the run directory.
+pub(crate) fn write_run_files(p: &Prepared, run_dir: &Path) -> Result<(), RunError> {
+    let share = run_dir.join("guest");
+    let w = |path: PathBuf, data: &[u8]| {
+        std::fs::write(&path, data).map_err(|e| RunError::Write(path.clone(), e))
+    };
+    std::fs::create_dir_all(&share).map_err(|e| RunError::Write(share.clone(), e))?;
+    for f in &p.files.files {
+        w(share.join(&f.name), &f.content)?;
+    }
+    w(run_dir.join("initrd"), &p.initrd)
+}
+
+/// The sysfs VFIO works on: the host's, or (tests) $MKT_SYSFS_ROOT — never
+/// for a set-id or file-capability mkt (AT_SECURE).
+pub(crate) fn host_sysfs() -> crate::vfio::Sysfs {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
+    match std::env::var_os("MKT_SYSFS_ROOT") {
+        Some(root) if !secure => crate::vfio::Sysfs::new(root),
+        _ => crate::vfio::Sysfs::default(),
+    }
+}
+
+/// Makes the sparse disk file `path` at least `mib` MiB (never shrinks it:
+/// that would cut off data). A file it creates is removed again on failure.
+pub(crate) fn ensure_disk(path: &Path, mib: u64) -> Result<(), RunError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| RunError::Write(dir.into(), e))?;
+    }
+    let (f, created) = match std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| RunError::Write(path.into(), e))?,
+            false,
+        ),
+        Err(e) => return Err(RunError::Write(path.into(), e)),
+    };
+    let want = mib.saturating_mul(1 << 20);
+    let grown = f.metadata().and_then(|m| {
+        if m.len() < want {
+            f.set_len(want)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = grown {
+        if created {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(RunError::Write(path.into(), e));
+    }
+    Ok(())
+}

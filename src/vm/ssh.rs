@@ -1,0 +1,351 @@
+//! `mkt ssh` and `mkt test`: keys, the ssh command line, and waiting for a
+//! booting guest's sshd (the guest says when it listens, on `mkt.ready`).
+
+use super::control::names;
+use super::prepare::check_boot_script;
+use super::run;
+use super::{RunError, RunOptions};
+use crate::config::{Config, Paths};
+use crate::host::{self};
+use crate::instance::{self};
+use crate::qemu::{self};
+use std::io::{self, BufRead, IsTerminal};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// mkt's SSH keys: one for the user (client) and one for every guest's sshd.
+#[derive(Debug, Clone)]
+pub struct SshKeys {
+    pub client_key: PathBuf,
+    pub client_pub: String,
+    pub host_private: String,
+    pub known_hosts: PathBuf,
+}
+
+/// The alias every guest's host key is pinned under in mkt's known_hosts.
+pub(crate) const HOST_KEY_ALIAS: &str = "mkt-guest";
+
+/// Creates (once) and reads mkt's SSH keys under `dir`.
+pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io_err = |what: &str, e| RunError::Io(format!("{what} in {}", dir.display()), e);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io_err("cannot create the ssh key directory", e))?;
+    // Two runs starting at once must not both generate (or read half of)
+    // the keys: serialise on a lock file.
+    let lock_path = dir.join("lock");
+    let lock_file =
+        std::fs::File::create(&lock_path).map_err(|e| io_err("cannot create the lock", e))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io_err("cannot lock", e.into()))?;
+    let keygen = host::which("ssh-keygen").ok_or_else(|| {
+        RunError::Io(
+            "ssh-keygen not found (install openssh-client)".into(),
+            io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    for name in ["id_ed25519", "host_ed25519"] {
+        let key = dir.join(name);
+        if key.exists() {
+            continue;
+        }
+        let out = Command::new(&keygen)
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                &format!("mkt-{name}"),
+                "-f",
+            ])
+            .arg(&key)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| RunError::Spawn(keygen.clone(), e))?;
+        if !out.status.success() {
+            return Err(RunError::Io(
+                format!(
+                    "ssh-keygen failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                io::Error::other("ssh-keygen"),
+            ));
+        }
+    }
+    let read = |n: &str| {
+        std::fs::read_to_string(dir.join(n)).map_err(|e| io_err(&format!("cannot read {n}"), e))
+    };
+    let host_pub = read("host_ed25519.pub")?;
+    let known_hosts = dir.join("known_hosts");
+    let line = format!("{HOST_KEY_ALIAS} {}", host_pub.trim());
+    if read("known_hosts").ok().as_deref().map(str::trim) != Some(line.as_str()) {
+        std::fs::write(&known_hosts, format!("{line}\n"))
+            .map_err(|e| RunError::Write(known_hosts.clone(), e))?;
+    }
+    Ok(SshKeys {
+        client_key: dir.join("id_ed25519"),
+        client_pub: read("id_ed25519.pub")?,
+        host_private: read("host_ed25519")?,
+        known_hosts,
+    })
+}
+
+/// The ssh command line that logs into a guest as the user, no prompts.
+pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Vec<String> {
+    let mut a = vec![
+        "ssh".to_string(),
+        "-p".into(),
+        port.to_string(),
+        "-i".into(),
+        keys.client_key.display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        format!("HostKeyAlias={HOST_KEY_ALIAS}"),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", keys.known_hosts.display()),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+        format!("{user}@127.0.0.1"),
+    ];
+    if !command.is_empty() {
+        // ssh joins its words with spaces for the remote shell to split
+        // again: one quoted line makes the guest run exactly this argv.
+        a.push("--".into());
+        a.push(qemu::shell_quote(command));
+    }
+    a
+}
+
+/// The running VM called `name`: the one of exactly that name, else the one
+/// numbered VM of it (`run` finds `run-1` when that is the only one).
+/// Several candidates are an error listing them, never a silent pick.
+pub(crate) fn find_vm<'a>(
+    running: &'a [instance::Record],
+    name: &str,
+) -> anyhow::Result<&'a instance::Record> {
+    if let Some(r) = running.iter().find(|r| r.name == name) {
+        return Ok(r);
+    }
+    let numbered: Vec<&instance::Record> = running
+        .iter()
+        .filter(|r| {
+            r.name
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    match numbered.as_slice() {
+        [one] => Ok(one),
+        [] => anyhow::bail!("no running VM named {name:?} (running: {})", names(running)),
+        several => anyhow::bail!(
+            "{name:?} is ambiguous: {} VMs match ({}); name one",
+            several.len(),
+            several
+                .iter()
+                .map(|r| format!("{} (pid {})", r.name, r.pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
+pub fn ssh(
+    paths: &Paths,
+    name: Option<&str>,
+    command: &[String],
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    ssh_with_stdin(paths, name, command, None, quiet)
+}
+
+/// [`ssh`] with the remote command's stdin read from `stdin` (else mkt's).
+pub(crate) fn ssh_with_stdin(
+    paths: &Paths,
+    name: Option<&str>,
+    command: &[String],
+    stdin: Option<std::fs::File>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    let running = instance::list(&paths.runtime_dir)?;
+    let rec = match name {
+        Some(n) => find_vm(&running, n)?,
+        None => match running.as_slice() {
+            [one] => one,
+            [] => anyhow::bail!("no VM is running (start one with `mkt run`)"),
+            _ => anyhow::bail!("several VMs are running; name one: {}", names(&running)),
+        },
+    };
+    let port = rec.ssh_port.ok_or_else(|| {
+        anyhow::anyhow!(
+            "VM {:?} has no SSH port (started with --net none or a command, or its rootfs has no sshd)",
+            rec.name
+        )
+    })?;
+    if rec.ssh_reports_ready {
+        wait_for_sshd(rec, quiet)?;
+    }
+    let keys = ensure_ssh_keys(&paths.data_dir.join("ssh"))?;
+    let argv = ssh_argv(&keys, &rec.user, port, command);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    if let Some(f) = stdin {
+        cmd.stdin(f);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))?;
+    Ok(status.code().unwrap_or(255))
+}
+
+/// `mkt test`: the setup's test script as the user, in the running VM of
+/// the setup (over ssh) or in a fresh command-mode boot; TEST PASSED/FAILED.
+pub fn test(
+    config: &Config,
+    paths: &Paths,
+    setup: Option<String>,
+    script: Option<PathBuf>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    let name = setup
+        .or_else(|| config.defaults.setup.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no setup: name one, or set defaults.setup in the config")
+        })?;
+    let s = config
+        .setups
+        .get(&name)
+        .ok_or_else(|| RunError::NoSetup(name.clone(), String::new()))?;
+    let script = script.or_else(|| s.test.clone()).ok_or_else(|| {
+        anyhow::anyhow!("setup {name:?} has no `test` script in the config (or pass --script FILE)")
+    })?;
+    check_boot_script(&script).map_err(|e| match e {
+        RunError::BootScript(p, why) => anyhow::anyhow!("test script {}: {why}", p.display()),
+        e => e.into(),
+    })?;
+    let script = std::fs::canonicalize(&script)?;
+    let command = vec![script.display().to_string()];
+    let running = instance::list(&paths.runtime_dir)?
+        .into_iter()
+        .any(|r| r.name == name && r.ssh_port.is_some());
+    let code = if running {
+        // The script's directory need not be shared with the running VM:
+        // its content goes over ssh's stdin into a temp file there.
+        let file = std::fs::File::open(&script)?;
+        ssh_with_stdin(
+            paths,
+            Some(&name),
+            &remote_script_command(&script),
+            Some(file),
+            quiet,
+        )?
+    } else {
+        let opts = RunOptions {
+            setup: Some(name.clone()),
+            command,
+            // The script must be visible in the guest at its host path.
+            dirs: script.parent().map(Path::to_path_buf).into_iter().collect(),
+            quiet,
+            ..RunOptions::default()
+        };
+        run(&opts, config, paths)?
+    };
+    if code == 0 {
+        println!("TEST PASSED ({name}: {})", script.display());
+        Ok(0)
+    } else {
+        println!("TEST FAILED ({name}: {} exited {code})", script.display());
+        Ok(1)
+    }
+}
+
+/// The guest command that saves its stdin as the script (same file name)
+/// in a temp dir, runs it with stdin from /dev/null, and exits with its status.
+pub(crate) fn remote_script_command(script: &Path) -> Vec<String> {
+    let name = script
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "test".into());
+    let body = "d=$(mktemp -d) || exit 125; f=\"$d/$1\"; \
+                if cat > \"$f\" && chmod 755 \"$f\"; then \"$f\" < /dev/null; s=$?; else s=125; fi; \
+                rm -rf \"$d\"; exit $s";
+    vec![
+        "sh".into(),
+        "-c".into(),
+        body.into(),
+        "mkt-test".into(),
+        name,
+    ]
+}
+
+/// The virtio-serial port on which the guest says whether its sshd listens.
+pub(crate) const READY_PORT: &str = "mkt.ready";
+
+/// How long `mkt ssh` waits for a booting guest's sshd before trying anyway
+/// (a systemd boot under TCG on a busy host takes ~20 s).
+pub(crate) const SSHD_WAIT: Duration = Duration::from_secs(120);
+
+/// Accepts QEMU's connection on `listener` and records each line the guest
+/// sends about its sshd in the run directory, for `mkt ssh`. Detached.
+pub(crate) fn relay_ready(listener: UnixListener, run_dir: PathBuf) {
+    std::thread::spawn(move || {
+        let Ok((s, _)) = listener.accept() else {
+            return;
+        };
+        for line in io::BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            if line.starts_with("sshd ")
+                && let Err(e) = instance::set_ssh_state(&run_dir, &line)
+            {
+                tracing::warn!("cannot record the guest's sshd state: {e}");
+            }
+        }
+    });
+}
+
+/// Waits until the guest of `rec` says its sshd listens: a connection made
+/// before that sits in QEMU's NAT, whose SYN retries back off to seconds.
+/// Gives up (and lets ssh try) after [`SSHD_WAIT`].
+pub(crate) fn wait_for_sshd(rec: &instance::Record, quiet: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SSHD_WAIT;
+    let mut said = false;
+    loop {
+        match instance::ssh_state(rec) {
+            instance::SshState::Ready => return Ok(()),
+            instance::SshState::Failed(why) => anyhow::bail!(
+                "the sshd of VM {:?} did not start: {why} (its console says more)",
+                rec.name
+            ),
+            instance::SshState::Starting => {}
+        }
+        if !instance::running(rec) {
+            anyhow::bail!("VM {:?} ended before its sshd listened", rec.name);
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                "VM {:?} has not said its sshd listens after {}s; trying anyway",
+                rec.name,
+                SSHD_WAIT.as_secs()
+            );
+            return Ok(());
+        }
+        if !said && !quiet && io::stderr().is_terminal() {
+            eprintln!("mkt: waiting for {}'s sshd (booting)", rec.name);
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
