@@ -9,7 +9,12 @@
 //! stored tree is never written); carry out the plan (shares, links, files);
 //! switch root; then run the command (exec mode), systemd, or a shell.
 //! Everything run-specific comes from the plan, which the host generates
-//! and tests as a file.
+//! and tests as a file; its format is src/guest/plan.rs, shared with the
+//! host.
+//!
+//! The pure parts are unit-tested on the host: Cargo.toml's `init` test
+//! target compiles this crate with the test harness (whose own main
+//! replaces `main`; the libc calls link against the host's glibc).
 
 mod console;
 mod modes;
@@ -17,6 +22,10 @@ mod modules;
 mod mounts;
 mod net;
 mod ops;
+// The host's half of the protocol (encoding) is unused here.
+#[allow(dead_code)]
+#[path = "../plan.rs"]
+mod plan;
 mod power;
 mod sys;
 
@@ -25,7 +34,8 @@ use crate::modes::{run_exec, run_shell, user_env};
 use crate::modules::{load_modules, modules_reload};
 use crate::mounts::{do_mount, mount_dev_extras, mount_share, switch_root};
 use crate::net::{dhcp, ifup};
-use crate::ops::{apply, parse_plan};
+use crate::ops::{Plan, apply};
+use crate::plan::Mode;
 use crate::power::watch_power_button;
 use crate::sys::{fail, log, sethostname};
 use std::fs::{self, File};
@@ -64,13 +74,16 @@ fn main() {
     if let Err(e) = File::open("/mkt/plan").and_then(|mut f| f.read_to_string(&mut text)) {
         fail(&format!("reading /mkt/plan: {e}"));
     }
-    let plan = parse_plan(&text);
+    let plan = match plan::decode(&text) {
+        Ok(ops) => Plan::from_ops(ops),
+        Err(e) => fail(&format!("/mkt/plan: {e}")),
+    };
 
     // The stored tree, read-only, under a tmpfs overlay: the run's writes
     // live in guest memory and vanish with it.
     let root = "/newroot";
     let steps = || -> io::Result<()> {
-        mount_share(&plan.root_kind, &plan.root_tag, "/lower", true, false)?;
+        mount_share(plan.root_kind, &plan.root_tag, "/lower", true, false)?;
         do_mount("tmpfs", "/rw", "tmpfs", 0, "mode=0755")?;
         fs::create_dir_all("/rw/upper")?;
         fs::create_dir_all("/rw/work")?;
@@ -85,9 +98,9 @@ fn main() {
     if let Err(e) = steps() {
         fail(&e.to_string());
     }
-    for op in &plan.ops {
+    for op in &plan.steps {
         if let Err(e) = apply(op, root) {
-            fail(&format!("plan step {}: {e}", op.join(" ")));
+            fail(&format!("plan step {}: {e}", op.fields().join(" ")));
         }
     }
     if let Some(h) = &plan.hostname {
@@ -128,16 +141,16 @@ fn main() {
         });
     }
     // systemd handles the power button itself (logind).
-    if plan.mode != "systemd" {
+    if plan.mode != Mode::Systemd {
         std::thread::spawn(watch_power_button);
     }
     // The boot script runs as the user before the command or shell (systemd
     // mode runs it from a unit instead); its output goes to the console.
-    if let (Some(script), false) = (&plan.boot, plan.mode == "systemd") {
+    if let (Some(script), false) = (&plan.boot, plan.mode == Mode::Systemd) {
         let mut cmd = Command::new(script);
         user_env(&mut cmd, &plan.user);
         if let Some(u) = &plan.user {
-            cmd.current_dir(&u.3);
+            cmd.current_dir(&u.home);
         }
         match cmd.stdin(Stdio::null()).status() {
             Ok(s) if s.success() => log("boot script: ok"),
@@ -145,13 +158,12 @@ fn main() {
             Err(e) => log(&format!("boot script {script} FAILED: cannot run: {e}")),
         }
     }
-    match plan.mode.as_str() {
-        "exec" => run_exec(&plan),
-        "shell" => run_shell(&plan),
-        "systemd" => {
+    match plan.mode {
+        Mode::Exec => run_exec(&plan),
+        Mode::Shell => run_shell(&plan),
+        Mode::Systemd => {
             let e = Command::new("/sbin/init").exec();
             fail(&format!("cannot exec /sbin/init: {e}"))
         }
-        m => fail(&format!("unknown mode {m:?}")),
     }
 }

@@ -2,16 +2,17 @@
 
 use crate::console::{find_port, follow_winsize, open_port, quiet_console, set_winsize};
 use crate::ops::Plan;
+use crate::plan::{Exit, User};
 use crate::power::SESSION;
 use crate::sys::{fail, ioctl, log, poweroff, setsid};
 use std::io::{self, Write};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 
 const TIOCSCTTY: u64 = 0x540E;
 
-pub fn user_env(cmd: &mut Command, user: &Option<(String, u32, u32, String)>) {
+pub fn user_env(cmd: &mut Command, user: &Option<User>) {
     cmd.env_clear()
         .env(
             "PATH",
@@ -22,9 +23,11 @@ pub fn user_env(cmd: &mut Command, user: &Option<(String, u32, u32, String)>) {
             std::env::var("TERM").unwrap_or_else(|_| "linux".into()),
         )
         .env("LANG", "C.UTF-8");
-    if let Some((name, uid, gid, home)) = user {
-        cmd.uid(*uid).gid(*gid);
-        cmd.env("HOME", home).env("USER", name).env("LOGNAME", name);
+    if let Some(u) = user {
+        cmd.uid(u.uid).gid(u.gid);
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
     } else {
         cmd.env("HOME", "/root")
             .env("USER", "root")
@@ -52,7 +55,7 @@ pub fn run_exec(p: &Plan) -> ! {
             .cwd
             .clone()
             .filter(|d| Path::new(d).is_dir())
-            .or_else(|| p.user.as_ref().map(|u| u.3.clone()))
+            .or_else(|| p.user.as_ref().map(|u| u.home.clone()))
             .unwrap_or_else(|| "/".into());
         cmd.current_dir(cwd)
             .stdin(Stdio::null())
@@ -65,24 +68,25 @@ pub fn run_exec(p: &Plan) -> ! {
                 Ok(())
             });
         }
-        match cmd.status() {
-            Ok(s) => s.code().unwrap_or_else(|| {
-                use std::os::unix::process::ExitStatusExt;
-                128 + s.signal().unwrap_or(0)
-            }),
-            Err(e) => {
-                let _ = writeln!(&err, "mkt: cannot run {}: {e}", p.exec[0]);
-                if e.kind() == io::ErrorKind::NotFound {
-                    127
-                } else {
-                    126
-                }
-            }
+        let status = cmd.status();
+        if let Err(e) = &status {
+            let _ = writeln!(&err, "mkt: cannot run {}: {e}", p.exec[0]);
         }
+        exit_code(&status)
     };
-    let _ = writeln!(status, "EXIT {code}");
+    let _ = write!(status, "{}", Exit(code).encode());
     drop(status);
     poweroff()
+}
+
+/// The command's exit status as a shell gives it: 128 + N when signal N
+/// killed it, 127 when it was not found, 126 when it could not run.
+pub fn exit_code(status: &io::Result<ExitStatus>) -> i32 {
+    match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 127,
+        Err(_) => 126,
+    }
 }
 
 /// Shell mode: a login shell of the user on the console, power off after.
@@ -96,12 +100,12 @@ pub fn run_shell(p: &Plan) -> ! {
     let mut cmd = Command::new(shell);
     cmd.arg("-l");
     user_env(&mut cmd, &p.user);
-    if let Some((term, rows, cols)) = &p.term {
-        if !term.is_empty() {
-            cmd.env("TERM", term);
+    if let Some(t) = &p.term {
+        if !t.term.is_empty() {
+            cmd.env("TERM", &t.term);
         }
-        if *rows > 0 && *cols > 0 {
-            set_winsize(*rows, *cols);
+        if t.rows > 0 && t.cols > 0 {
+            set_winsize(t.rows, t.cols);
         }
     }
     // The host sends the terminal's new size after each resize; setting it
@@ -111,7 +115,7 @@ pub fn run_shell(p: &Plan) -> ! {
     }
     quiet_console();
     if let Some(u) = &p.user {
-        cmd.current_dir(&u.3);
+        cmd.current_dir(&u.home);
     }
     // SAFETY: setsid and ioctl are async-signal-safe; the console becomes
     // the shell's controlling terminal so job control and Ctrl-C work.
@@ -130,4 +134,41 @@ pub fn run_shell(p: &Plan) -> ! {
         Err(e) => log(&format!("cannot start {shell}: {e}")),
     }
     poweroff()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> i32 {
+        exit_code(&Command::new("sh").args(["-c", script]).status())
+    }
+
+    #[test]
+    fn exit_status_is_the_commands_code() {
+        assert_eq!(sh("exit 0"), 0);
+        assert_eq!(sh("exit 3"), 3);
+        assert_eq!(sh("exit 255"), 255);
+    }
+
+    #[test]
+    fn a_command_killed_by_signal_n_gives_128_plus_n() {
+        assert_eq!(sh("kill -KILL $$"), 137);
+        assert_eq!(sh("kill -TERM $$"), 143);
+        assert_eq!(sh("kill -SEGV $$"), 139);
+    }
+
+    #[test]
+    fn a_missing_command_gives_127_and_one_that_cannot_run_126() {
+        let missing = Command::new("/nonexistent/mkt-no-such-command").status();
+        assert_eq!(exit_code(&missing), 127);
+        let dir = std::env::temp_dir().join(format!("mkt-init-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Not executable (even root needs an x bit), and a directory.
+        let file = dir.join("not-executable");
+        std::fs::write(&file, "#!/bin/sh\n").unwrap();
+        assert_eq!(exit_code(&Command::new(&file).status()), 126);
+        assert_eq!(exit_code(&Command::new(&dir).status()), 126);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1,5 +1,6 @@
 //! Mounting: the shares, the overlay root, /dev extras, the switch of root.
 
+use crate::plan::FsKind;
 use crate::sys::{c, chroot, log, mount};
 use std::fs::{self};
 use std::io::{self};
@@ -43,14 +44,14 @@ pub fn do_mount(src: &str, target: &str, fstype: &str, flags: u64, data: &str) -
 /// the kernel tree being rebuilt), so 9p must not cache them loosely. The
 /// stored rootfs never changes: it gets the fast, loose cache.
 pub fn mount_share(
-    kind: &str,
+    kind: FsKind,
     tag: &str,
     target: &str,
     ro: bool,
     coherent: bool,
 ) -> io::Result<()> {
     let flags = if ro { MS_RDONLY } else { 0 };
-    if kind == "virtiofs" {
+    if kind == FsKind::Virtiofs {
         // virtiofsd's --cache decides coherency on the host side.
         do_mount(tag, target, "virtiofs", flags, "")
     } else {
@@ -69,20 +70,24 @@ pub const MS_NOSUID: u64 = 2;
 pub const MS_NODEV: u64 = 4;
 pub const MS_NOEXEC: u64 = 8;
 
+/// The gid of the tty group in an /etc/group text (5, Debian's, without).
+pub fn tty_gid(group: &str) -> u32 {
+    group
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&"tty")).then(|| f.get(2)?.parse::<u32>().ok())?
+        })
+        .unwrap_or(5)
+}
+
 /// /dev/pts (ptys: sudo's use_pty, ssh sessions, script) and /dev/shm
 /// (POSIX shared memory: Python multiprocessing), which devtmpfs lacks;
 /// systemd leaves mounts it finds in place.
 pub fn mount_dev_extras() {
     // The tree's tty group owns the ptys, as udev/systemd would set it.
-    let tty = fs::read_to_string("/etc/group")
-        .ok()
-        .and_then(|g| {
-            g.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.first() == Some(&"tty")).then(|| f.get(2)?.parse::<u32>().ok())?
-            })
-        })
-        .unwrap_or(5);
+    let group = fs::read_to_string("/etc/group").unwrap_or_default();
+    let tty = tty_gid(&group);
     let pts = format!("gid={tty},mode=620,ptmxmode=666");
     for (src, dst, fstype, flags, data) in [
         (
@@ -119,4 +124,17 @@ pub fn switch_root(root: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     std::env::set_current_dir("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptys_belong_to_the_trees_tty_group() {
+        assert_eq!(tty_gid("root:x:0:\ntty:x:7:\nttyx:x:9:\n"), 7);
+        assert_eq!(tty_gid("root:x:0:\nttyS:x:9:\n"), 5);
+        assert_eq!(tty_gid("tty:x:bad:\n"), 5);
+        assert_eq!(tty_gid(""), 5);
+    }
 }

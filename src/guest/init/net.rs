@@ -388,3 +388,119 @@ pub fn dhcp(dev: &str, host: &str, timeout: u64) -> io::Result<String> {
     }
     Ok(format!("{dev} {ip}/{mask} via DHCP"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+    /// A server's reply to `xid` for MAC: BOOTREPLY, yiaddr, the cookie, then
+    /// the options given.
+    fn reply(xid: u32, options: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; 236];
+        b[0] = 2;
+        b[4..8].copy_from_slice(&xid.to_be_bytes());
+        b[16..20].copy_from_slice(&[192, 168, 1, 50]);
+        b[28..34].copy_from_slice(&MAC);
+        b.extend_from_slice(&[99, 130, 83, 99]);
+        b.extend_from_slice(options);
+        b
+    }
+
+    #[test]
+    fn a_discover_asks_for_broadcast_replies_and_the_parameters() {
+        let p = dhcp_packet(DHCP_DISCOVER, 0x01020304, MAC, "cx5", None);
+        assert_eq!(&p[..3], [1, 1, 6]);
+        assert_eq!(p[4..8], [1, 2, 3, 4]);
+        assert_eq!(p[10], 0x80, "the broadcast flag");
+        assert_eq!(p[28..34], MAC);
+        assert_eq!(
+            &p[236..],
+            [
+                99, 130, 83, 99, 53, 1, 1, 12, 3, b'c', b'x', b'5', 55, 3, 1, 3, 6, 255
+            ]
+        );
+    }
+
+    #[test]
+    fn a_request_names_the_offer_and_its_server_and_cuts_long_hostnames() {
+        let offer = Lease {
+            kind: DHCP_OFFER,
+            addr: [10, 0, 0, 9],
+            server: Some([10, 0, 0, 1]),
+            ..Lease::default()
+        };
+        let host = "h".repeat(70);
+        let p = dhcp_packet(DHCP_REQUEST, 7, MAC, &host, Some(&offer));
+        let opts = &p[240..];
+        assert_eq!(opts[..3], [53, 1, DHCP_REQUEST]);
+        assert_eq!(opts[3..9], [50, 4, 10, 0, 0, 9]);
+        assert_eq!(opts[9..15], [54, 4, 10, 0, 0, 1]);
+        assert_eq!(opts[15..17], [12, 63]);
+        assert_eq!(opts.len(), 17 + 63 + 6);
+        // No hostname: no option 12.
+        let p = dhcp_packet(DHCP_DISCOVER, 7, MAC, "", None);
+        assert_eq!(p[240..], [53, 1, 1, 55, 3, 1, 3, 6, 255]);
+    }
+
+    #[test]
+    fn a_reply_gives_the_lease() {
+        let opts = [
+            53, 1, 5, 0, // ACK, a pad
+            54, 4, 192, 168, 1, 1, 1, 4, 255, 255, 254, 0, 3, 4, 192, 168, 1, 254, 6, 8, 9, 9, 9,
+            9, 1, 1, 1, 1, 255, 42, 42, // after the end: ignored
+        ];
+        let l = dhcp_parse(&reply(99, &opts), 99, MAC).unwrap();
+        assert_eq!(l.kind, DHCP_ACK);
+        assert_eq!(l.addr, [192, 168, 1, 50]);
+        assert_eq!(l.server, Some([192, 168, 1, 1]));
+        assert_eq!(l.mask, Some([255, 255, 254, 0]));
+        assert_eq!(l.router, Some([192, 168, 1, 254]));
+        assert_eq!(l.dns, [[9, 9, 9, 9], [1, 1, 1, 1]]);
+    }
+
+    #[test]
+    fn replies_to_others_or_broken_ones_are_no_lease() {
+        let ok = reply(5, &[53, 1, 2, 255]);
+        assert!(dhcp_parse(&ok, 5, MAC).is_some());
+        assert!(dhcp_parse(&ok, 6, MAC).is_none(), "another xid");
+        assert!(dhcp_parse(&ok, 5, [0; 6]).is_none(), "another MAC");
+        assert!(dhcp_parse(&ok[..239], 5, MAC).is_none(), "too short");
+        let mut request = ok.clone();
+        request[0] = 1;
+        assert!(dhcp_parse(&request, 5, MAC).is_none(), "a BOOTREQUEST");
+        let mut cookie = ok.clone();
+        cookie[236] = 0;
+        assert!(dhcp_parse(&cookie, 5, MAC).is_none(), "no magic cookie");
+        assert!(
+            dhcp_parse(&reply(5, &[1, 4, 255, 255]), 5, MAC).is_none(),
+            "truncated"
+        );
+        assert!(
+            dhcp_parse(&reply(5, &[1, 4, 255, 255, 255, 0, 255]), 5, MAC).is_none(),
+            "no type"
+        );
+    }
+
+    #[test]
+    fn addresses_parse_and_interface_names_are_cut() {
+        assert_eq!(parse_ip("10.0.2.15").unwrap(), [10, 0, 2, 15]);
+        assert!(
+            parse_ip("10.0.2")
+                .unwrap_err()
+                .to_string()
+                .contains("bad IPv4 address")
+        );
+        let r = ifreq("a-very-long-interface-name");
+        assert_eq!(&r.name[..15], b"a-very-long-int");
+        assert_eq!(r.name[15], 0, "NUL-terminated");
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+        assert_eq!(std::mem::size_of::<SockAddrIn>(), 16);
+        assert_eq!(
+            std::mem::size_of::<RtEntry>(),
+            120,
+            "struct rtentry on x86_64"
+        );
+    }
+}

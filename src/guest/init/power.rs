@@ -135,3 +135,41 @@ pub fn watch_power_button() {
     log("ACPI power button: still running after 5 s; powering off");
     poweroff()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+        let mut a = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&ty.to_ne_bytes());
+        a.extend_from_slice(payload);
+        a.resize((a.len() + 3) & !3, 0);
+        a
+    }
+
+    #[test]
+    fn netlink_attributes_are_read_in_order_past_their_padding() {
+        let mut b = attr(1, b"button/power");
+        b.extend(attr(0x8000 | 7, &attr(2, &[1, 0, 0, 0])));
+        b.extend(attr(3, b"x"));
+        let a = nl_attrs(&b);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[0], (1, &b"button/power"[..]));
+        // NLA_F_NESTED is masked off; the nested attributes read the same way.
+        assert_eq!(a[1].0, 7);
+        assert_eq!(nl_attrs(a[1].1), [(2, &[1u8, 0, 0, 0][..])]);
+        // The last one's padding may be missing.
+        assert_eq!(a[2], (3, &b"x"[..]));
+        assert_eq!(nl_attrs(&b[..b.len() - 3]).len(), 3);
+    }
+
+    #[test]
+    fn broken_netlink_attributes_end_the_list() {
+        let mut b = attr(1, b"ok");
+        b.extend_from_slice(&[200, 0, 2, 0, 1, 2]); // longer than what is left
+        assert_eq!(nl_attrs(&b), [(1, &b"ok"[..])]);
+        assert!(nl_attrs(&[2, 0, 1, 0]).is_empty(), "a length under 4");
+        assert!(nl_attrs(&[8, 0]).is_empty());
+    }
+}
