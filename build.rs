@@ -7,8 +7,9 @@ use std::process::Command;
 
 fn main() {
     let src = "src/guest/init/main.rs";
-    // main.rs and the modules beside it.
+    // main.rs, the modules beside it, and the protocol shared with the host.
     println!("cargo:rerun-if-changed=src/guest/init");
+    println!("cargo:rerun-if-changed=src/guest/plan.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap()).join("mkt-init");
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let status = Command::new(rustc)

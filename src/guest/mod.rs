@@ -1,9 +1,9 @@
 //! The guest side of `mkt run`, as generated files: the plan mkt's guest
 //! init carries out (src/guest/init/; the format is [`plan`]'s), the /etc
 //! files that make the invoking user exist in the guest, and the setup
-//! script. Everything here
-//! is pure: inputs in, file contents out; the caller packs them into the
-//! initramfs (and keeps a copy in the run directory for --keep/--dry-run).
+//! script. Everything here is pure: inputs in, file contents out; the
+//! caller packs them into the initramfs (and keeps a copy in the run
+//! directory for --keep/--dry-run).
 
 pub mod cpio;
 pub mod initramfs;
