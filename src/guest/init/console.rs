@@ -165,7 +165,12 @@ mod tests {
             "   2: 00000000:08AE 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1 1\n";
         let sixteen =
             "   3: 00000000:0010 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1 1\n";
-        assert!(!listens_on_22(&format!("{HEAD}{est}{other}{sixteen}")));
+        // 0016 in the address, not the port: 0.0.22.0:2222.
+        let addr =
+            "   4: 00160000:08AE 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1 1\n";
+        assert!(!listens_on_22(&format!(
+            "{HEAD}{est}{other}{sixteen}{addr}"
+        )));
         // The header line is no socket; an empty table has none.
         assert!(!listens_on_22(v4));
         assert!(!listens_on_22(""));
