@@ -1,4 +1,4 @@
-//! Builds mkt's guest init (src/guest/init/main.rs) as a static binary with
+//! Builds mkt's guest init (src/guest/init/) as a static binary with
 //! rustc alone, so it runs as PID 1 of a guest before any root file system
 //! (and its libc) exists. mkt embeds it and packs it into the initramfs.
 
@@ -7,7 +7,9 @@ use std::process::Command;
 
 fn main() {
     let src = "src/guest/init/main.rs";
-    println!("cargo:rerun-if-changed={src}");
+    // main.rs, the modules beside it, and the protocol shared with the host.
+    println!("cargo:rerun-if-changed=src/guest/init");
+    println!("cargo:rerun-if-changed=src/guest/plan.rs");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap()).join("mkt-init");
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let status = Command::new(rustc)

@@ -5,6 +5,7 @@
 //! whose lock nobody holds is left over from a killed mkt: any later run
 //! removes it. Its name is the VM's, unique among the running VMs.
 
+use crate::guest::plan::SshdReport;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -81,13 +82,11 @@ pub enum SshState {
 /// What the guest of `r` has said of its sshd (written by its mkt run).
 pub fn ssh_state(r: &Record) -> SshState {
     match fs::read_to_string(r.dir.join(SSH_STATE)) {
-        Ok(s) if s.trim() == "sshd ready" => SshState::Ready,
-        Ok(s) => SshState::Failed(
-            s.trim()
-                .strip_prefix("sshd failed: ")
-                .unwrap_or(s.trim())
-                .to_string(),
-        ),
+        Ok(s) => match SshdReport::decode(s.trim()) {
+            Some(SshdReport::Ready) => SshState::Ready,
+            Some(SshdReport::Failed(why)) => SshState::Failed(why),
+            None => SshState::Failed(s.trim().to_string()),
+        },
         Err(_) => SshState::Starting,
     }
 }

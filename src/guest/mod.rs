@@ -1,12 +1,17 @@
 //! The guest side of `mkt run`, as generated files: the plan mkt's guest
-//! init carries out (src/guest/init/main.rs), the /etc files that make the
-//! invoking user exist in the guest, and the setup script. Everything here
-//! is pure: inputs in, file contents out; the caller packs them into the
-//! initramfs (and keeps a copy in the run directory for --keep/--dry-run).
+//! init carries out (src/guest/init/; the format is [`plan`]'s), the /etc
+//! files that make the invoking user exist in the guest, and the setup
+//! script. Everything here is pure: inputs in, file contents out; the
+//! caller packs them into the initramfs (and keeps a copy in the run
+//! directory for --keep/--dry-run).
 
 pub mod cpio;
 pub mod initramfs;
 pub mod modules;
+pub mod plan;
+
+use plan::Op;
+pub use plan::{FsKind, Terminal};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -45,22 +50,6 @@ pub enum Mode {
     Shell,
     /// The rootfs's systemd, with autologin on the serial console.
     Systemd,
-}
-
-/// How a host directory reaches the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsKind {
-    NineP,
-    Virtiofs,
-}
-
-impl FsKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsKind::NineP => "9p",
-            FsKind::Virtiofs => "virtiofs",
-        }
-    }
 }
 
 /// A host directory mounted in the guest at `guest_path`.
@@ -122,14 +111,6 @@ pub struct PlanInput {
     pub boot_script: Option<Vec<u8>>,
     /// The host terminal, copied to the guest's console (interactive modes).
     pub term: Option<Terminal>,
-}
-
-/// The host terminal mkt runs in: TERM and its size (0: unknown).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Terminal {
-    pub term: String,
-    pub rows: u16,
-    pub cols: u16,
 }
 
 /// `num_of_vfs` of a setup: VFs to create on the passed-through functions.
@@ -197,23 +178,6 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 
 /// Where the boot script is put in the guest.
 const BOOT_SCRIPT: &str = "/etc/mkt/boot-script";
-
-/// Escapes a plan field: tab, newline and backslash (what the init undoes).
-pub fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('\t', "\\t")
-        .replace('\n', "\\n")
-}
-
-fn plan_line(fields: &[&str]) -> String {
-    let mut line = fields
-        .iter()
-        .map(|f| escape(f))
-        .collect::<Vec<_>>()
-        .join("\t");
-    line.push('\n');
-    line
-}
 
 fn p(path: &Path) -> String {
     path.display().to_string()
@@ -530,57 +494,59 @@ pub fn generate(input: &PlanInput) -> Generated {
         g.files.push(f.clone());
     }
 
-    let mut plan = String::from("# mkt guest plan: one operation a line, tab-separated\n");
-    let mode = match &input.mode {
-        Mode::Exec(_) => "exec",
-        Mode::Shell => "shell",
-        Mode::Systemd => "systemd",
-    };
-    plan += &plan_line(&["mode", mode]);
-    plan += &plan_line(&["root", input.root.kind.as_str(), &input.root.tag]);
-    plan += &plan_line(&[
-        "user",
-        &u.name,
-        &u.uid.to_string(),
-        &u.gid.to_string(),
-        &p(&u.home),
-    ]);
-    plan += &plan_line(&["hostname", &input.hostname]);
+    let mut plan = vec![
+        Op::Mode(match &input.mode {
+            Mode::Exec(_) => plan::Mode::Exec,
+            Mode::Shell => plan::Mode::Shell,
+            Mode::Systemd => plan::Mode::Systemd,
+        }),
+        Op::Root {
+            kind: input.root.kind,
+            tag: input.root.tag.clone(),
+        },
+        Op::User(plan::User {
+            name: u.name.clone(),
+            uid: u.uid,
+            gid: u.gid,
+            home: p(&u.home),
+        }),
+        Op::Hostname(input.hostname.clone()),
+    ];
     for m in &input.mounts {
-        plan += &plan_line(&[
-            "share",
-            &m.tag,
-            &p(&m.guest_path),
-            if m.readonly { "ro" } else { "rw" },
-            m.kind.as_str(),
-        ]);
+        plan.push(Op::Share {
+            tag: m.tag.clone(),
+            path: p(&m.guest_path),
+            readonly: m.readonly,
+            kind: m.kind,
+        });
     }
-    for (link, target) in &input.links {
-        plan += &plan_line(&["symlink", &p(target), &p(link)]);
+    let link = |target: String, link: String| Op::Symlink { target, link };
+    for (l, target) in &input.links {
+        plan.push(link(p(target), p(l)));
     }
     // /etc/shadow is root:shadow 0640, as the tree's own (unix_chkpwd and
     // other shadow-group readers need it); everything else root:root.
     let shadow_gid = group_gid(&input.etc.group, "shadow").unwrap_or(0);
     for f in &g.files {
         if let Some(dest) = &f.dest {
-            let gid = if f.name == "shadow" { shadow_gid } else { 0 };
-            plan += &plan_line(&[
-                "file",
-                &f.name,
-                dest,
-                &format!("{:o}", f.mode),
-                "0",
-                &gid.to_string(),
-            ]);
+            plan.push(Op::File {
+                name: f.name.clone(),
+                dest: dest.clone(),
+                mode: f.mode,
+                uid: 0,
+                gid: if f.name == "shadow" { shadow_gid } else { 0 },
+            });
         }
     }
     if input.mode == Mode::Systemd {
         let etc = "/etc/systemd/system";
-        plan += &plan_line(&[
-            "symlink",
-            &format!("{etc}/mkt-console.service"),
-            &format!("{etc}/multi-user.target.wants/mkt-console.service"),
-        ]);
+        let wanted = |unit: &str| {
+            link(
+                format!("{etc}/{unit}"),
+                format!("{etc}/multi-user.target.wants/{unit}"),
+            )
+        };
+        plan.push(wanted("mkt-console.service"));
         // Masked in this run's overlay: the getty mkt's console replaces;
         // the getty on hvc0 every shipped recipe enables (QEMU has no hvc0,
         // so systemd would wait 90 s for dev-hvc0.device); per-boot host key
@@ -590,55 +556,54 @@ pub fn generate(input: &PlanInput) -> Generated {
             "serial-getty@hvc0.service",
             "sshd-keygen@.service",
         ] {
-            plan += &plan_line(&["symlink", "/dev/null", &format!("{etc}/{unit}")]);
+            plan.push(link("/dev/null".into(), format!("{etc}/{unit}")));
         }
         if let (Some(_), true) = (&input.ssh, input.etc.has_sshd) {
-            plan += &plan_line(&[
-                "symlink",
-                &format!("{etc}/mkt-ssh-ready.service"),
-                &format!("{etc}/multi-user.target.wants/mkt-ssh-ready.service"),
-            ]);
+            plan.push(wanted("mkt-ssh-ready.service"));
         }
         if input.boot_script.is_some() {
-            plan += &plan_line(&[
-                "symlink",
-                &format!("{etc}/mkt-boot-script.service"),
-                &format!("{etc}/multi-user.target.wants/mkt-boot-script.service"),
-            ]);
+            plan.push(wanted("mkt-boot-script.service"));
         }
     }
     if input.boot_script.is_some() {
-        plan += &plan_line(&["boot", BOOT_SCRIPT]);
+        plan.push(Op::Boot(BOOT_SCRIPT.into()));
     }
     if let (Mode::Shell, Some(t)) = (&input.mode, &input.term) {
-        plan += &plan_line(&["term", &t.term, &t.rows.to_string(), &t.cols.to_string()]);
+        plan.push(Op::Term(t.clone()));
     }
     // `mkt modules-reload` and friends inside the guest.
-    plan += &plan_line(&["install-self", GUEST_TOOL]);
+    plan.push(Op::InstallSelf(GUEST_TOOL.into()));
     if let Some(cwd) = &input.cwd {
-        plan += &plan_line(&["cwd", &p(cwd)]);
+        plan.push(Op::Cwd(p(cwd)));
     }
     // Shell mode has no init system to start the tree's sshd: the init
     // does, with mkt's host key, so the advertised SSH port answers.
     if let (Mode::Shell, Some(_), true) = (&input.mode, &input.ssh, input.etc.has_sshd) {
-        plan += &plan_line(&["sshd", SSHD]);
+        plan.push(Op::Sshd(SSHD.into()));
     }
-    if let (true, Some(secs)) = (input.net, input.dhcp) {
+    if let (true, Some(timeout)) = (input.net, input.dhcp) {
         // The init's DHCP client; it writes resolv.conf from the lease.
-        plan += &plan_line(&["dhcp", "eth0", &input.hostname, &secs.to_string()]);
+        plan.push(Op::Dhcp {
+            dev: "eth0".into(),
+            host: input.hostname.clone(),
+            timeout,
+        });
     } else if input.net {
         let (addr, mask, gw) = NAT_GUEST;
-        plan += &plan_line(&["net", "eth0", addr, mask, gw]);
+        plan.push(Op::Net {
+            dev: "eth0".into(),
+            addr: addr.into(),
+            mask: mask.into(),
+            gateway: gw.into(),
+        });
     }
     if g.get("setup.sh").is_some() {
-        plan += &plan_line(&["setup", "/run/mkt/setup.sh"]);
+        plan.push(Op::Setup("/run/mkt/setup.sh".into()));
     }
     if let Mode::Exec(argv) = &input.mode {
-        let mut f = vec!["exec"];
-        f.extend(argv.iter().map(String::as_str));
-        plan += &plan_line(&f);
+        plan.push(Op::Exec(argv.clone()));
     }
-    g.add("plan", plan, None, 0o644);
+    g.add("plan", plan::encode(&plan), None, 0o644);
     g
 }
 
@@ -1065,10 +1030,5 @@ mod tests {
                 .unwrap()
                 .contains("/dev/null")
         );
-    }
-
-    #[test]
-    fn escape_round_trips_special_characters() {
-        assert_eq!(escape("a\tb\nc\\d"), "a\\tb\\nc\\\\d");
     }
 }

@@ -436,11 +436,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             log.display()
         );
     }
-    if let Some(code) = exit_line
-        .lines()
-        .find_map(|l| l.strip_prefix("EXIT "))
-        .and_then(|c| c.trim().parse::<i32>().ok())
-    {
+    if let Some(guest::plan::Exit(code)) = guest::plan::Exit::decode(&exit_line) {
         return Ok(code);
     }
     let qemu_desc = format!("QEMU {status}{}", stderr_tail(&qemu_stderr));
