@@ -811,7 +811,7 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
     }
     let mut enter = Duration::ZERO;
     for (i, Step(argv)) in steps.iter().enumerate() {
-        let _ = writeln!(log, "$ {}", crate::qemu::shell_quote(argv));
+        let _ = writeln!(log, "$ {}", crate::util::shell::shell_quote(argv));
         let exit = env.run_logged(argv, &log, opts.verbose)?;
         enter = enter.max(exit.enter);
         tracing::info!("{} entered in {:?}", argv.join(" "), exit.enter);

@@ -673,7 +673,7 @@ fn fixture_kernel_was_configured_and_built_by_mkt_build() {
     };
     let want: Vec<String> = mkt::build::steps(&project, &fresh)
         .into_iter()
-        .map(|s| mkt::qemu::shell_quote(&s.0))
+        .map(|s| mkt::util::shell::shell_quote(&s.0))
         .collect();
     assert_eq!(lines, want, "the fixture was not built as mkt builds now");
     let config = std::fs::read_to_string(tree.join(".config")).unwrap();

@@ -14,7 +14,7 @@
 # Runs in its own git worktree of HEAD (target/mutants-tree, reusing a copy of
 # target/ for the first build), so the checkout you work in is never mutated.
 # Cost on the 2-core machine (debug build, `cargo test --lib`): ~5 s per
-# mutant idle, ~1,300 mutants in the default files: ~2 h; src/vfio.rs alone
+# mutant idle, ~1,300 mutants in the default files: ~2 h; src/vm/vfio.rs alone
 # (61 mutants) ~5 min. Results: target/mutants-tree/mutants.out/{caught,missed,unviable,timeout}.txt
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +26,7 @@ if [ "${1:-}" = --iterate ]; then iterate=(--iterate); shift; fi
 files=("$@")
 if [ ${#files[@]} = 0 ]; then
   files=(src/unpack.rs src/oci/manifest.rs src/oci/reference.rs src/oci/blobs.rs src/config.rs
-         src/ci/findings.rs src/ci/scope.rs src/vfio.rs src/qemu/args.rs src/guest/mod.rs src/ns.rs)
+         src/ci/findings.rs src/ci/scope.rs src/vm/vfio.rs src/vm/qemu/args.rs src/guest/mod.rs src/guest/plan.rs src/ns.rs)
 fi
 
 tree=$here/target/mutants-tree

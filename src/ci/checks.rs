@@ -73,7 +73,11 @@ impl Runner<'_> {
         self.step += 1;
         let p = self.job_dir.join(format!("step-{:02}.out", self.step));
         let f = fs::File::create(&p).map_err(|e| CiError::Create(p.clone(), e))?;
-        let _ = writeln!(self.progress.log(), "$ {}", crate::qemu::shell_quote(argv));
+        let _ = writeln!(
+            self.progress.log(),
+            "$ {}",
+            crate::util::shell::shell_quote(argv)
+        );
         let t0 = Instant::now();
         let exit = self.env.run_logged(argv, &f, false)?;
         drop(f);

@@ -527,7 +527,7 @@ pub fn steps_script(r: &Recipe, install: Option<&str>) -> String {
         s.push_str(&format!("echo '=== installing packages'\n{cmd}\n"));
     }
     for (i, path) in r.files.keys().enumerate() {
-        let q = crate::qemu::quote_word(path);
+        let q = crate::util::shell::quote_word(path);
         s.push_str(&format!(
             "mkdir -p \"$(dirname {q})\"\nrm -f {q}\ncat /.mkt-recipe/files/{i} > {q}\nchmod 0644 {q}\n"
         ));
@@ -535,7 +535,7 @@ pub fn steps_script(r: &Recipe, install: Option<&str>) -> String {
     for cmd in &r.setup {
         s.push_str(&format!(
             "echo {}\n{cmd}\n",
-            crate::qemu::quote_word(&format!("=== {cmd}"))
+            crate::util::shell::quote_word(&format!("=== {cmd}"))
         ));
     }
     s

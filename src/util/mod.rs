@@ -2,4 +2,5 @@
 //! dates, files (logs, atomic writes), hashing. Nothing here knows a command.
 
 pub mod fs;
+pub mod shell;
 pub mod time;

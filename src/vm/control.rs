@@ -2,7 +2,7 @@
 
 use super::ssh::find_vm;
 use crate::config::Paths;
-use crate::instance::{self};
+use crate::vm::instance::{self};
 use std::time::{Duration, Instant};
 
 /// `mkt ps`: the running VMs, as a table or JSON.

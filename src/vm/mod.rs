@@ -3,19 +3,22 @@
 //! output and exit status, and tear everything down whatever happens.
 
 mod control;
+pub mod instance;
+pub mod net;
 mod prepare;
+pub mod qemu;
 mod ssh;
 mod supervise;
+pub mod vfio;
 mod virtiofsd;
 
 use crate::config::{Config, Paths};
 use crate::guest;
 use crate::host::kvm;
-use crate::instance::{self, RunDir};
-use crate::net;
-use crate::qemu::{self, Console, FsKind, Net};
 pub use control::{ps, stop};
+use instance::RunDir;
 use prepare::{ensure_disk, host_sysfs, prepare, write_run_files};
+use qemu::{Console, FsKind, Net};
 use ssh::{READY_PORT, relay_ready};
 pub use ssh::{ssh, test};
 use std::io::{self, Read};
@@ -86,7 +89,7 @@ pub enum RunError {
     #[error("{0}: {1}")]
     Invalid(String, String),
     #[error(transparent)]
-    Vfio(#[from] crate::vfio::VfioError),
+    Vfio(#[from] crate::vm::vfio::VfioError),
     #[error(transparent)]
     Net(#[from] net::NetError),
 }
@@ -195,7 +198,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     }
     let mut argv = qemu::command_line(&prepared.spec);
     if opts.dry_run {
-        println!("{}", qemu::shell_quote(&argv));
+        println!("{}", crate::util::shell::shell_quote(&argv));
         println!("# generated guest files (packed into the initramfs's /mkt):");
         for f in &prepared.files.files {
             println!(
@@ -240,7 +243,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         let sys = host_sysfs();
         let devices = sys.check(&prepared.spec.pci)?;
         sys.check_privilege(&devices)?;
-        Some(sys.bind(&devices, &run_dir.path().join(crate::vfio::STATE_FILE))?)
+        Some(sys.bind(&devices, &run_dir.path().join(crate::vm::vfio::STATE_FILE))?)
     };
     if let (Some(n), Some(mib)) = (&prepared.spec.nvme, prepared.nvme_mib) {
         ensure_disk(&n.path, mib)?;
@@ -453,7 +456,7 @@ mod tests {
     use super::prepare::*;
     use super::*;
     use crate::guest::{FsKind as GFs, Mode};
-    use crate::qemu::Profile;
+    use crate::vm::qemu::Profile;
 
     #[test]
     fn interactive_default_is_the_shell_when_the_tree_has_one() {

@@ -9,8 +9,8 @@ use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, 
 use crate::host::{self, kvm};
 use crate::kernel::depmod::{host_depmod, modules_boot_record};
 use crate::kernel::{Guestfs, Kernel, kernel_has, kernel_option, resolve_kernel};
-use crate::net;
-use crate::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
+use crate::vm::net;
+use crate::vm::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
@@ -795,12 +795,12 @@ pub(crate) fn write_run_files(p: &Prepared, run_dir: &Path) -> Result<(), RunErr
 
 /// The sysfs VFIO works on: the host's, or (tests) $MKT_SYSFS_ROOT — never
 /// for a set-id or file-capability mkt (AT_SECURE).
-pub(crate) fn host_sysfs() -> crate::vfio::Sysfs {
+pub(crate) fn host_sysfs() -> crate::vm::vfio::Sysfs {
     // SAFETY: getauxval only reads the auxiliary vector.
     let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
     match std::env::var_os("MKT_SYSFS_ROOT") {
-        Some(root) if !secure => crate::vfio::Sysfs::new(root),
-        _ => crate::vfio::Sysfs::default(),
+        Some(root) if !secure => crate::vm::vfio::Sysfs::new(root),
+        _ => crate::vm::vfio::Sysfs::default(),
     }
 }
 

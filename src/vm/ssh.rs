@@ -7,8 +7,7 @@ use super::run;
 use super::{RunError, RunOptions};
 use crate::config::{Config, Paths};
 use crate::host::{self};
-use crate::instance::{self};
-use crate::qemu::{self};
+use crate::vm::instance::{self};
 use std::io::{self, BufRead, IsTerminal};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -123,7 +122,7 @@ pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Ve
         // ssh joins its words with spaces for the remote shell to split
         // again: one quoted line makes the guest run exactly this argv.
         a.push("--".into());
-        a.push(qemu::shell_quote(command));
+        a.push(crate::util::shell::shell_quote(command));
     }
     a
 }

@@ -2,7 +2,7 @@
 
 use super::RunError;
 use super::supervise::die_with;
-use crate::qemu::{FsKind, Share};
+use crate::vm::qemu::{FsKind, Share};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

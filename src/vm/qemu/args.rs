@@ -444,36 +444,6 @@ pub fn mem_for_devices(base_mib: u64, passthrough_devices: usize) -> u64 {
     base_mib.saturating_add(per_device)
 }
 
-/// Renders `argv` for a POSIX shell (`--dry-run`, logs, the command line
-/// ssh hands to the guest's shell): each word comes back as exactly that
-/// word. Words with anything but safe characters are single-quoted; a
-/// first word with `=` is too, as the shell would take it for an assignment.
-pub fn shell_quote(argv: &[String]) -> String {
-    argv.iter()
-        .enumerate()
-        .map(|(i, w)| {
-            if i == 0 && w.contains('=') {
-                format!("'{}'", w.replace('\'', r"'\''"))
-            } else {
-                quote_word(w)
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// One word for a POSIX shell: as is when it is made of safe characters,
-/// else single-quoted.
-pub fn quote_word(word: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
-    if !word.is_empty() && word.chars().all(safe) {
-        word.to_owned()
-    } else {
-        // Inside single quotes only `'` is special: close, escape, reopen.
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
-}
-
 fn lossy(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
@@ -835,28 +805,6 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(qemu_escape(input), want, "{input:?}");
-        }
-    }
-
-    #[test]
-    fn shell_quote_table() {
-        let cases: [(&[&str], &str); 7] = [
-            (&["qemu", "-m", "512M"], "qemu -m 512M"),
-            (
-                &["-append", "console=ttyS0 quiet"],
-                "-append 'console=ttyS0 quiet'",
-            ),
-            (&["it's"], r"'it'\''s'"),
-            (&[""], "''"),
-            (&["a;b", "$HOME", "*", "~"], "'a;b' '$HOME' '*' '~'"),
-            (&["A=1", "b=2"], "'A=1' b=2"),
-            (
-                &["-fsdev", "path=/a,,b,server=on", "x@y%z+1"],
-                "-fsdev path=/a,,b,server=on x@y%z+1",
-            ),
-        ];
-        for (argv, want) in cases {
-            assert_eq!(shell_quote(&words(argv)), want, "{argv:?}");
         }
     }
 

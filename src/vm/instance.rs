@@ -487,8 +487,8 @@ pub fn clean_stale(runtime_dir: &Path) -> Result<Vec<PathBuf>, InstanceError> {
 
 /// Undoes what a dead run changed outside its directory.
 fn recover(dir: &Path) -> Result<(), String> {
-    crate::vfio::recover(dir, None).map_err(|e| format!("restoring its VFIO devices: {e}"))?;
-    crate::net::recover(dir).map_err(|e| format!("deleting its tap device: {e}"))
+    crate::vm::vfio::recover(dir, None).map_err(|e| format!("restoring its VFIO devices: {e}"))?;
+    crate::vm::net::recover(dir).map_err(|e| format!("deleting its tap device: {e}"))
 }
 
 /// The records of running VMs (stale run directories are removed first):
@@ -763,21 +763,21 @@ mod tests {
 
     #[test]
     fn the_sweep_gives_a_dead_runs_vfio_devices_back() {
-        let tree = crate::vfio::fake::Tree::new();
+        let tree = crate::vm::vfio::fake::Tree::new();
         tree.device("0000:05:00.0", "3", Some("vfio-pci"));
         tree.driver("mlx5_core");
         let rt = runtime();
         let dead = dead_run(rt.path(), "cx5-1");
-        let state = crate::vfio::State {
+        let state = crate::vm::vfio::State {
             root: tree.root().to_path_buf(),
-            devices: vec![crate::vfio::Device {
+            devices: vec![crate::vm::vfio::Device {
                 bdf: "0000:05:00.0".into(),
                 group: "3".into(),
                 driver: Some("mlx5_core".into()),
             }],
         };
         fs::write(
-            dead.join(crate::vfio::STATE_FILE),
+            dead.join(crate::vm::vfio::STATE_FILE),
             serde_json::to_vec(&state).unwrap(),
         )
         .unwrap();
@@ -791,7 +791,7 @@ mod tests {
         let mut gone = state.clone();
         gone.root = rt.path().join("nonexistent");
         fs::write(
-            dead.join(crate::vfio::STATE_FILE),
+            dead.join(crate::vm::vfio::STATE_FILE),
             serde_json::to_vec(&gone).unwrap(),
         )
         .unwrap();

@@ -15,10 +15,16 @@ pub const DEFAULT_PROFILE: &str = "default";
 
 /// Built-in profiles, `(name, TOML text)`, sorted by name.
 const BUILTIN: &[(&str, &str)] = &[
-    ("debug", include_str!("../../qemu-profiles/debug.toml")),
-    ("default", include_str!("../../qemu-profiles/default.toml")),
-    ("iommu", include_str!("../../qemu-profiles/iommu.toml")),
-    ("microvm", include_str!("../../qemu-profiles/microvm.toml")),
+    ("debug", include_str!("../../../qemu-profiles/debug.toml")),
+    (
+        "default",
+        include_str!("../../../qemu-profiles/default.toml"),
+    ),
+    ("iommu", include_str!("../../../qemu-profiles/iommu.toml")),
+    (
+        "microvm",
+        include_str!("../../../qemu-profiles/microvm.toml"),
+    ),
 ];
 
 /// How virtio devices attach to the machine.
