@@ -371,6 +371,12 @@ pub fn unescape(s: &str) -> String {
     out
 }
 
+/// The virtio-serial port on which the guest says whether its sshd listens.
+pub const READY_PORT: &str = "mkt.ready";
+
+/// The virtio-serial port that carries the host terminal's size.
+pub const WINSIZE_PORT: &str = "mkt.winsize";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,5 @@
 //! `mkt ps` and `mkt stop`: the running VMs from their records.
 
-use super::ssh::find_vm;
 use crate::config::Paths;
 use crate::vm::instance::{self};
 use std::time::{Duration, Instant};
@@ -108,4 +107,38 @@ pub(crate) fn names(r: &[instance::Record]) -> String {
         .map(|r| r.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The running VM called `name`: the one of exactly that name, else the one
+/// numbered VM of it (`run` finds `run-1` when that is the only one).
+/// Several candidates are an error listing them, never a silent pick.
+pub(crate) fn find_vm<'a>(
+    running: &'a [instance::Record],
+    name: &str,
+) -> anyhow::Result<&'a instance::Record> {
+    if let Some(r) = running.iter().find(|r| r.name == name) {
+        return Ok(r);
+    }
+    let numbered: Vec<&instance::Record> = running
+        .iter()
+        .filter(|r| {
+            r.name
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    match numbered.as_slice() {
+        [one] => Ok(one),
+        [] => anyhow::bail!("no running VM named {name:?} (running: {})", names(running)),
+        several => anyhow::bail!(
+            "{name:?} is ambiguous: {} VMs match ({}); name one",
+            several.len(),
+            several
+                .iter()
+                .map(|r| format!("{} (pid {})", r.name, r.pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }

@@ -7,6 +7,7 @@ pub mod instance;
 pub mod net;
 mod prepare;
 pub mod qemu;
+mod script;
 mod ssh;
 mod supervise;
 pub mod vfio;
@@ -14,12 +15,13 @@ mod virtiofsd;
 
 use crate::config::{Config, Paths};
 use crate::guest;
+use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
 use crate::host::kvm;
 pub use control::{ps, stop};
 use instance::RunDir;
 use prepare::{ensure_disk, host_sysfs, prepare, write_run_files};
 use qemu::{Console, FsKind, Net};
-use ssh::{READY_PORT, relay_ready};
+use ssh::relay_ready;
 pub use ssh::{ssh, test};
 use std::io::{self, Read};
 use std::os::unix::net::UnixListener;
@@ -27,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use supervise::{
-    ExitWatch, SIGNALLED, WINSIZE_PORT, install_signal_handlers, relay, relay_winsize, spawn_qemu,
-    stderr_tail, unblock,
+    ExitWatch, SIGNALLED, install_signal_handlers, relay, relay_winsize, spawn_qemu, stderr_tail,
+    unblock,
 };
 use virtiofsd::{Daemons, start_virtiofsd};
 
@@ -454,6 +456,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::prepare::*;
+    use super::script::check_boot_script;
     use super::*;
     use crate::guest::{FsKind as GFs, Mode};
     use crate::vm::qemu::Profile;

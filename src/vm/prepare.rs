@@ -1,10 +1,12 @@
 //! Everything `mkt run` decides before QEMU starts: the kernel, the rootfs,
 //! the guest's files and initramfs, the QEMU command line.
 
-use super::ssh::{READY_PORT, ensure_ssh_keys};
-use super::supervise::WINSIZE_PORT;
+use super::script::check_boot_script;
+use super::ssh::ensure_ssh_keys;
+use super::supervise::host_terminal;
 use super::{RunError, RunOptions};
 use crate::config::{Config, Paths, Setup};
+use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
 use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
 use crate::host::{self, kvm};
 use crate::kernel::depmod::{host_depmod, modules_boot_record};
@@ -727,30 +729,6 @@ pub(crate) fn interactive_mode(init: Option<&str>, rootfs: &Path) -> Mode {
     }
 }
 
-nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::pty::Winsize);
-
-/// The terminal on stdin (QEMU's console): its TERM and size, for the
-/// guest's console. None when stdin is no terminal.
-pub(crate) fn host_terminal() -> Option<guest::Terminal> {
-    let stdin = io::stdin();
-    if !nix::unistd::isatty(&stdin).unwrap_or(false) {
-        return None;
-    }
-    let mut ws = nix::pty::Winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: fd 0 is open (a tty) and ws is a valid struct winsize.
-    let _ = unsafe { tiocgwinsz(0, &mut ws) };
-    Some(guest::Terminal {
-        term: std::env::var("TERM").unwrap_or_default(),
-        rows: ws.ws_row,
-        cols: ws.ws_col,
-    })
-}
-
 /// Where a command run's serial console goes: the run log dir, so it
 /// (boot script output included) survives the run.
 pub(crate) fn console_log(paths: &Paths, name: &str) -> PathBuf {
@@ -761,23 +739,6 @@ pub(crate) fn console_log(paths: &Paths, name: &str) -> PathBuf {
         crate::util::time::epoch_secs(),
         std::process::id()
     ))
-}
-
-pub(crate) fn check_boot_script(script: &Path) -> Result<(), RunError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |why: &str| RunError::BootScript(script.into(), why.into());
-    let meta = std::fs::metadata(script).map_err(|e| err(&e.to_string()))?;
-    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(err("not an executable file (chmod +x it)"));
-    }
-    let mut head = [0u8; 2];
-    std::fs::File::open(script)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .map_err(|e| err(&e.to_string()))?;
-    if &head != b"#!" {
-        return Err(err("has no #! line"));
-    }
-    Ok(())
 }
 
 /// Writes the generated files and the initramfs into the run directory.

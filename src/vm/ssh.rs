@@ -1,9 +1,9 @@
 //! `mkt ssh` and `mkt test`: keys, the ssh command line, and waiting for a
 //! booting guest's sshd (the guest says when it listens, on `mkt.ready`).
 
-use super::control::names;
-use super::prepare::check_boot_script;
+use super::control::{find_vm, names};
 use super::run;
+use super::script::check_boot_script;
 use super::{RunError, RunOptions};
 use crate::config::{Config, Paths};
 use crate::host::{self};
@@ -125,40 +125,6 @@ pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Ve
         a.push(crate::util::shell::shell_quote(command));
     }
     a
-}
-
-/// The running VM called `name`: the one of exactly that name, else the one
-/// numbered VM of it (`run` finds `run-1` when that is the only one).
-/// Several candidates are an error listing them, never a silent pick.
-pub(crate) fn find_vm<'a>(
-    running: &'a [instance::Record],
-    name: &str,
-) -> anyhow::Result<&'a instance::Record> {
-    if let Some(r) = running.iter().find(|r| r.name == name) {
-        return Ok(r);
-    }
-    let numbered: Vec<&instance::Record> = running
-        .iter()
-        .filter(|r| {
-            r.name
-                .strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .collect();
-    match numbered.as_slice() {
-        [one] => Ok(one),
-        [] => anyhow::bail!("no running VM named {name:?} (running: {})", names(running)),
-        several => anyhow::bail!(
-            "{name:?} is ambiguous: {} VMs match ({}); name one",
-            several.len(),
-            several
-                .iter()
-                .map(|r| format!("{} (pid {})", r.name, r.pid))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
 }
 
 /// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
@@ -289,9 +255,6 @@ pub(crate) fn remote_script_command(script: &Path) -> Vec<String> {
         name,
     ]
 }
-
-/// The virtio-serial port on which the guest says whether its sshd listens.
-pub(crate) const READY_PORT: &str = "mkt.ready";
 
 /// How long `mkt ssh` waits for a booting guest's sshd before trying anyway
 /// (a systemd boot under TCG on a busy host takes ~20 s).

@@ -1,7 +1,6 @@
 //! Running QEMU: signals, the console and ports relayed, its exit watched.
 
 use super::RunError;
-use super::prepare::host_terminal;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -12,9 +11,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub(crate) static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-/// The virtio-serial port that carries the host terminal's size.
-pub(crate) const WINSIZE_PORT: &str = "mkt.winsize";
 
 /// Set by SIGWINCH: the host terminal was resized.
 pub(crate) static RESIZED: std::sync::atomic::AtomicBool =
@@ -205,5 +201,29 @@ pub(crate) fn spawn_qemu(
             e,
         ),
         _ => RunError::Spawn(argv[0].clone().into(), e),
+    })
+}
+
+nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::pty::Winsize);
+
+/// The terminal on stdin (QEMU's console): its TERM and size, for the
+/// guest's console. None when stdin is no terminal.
+pub(crate) fn host_terminal() -> Option<crate::guest::Terminal> {
+    let stdin = io::stdin();
+    if !nix::unistd::isatty(&stdin).unwrap_or(false) {
+        return None;
+    }
+    let mut ws = nix::pty::Winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: fd 0 is open (a tty) and ws is a valid struct winsize.
+    let _ = unsafe { tiocgwinsz(0, &mut ws) };
+    Some(crate::guest::Terminal {
+        term: std::env::var("TERM").unwrap_or_default(),
+        rows: ws.ws_row,
+        cols: ws.ws_col,
     })
 }

@@ -13,7 +13,7 @@ pub const TIOCSWINSZ: u64 = 0x5414;
 
 /// The virtio-serial port on which the guest tells the host whether its
 /// sshd listens, so `mkt ssh` connects only once it does.
-pub const READY_PORT: &str = "mkt.ready";
+pub use crate::plan::READY_PORT;
 
 /// Whether a socket listens on TCP port 22 (IPv4 or IPv6): the port QEMU
 /// forwards the host's SSH port to.

@@ -110,7 +110,7 @@ pub fn run_shell(p: &Plan) -> ! {
     }
     // The host sends the terminal's new size after each resize; setting it
     // on the console sends the shell's foreground job SIGWINCH.
-    if let Some(port) = find_port("mkt.winsize") {
+    if let Some(port) = find_port(crate::plan::WINSIZE_PORT) {
         std::thread::spawn(move || follow_winsize(&port));
     }
     quiet_console();
