@@ -148,78 +148,322 @@ pub struct Prepared {
     pub ssh_reports_ready: bool,
 }
 
-/// Resolves and generates everything, with no side effect but reading.
-#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
+/// Resolves and generates everything. Its side effects are the caches it
+/// fills on the way (a rootfs built on first use, ssh keys, depmod's files).
 pub fn prepare(
     opts: &RunOptions,
     config: &Config,
     paths: &Paths,
     run_dir: &Path,
 ) -> Result<Prepared, RunError> {
-    let setup_name = opts.setup.clone().or_else(|| config.defaults.setup.clone());
-    let setup: Setup = match &setup_name {
-        Some(n) => config.setups.get(n).cloned().ok_or_else(|| {
-            let known: Vec<_> = config.setups.keys().cloned().collect();
-            let mut detail = config
-                .file
-                .as_ref()
-                .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
-                .unwrap_or_default();
-            // `mkt run uname`: a command without `--` reads as a setup.
-            if opts.setup.as_ref() == Some(n) && opts.command.is_empty() {
-                detail +=
-                    &format!("\n  to run a command in the guest, put it after --: mkt run -- {n}");
-            }
-            RunError::NoSetup(n.clone(), detail)
-        })?,
-        None => Setup::default(),
+    let (setup_name, setup) = find_setup(opts, config)?;
+    let rootfs = find_rootfs(opts, &setup, config, paths)?;
+    let root_ids = served_ids(paths, &rootfs)?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let kernel_arg =
+        (opts.kernel.as_ref().or(setup.kernel.as_ref())).or(config.defaults.kernel.as_ref());
+    let kernel = resolve_kernel(
+        kernel_arg.map(|p| p.as_path()),
+        opts.modules.as_deref(),
+        &cwd,
+        &rootfs,
+    )?;
+    let boot_script = read_boot_script(opts, &setup)?;
+    let (accel, accel_note) = kvm::choose(opts.accel.clone(), kvm::probe);
+    let machine = machine(opts, &setup, paths)?;
+    let net_mode = net_mode(opts, &setup)?;
+    let qemu_bin = host::probe::find_program("qemu-system-x86_64").ok_or(RunError::NoQemu)?;
+    let (fs, virtiofsd) = choose_fs(opts.fs.as_deref(), root_ids.is_some(), &rootfs, &kernel)?;
+    let mut user = GuestUser::of(crate::host::user::current());
+    user.shell = ["/bin/bash", "/bin/sh"]
+        .into_iter()
+        .find(|s| rootfs.join(&s[1..]).exists())
+        .unwrap_or("/bin/sh")
+        .into();
+    let host = host_shares(
+        opts, &setup, config, paths, run_dir, &user, &kernel, &rootfs,
+    )?;
+    let mounts = host.mounts(fs);
+    let cwd_in_guest = host
+        .shared
+        .iter()
+        .any(|(s, _)| cwd.starts_with(s))
+        .then(|| cwd.clone());
+
+    let exec = !opts.command.is_empty();
+    let mode = if exec {
+        Mode::Exec(opts.command.clone())
+    } else {
+        interactive_mode(opts.init.as_deref(), &rootfs)
     };
-    let wanted = crate::rootfs::resolve::wanted(opts.rootfs.as_deref(), Some(&setup), config);
+    let net = net_mode != net::Mode::None;
+    let sriov = machine.num_vfs.map(|n| sriov(opts, &setup, n));
+    let virt = soft_rdma(opts, &setup, &kernel, &rootfs)?;
+    machine.check_kernel(&kernel, &rootfs)?;
+    let ssh_keys = (!exec && net && rootfs.join("usr/sbin/sshd").exists())
+        .then(|| ensure_ssh_keys(&paths.data_dir.join("ssh")))
+        .transpose()?;
+    let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
+    let term = if exec { None } else { host_terminal() };
+    let relay_size = mode == Mode::Shell && term.is_some();
+    let host = host.through_tree_links(&rootfs);
+    let input = PlanInput {
+        mode,
+        user,
+        hostname,
+        root: GuestMount {
+            tag: "root".into(),
+            guest_path: "/".into(),
+            readonly: true,
+            kind: fs,
+        },
+        mounts: mounts.clone(),
+        cwd: cwd_in_guest,
+        links: host.links,
+        depmod_release: host.depmod_release,
+        extra_files: host.extra_files,
+        etc: read_etc(&rootfs),
+        ssh: ssh_keys.as_ref().map(|k| guest::SshSetup {
+            authorized_key: k.client_pub.clone(),
+            host_key: k.host_private.clone(),
+        }),
+        net,
+        // A bridge normally has a DHCP server; a bare tap may never get one,
+        // so the guest waits less before booting on without an address.
+        dhcp: match net_mode {
+            net::Mode::Bridge(_) => Some(30),
+            net::Mode::Tap => Some(5),
+            _ => None,
+        },
+        sriov,
+        virt,
+        boot_script,
+        term,
+    };
+    let files = guest::generate(&input);
+    let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs, machine.profile.bus)?)
+        .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
+
+    let shares = qemu_shares(fs, run_dir, &rootfs, &mounts);
+    let mut ports = qemu_ports(exec, relay_size, run_dir);
+    let net = qemu_net(
+        opts,
+        &setup,
+        setup_name.as_deref(),
+        &net_mode,
+        net,
+        exec,
+        ssh_keys.is_some(),
+    )?;
+    // The guest says when its sshd listens (mkt's init, or a unit in
+    // systemd mode), so `mkt ssh` waits for that rather than connecting early.
+    let ssh_reports_ready = ssh_keys.is_some() && matches!(net, Net::User { ssh_port: Some(_) });
+    if ssh_reports_ready {
+        ports.push(Port {
+            name: READY_PORT.into(),
+            socket: run_dir.join("ready.sock"),
+        });
+    }
+    let nvme_name = setup_name.as_deref().unwrap_or("run");
+    let spec = VmSpec {
+        qemu: qemu_bin,
+        cpus: opts
+            .cpus
+            .or(setup.cpus.map(crate::config::Cpus::get))
+            .unwrap_or_else(crate::host::user::available_cpus),
+        mem_mib: guest_mem(opts, &setup, machine.pci.len()),
+        kernel: kernel.image(),
+        initrd: Some(run_dir.join("initrd")),
+        append: kernel_words(opts, exec, &machine.profile, &accel),
+        profile: machine.profile,
+        accel,
+        shares,
+        console: if exec {
+            Console::Log(console_log(paths, setup_name.as_deref().unwrap_or("run")))
+        } else {
+            Console::Interactive
+        },
+        ports,
+        qmp: run_dir.join("qmp.sock"),
+        net,
+        pci: machine.pci,
+        nvme: machine.nvme_mib.map(|_| qemu::Nvme {
+            path: paths.data_dir.join("nvme").join(format!("{nvme_name}.img")),
+            serial: format!("mkt-{nvme_name}"),
+        }),
+        gdb_port: opts.gdb_port,
+        extra: opts.qemu_args.clone(),
+    };
+    check_cmdline(&spec)?;
+    Ok(Prepared {
+        spec,
+        files,
+        initrd,
+        accel_note,
+        exec,
+        virtiofsd,
+        root_ids: if fs == GFs::Virtiofs { root_ids } else { None },
+        user: input.user.name.clone(),
+        rootfs,
+        net_mode,
+        nvme_mib: machine.nvme_mib,
+        ssh_reports_ready,
+    })
+}
+
+/// The rootfs tree (`--rootfs`, the setup's, the default), built or pulled
+/// on first use.
+fn find_rootfs(
+    opts: &RunOptions,
+    setup: &Setup,
+    config: &Config,
+    paths: &Paths,
+) -> Result<PathBuf, RunError> {
+    let wanted = crate::rootfs::resolve::wanted(opts.rootfs.as_deref(), Some(setup), config);
     let first_use = crate::rootfs::resolve::FirstUse {
         dry_run: opts.dry_run,
         quiet: opts.quiet,
         verbose: opts.verbose,
     };
-    let rootfs = crate::rootfs::resolve::resolve(paths, &wanted, first_use)?.path(paths);
-    // A tree whose owners are shifted by the user's subordinate ids is
-    // served from a user namespace with the same map, so the guest sees
-    // its real owners (root's files as root's, setuid sudo working).
-    let root_ids = match rootfs
+    Ok(crate::rootfs::resolve::resolve(paths, &wanted, first_use)?.path(paths))
+}
+
+/// The boot script's bytes, checked first (`--boot-script`, else the setup's).
+fn read_boot_script(opts: &RunOptions, setup: &Setup) -> Result<Option<Vec<u8>>, RunError> {
+    let Some(script) = opts.boot_script.as_ref().or(setup.boot_script.as_ref()) else {
+        return Ok(None);
+    };
+    check_boot_script(script)?;
+    std::fs::read(script)
+        .map(Some)
+        .map_err(|e| RunError::BootScript(script.clone(), e.to_string()))
+}
+
+/// `--net-none`, `--net`, the setup's net, else NAT.
+fn net_mode(opts: &RunOptions, setup: &Setup) -> Result<net::Mode, RunError> {
+    if opts.net_none {
+        return Ok(net::Mode::None);
+    }
+    match opts.net.as_deref().or(setup.net.as_deref()) {
+        Some(s) => net::Mode::parse(s).map_err(|e| RunError::Invalid(format!("--net {s}"), e)),
+        None => Ok(net::Mode::Nat),
+    }
+}
+
+/// The root and the host directories as QEMU shares.
+fn qemu_shares(fs: GFs, run_dir: &Path, rootfs: &Path, mounts: &[GuestMount]) -> Vec<Share> {
+    let qfs = |tag: &str, path: &Path, ro: bool| Share {
+        tag: tag.into(),
+        path: path.into(),
+        readonly: ro,
+        kind: match fs {
+            GFs::NineP => FsKind::NineP,
+            GFs::Virtiofs => FsKind::Virtiofs {
+                socket: run_dir.join(format!("vfs-{tag}.sock")),
+            },
+        },
+    };
+    let mut shares = vec![qfs("root", rootfs, true)];
+    shares.extend(
+        mounts
+            .iter()
+            .map(|m| qfs(&m.tag, &m.guest_path, m.readonly)),
+    );
+    shares
+}
+
+/// The virtio-serial ports: the command's output and status (exec mode),
+/// else the terminal's size after a resize (SIGWINCH), for the init to set
+/// on the console: a serial line carries none.
+fn qemu_ports(exec: bool, relay_size: bool, run_dir: &Path) -> Vec<Port> {
+    if exec {
+        ["stdout", "stderr", "status"]
+            .iter()
+            .map(|n| Port {
+                name: format!("mkt.{n}"),
+                socket: run_dir.join(format!("{n}.sock")),
+            })
+            .collect()
+    } else if relay_size {
+        vec![Port {
+            name: WINSIZE_PORT.into(),
+            socket: run_dir.join("winsize.sock"),
+        }]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The setup named by `--setup` or the config's default (else an empty one).
+fn find_setup(opts: &RunOptions, config: &Config) -> Result<(Option<String>, Setup), RunError> {
+    let setup_name = opts.setup.clone().or_else(|| config.defaults.setup.clone());
+    let Some(n) = &setup_name else {
+        return Ok((None, Setup::default()));
+    };
+    let setup = config.setups.get(n).cloned().ok_or_else(|| {
+        let known: Vec<_> = config.setups.keys().cloned().collect();
+        let mut detail = config
+            .file
+            .as_ref()
+            .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
+            .unwrap_or_default();
+        // `mkt run uname`: a command without `--` reads as a setup.
+        if opts.setup.as_ref() == Some(n) && opts.command.is_empty() {
+            detail +=
+                &format!("\n  to run a command in the guest, put it after --: mkt run -- {n}");
+        }
+        RunError::NoSetup(n.clone(), detail)
+    })?;
+    Ok((setup_name, setup))
+}
+
+/// A tree whose owners are shifted by the user's subordinate ids is served
+/// from a user namespace with the same map, so the guest sees its real
+/// owners (root's files as root's, setuid sudo working).
+fn served_ids(paths: &Paths, rootfs: &Path) -> Result<Option<crate::ns::Ids>, RunError> {
+    match rootfs
         .parent()
         .filter(|p| *p == paths.rootfs_dir)
         .and_then(|_| rootfs.file_name())
         .and_then(|n| crate::rootfs::meta(paths, &n.to_string_lossy()))
         .map(|m| m.owners)
     {
-        Some(crate::rootfs::Owners::Mapped) if !nix::unistd::geteuid().is_root() => {
-            Some(crate::ns::Ids::for_owners().map_err(|e| RunError::Owners(rootfs.clone(), e))?)
-        }
-        _ => None,
-    };
-    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
-    let kernel_arg = opts
-        .kernel
-        .clone()
-        .or(setup.kernel.clone())
-        .or(config.defaults.kernel.clone());
-    let kernel = resolve_kernel(
-        kernel_arg.as_deref(),
-        opts.modules.as_deref(),
-        &cwd,
-        &rootfs,
-    )?;
-    let boot_script = match opts.boot_script.as_ref().or(setup.boot_script.as_ref()) {
-        Some(script) => {
-            check_boot_script(script)?;
-            Some(
-                std::fs::read(script)
-                    .map_err(|e| RunError::BootScript(script.clone(), e.to_string()))?,
-            )
-        }
-        None => None,
-    };
+        Some(crate::rootfs::Owners::Mapped) if !nix::unistd::geteuid().is_root() => Ok(Some(
+            crate::ns::Ids::for_owners().map_err(|e| RunError::Owners(rootfs.to_path_buf(), e))?,
+        )),
+        _ => Ok(None),
+    }
+}
 
-    let (accel, accel_note) = kvm::choose(opts.accel.clone(), kvm::probe);
+/// The machine's devices and profile, checked against each other.
+struct Machine {
+    pci: Vec<String>,
+    num_vfs: Option<u32>,
+    profile_name: String,
+    profile: Profile,
+    nvme_mib: Option<u64>,
+}
+
+impl Machine {
+    /// Without the virtio-mmio transport the guest finds no root device and
+    /// hangs; say so before booting.
+    fn check_kernel(&self, kernel: &Kernel, rootfs: &Path) -> Result<(), RunError> {
+        if self.profile.bus == qemu::Bus::Mmio
+            && kernel_option(kernel, rootfs, "CONFIG_VIRTIO_MMIO") == Some(false)
+        {
+            return Err(RunError::Invalid(
+                format!("--profile {}", self.profile_name),
+                format!(
+                    "the kernel {} lacks CONFIG_VIRTIO_MMIO, which microvm's devices need (build it with CONFIG_VIRTIO_MMIO=y, or use the default profile)",
+                    kernel.image().display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn machine(opts: &RunOptions, setup: &Setup, paths: &Paths) -> Result<Machine, RunError> {
     // Passed through: --pci, the setup's pci, and the functions its guest
     // hands on to a nested guest (they must reach that guest first).
     let mut pci: Vec<String> = Vec::new();
@@ -231,18 +475,21 @@ pub fn prepare(
         }
     }
     let num_vfs = setup.num_of_vfs.filter(|&n| n > 0 && !pci.is_empty());
-    let explicit_profile = opts.profile.clone().or(setup.profile.clone());
     // Nested passthrough needs the guest's own IOMMU; SR-IOV needs PCIe
     // (the capability sits in extended config space): both get q35.
     let wants_iommu = !setup.nested_pci.is_empty() || num_vfs.is_some();
-    let profile_name = explicit_profile.clone().unwrap_or_else(|| {
-        if wants_iommu {
-            "iommu"
-        } else {
-            qemu::DEFAULT_PROFILE
-        }
-        .to_string()
-    });
+    let profile_name = opts
+        .profile
+        .clone()
+        .or(setup.profile.clone())
+        .unwrap_or_else(|| {
+            if wants_iommu {
+                "iommu"
+            } else {
+                qemu::DEFAULT_PROFILE
+            }
+            .to_string()
+        });
     let user_profiles = paths.config_file.parent().map(|d| d.join("qemu-profiles"));
     let profile =
         Profile::load(&profile_name, user_profiles.as_deref()).map_err(RunError::Profile)?;
@@ -268,23 +515,28 @@ pub fn prepare(
             ),
         ));
     }
-    let net_mode = if opts.net_none {
-        net::Mode::None
-    } else {
-        match opts.net.as_deref().or(setup.net.as_deref()) {
-            Some(s) => {
-                net::Mode::parse(s).map_err(|e| RunError::Invalid(format!("--net {s}"), e))?
-            }
-            None => net::Mode::Nat,
-        }
-    };
-    let qemu_bin = host::probe::find_program("qemu-system-x86_64").ok_or(RunError::NoQemu)?;
+    Ok(Machine {
+        pci,
+        num_vfs,
+        profile_name,
+        profile,
+        nvme_mib,
+    })
+}
 
+/// The file system that shares the root (`--fs`, else virtiofs when it can
+/// serve, else 9p when the kernel has it), and virtiofsd when it is virtiofs.
+fn choose_fs(
+    asked: Option<&str>,
+    mapped_owners: bool,
+    rootfs: &Path,
+    kernel: &Kernel,
+) -> Result<(GFs, Option<PathBuf>), RunError> {
     let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
-    let fs = match opts.fs.as_deref() {
+    let fs = match asked {
         Some("virtiofs") => GFs::Virtiofs,
         Some("9p") => {
-            if root_ids.is_some() {
+            if mapped_owners {
                 tracing::warn!(
                     "9p shows {} with host ids (your subordinate ids), not its real owners; virtiofs shows them",
                     rootfs.display()
@@ -292,31 +544,49 @@ pub fn prepare(
             }
             GFs::NineP
         }
-        _ if root_ids.is_some() && have_virtiofsd => GFs::Virtiofs,
+        _ if mapped_owners && have_virtiofsd => GFs::Virtiofs,
         // Both boot equally fast; virtiofs is ~1.8x faster on file-heavy
         // work (docs/run.md, BENCHMARKS), so it is the default when it can be.
-        _ if have_virtiofsd && kernel_has(&kernel, Guestfs::Virtiofs) => GFs::Virtiofs,
-        _ if kernel_has(&kernel, Guestfs::NineP) => GFs::NineP,
+        _ if have_virtiofsd && kernel_has(kernel, Guestfs::Virtiofs) => GFs::Virtiofs,
+        _ if kernel_has(kernel, Guestfs::NineP) => GFs::NineP,
         _ => GFs::Virtiofs,
     };
     let virtiofsd =
         match fs {
             GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
                 RunError::NoVirtiofsd {
-                    nine_p: kernel_has(&kernel, Guestfs::NineP),
+                    nine_p: kernel_has(kernel, Guestfs::NineP),
                 }
             })?),
             GFs::NineP => None,
         };
-    let mut user = GuestUser::of(crate::host::user::current());
-    user.shell = if rootfs.join("bin/bash").exists() {
-        "/bin/bash".into()
-    } else {
-        "/bin/sh".into()
-    };
+    Ok((fs, virtiofsd))
+}
 
-    // Host dirs shared at the same path: home (rw), --dir and config dirs,
-    // the kernel tree (ro) unless already inside one of them.
+/// Host directories the guest sees at the same path, and the kernel's
+/// modules linked into the guest's /lib/modules.
+struct HostShares {
+    /// (directory, read-only).
+    shared: Vec<(PathBuf, bool)>,
+    /// (guest path, host target) links for the kernel's modules.
+    links: Vec<(PathBuf, PathBuf)>,
+    depmod_release: Option<String>,
+    extra_files: Vec<guest::GenFile>,
+}
+
+/// Home (rw), --dir and config dirs, the kernel tree or modules dir (ro)
+/// unless already inside one of them.
+#[allow(clippy::too_many_arguments)]
+fn host_shares(
+    opts: &RunOptions,
+    setup: &Setup,
+    config: &Config,
+    paths: &Paths,
+    run_dir: &Path,
+    user: &GuestUser,
+    kernel: &Kernel,
+    rootfs: &Path,
+) -> Result<HostShares, RunError> {
     let mut shared: Vec<(PathBuf, bool)> = vec![(user.home.clone(), false)];
     for d in opts
         .dirs
@@ -333,7 +603,7 @@ pub fn prepare(
     let mut links = Vec::new();
     let mut depmod_release = None;
     let mut extra_files = Vec::new();
-    match &kernel {
+    match kernel {
         Kernel::Tree { tree, release } => {
             let tree = std::fs::canonicalize(tree).unwrap_or(tree.clone());
             if !shared.iter().any(|(s, _)| tree.starts_with(s)) {
@@ -367,49 +637,73 @@ pub fn prepare(
         }
         Kernel::Image { .. } => {}
     }
-    let mounts: Vec<GuestMount> = shared
-        .iter()
-        .enumerate()
-        .map(|(i, (path, ro))| GuestMount {
-            tag: format!("m{i}"),
-            guest_path: path.clone(),
-            readonly: *ro,
-            kind: fs,
-        })
-        .collect();
-    let cwd_in_guest = shared
-        .iter()
-        .any(|(s, _)| cwd.starts_with(s))
-        .then(|| cwd.clone());
+    Ok(HostShares {
+        shared,
+        links,
+        depmod_release,
+        extra_files,
+    })
+}
 
-    let exec = !opts.command.is_empty();
-    let mode = if exec {
-        Mode::Exec(opts.command.clone())
-    } else {
-        interactive_mode(opts.init.as_deref(), &rootfs)
-    };
-    let net = net_mode != net::Mode::None;
-    // A bridge normally has a DHCP server; a bare tap may never get one,
-    // so the guest waits less before booting on without an address.
-    let dhcp = match net_mode {
-        net::Mode::Bridge(_) => Some(30),
-        net::Mode::Tap => Some(5),
-        _ => None,
-    };
-    let sriov = num_vfs.map(|n| {
-        let sys = host_sysfs();
-        let ids: Option<Vec<_>> = opts
-            .pci
+impl HostShares {
+    /// The shared directories as the guest mounts them.
+    fn mounts(&self, fs: GFs) -> Vec<GuestMount> {
+        self.shared
             .iter()
-            .chain(&setup.pci)
-            .filter_map(|a| crate::config::normalize_pci(a).ok())
-            .map(|b| sys.ids(&b))
+            .enumerate()
+            .map(|(i, (path, ro))| GuestMount {
+                tag: format!("m{i}"),
+                guest_path: path.clone(),
+                readonly: *ro,
+                kind: fs,
+            })
+            .collect()
+    }
+
+    /// Written through the tree's own links (merged /usr: /lib -> usr/lib).
+    fn through_tree_links(mut self, rootfs: &Path) -> HostShares {
+        self.links = self
+            .links
+            .into_iter()
+            .map(|(l, t)| (through_tree_link(rootfs, &l), t))
             .collect();
-        guest::Sriov {
-            num_vfs: n,
-            ids: ids.unwrap_or_default(),
+        for f in &mut self.extra_files {
+            if let Some(d) = &f.dest {
+                f.dest = Some(
+                    through_tree_link(rootfs, Path::new(d))
+                        .display()
+                        .to_string(),
+                );
+            }
         }
-    });
+        self
+    }
+}
+
+/// SR-IOV: how many VFs, and the vendor/device ids of the functions that
+/// make them.
+fn sriov(opts: &RunOptions, setup: &Setup, num_vfs: u32) -> guest::Sriov {
+    let sys = host_sysfs();
+    let ids: Option<Vec<_>> = opts
+        .pci
+        .iter()
+        .chain(&setup.pci)
+        .filter_map(|a| crate::config::normalize_pci(a).ok())
+        .map(|b| sys.ids(&b))
+        .collect();
+    guest::Sriov {
+        num_vfs,
+        ids: ids.unwrap_or_default(),
+    }
+}
+
+/// The soft RDMA devices asked for, each checked against the kernel's config.
+fn soft_rdma(
+    opts: &RunOptions,
+    setup: &Setup,
+    kernel: &Kernel,
+    rootfs: &Path,
+) -> Result<Vec<guest::SoftRdma>, RunError> {
     let virt: Vec<guest::SoftRdma> = opts
         .virt
         .iter()
@@ -426,100 +720,23 @@ pub fn prepare(
         } else {
             "CONFIG_RDMA_SIW"
         };
-        if let Some(false) = kernel_option(&kernel, &rootfs, option) {
+        if let Some(false) = kernel_option(kernel, rootfs, option) {
             return Err(RunError::NoSoftRdma {
                 virt: format!("{}-{}", v.kind, v.netdev),
                 option,
             });
         }
     }
-    // Without the virtio-mmio transport the guest finds no root device and
-    // hangs; say so before booting.
-    if profile.bus == qemu::Bus::Mmio
-        && kernel_option(&kernel, &rootfs, "CONFIG_VIRTIO_MMIO") == Some(false)
-    {
-        return Err(RunError::Invalid(
-            format!("--profile {profile_name}"),
-            format!(
-                "the kernel {} lacks CONFIG_VIRTIO_MMIO, which microvm's devices need (build it with CONFIG_VIRTIO_MMIO=y, or use the default profile)",
-                kernel.image().display()
-            ),
-        ));
-    }
-    let ssh_keys = if !exec && net && rootfs.join("usr/sbin/sshd").exists() {
-        Some(ensure_ssh_keys(&paths.data_dir.join("ssh"))?)
-    } else {
-        None
-    };
-    let hostname = setup_name.clone().unwrap_or_else(|| "mkt".into());
-    let term = if exec { None } else { host_terminal() };
-    let relay_size = mode == Mode::Shell && term.is_some();
-    // Written through the tree's own links (merged /usr: /lib -> usr/lib).
-    let links: Vec<(PathBuf, PathBuf)> = links
-        .into_iter()
-        .map(|(l, t)| (through_tree_link(&rootfs, &l), t))
-        .collect();
-    for f in &mut extra_files {
-        if let Some(d) = &f.dest {
-            f.dest = Some(
-                through_tree_link(&rootfs, Path::new(d))
-                    .display()
-                    .to_string(),
-            );
-        }
-    }
-    let input = PlanInput {
-        mode,
-        user,
-        hostname,
-        root: GuestMount {
-            tag: "root".into(),
-            guest_path: "/".into(),
-            readonly: true,
-            kind: fs,
-        },
-        mounts: mounts.clone(),
-        cwd: cwd_in_guest,
-        links,
-        depmod_release,
-        extra_files,
-        etc: read_etc(&rootfs),
-        ssh: match (&ssh_keys, net) {
-            (Some(k), true) => Some(guest::SshSetup {
-                authorized_key: k.client_pub.clone(),
-                host_key: k.host_private.clone(),
-            }),
-            _ => None,
-        },
-        net,
-        dhcp,
-        sriov,
-        virt,
-        boot_script,
-        term,
-    };
-    let files = guest::generate(&input);
-    let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs, profile.bus)?)
-        .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
+    Ok(virt)
+}
 
-    let qfs = |tag: &str, path: &Path, ro: bool| Share {
-        tag: tag.into(),
-        path: path.into(),
-        readonly: ro,
-        kind: match fs {
-            GFs::NineP => FsKind::NineP,
-            GFs::Virtiofs => FsKind::Virtiofs {
-                socket: run_dir.join(format!("vfs-{tag}.sock")),
-            },
-        },
-    };
-    let mut shares = vec![qfs("root", &rootfs, true)];
-    shares.extend(
-        mounts
-            .iter()
-            .map(|m| qfs(&m.tag, &m.guest_path, m.readonly)),
-    );
-
+/// The kernel's command line: the console, mkt's words, the user's.
+fn kernel_words(
+    opts: &RunOptions,
+    exec: bool,
+    profile: &Profile,
+    accel: &kvm::Accel,
+) -> Vec<String> {
     let mut append = vec!["console=ttyS0".to_string(), "panic=-1".into()];
     if exec && !opts.verbose {
         // Less serial output: under TCG every console byte costs time.
@@ -529,32 +746,27 @@ pub fn prepare(
     if opts.gdb_port.is_some() {
         gdb_nokaslr(&mut append);
     }
-    if let Some(w) = tsc_word(&profile, &accel, &append, host::tsc::khz) {
+    if let Some(w) = tsc_word(profile, accel, &append, host::tsc::khz) {
         append.insert(kernel_words_end(&append), w);
     }
-    let mut ports = if exec {
-        ["stdout", "stderr", "status"]
-            .iter()
-            .map(|n| Port {
-                name: format!("mkt.{n}"),
-                socket: run_dir.join(format!("{n}.sock")),
-            })
-            .collect()
-    } else if relay_size {
-        // The host terminal's new size after a resize (SIGWINCH), for the
-        // init to set on the console: a serial line carries none.
-        vec![Port {
-            name: WINSIZE_PORT.into(),
-            socket: run_dir.join("winsize.sock"),
-        }]
-    } else {
-        Vec::new()
-    };
+    append
+}
+
+/// The guest's network device, with the forwarded ssh port in NAT mode.
+fn qemu_net(
+    opts: &RunOptions,
+    setup: &Setup,
+    setup_name: Option<&str>,
+    net_mode: &net::Mode,
+    net: bool,
+    exec: bool,
+    has_keys: bool,
+) -> Result<Net, RunError> {
     let mac = setup
         .mac
         .clone()
-        .unwrap_or_else(|| net::mac_for(setup_name.as_deref().unwrap_or("mkt")));
-    let net = match &net_mode {
+        .unwrap_or_else(|| net::mac_for(setup_name.unwrap_or("mkt")));
+    Ok(match net_mode {
         net::Mode::Tap => Net::Tap { fd: None, mac },
         // Without CAP_NET_ADMIN, a configured qemu-bridge-helper can still
         // put the VM on the bridge.
@@ -569,7 +781,7 @@ pub fn prepare(
         _ if net => Net::User {
             // No sshd in the tree: no port to advertise (an explicit
             // --ssh-port is still forwarded, for an sshd of the user's).
-            ssh_port: if exec || (ssh_keys.is_none() && opts.ssh_port.is_none()) {
+            ssh_port: if exec || (!has_keys && opts.ssh_port.is_none()) {
                 None
             } else {
                 Some(
@@ -580,78 +792,21 @@ pub fn prepare(
             },
         },
         _ => Net::None,
-    };
-    // The guest says when its sshd listens (mkt's init, or a unit in
-    // systemd mode), so `mkt ssh` waits for that rather than connecting early.
-    let ssh_reports_ready = ssh_keys.is_some() && matches!(net, Net::User { ssh_port: Some(_) });
-    if ssh_reports_ready {
-        ports.push(Port {
-            name: READY_PORT.into(),
-            socket: run_dir.join("ready.sock"),
-        });
-    }
-    let cpus = opts
-        .cpus
-        .or(setup.cpus.map(crate::config::Cpus::get))
-        .unwrap_or_else(crate::host::user::available_cpus);
-    let mem_mib = opts
-        .mem_mib
-        .or_else(|| {
-            setup
-                .mem
-                .as_deref()
-                .and_then(|m| crate::config::parse_mem_mib(m).ok())
-        })
-        .unwrap_or(1024);
-    // Passed devices pin DMA memory: the default grows with them (MKT's
-    // rule); an explicit --mem is taken as is.
-    let mem_mib = if opts.mem_mib.is_some() {
-        mem_mib
-    } else {
-        qemu::mem_for_devices(mem_mib, pci.len())
-    };
-    let nvme_name = setup_name.as_deref().unwrap_or("run");
-    let spec = VmSpec {
-        qemu: qemu_bin,
-        profile,
-        accel,
-        cpus,
-        mem_mib,
-        kernel: kernel.image(),
-        initrd: Some(run_dir.join("initrd")),
-        append,
-        shares,
-        console: if exec {
-            Console::Log(console_log(paths, setup_name.as_deref().unwrap_or("run")))
-        } else {
-            Console::Interactive
-        },
-        ports,
-        qmp: run_dir.join("qmp.sock"),
-        net,
-        pci,
-        nvme: nvme_mib.map(|_| qemu::Nvme {
-            path: paths.data_dir.join("nvme").join(format!("{nvme_name}.img")),
-            serial: format!("mkt-{nvme_name}"),
-        }),
-        gdb_port: opts.gdb_port,
-        extra: opts.qemu_args.clone(),
-    };
-    check_cmdline(&spec)?;
-    Ok(Prepared {
-        spec,
-        files,
-        initrd,
-        accel_note,
-        exec,
-        virtiofsd,
-        root_ids: if fs == GFs::Virtiofs { root_ids } else { None },
-        user: input.user.name.clone(),
-        rootfs,
-        net_mode,
-        nvme_mib,
-        ssh_reports_ready,
     })
+}
+
+/// `--mem`, else the setup's mem (1 GiB by default) grown for passed
+/// devices: they pin DMA memory (MKT's rule); an explicit --mem is taken as is.
+fn guest_mem(opts: &RunOptions, setup: &Setup, passthrough_devices: usize) -> u64 {
+    if let Some(m) = opts.mem_mib {
+        return m;
+    }
+    let mem_mib = setup
+        .mem
+        .as_deref()
+        .and_then(|m| crate::config::parse_mem_mib(m).ok())
+        .unwrap_or(1024);
+    qemu::mem_for_devices(mem_mib, passthrough_devices)
 }
 
 /// Where the kernel's words end: at a `--` (init's words follow), else the end.
