@@ -19,7 +19,7 @@ use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
 use crate::host::kvm;
 pub use control::{ps, stop};
 use instance::RunDir;
-use prepare::{ensure_disk, host_sysfs, prepare, write_run_files};
+use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
 use qemu::{Console, FsKind, Net};
 use ssh::relay_ready;
 pub use ssh::{ssh, test};
@@ -149,31 +149,13 @@ pub struct RunOptions {
 }
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
-#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
 pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
     paths.ensure_runtime_dir()?;
     for stale in instance::clean_stale(&paths.runtime_dir)? {
         tracing::info!("removed stale run directory {}", stale.display());
     }
-    // As MKT did: running a setup that already runs attaches to it.
-    if let (Some(setup), false, false) = (&opts.setup, opts.new, opts.dry_run)
-        && let Some(rec) = instance::list(&paths.runtime_dir)?
-            .into_iter()
-            .find(|r| &r.name == setup)
-    {
-        if rec.ssh_port.is_none() {
-            anyhow::bail!(
-                "{setup} is already running (pid {}) without SSH (a command run, --net none, or no sshd in its rootfs); use --new for another VM",
-                rec.pid
-            );
-        }
-        if !opts.quiet {
-            eprintln!(
-                "mkt: {setup} is already running (pid {}): attaching over ssh (--new starts another)",
-                rec.pid
-            );
-        }
-        return ssh(paths, Some(setup), &opts.command, opts.quiet);
+    if let Some(status) = attach_to_running(opts, paths)? {
+        return Ok(status);
     }
     // An unnamed VM is `run-N`, a setup's `SETUP` (`SETUP-N` with --new):
     // unique, so that ssh and stop never pick one of several.
@@ -186,32 +168,10 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     let name = run_dir.name().to_string();
     let mut prepared = prepare(opts, config, paths, run_dir.path())?;
     if let (Some(port), false) = (prepared.spec.gdb_port, opts.quiet) {
-        let kaslr = if qemu::cmdline(&prepared.spec)
-            .split(' ')
-            .any(|w| w == "nokaslr")
-        {
-            "with nokaslr, so vmlinux's symbols line up"
-        } else {
-            "with KASLR, as --append asked: vmlinux's symbols will not line up"
-        };
-        eprintln!(
-            "mkt: gdb stub on 127.0.0.1:{port}; the kernel boots {kaslr} (gdb vmlinux -ex 'target remote :{port}')"
-        );
+        eprintln!("{}", gdb_note(&prepared.spec, port));
     }
-    let mut argv = qemu::command_line(&prepared.spec);
     if opts.dry_run {
-        println!("{}", crate::util::shell::shell_quote(&argv));
-        println!("# generated guest files (packed into the initramfs's /mkt):");
-        for f in &prepared.files.files {
-            println!(
-                "#   {}{}",
-                f.name,
-                f.dest
-                    .as_ref()
-                    .map(|d| format!(" -> {d}"))
-                    .unwrap_or_default()
-            );
-        }
+        print_dry_run(&prepared);
         return Ok(0);
     }
     // Held for the VM's whole life: `rootfs rm` refuses a tree in use.
@@ -231,64 +191,13 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     }
     install_signal_handlers();
     let _pipe = crate::interrupt::KeepOnClosedPipe::new();
-
     // The privileged steps: checked up front, undone when the run ends
     // (these guards drop before run_dir), and after kill -9 by the next
     // run's sweep of stale run directories.
-    let wants_tap = matches!(prepared.spec.net, Net::Tap { .. });
-    if wants_tap {
-        net::check_privilege(&prepared.net_mode)?;
-    }
-    let _vfio = if prepared.spec.pci.is_empty() {
-        None
-    } else {
-        let sys = host_sysfs();
-        let devices = sys.check(&prepared.spec.pci)?;
-        sys.check_privilege(&devices)?;
-        Some(sys.bind(&devices, &run_dir.path().join(crate::vm::vfio::STATE_FILE))?)
-    };
-    if let (Some(n), Some(mib)) = (&prepared.spec.nvme, prepared.nvme_mib) {
-        ensure_disk(&n.path, mib)?;
-    }
-    let tap = if let Net::Tap { mac, .. } = &prepared.spec.net {
-        let bridge = match &prepared.net_mode {
-            net::Mode::Bridge(b) => Some(b.as_str()),
-            _ => None,
-        };
-        let tap = net::Tap::create(
-            &format!("mkt{}", std::process::id()),
-            bridge,
-            run_dir.path(),
-        )?;
-        // The tap exists and QEMU gets its fd: nothing else needs the
-        // capability (the kernel deletes the tap with the last fd).
-        net::drop_net_admin();
-        if !opts.quiet && !prepared.exec {
-            eprintln!(
-                "mkt: guest NIC {mac} on tap {}{}",
-                tap.name,
-                bridge
-                    .map(|b| format!(" in bridge {b}"))
-                    .unwrap_or_default()
-            );
-        }
-        prepared.spec.net = Net::Tap {
-            fd: Some(tap.fd()),
-            mac: mac.clone(),
-        };
-        argv = qemu::command_line(&prepared.spec);
-        Some(tap)
-    } else {
-        None
-    };
+    let (_vfio, tap) = host_devices(&mut prepared, run_dir.path(), opts.quiet)?;
+    let argv = qemu::command_line(&prepared.spec);
 
     let mut relays = Vec::new();
-    let sockets: Vec<PathBuf> = prepared
-        .spec
-        .ports
-        .iter()
-        .map(|p| p.socket.clone())
-        .collect();
     for port in &prepared.spec.ports {
         let l = UnixListener::bind(&port.socket)
             .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
@@ -309,43 +218,12 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         )?,
         None => Daemons(Vec::new(), Vec::new()),
     };
-    let nine_p: Vec<&Path> = prepared
-        .spec
-        .shares
-        .iter()
-        .filter(|s| matches!(s.kind, FsKind::NineP))
-        .map(|s| s.path.as_path())
-        .collect();
-    let qemu_confine = if nine_p.is_empty() {
-        crate::confine::Confinement::default()
-    } else {
-        // Not root, the store is hidden in a user namespace that maps only
-        // the caller's ids: QEMU then serves the root tree too, and a tree
-        // the caller does not own (root's, `--rootfs /`) would lose its
-        // owners (no set-uid sudo): such a run goes without that.
-        use std::os::unix::fs::MetadataExt;
-        let uid = nix::unistd::geteuid();
-        let foreign = !uid.is_root()
-            && std::fs::metadata(&prepared.rootfs).is_ok_and(|m| m.uid() != uid.as_raw());
-        if foreign {
-            tracing::warn!(
-                "9p as a normal user on {} (not yours): the rootfs store is not hidden from the guest (virtiofs hides it)",
-                prepared.rootfs.display()
-            );
-        }
-        let c = crate::confine::Confinement::new(&nine_p, (!foreign).then_some(store.as_path()));
-        if matches!(prepared.spec.net, Net::BridgeHelper { .. }) {
-            c.keeping_setid_exec()
-        } else {
-            c
-        }
-    };
     let started = Instant::now();
     let mut child = spawn_qemu(
         &argv,
         prepared.exec,
         tap.as_ref().map(|t| t.fd()),
-        qemu_confine,
+        qemu_confinement(&prepared, &store),
     )?;
     let ssh_port = match &prepared.spec.net {
         Net::User { ssh_port } => *ssh_port,
@@ -390,23 +268,13 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         handles.push((name, h));
     }
 
-    let exited = ExitWatch::new(child.id());
-    let status = loop {
-        if let Some(s) = child
-            .try_wait()
-            .map_err(|e| RunError::Io("waiting for QEMU".into(), e))?
-        {
-            break s;
-        }
-        let sig = SIGNALLED.load(Ordering::SeqCst);
-        if sig != 0 {
-            let _ = child.kill();
-            let _ = child.wait();
-            unblock(&sockets);
-            return Err(RunError::Interrupted(sig).into());
-        }
-        exited.wait(Duration::from_millis(20));
-    };
+    let sockets: Vec<PathBuf> = prepared
+        .spec
+        .ports
+        .iter()
+        .map(|p| p.socket.clone())
+        .collect();
+    let status = wait_qemu(&mut child, &sockets)?;
     tracing::info!("QEMU ran {:.2?} and exited {status}", started.elapsed());
     unblock(&sockets);
     let mut exit_line = String::new();
@@ -417,20 +285,195 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
     }
     let qemu_stderr = err_thread.join().unwrap_or_default();
+    Ok(outcome(&prepared, status, &exit_line, &qemu_stderr)?)
+}
+
+/// As MKT did: running a setup that already runs attaches to it over ssh
+/// (its status is the ssh command's), unless `--new` or `--dry-run`.
+fn attach_to_running(opts: &RunOptions, paths: &Paths) -> anyhow::Result<Option<i32>> {
+    let (Some(setup), false, false) = (&opts.setup, opts.new, opts.dry_run) else {
+        return Ok(None);
+    };
+    let Some(rec) = instance::list(&paths.runtime_dir)?
+        .into_iter()
+        .find(|r| &r.name == setup)
+    else {
+        return Ok(None);
+    };
+    if rec.ssh_port.is_none() {
+        anyhow::bail!(
+            "{setup} is already running (pid {}) without SSH (a command run, --net none, or no sshd in its rootfs); use --new for another VM",
+            rec.pid
+        );
+    }
+    if !opts.quiet {
+        eprintln!(
+            "mkt: {setup} is already running (pid {}): attaching over ssh (--new starts another)",
+            rec.pid
+        );
+    }
+    ssh(paths, Some(setup), &opts.command, opts.quiet).map(Some)
+}
+
+/// Where gdb connects, and whether vmlinux's symbols line up.
+fn gdb_note(spec: &qemu::VmSpec, port: u16) -> String {
+    let kaslr = if qemu::cmdline(spec).split(' ').any(|w| w == "nokaslr") {
+        "with nokaslr, so vmlinux's symbols line up"
+    } else {
+        "with KASLR, as --append asked: vmlinux's symbols will not line up"
+    };
+    format!(
+        "mkt: gdb stub on 127.0.0.1:{port}; the kernel boots {kaslr} (gdb vmlinux -ex 'target remote :{port}')"
+    )
+}
+
+/// `--dry-run`: the QEMU command line and the generated guest files.
+fn print_dry_run(prepared: &Prepared) {
+    let argv = qemu::command_line(&prepared.spec);
+    println!("{}", crate::util::shell::shell_quote(&argv));
+    println!("# generated guest files (packed into the initramfs's /mkt):");
+    for f in &prepared.files.files {
+        println!(
+            "#   {}{}",
+            f.name,
+            f.dest
+                .as_ref()
+                .map(|d| format!(" -> {d}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// The host devices the VM gets: PCI functions bound to vfio-pci, the NVMe
+/// disk file, and a tap (QEMU gets its fd); the guards undo them.
+fn host_devices(
+    prepared: &mut Prepared,
+    run_dir: &Path,
+    quiet: bool,
+) -> Result<(Option<crate::vm::vfio::Binding>, Option<net::Tap>), RunError> {
+    if matches!(prepared.spec.net, Net::Tap { .. }) {
+        net::check_privilege(&prepared.net_mode)?;
+    }
+    let vfio = if prepared.spec.pci.is_empty() {
+        None
+    } else {
+        let sys = host_sysfs();
+        let devices = sys.check(&prepared.spec.pci)?;
+        sys.check_privilege(&devices)?;
+        Some(sys.bind(&devices, &run_dir.join(crate::vm::vfio::STATE_FILE))?)
+    };
+    if let (Some(n), Some(mib)) = (&prepared.spec.nvme, prepared.nvme_mib) {
+        ensure_disk(&n.path, mib)?;
+    }
+    let Net::Tap { mac, .. } = &prepared.spec.net else {
+        return Ok((vfio, None));
+    };
+    let bridge = match &prepared.net_mode {
+        net::Mode::Bridge(b) => Some(b.as_str()),
+        _ => None,
+    };
+    let tap = net::Tap::create(&format!("mkt{}", std::process::id()), bridge, run_dir)?;
+    // The tap exists and QEMU gets its fd: nothing else needs the
+    // capability (the kernel deletes the tap with the last fd).
+    net::drop_net_admin();
+    if !quiet && !prepared.exec {
+        eprintln!(
+            "mkt: guest NIC {mac} on tap {}{}",
+            tap.name,
+            bridge
+                .map(|b| format!(" in bridge {b}"))
+                .unwrap_or_default()
+        );
+    }
+    prepared.spec.net = Net::Tap {
+        fd: Some(tap.fd()),
+        mac: mac.clone(),
+    };
+    Ok((vfio, Some(tap)))
+}
+
+/// What QEMU itself may reach: when it serves 9p shares, only those.
+fn qemu_confinement(prepared: &Prepared, store: &Path) -> crate::confine::Confinement {
+    let nine_p: Vec<&Path> = prepared
+        .spec
+        .shares
+        .iter()
+        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .map(|s| s.path.as_path())
+        .collect();
+    if nine_p.is_empty() {
+        return crate::confine::Confinement::default();
+    }
+    // Not root, the store is hidden in a user namespace that maps only
+    // the caller's ids: QEMU then serves the root tree too, and a tree
+    // the caller does not own (root's, `--rootfs /`) would lose its
+    // owners (no set-uid sudo): such a run goes without that.
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid();
+    let foreign = !uid.is_root()
+        && std::fs::metadata(&prepared.rootfs).is_ok_and(|m| m.uid() != uid.as_raw());
+    if foreign {
+        tracing::warn!(
+            "9p as a normal user on {} (not yours): the rootfs store is not hidden from the guest (virtiofs hides it)",
+            prepared.rootfs.display()
+        );
+    }
+    let c = crate::confine::Confinement::new(&nine_p, (!foreign).then_some(store));
+    if matches!(prepared.spec.net, Net::BridgeHelper { .. }) {
+        c.keeping_setid_exec()
+    } else {
+        c
+    }
+}
+
+/// Waits for QEMU to exit; a signal to mkt kills it and ends the run.
+fn wait_qemu(
+    child: &mut std::process::Child,
+    sockets: &[PathBuf],
+) -> Result<std::process::ExitStatus, RunError> {
+    let exited = ExitWatch::new(child.id());
+    loop {
+        if let Some(s) = child
+            .try_wait()
+            .map_err(|e| RunError::Io("waiting for QEMU".into(), e))?
+        {
+            return Ok(s);
+        }
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            unblock(sockets);
+            return Err(RunError::Interrupted(sig));
+        }
+        exited.wait(Duration::from_millis(20));
+    }
+}
+
+/// The run's status: the guest command's (exec mode), else 0 when QEMU
+/// ended well; a failing boot script is reported, not left for the log to hide.
+fn outcome(
+    prepared: &Prepared,
+    status: std::process::ExitStatus,
+    exit_line: &str,
+    qemu_stderr: &str,
+) -> Result<i32, RunError> {
     if !prepared.exec {
         if status.success() {
             return Ok(0);
         }
         // QEMU's own error (a bad --qemu-arg, a device it lacks): its
         // stderr was piped away from the console, so say it here.
-        return Err(RunError::Qemu(format!("QEMU {status}{}", stderr_tail(&qemu_stderr))).into());
+        return Err(RunError::Qemu(format!(
+            "QEMU {status}{}",
+            stderr_tail(qemu_stderr)
+        )));
     }
     let log = match &prepared.spec.console {
         Console::Log(p) => p.clone(),
         Console::Interactive => PathBuf::new(),
     };
     let console = std::fs::read_to_string(&log).unwrap_or_default();
-    // A failing boot script is reported, not left for the log to hide.
     if let Some(line) = console
         .lines()
         .find(|l| l.contains("mkt-init: boot script") && l.contains("FAILED"))
@@ -441,16 +484,14 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             log.display()
         );
     }
-    if let Some(guest::plan::Exit(code)) = guest::plan::Exit::decode(&exit_line) {
+    if let Some(guest::plan::Exit(code)) = guest::plan::Exit::decode(exit_line) {
         return Ok(code);
     }
-    let qemu_desc = format!("QEMU {status}{}", stderr_tail(&qemu_stderr));
     Err(RunError::NoStatus {
-        qemu: qemu_desc,
+        qemu: format!("QEMU {status}{}", stderr_tail(qemu_stderr)),
         console,
         log,
-    }
-    .into())
+    })
 }
 
 #[cfg(test)]
