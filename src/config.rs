@@ -1435,4 +1435,382 @@ mod tests {
                 .contains("not a directory")
         );
     }
+
+    /// Runs `f` on a thread of its own and returns its result. An endless
+    /// loop (some mutants of the loops below make one) ends the whole test
+    /// run at once, failing it, rather than stalling every test that
+    /// reaches the loop until an outer timeout notices.
+    fn finishes<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::sync::mpsc::{RecvTimeoutError, channel};
+        let (tx, rx) = channel();
+        std::thread::spawn(move || tx.send(f()));
+        match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(v) => v,
+            Err(RecvTimeoutError::Disconnected) => panic!("the function panicked"),
+            Err(RecvTimeoutError::Timeout) => {
+                eprintln!("a function under test ran for 5 s without returning: endless loop");
+                std::process::exit(101);
+            }
+        }
+    }
+
+    #[test]
+    fn a_lone_dollar_sign_is_kept_and_expansion_ends() {
+        let out = finishes(|| expand_home("a$b$HOME$", Path::new(HOME)));
+        assert_eq!(out.as_os_str(), "a$b/home/u$");
+        let out = finishes(|| expand_home("$$HOME", Path::new(HOME)));
+        assert_eq!(out.as_os_str(), "$/home/u");
+    }
+
+    #[test]
+    fn a_trailing_slash_on_home_is_dropped_from_every_expansion() {
+        // As strings: PathBuf's == ignores doubled and trailing slashes.
+        let h = Path::new("/home/u/");
+        assert_eq!(expand_home("~", h).as_os_str(), "/home/u");
+        assert_eq!(expand_home("~/x", h).as_os_str(), "/home/u/x");
+        assert_eq!(expand_home("$HOME", h).as_os_str(), "/home/u");
+        assert_eq!(expand_home("/a/${HOME}", h).as_os_str(), "/a//home/u");
+        assert_eq!(expand_home("~/x", Path::new("/")).as_os_str(), "/x");
+        assert_eq!(expand_home("~", Path::new("///")).as_os_str(), "/");
+    }
+
+    #[test]
+    fn load_reads_the_file_and_only_a_missing_one_is_optional() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Path::new(HOME);
+        let file = tmp.path().join("config.toml");
+        fs::write(&file, "[setup.a]\ncpus = 2\nkernel = \"~/k\"\n").unwrap();
+        for cfg in [
+            Config::load(&file, home).unwrap(),
+            Config::load_optional(&file, home).unwrap(),
+        ] {
+            assert_eq!(cfg.setups["a"].cpus.map(Cpus::get), Some(2));
+            assert_eq!(cfg.setups["a"].kernel, Some(PathBuf::from("/home/u/k")));
+            assert_eq!(cfg.file.as_deref(), Some(file.as_path()));
+        }
+        fs::write(&file, "[setup.a]\ncpus = 0\n").unwrap();
+        let err = Config::load_optional(&file, home).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}:2:8: key `cpus` in [setup.a]: a guest needs at least one CPU, not 0",
+                file.display()
+            )
+        );
+
+        let missing = tmp.path().join("missing.toml");
+        let err = Config::load(&missing, home).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read config file {}", missing.display())
+        );
+        assert!(matches!(&err, ConfigError::Read { source, .. }
+                         if source.kind() == io::ErrorKind::NotFound));
+        assert_eq!(
+            Config::load_optional(&missing, home).unwrap(),
+            Config::default()
+        );
+
+        // Any other failure to read is an error, even for the optional file.
+        let err = Config::load_optional(tmp.path(), home).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read config file {}", tmp.path().display())
+        );
+        assert!(matches!(&err, ConfigError::Read { source, .. }
+                         if source.kind() != io::ErrorKind::NotFound));
+    }
+
+    #[test]
+    fn every_limit_goes_to_its_own_field_and_unset_limits_are_not_written() {
+        let cfg = parse("[limits]\nmanifest = \"1M\"\nconfig = \"2M\"\n").unwrap();
+        let l = cfg.limits.bytes();
+        let d = crate::oci::Limits::default();
+        assert_eq!((l.manifest, l.config), (1 << 20, 2 << 20));
+        assert_eq!((l.layer, l.image), (d.layer, d.image));
+        assert!(toml::to_string(&cfg).unwrap().contains("[limits]"));
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert!(!text.contains("limits"), "{text}");
+    }
+
+    #[test]
+    fn size_errors_say_what_is_wrong() {
+        const FORM: &str = "expected a size such as \"2G\" or \"2048M\" (suffix K, M, G or T)";
+        for bad in ["", " ", "G", "-1G", "1.5G"] {
+            assert_eq!(parse_mem_mib(bad), Err(FORM.to_string()), "{bad:?}");
+        }
+        assert_eq!(parse_mem_mib("1024K"), Ok(1));
+        assert_eq!(
+            parse_mem_mib("1536K"),
+            Err("not a whole number of MiB".to_string())
+        );
+        assert_eq!(
+            parse_mem_mib("512K"),
+            Err("not a whole number of MiB".to_string())
+        );
+        assert_eq!(
+            parse_mem_mib("2X"),
+            Err("unknown suffix `X` (use K, M, G or T)".into())
+        );
+        assert_eq!(parse_mem_mib("0G"), Err("size must be at least 1M".into()));
+        let err = parse("[setup.a]\nmem = \"G\"\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("/c.toml:2:7: bad value \"G\" for key `setup.a.mem`: {FORM}")
+        );
+    }
+
+    #[test]
+    fn mac_addresses_need_six_two_digit_octets_and_an_even_first_one() {
+        const FORM: &str = "expected a MAC address such as 02:6d:6b:74:00:01";
+        assert_eq!(
+            check_mac("00:11:22:33:44:55").as_deref(),
+            Ok("00:11:22:33:44:55")
+        );
+        assert_eq!(
+            check_mac("FE:ff:00:00:00:01").as_deref(),
+            Ok("fe:ff:00:00:00:01")
+        );
+        for bad in [
+            "0a:6d:6b:0:00:01",
+            "0a:6d:6b:000:00:01",
+            "zz:00:00:00:00:00",
+            "",
+        ] {
+            assert_eq!(check_mac(bad), Err(FORM.to_string()), "{bad:?}");
+        }
+        for multicast in [
+            "01:00:00:00:00:00",
+            "03:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+        ] {
+            assert!(
+                check_mac(multicast).unwrap_err().contains("multicast"),
+                "{multicast}"
+            );
+        }
+        let err = parse("[setup.a]\nmac = \"03:00:00:00:00:00\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/c.toml:2:7: bad value \"03:00:00:00:00:00\" for key `setup.a.mac`: \
+             a multicast address cannot be a NIC's (the first octet must be even)"
+        );
+    }
+
+    #[test]
+    fn interface_names_refuse_slash_colon_and_blanks() {
+        for c in ['/', ':', ' ', '\t'] {
+            assert!(parse_virt(&format!("rxe-a{c}b")).is_err(), "{c:?}");
+            assert!(check_net(&format!("bridge=a{c}b")).is_err(), "{c:?}");
+        }
+        assert_eq!(parse_virt("rxe-a.b_c-d"), Ok(("rxe", "a.b_c-d")));
+        assert!(check_net("bridge=a.b_c-d").is_ok());
+        assert!(check_net("bridge=..").is_err() && check_net("bridge=.").is_err());
+        let err = parse("[setup.a]\nnet = \"bridge=br:0\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/c.toml:2:7: bad value \"bridge=br:0\" for key `setup.a.net`: \
+             not a valid interface name after `bridge=`"
+        );
+        let err = parse("[setup.a]\nvirt = [\"rxe-eth0\", \"siw-a b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/c.toml:2:21: bad value \"siw-a b\" for key `setup.a.virt`: \
+             not a valid interface name after the kind"
+        );
+    }
+
+    #[test]
+    fn a_position_inside_a_character_is_that_character() {
+        // "é\nxé": é is bytes 0-1, x is byte 3, the second é bytes 4-5.
+        let at = |offset| {
+            finishes(move || {
+                let doc = Doc {
+                    text: "é\nxé",
+                    path: Path::new("/c.toml"),
+                };
+                doc.line_col(offset)
+            })
+        };
+        assert_eq!(at(1), (1, 1));
+        assert_eq!(at(2), (1, 2));
+        assert_eq!(at(5), (2, 2));
+        assert_eq!(at(6), (2, 3));
+        assert_eq!(at(99), (2, 3));
+    }
+
+    #[test]
+    fn syntax_errors_are_located_and_name_a_duplicate_key() {
+        let err = parse("a = 1\na = 2\n").unwrap_err();
+        assert_eq!(err.to_string(), "/c.toml:2:1: duplicate key `a`");
+        assert!(matches!(&err, ConfigError::Parse { key: Some(k), .. } if k == "a"));
+        let err = parse("[setup.a]\ncpus = 1\n[setup.a]\n").unwrap_err();
+        assert_eq!(err.to_string(), "/c.toml:3:8: duplicate key `a`");
+        let err = parse("\"é\" = 1\n\"é\" = 2\n").unwrap_err();
+        assert_eq!(err.to_string(), "/c.toml:2:1: duplicate key `\"é\"`");
+
+        let err = parse("[defaults]\nsrc = é\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/c.toml:2:7: string values must be quoted, expected literal string"
+        );
+        assert!(matches!(&err, ConfigError::Parse { key: None, .. }));
+    }
+
+    #[test]
+    fn type_and_value_errors_name_the_innermost_key() {
+        let err = parse("[setup.a]\nnum_of_vfs = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/c.toml:2:14: bad value for key `num_of_vfs` in [setup.a]: \
+             invalid value: integer `-1`, expected u32"
+        );
+        let err = parse("[setup]\na = { cpus = \"x\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/c.toml:2:14: wrong type for key `cpus` in [setup.a]: \
+             invalid type: string \"x\", expected u32"
+        );
+    }
+
+    #[test]
+    fn locate_finds_keys_inside_arrays_and_empty_spans_at_their_start() {
+        let text = "x = [1, { y = 2 }]\n";
+        let tree = DeTable::parse(text).unwrap();
+        assert_eq!(locate(tree.get_ref(), text.find('2').unwrap()), ["x", "y"]);
+        assert_eq!(locate(tree.get_ref(), text.find('1').unwrap()), ["x"]);
+        assert!(locate(tree.get_ref(), text.len()).is_empty());
+
+        // a = { b = <empty at 5>, c = <3..4> }, spanning 0..10.
+        let mut inner = DeTable::new();
+        inner.insert(
+            Spanned::new(5..5, "b".into()),
+            Spanned::new(5..5, DeValue::Boolean(true)),
+        );
+        inner.insert(
+            Spanned::new(2..3, "c".into()),
+            Spanned::new(3..4, DeValue::Boolean(true)),
+        );
+        let mut outer = DeTable::new();
+        outer.insert(
+            Spanned::new(0..1, "a".into()),
+            Spanned::new(0..10, DeValue::Table(inner)),
+        );
+        assert_eq!(locate(&outer, 3), ["a", "c"]);
+        assert_eq!(locate(&outer, 5), ["a", "b"]);
+        assert_eq!(locate(&outer, 7), ["a"]);
+    }
+
+    #[test]
+    fn keys_in_messages_are_quoted_only_when_toml_needs_it() {
+        let wrong_cpus = |name: &str| {
+            parse(&format!("[setup.{name}]\ncpus = \"x\"\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            wrong_cpus("cx5_ib-2").contains("key `cpus` in [setup.cx5_ib-2]:"),
+            "{}",
+            wrong_cpus("cx5_ib-2")
+        );
+        for (written, shown) in [("\"a.b\"", "[setup.\"a.b\"]"), ("\"\"", "[setup.\"\"]")] {
+            let err = wrong_cpus(written);
+            assert!(err.contains(&format!("key `cpus` in {shown}:")), "{err}");
+        }
+        let err = parse("[defaults]\nsetup = \"x.y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(": there is no [setup.\"x.y\"] in this file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_starter_config_uncommented_is_a_working_config() {
+        let starter = starter_config();
+        assert!(starter.starts_with("# mkt configuration"), "{starter}");
+        // `#key = ...` and `#[table]` lines are examples; `# ` lines are prose.
+        let uncommented: String = starter
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.is_empty() && !rest.starts_with(' ') => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = parse(&uncommented).unwrap();
+        assert_eq!(cfg.defaults.setup.as_deref(), Some("cx5-ib"));
+        assert_eq!(
+            cfg.defaults.kernel,
+            Some(PathBuf::from("/home/u/src/kernel"))
+        );
+        let s = &cfg.setups["cx5-ib"];
+        assert_eq!(s.pci, ["0000:05:00.0", "0000:05:00.1"]);
+        assert_eq!(s.mem.as_deref(), Some("4G"));
+    }
+
+    #[test]
+    fn ensure_runtime_dir_makes_a_private_directory_and_needs_its_parent() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = |xdg: &Path| {
+            let xdg = xdg.to_str().unwrap().to_string();
+            Paths::from_env(
+                move |k| match k {
+                    "HOME" => Some(HOME.into()),
+                    "XDG_RUNTIME_DIR" => Some(xdg.clone()),
+                    _ => None,
+                },
+                1000,
+                None,
+            )
+            .unwrap()
+        };
+        let p = paths(tmp.path());
+        p.ensure_runtime_dir().unwrap();
+        let meta = fs::symlink_metadata(&p.runtime_dir).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        p.ensure_runtime_dir().unwrap();
+
+        let p = paths(&tmp.path().join("gone"));
+        let err = p.ensure_runtime_dir().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot create runtime directory {}",
+                p.runtime_dir.display()
+            )
+        );
+    }
+
+    #[test]
+    fn an_already_private_runtime_dir_is_left_untouched() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let dir = tmp.path().join("rt");
+        ensure_private_dir(&dir, uid).unwrap();
+        let ctime = |p: &Path| {
+            let m = fs::symlink_metadata(p).unwrap();
+            (m.ctime(), m.ctime_nsec())
+        };
+        let before = ctime(&dir);
+        // Longer than the kernel's coarse timestamp tick: a chmod, even to
+        // the same mode, would move ctime.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        ensure_private_dir(&dir, uid).unwrap();
+        assert_eq!(ctime(&dir), before);
+    }
 }
