@@ -1,5 +1,5 @@
 //! `mkt build`: builds a source tree inside a rootfs entered with
-//! namespaces ([`crate::ns`]): project discovery, per-project steps, the
+//! namespaces ([`crate::sandbox`]): project discovery, per-project steps, the
 //! minimal VM kernel config, ccache, `-j` from the CPUs really available,
 //! silent output with a log, user-owned outputs.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Paths};
-use crate::ns::{self, Layout, Mount, What};
+use crate::sandbox::{self, Layout, Mount, What};
 
 /// mkt's VM kernel fragment, merged over tinyconfig + kvm_guest.config.
 pub const VM_CONFIG: &str = include_str!("../configs/vm.config");
@@ -89,7 +89,7 @@ pub enum BuildError {
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] io::Error),
     #[error("cannot enter the rootfs {0} to run {1}")]
-    Enter(PathBuf, String, #[source] ns::NsError),
+    Enter(PathBuf, String, #[source] sandbox::NsError),
 }
 
 fn is_file(p: &Path) -> bool {
@@ -560,8 +560,8 @@ impl Env {
         Ok(Ok(()))
     }
 
-    pub(crate) fn spec(&self, argv: &[String]) -> ns::Spec {
-        ns::Spec {
+    pub(crate) fn spec(&self, argv: &[String]) -> sandbox::Spec {
+        sandbox::Spec {
             layout: self.layout.clone(),
             // The host's name: kbuild bakes `hostname` into the kernel
             // (compile.h), so builds inside and outside mkt stay identical.
@@ -572,7 +572,7 @@ impl Env {
             cwd: self.src.clone(),
             argv: argv.iter().map(OsString::from).collect(),
             env: self.env.clone(),
-            ids: ns::Ids::Own,
+            ids: sandbox::Ids::Own,
         }
     }
 
@@ -583,14 +583,15 @@ impl Env {
         argv: &[String],
         log: &fs::File,
         stream: bool,
-    ) -> Result<ns::Exit, BuildError> {
+    ) -> Result<sandbox::Exit, BuildError> {
         let enter_err = |e| BuildError::Enter(self.rootfs.clone(), argv.join(" "), e);
         if !stream {
             let fd: OwnedFd = log
                 .try_clone()
                 .map_err(|e| BuildError::Write(PathBuf::from("log"), e))?
                 .into();
-            return ns::run(&self.spec(argv), &ns::HostFs, ns::Output::To(&fd)).map_err(enter_err);
+            return sandbox::run(&self.spec(argv), &sandbox::HostFs, sandbox::Output::To(&fd))
+                .map_err(enter_err);
         }
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| BuildError::Create(PathBuf::from("pipe"), e.into()))?;
@@ -608,7 +609,7 @@ impl Env {
                 let _ = io::stderr().write_all(&buf[..n]);
             }
         });
-        let r = ns::run(&self.spec(argv), &ns::HostFs, ns::Output::To(&wr));
+        let r = sandbox::run(&self.spec(argv), &sandbox::HostFs, sandbox::Output::To(&wr));
         drop(wr);
         let _ = tee.join();
         r.map_err(enter_err)
@@ -719,7 +720,7 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
     if opts.shell {
         let mut argv = vec![env.shell.clone()];
         argv.extend(opts.args.iter().cloned());
-        let exit = ns::run(&env.spec(&argv), &ns::HostFs, ns::Output::Inherit)
+        let exit = sandbox::run(&env.spec(&argv), &sandbox::HostFs, sandbox::Output::Inherit)
             .map_err(|e| BuildError::Enter(env.rootfs.clone(), argv.join(" "), e))?;
         tracing::info!("entered the rootfs in {:?}", exit.enter);
         return Ok(exit.status);

@@ -286,7 +286,7 @@ fn library_enters_the_rootfs_as_the_caller() {
     let Some(rootfs) = common::rootfs() else {
         return;
     };
-    use mkt::ns::{Layout, Mount, Output as NsOut, Spec, What};
+    use mkt::sandbox::{Layout, Mount, Output as NsOut, Spec, What};
     let staging = tempfile::tempdir().unwrap();
     let out = tempfile::NamedTempFile::new().unwrap();
     let spec = Spec {
@@ -310,11 +310,11 @@ fn library_enters_the_rootfs_as_the_caller() {
                 .into(),
         ],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        ids: mkt::ns::Ids::Own,
+        ids: mkt::sandbox::Ids::Own,
     };
     let before = digest(&rootfs);
     let fd: std::os::fd::OwnedFd = out.reopen().unwrap().into();
-    let exit = mkt::ns::run(&spec, &mkt::ns::HostFs, NsOut::To(&fd)).unwrap();
+    let exit = mkt::sandbox::run(&spec, &mkt::sandbox::HostFs, NsOut::To(&fd)).unwrap();
     let got = std::fs::read_to_string(out.path()).unwrap();
     assert_eq!(exit.status, 0, "{got}");
     let uid = nix::unistd::getuid().as_raw();
@@ -336,7 +336,7 @@ fn library_enters_the_rootfs_as_the_caller() {
     bad.layout
         .mounts
         .push(Mount::bind("/nonexistent-mkt", "/tmp/x", true));
-    let e = mkt::ns::run(&bad, &mkt::ns::HostFs, NsOut::To(&fd)).unwrap_err();
+    let e = mkt::sandbox::run(&bad, &mkt::sandbox::HostFs, NsOut::To(&fd)).unwrap_err();
     assert!(
         e.to_string()
             .contains("failed at: bind /nonexistent-mkt on "),
@@ -346,8 +346,8 @@ fn library_enters_the_rootfs_as_the_caller() {
     // A missing program is an error naming it, not a silent 127.
     let mut missing = spec.clone();
     missing.argv = vec!["no-such-program".into()];
-    let e = mkt::ns::run(&missing, &mkt::ns::HostFs, NsOut::To(&fd)).unwrap_err();
-    assert!(matches!(e, mkt::ns::NsError::Exec { .. }), "{e:?}");
+    let e = mkt::sandbox::run(&missing, &mkt::sandbox::HostFs, NsOut::To(&fd)).unwrap_err();
+    assert!(matches!(e, mkt::sandbox::NsError::Exec { .. }), "{e:?}");
     assert!(e.to_string().contains("no-such-program"), "{e}");
     eprintln!("entered in {:?}", exit.enter);
     assert!(
@@ -552,7 +552,7 @@ fn mount_plan_on_the_fixture_rootfs() {
     let Some(rootfs) = common::rootfs() else {
         return;
     };
-    use mkt::ns::{Layout, Mount, Op};
+    use mkt::sandbox::{Layout, Mount, Op};
     let layout = Layout {
         rootfs: rootfs.clone(),
         staging: "/stage".into(),
@@ -562,7 +562,7 @@ fn mount_plan_on_the_fixture_rootfs() {
         ],
         writable: false,
     };
-    let ops = mkt::ns::plan(&layout, &mkt::ns::HostFs);
+    let ops = mkt::sandbox::plan(&layout, &mkt::sandbox::HostFs);
     assert!(ops.contains(&Op::Tmpfs {
         dst: "/stage/home".into()
     }));

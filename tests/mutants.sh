@@ -26,7 +26,8 @@ if [ "${1:-}" = --iterate ]; then iterate=(--iterate); shift; fi
 files=("$@")
 if [ ${#files[@]} = 0 ]; then
   files=(src/unpack.rs src/oci/manifest.rs src/oci/reference.rs src/oci/blobs.rs src/config.rs
-         src/ci/findings.rs src/ci/scope.rs src/vm/vfio.rs src/vm/qemu/args.rs src/guest/mod.rs src/guest/plan.rs src/ns.rs)
+         src/ci/findings.rs src/ci/scope.rs src/vm/vfio.rs src/vm/qemu/args.rs src/guest/mod.rs src/guest/plan.rs
+         src/sandbox/plan.rs src/sandbox/idmap.rs)
 fi
 
 tree=$here/target/mutants-tree

@@ -20,7 +20,7 @@ use super::report::{self, CheckResult, Report, Status};
 use super::{CiError, Progress, git, job, scope};
 use crate::build::{self, Env, MKT_DIR, Project};
 use crate::config::{Config, Paths};
-use crate::ns::Mount;
+use crate::sandbox::Mount;
 
 /// Where scratch trees live: `$XDG_CACHE_HOME/mkt/ci`.
 fn cache_dir(paths: &Paths) -> PathBuf {

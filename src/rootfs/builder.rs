@@ -12,7 +12,7 @@
 use super::recipe::{self, Found, Recipe};
 use super::{Meta, Owners, RootfsError, TempTree, store_err};
 use crate::config::Paths;
-use crate::ns::{self, Ids, Layout, Mount, Output, What};
+use crate::sandbox::{self, Ids, Layout, Mount, Output, What};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -289,7 +289,7 @@ fn run_logged(
 ) -> Result<i32, RootfsError> {
     log.command(argv);
     let out = (!verbose).then(|| log.file.as_raw_fd());
-    ns::run_mapped(argv, ids, out).map_err(|source| RootfsError::Enter {
+    sandbox::run_mapped(argv, ids, out).map_err(|source| RootfsError::Enter {
         name: log.name.clone(),
         source,
     })
@@ -330,7 +330,7 @@ fn run_with_progress(argv: &[OsString], log: &mut Log, quiet: bool) -> Result<i3
         follow(rd, file, display);
         let _ = done_tx.send(());
     });
-    let status = ns::run_mapped(argv, &Ids::Host, Some(wr.as_raw_fd()));
+    let status = sandbox::run_mapped(argv, &Ids::Host, Some(wr.as_raw_fd()));
     // mmdebstrap has exited: with our end closed the reader sees EOF, unless
     // a daemon it started still holds the pipe; then it is not waited for.
     drop(wr);
@@ -622,7 +622,7 @@ fn steps(
         r.setup.len(),
         if install.is_some() { ", packages" } else { "" }
     ));
-    let spec = ns::Spec {
+    let spec = sandbox::Spec {
         layout: Layout {
             rootfs: tree.to_path_buf(),
             staging,
@@ -662,7 +662,7 @@ fn steps(
     } else {
         Output::To(&out_fd)
     };
-    let exit = ns::run(&spec, &ns::HostFs, out);
+    let exit = sandbox::run(&spec, &sandbox::HostFs, out);
     let _ = std::fs::remove_dir(&point);
     let exit = exit.map_err(|source| RootfsError::Enter {
         name: log.name.clone(),

@@ -79,7 +79,7 @@ pub enum RootfsError {
     Owners {
         name: String,
         #[source]
-        source: crate::ns::IdsError,
+        source: crate::sandbox::IdsError,
     },
     #[error("cannot open the build log")]
     Log(#[source] crate::util::fs::CreateError),
@@ -92,7 +92,7 @@ pub enum RootfsError {
     Enter {
         name: String,
         #[source]
-        source: crate::ns::NsError,
+        source: crate::sandbox::NsError,
     },
     #[error(
         "building rootfs {name} failed: {step} exited with status {status}; nothing was stored\n  {tail}\nlog: {}",
@@ -177,11 +177,11 @@ pub enum Owners {
 }
 
 impl Owners {
-    pub fn of(ids: &crate::ns::Ids) -> Owners {
+    pub fn of(ids: &crate::sandbox::Ids) -> Owners {
         match ids {
-            crate::ns::Ids::Host | crate::ns::Ids::Shifted { .. } => Owners::Host,
-            crate::ns::Ids::Mapped { .. } => Owners::Mapped,
-            crate::ns::Ids::Own => Owners::Xattrs,
+            crate::sandbox::Ids::Host | crate::sandbox::Ids::Shifted { .. } => Owners::Host,
+            crate::sandbox::Ids::Mapped { .. } => Owners::Mapped,
+            crate::sandbox::Ids::Own => Owners::Xattrs,
         }
     }
 }
@@ -223,11 +223,11 @@ enum How {
     Here(unpack::Record, Owners),
     /// In `mkt rootfs unpack-layers`, run as root of a user namespace with
     /// the user's subordinate ids, after the downloads.
-    Mapped(crate::ns::Ids),
+    Mapped(crate::sandbox::Ids),
 }
 
 fn how(choice: OwnersChoice, name: &str) -> Result<How, RootfsError> {
-    use crate::ns::Ids;
+    use crate::sandbox::Ids;
     if choice == OwnersChoice::Xattrs {
         return Ok(How::Here(unpack::Record::Xattrs, Owners::Xattrs));
     }
@@ -538,7 +538,8 @@ pub fn remove_any(path: &Path) -> std::io::Result<()> {
         Err(e)
             if e.raw_os_error() == Some(libc::EACCES) || e.raw_os_error() == Some(libc::EPERM) =>
         {
-            let Ok(ids @ crate::ns::Ids::Mapped { .. }) = crate::ns::Ids::for_owners() else {
+            let Ok(ids @ crate::sandbox::Ids::Mapped { .. }) = crate::sandbox::Ids::for_owners()
+            else {
                 return Err(e);
             };
             let argv = ["rm", "-rf", "--one-file-system", "--"]
@@ -546,7 +547,7 @@ pub fn remove_any(path: &Path) -> std::io::Result<()> {
                 .into_iter()
                 .chain([path.as_os_str().to_owned()])
                 .collect::<Vec<_>>();
-            match crate::ns::run_mapped(&argv, &ids, None) {
+            match crate::sandbox::run_mapped(&argv, &ids, None) {
                 Ok(0) => Ok(()),
                 Ok(s) => Err(std::io::Error::other(format!("rm -rf exited with {s}"))),
                 Err(ne) => Err(std::io::Error::other(ne)),
@@ -620,7 +621,7 @@ pub fn stored(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
 /// `mkt rootfs shell`: the tree entered as its root (its real owners when
 /// it keeps them), /proc, /dev and /tmp of its own, the host network.
 pub fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<i32, RootfsError> {
-    use crate::ns::{Ids, Layout, Mount, Spec, What};
+    use crate::sandbox::{Ids, Layout, Mount, Spec, What};
     let tree = stored(paths, name)?;
     let _in_use = lock::tree_shared(&tree, name)?;
     let ids = match meta(paths, name).map(|m| m.owners) {
@@ -675,12 +676,15 @@ pub fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<
         env,
         ids,
     };
-    let exit = crate::ns::run(&spec, &crate::ns::HostFs, crate::ns::Output::Inherit).map_err(
-        |source| RootfsError::Enter {
-            name: name.into(),
-            source,
-        },
-    )?;
+    let exit = crate::sandbox::run(
+        &spec,
+        &crate::sandbox::HostFs,
+        crate::sandbox::Output::Inherit,
+    )
+    .map_err(|source| RootfsError::Enter {
+        name: name.into(),
+        source,
+    })?;
     Ok(exit.status)
 }
 

@@ -529,7 +529,7 @@ fn unpack_mapped(
     into: &Path,
     limits: &Limits,
     layers: &[(String, PathBuf)],
-    ids: &crate::ns::Ids,
+    ids: &crate::sandbox::Ids,
 ) -> Result<(), RootfsError> {
     let exe = std::env::current_exe().map_err(store_err("find", Path::new("/proc/self/exe")))?;
     let mut argv: Vec<std::ffi::OsString> = vec![
@@ -548,10 +548,11 @@ fn unpack_mapped(
         a.push(p);
         a
     }));
-    let status = crate::ns::run_mapped(&argv, ids, None).map_err(|source| RootfsError::Enter {
-        name: name.into(),
-        source,
-    })?;
+    let status =
+        crate::sandbox::run_mapped(&argv, ids, None).map_err(|source| RootfsError::Enter {
+            name: name.into(),
+            source,
+        })?;
     if status != 0 {
         return Err(RootfsError::MappedUnpack {
             image: job.image.into(),

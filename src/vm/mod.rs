@@ -43,7 +43,7 @@ pub enum RunError {
     #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelError),
     #[error("cannot serve {} with its owners", .0.display())]
-    Owners(PathBuf, #[source] crate::ns::IdsError),
+    Owners(PathBuf, #[source] crate::sandbox::IdsError),
     #[error("kernel tree {0}")]
     Modules(PathBuf, #[source] guest::modules::ModulesError),
     #[error("the kernel needs module {name} to boot, and {dir} does not have it")]

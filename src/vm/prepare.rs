@@ -138,7 +138,7 @@ pub struct Prepared {
     pub virtiofsd: Option<PathBuf>,
     /// The id map the root share's virtiofsd runs under (a tree with
     /// subordinate-id owners), else the caller's own ids.
-    pub root_ids: Option<crate::ns::Ids>,
+    pub root_ids: Option<crate::sandbox::Ids>,
     pub user: String,
     pub rootfs: PathBuf,
     pub net_mode: net::Mode,
@@ -420,7 +420,7 @@ fn find_setup(opts: &RunOptions, config: &Config) -> Result<(Option<String>, Set
 /// A tree whose owners are shifted by the user's subordinate ids is served
 /// from a user namespace with the same map, so the guest sees its real
 /// owners (root's files as root's, setuid sudo working).
-fn served_ids(paths: &Paths, rootfs: &Path) -> Result<Option<crate::ns::Ids>, RunError> {
+fn served_ids(paths: &Paths, rootfs: &Path) -> Result<Option<crate::sandbox::Ids>, RunError> {
     match rootfs
         .parent()
         .filter(|p| *p == paths.rootfs_dir)
@@ -429,7 +429,8 @@ fn served_ids(paths: &Paths, rootfs: &Path) -> Result<Option<crate::ns::Ids>, Ru
         .map(|m| m.owners)
     {
         Some(crate::rootfs::Owners::Mapped) if !nix::unistd::geteuid().is_root() => Ok(Some(
-            crate::ns::Ids::for_owners().map_err(|e| RunError::Owners(rootfs.to_path_buf(), e))?,
+            crate::sandbox::Ids::for_owners()
+                .map_err(|e| RunError::Owners(rootfs.to_path_buf(), e))?,
         )),
         _ => Ok(None),
     }

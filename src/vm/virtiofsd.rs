@@ -70,7 +70,7 @@ pub(crate) fn start_virtiofsd(
     bin: &Path,
     shares: &[Share],
     run_dir: &Path,
-    root_ids: Option<&crate::ns::Ids>,
+    root_ids: Option<&crate::sandbox::Ids>,
     store: &Path,
 ) -> Result<Daemons, RunError> {
     let mut daemons = Daemons(Vec::new(), Vec::new());
@@ -86,7 +86,7 @@ pub(crate) fn start_virtiofsd(
             let argv: Vec<std::ffi::OsString> = std::iter::once(bin.as_os_str().to_owned())
                 .chain(virtiofsd_args(share).into_iter().map(Into::into))
                 .collect();
-            let pid = crate::ns::spawn_mapped(&argv, ids, &[], Some(log_file.as_raw_fd()))
+            let pid = crate::sandbox::spawn_mapped(&argv, ids, &[], Some(log_file.as_raw_fd()))
                 .map_err(|e| RunError::Virtiofsd(share.path.clone(), e.to_string()))?;
             daemons.1.push(pid);
             started.push(Starting {
