@@ -80,62 +80,26 @@ impl Ids {
             .map(|u| u.name)
             .unwrap_or_else(|| uid.to_string());
         let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
-        let range = |file: &'static str, kind: &'static str| {
-            crate::host::probe::subid_ranges(&read(file), &user, uid.as_raw())
-                .into_iter()
-                .find(|(_, c)| *c >= 1)
-                .map(|(s, c)| (s as u32, c.min(u32::MAX as u64 - 1) as u32))
-                .ok_or_else(|| IdsError::NoRange {
-                    user: user.clone(),
-                    kind,
-                    file,
-                })
-        };
-        let (us, uc) = range("/etc/subuid", "uid")?;
-        let (gs, gc) = range("/etc/subgid", "gid")?;
+        let ids = owners_in(
+            &user,
+            uid.as_raw(),
+            gid,
+            &read("/etc/subuid"),
+            &read("/etc/subgid"),
+        )?;
         for h in ["newuidmap", "newgidmap"] {
             if crate::host::probe::find_program(h).is_none() {
                 return Err(IdsError::NoHelper(h));
             }
         }
-        let map = |own: u32, start: u32, count: u32| {
-            vec![
-                IdRange {
-                    inside: 0,
-                    outside: own,
-                    count: 1,
-                },
-                IdRange {
-                    inside: 1,
-                    outside: start,
-                    count,
-                },
-            ]
-        };
-        Ok(Ids::Mapped {
-            uids: map(uid.as_raw(), us, uc),
-            gids: map(gid, gs, gc),
-        })
+        Ok(ids)
     }
 
     /// [`Ids::Shifted`] for root: root's first subordinate range when it
     /// has one, else systemd's "foreign" range (0x7FFE0000, 65536 ids),
     /// which no host user has.
     pub fn shifted_for_root() -> Ids {
-        let text = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-        let range = crate::host::probe::subid_ranges(&text, "root", 0)
-            .into_iter()
-            .find(|(s, c)| *c >= 65536 && *s > 0 && *s + *c <= u32::MAX as u64);
-        match range {
-            Some((s, _)) => Ids::Shifted {
-                base: s as u32,
-                count: 65536,
-            },
-            None => Ids::Shifted {
-                base: 0x7FFE_0000,
-                count: 65536,
-            },
-        }
+        shifted_in(&std::fs::read_to_string("/etc/subuid").unwrap_or_default())
     }
 
     /// The host uid that `inside` is, under this mapping.
@@ -145,6 +109,59 @@ impl Ids {
             Ids::Own => None,
             Ids::Mapped { uids, .. } => outside(uids, inside),
         }
+    }
+}
+
+/// [`Ids::for_owners`] for a user who is not root, given the texts of
+/// /etc/subuid and /etc/subgid (the helpers not yet checked).
+fn owners_in(user: &str, uid: u32, gid: u32, subuid: &str, subgid: &str) -> Result<Ids, IdsError> {
+    let range = |text: &str, file: &'static str, kind: &'static str| {
+        crate::host::probe::subid_ranges(text, user, uid)
+            .into_iter()
+            .find(|(_, c)| *c >= 1)
+            .map(|(s, c)| (s as u32, c.min(u32::MAX as u64 - 1) as u32))
+            .ok_or_else(|| IdsError::NoRange {
+                user: user.to_string(),
+                kind,
+                file,
+            })
+    };
+    let (us, uc) = range(subuid, "/etc/subuid", "uid")?;
+    let (gs, gc) = range(subgid, "/etc/subgid", "gid")?;
+    let map = |own: u32, start: u32, count: u32| {
+        vec![
+            IdRange {
+                inside: 0,
+                outside: own,
+                count: 1,
+            },
+            IdRange {
+                inside: 1,
+                outside: start,
+                count,
+            },
+        ]
+    };
+    Ok(Ids::Mapped {
+        uids: map(uid, us, uc),
+        gids: map(gid, gs, gc),
+    })
+}
+
+/// [`Ids::shifted_for_root`], given the text of /etc/subuid.
+fn shifted_in(subuid: &str) -> Ids {
+    let range = crate::host::probe::subid_ranges(subuid, "root", 0)
+        .into_iter()
+        .find(|(s, c)| *c >= 65536 && *s > 0 && *s + *c <= u32::MAX as u64);
+    match range {
+        Some((s, _)) => Ids::Shifted {
+            base: s as u32,
+            count: 65536,
+        },
+        None => Ids::Shifted {
+            base: 0x7FFE_0000,
+            count: 65536,
+        },
     }
 }
 
