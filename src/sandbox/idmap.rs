@@ -301,3 +301,123 @@ pub(crate) fn idmapped_tree(tree: &Path, base: u32, count: u32) -> Result<OwnedF
     let _ = waitpid(child, None);
     made
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(inside: u32, outside: u32, count: u32) -> IdRange {
+        IdRange {
+            inside,
+            outside,
+            count,
+        }
+    }
+
+    /// 0 is the caller, 1.. the first range with ids in it (by name or
+    /// uid); a count too big for a map is cut to fit after the 0 line.
+    #[test]
+    fn owners_get_their_first_nonempty_subordinate_ranges() {
+        let subuid = "alice:50000:0\nbob:70000:65536\n1000:100000:65536\nalice:300000:65536\n";
+        let subgid = "alice:200000:1\n";
+        assert_eq!(
+            owners_in("alice", 1000, 1001, subuid, subgid).unwrap(),
+            Ids::Mapped {
+                uids: vec![r(0, 1000, 1), r(1, 100000, 65536)],
+                gids: vec![r(0, 1001, 1), r(1, 200000, 1)],
+            }
+        );
+        let huge = "alice:100000:4294967296\n";
+        assert_eq!(
+            owners_in("alice", 1000, 1000, huge, huge).unwrap(),
+            Ids::Mapped {
+                uids: vec![r(0, 1000, 1), r(1, 100000, u32::MAX - 1)],
+                gids: vec![r(0, 1000, 1), r(1, 100000, u32::MAX - 1)],
+            }
+        );
+    }
+
+    #[test]
+    fn owners_without_a_range_are_told_which_file_lacks_it() {
+        let e = owners_in(
+            "alice",
+            1000,
+            1000,
+            "alice:100000:65536\n",
+            "alice:200000:0\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, IdsError::NoRange { user, kind: "gid", file: "/etc/subgid" } if user == "alice"),
+            "{e:?}"
+        );
+        let e = owners_in("alice", 1000, 1000, "bob:100000:65536\n", "").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("alice has no subordinate uid range in /etc/subuid"),
+            "{e}"
+        );
+    }
+
+    /// Root's first range of at least 65536 ids that starts above 0 and
+    /// ends within the 32-bit ids, else systemd's foreign range.
+    #[test]
+    fn root_is_shifted_into_its_first_usable_range() {
+        let shifted = |base| Ids::Shifted { base, count: 65536 };
+        let foreign = shifted(0x7FFE_0000);
+        for (subuid, want) in [
+            ("", foreign.clone()),
+            ("root:100000:65536\n", shifted(100000)),
+            ("root:100000:1000000\n", shifted(100000)),
+            ("0:100000:65536\n", shifted(100000)),
+            ("alice:100000:65536\n", foreign.clone()),
+            ("root:100000:65535\n", foreign.clone()),
+            ("root:0:65536\n", foreign.clone()),
+            ("root:1:65536\n", shifted(1)),
+            // The last ids: the range ends at u32::MAX, or one past it.
+            ("root:4294901759:65536\n", shifted(4294901759)),
+            ("root:4294901760:65536\n", foreign.clone()),
+            (
+                "root:0:65536\nroot:100000:10\nroot:4294901760:65536\nroot:200000:65536\nroot:300000:65536\n",
+                shifted(200000),
+            ),
+        ] {
+            assert_eq!(shifted_in(subuid), want, "{subuid:?}");
+        }
+    }
+
+    #[test]
+    fn host_uid_follows_the_map() {
+        let mapped = Ids::Mapped {
+            uids: vec![r(0, 1000, 1), r(1, 100000, 65536)],
+            gids: vec![r(0, 2000, 1)],
+        };
+        for (inside, want) in [
+            (0, Some(1000)),
+            (1, Some(100000)),
+            (5, Some(100004)),
+            (65536, Some(165535)),
+            (65537, None),
+        ] {
+            assert_eq!(mapped.host_uid(inside), want, "{inside}");
+        }
+        // A range that does not start at 0 or 1.
+        let mapped = Ids::Mapped {
+            uids: vec![r(10, 500, 10)],
+            gids: vec![],
+        };
+        for (inside, want) in [(9, None), (10, Some(500)), (12, Some(502)), (20, None)] {
+            assert_eq!(mapped.host_uid(inside), want, "{inside}");
+        }
+        assert_eq!(Ids::Host.host_uid(7), Some(7));
+        assert_eq!(
+            Ids::Shifted {
+                base: 100000,
+                count: 65536
+            }
+            .host_uid(7),
+            Some(7)
+        );
+        assert_eq!(Ids::Own.host_uid(7), None);
+    }
+}

@@ -567,6 +567,21 @@ mod tests {
                 ],
             ),
             (
+                "a directory mount point where the tree has a file replaces the file",
+                vec![Mount::bind("/h/x", "/etc/hosts", false)],
+                vec![
+                    tmpfs("/s/etc"),
+                    touch("/s/etc/passwd"),
+                    bind("/r/etc/passwd", "/s/etc/passwd", true),
+                    Op::Symlink {
+                        target: "/run/x".into(),
+                        path: "/s/etc/resolv.conf".into(),
+                    },
+                    mkdir("/s/etc/hosts"),
+                    bind("/h/x", "/s/etc/hosts", false),
+                ],
+            ),
+            (
                 "a second target in a shadowed dir reuses the tmpfs",
                 vec![
                     Mount::bind("/home/a", "/home/a", true),
@@ -628,6 +643,39 @@ mod tests {
             target: "pts/ptmx".into(),
             path: "/s/dev/ptmx".into()
         }));
+    }
+
+    /// The real view: each kind as it is on disk (a symlink's target
+    /// unread, a fifo as Other), and a directory's entries sorted by name.
+    #[test]
+    fn host_fs_sees_what_is_on_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::create_dir(p.join("d")).unwrap();
+        std::fs::write(p.join("f"), "x").unwrap();
+        std::os::unix::fs::symlink("d/../f", p.join("l")).unwrap();
+        nix::unistd::mkfifo(&p.join("p"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::write(p.join("d/e"), "").unwrap();
+        let want = [
+            ("d", Kind::Dir),
+            ("f", Kind::File),
+            ("l", Kind::Symlink("d/../f".into())),
+            ("p", Kind::Other),
+        ];
+        for (name, kind) in &want {
+            assert_eq!(HostFs.kind(&p.join(name)), *kind, "{name}");
+        }
+        assert_eq!(HostFs.kind(&p.join("none")), Kind::Missing);
+        let children: Vec<(OsString, Kind)> = want
+            .iter()
+            .map(|(n, k)| (OsString::from(n), k.clone()))
+            .collect();
+        assert_eq!(HostFs.children(p), children);
+        assert_eq!(
+            HostFs.children(&p.join("d")),
+            vec![(OsString::from("e"), Kind::File)]
+        );
+        assert_eq!(HostFs.children(&p.join("none")), vec![]);
     }
 
     /// newuidmap refuses a range the caller has no subuid entry for: the
