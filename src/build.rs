@@ -142,40 +142,6 @@ pub fn kernel_version(makefile: &str) -> Option<String> {
     Some(s)
 }
 
-/// CPUs this process may really use: the affinity mask, capped by the
-/// cgroup v2 CPU quota of its cgroup and every ancestor.
-pub fn jobs() -> u32 {
-    let cpus = crate::host::user::available_cpus();
-    let quota = fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|c| cgroup_quota(&c, |p| fs::read_to_string(p).ok()));
-    quota.map_or(cpus, |q| q.min(cpus)).max(1)
-}
-
-/// The smallest `cpu.max` quota (in CPUs, rounded up) on the path of the
-/// cgroup v2 named in `proc_cgroup` (`/proc/self/cgroup`'s text).
-pub fn cgroup_quota(proc_cgroup: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u32> {
-    let path = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mut dir = PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-    let mut best: Option<u32> = None;
-    loop {
-        if let Some(q) = read(&dir.join("cpu.max")).and_then(|t| parse_cpu_max(&t)) {
-            best = Some(best.map_or(q, |b| b.min(q)));
-        }
-        if dir == Path::new("/sys/fs/cgroup") || !dir.pop() {
-            return best;
-        }
-    }
-}
-
-/// `cpu.max` is `QUOTA PERIOD` or `max PERIOD`: CPUs, rounded up.
-pub fn parse_cpu_max(text: &str) -> Option<u32> {
-    let mut it = text.split_whitespace();
-    let quota: u64 = it.next()?.parse().ok()?;
-    let period: u64 = it.next()?.parse().ok().filter(|&p| p > 0)?;
-    Some(quota.div_ceil(period).max(1) as u32)
-}
-
 /// One command run inside the tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step(pub Vec<String>);
@@ -725,7 +691,7 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         tracing::info!("entered the rootfs in {:?}", exit.enter);
         return Ok(exit.status);
     }
-    let jobs = jobs();
+    let jobs = crate::host::user::usable_cpus();
     let mut env = env;
     let (name, what, steps) = if let Some(recipe) = &opts.recipe {
         // The recipe runs with `sh -e`, from a copy mkt shows at /tmp/.mkt.
@@ -931,23 +897,6 @@ mod tests {
                 (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
-    }
-
-    #[test]
-    fn cpu_max_and_cgroup_quota() {
-        assert_eq!(parse_cpu_max("max 100000\n"), None);
-        assert_eq!(parse_cpu_max("150000 100000\n"), Some(2));
-        assert_eq!(parse_cpu_max("50000 100000"), Some(1));
-        assert_eq!(parse_cpu_max("400000 100000"), Some(4));
-        let read = |p: &Path| match p.to_str().unwrap() {
-            "/sys/fs/cgroup/a/b/cpu.max" => Some("max 100000".to_string()),
-            "/sys/fs/cgroup/a/cpu.max" => Some("300000 100000".to_string()),
-            _ => None,
-        };
-        assert_eq!(cgroup_quota("0::/a/b\n", read), Some(3));
-        assert_eq!(cgroup_quota("1:cpu:/\n", read), None);
-        assert_eq!(cgroup_quota("0::/\n", read), None);
-        assert!(jobs() >= 1);
     }
 
     #[test]

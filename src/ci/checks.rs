@@ -376,7 +376,7 @@ fn kernel(
         req,
         want,
         fragment,
-        j: format!("-j{}", build::jobs()),
+        j: format!("-j{}", crate::host::user::usable_cpus()),
         targets: sc.dirs.iter().map(|d| format!("{d}/")).collect(),
         dirs: sc.dirs.clone(),
         out_dir,
@@ -793,7 +793,7 @@ fn userspace(
         git::checkout(&tree, rev)?;
         // A clean build (ccache keeps it cheap), so every warning shows.
         let input = build::StepInput {
-            jobs: build::jobs(),
+            jobs: crate::host::user::usable_cpus(),
             ccache: r.env.ccache,
             clean: true,
             configured: false,

@@ -105,9 +105,9 @@ pub fn load(jobs: &Path, id: u64) -> Result<Record, CiError> {
 
 /// Is `pid` still an mkt process?
 fn alive(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.split(|&b| b == 0).any(|a| a == b"ci"))
-        .unwrap_or(false)
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.cmdline())
+        .is_ok_and(|args| args.iter().any(|a| a == "ci"))
 }
 
 /// The one-line state for `--status`.

@@ -85,14 +85,9 @@ pub fn holders(path: &Path, runtime_dir: Option<&Path>) -> Vec<String> {
             if let Some(r) = vms.iter().find(|r| r.pid == pid) {
                 return format!("VM {} (pid {pid})", r.name);
             }
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|b| {
-                    b.split(|c| *c == 0)
-                        .filter(|a| !a.is_empty())
-                        .map(|a| String::from_utf8_lossy(a).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
+            let cmd = procfs::process::Process::new(pid as i32)
+                .and_then(|p| p.cmdline())
+                .map(|args| args.join(" "))
                 .unwrap_or_default();
             let mut cmd: String = cmd.chars().take(80).collect();
             if cmd.is_empty() {
