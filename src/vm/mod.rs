@@ -2,11 +2,14 @@
 //! initramfs into a private run directory, start QEMU, relay the command's
 //! output and exit status, and tear everything down whatever happens.
 
+mod cmdline;
 mod control;
+mod error;
 pub mod instance;
 pub mod net;
 mod prepare;
 pub mod qemu;
+mod request;
 mod script;
 mod ssh;
 mod supervise;
@@ -16,13 +19,15 @@ mod virtiofsd;
 use crate::config::{Config, Paths};
 use crate::guest;
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
-use crate::host::kvm;
 pub use control::{ps, stop};
+pub use error::RunError;
 use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
 use qemu::{Console, FsKind, Net};
-use ssh::relay_ready;
-pub use ssh::{ssh, test};
+pub use request::RunOptions;
+use script::check_boot_script;
+pub use ssh::ssh;
+use ssh::{relay_ready, ssh_with_stdin};
 use std::io::{self, Read};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -33,120 +38,6 @@ use supervise::{
     unblock,
 };
 use virtiofsd::{Daemons, start_virtiofsd};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("--virt {virt}: the kernel lacks {option} (build it with {option}=m)")]
-    NoSoftRdma { virt: String, option: &'static str },
-    #[error(transparent)]
-    Rootfs(#[from] crate::rootfs::resolve::ResolveError),
-    #[error(transparent)]
-    Kernel(#[from] crate::kernel::KernelError),
-    #[error("cannot serve {} with its owners", .0.display())]
-    Owners(PathBuf, #[source] crate::sandbox::IdsError),
-    #[error("kernel tree {0}")]
-    Modules(PathBuf, #[source] guest::modules::ModulesError),
-    #[error("the kernel needs module {name} to boot, and {dir} does not have it")]
-    MissingBootModule { name: String, dir: PathBuf },
-    #[error("--boot-script {0}: {1}")]
-    BootScript(PathBuf, String),
-    #[error("setup {0:?} is not in the config{1}")]
-    NoSetup(String, String),
-    #[error("--profile")]
-    Profile(#[source] qemu::ProfileError),
-    #[error("cannot prepare the run directory")]
-    RunDir(#[source] instance::InstanceError),
-    #[error("cannot write {0}")]
-    Write(PathBuf, #[source] io::Error),
-    #[error("cannot start {0}")]
-    Spawn(PathBuf, #[source] io::Error),
-    #[error("{0}")]
-    Io(String, #[source] io::Error),
-    /// `nine_p`: the kernel can mount 9p, so `--fs 9p` is a way out.
-    #[error("virtiofs needs virtiofsd, which is not installed (see `mkt doctor`; ./install.sh installs it){}",
-        if *.nine_p { ", or use --fs 9p" } else { "; this kernel has no 9p, so virtiofs is the only way to share the rootfs" })]
-    NoVirtiofsd { nine_p: bool },
-    #[error("virtiofsd for {0} did not start: {1}")]
-    Virtiofsd(PathBuf, String),
-    #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
-    NoQemu,
-    #[error("the guest ended without reporting the command's exit status ({qemu}){}\nconsole log: {}", last_lines(.console), .log.display())]
-    NoStatus {
-        qemu: String,
-        console: String,
-        log: PathBuf,
-    },
-    #[error(
-        "the kernel command line would be {len} bytes, but {} takes at most {limit}: shorten --append (the kernel would cut it, and the guest hang)", .kernel.display()
-    )]
-    CmdlineTooLong {
-        len: usize,
-        limit: usize,
-        kernel: PathBuf,
-    },
-    #[error("{0}")]
-    Qemu(String),
-    #[error("interrupted by signal {0}")]
-    Interrupted(i32),
-    #[error("{0}: {1}")]
-    Invalid(String, String),
-    #[error(transparent)]
-    Vfio(#[from] crate::vm::vfio::VfioError),
-    #[error(transparent)]
-    Net(#[from] net::NetError),
-}
-
-fn last_lines(console: &str) -> String {
-    let lines: Vec<&str> = console.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(25)..];
-    let panic = lines.iter().find(|l| l.contains("Kernel panic"));
-    let mut s = String::new();
-    if let Some(p) = panic {
-        s += &format!("\n{}", p.trim());
-    }
-    if !tail.is_empty() {
-        s += "\nlast console lines:\n";
-        s += &tail.join("\n");
-    }
-    s
-}
-
-/// What `mkt run` was asked to do.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    pub setup: Option<String>,
-    pub rootfs: Option<String>,
-    pub kernel: Option<PathBuf>,
-    pub modules: Option<PathBuf>,
-    pub command: Vec<String>,
-    pub fs: Option<String>,
-    pub accel: Option<kvm::Accel>,
-    pub cpus: Option<u32>,
-    pub mem_mib: Option<u64>,
-    pub append: Vec<String>,
-    pub qemu_args: Vec<String>,
-    pub dirs: Vec<PathBuf>,
-    pub gdb_port: Option<u16>,
-    pub ssh_port: Option<u16>,
-    pub net_none: bool,
-    /// `--net`: nat, none, tap, bridge, bridge=BR [default: the setup's, nat].
-    pub net: Option<String>,
-    /// Host PCI functions to pass through, added to the setup's.
-    pub pci: Vec<String>,
-    /// Size of the NVMe scratch disk in MiB.
-    pub nvme_mib: Option<u64>,
-    /// `--virt`: soft RDMA devices, added to the setup's.
-    pub virt: Vec<String>,
-    pub profile: Option<String>,
-    pub boot_script: Option<PathBuf>,
-    pub init: Option<String>,
-    pub keep: bool,
-    /// Start another VM even when the setup is already running.
-    pub new: bool,
-    pub dry_run: bool,
-    pub quiet: bool,
-    pub verbose: bool,
-}
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
 pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
@@ -494,8 +385,90 @@ fn outcome(
     })
 }
 
+/// `mkt test`: the setup's test script as the user, in the running VM of
+/// the setup (over ssh) or in a fresh command-mode boot; TEST PASSED/FAILED.
+pub fn test(
+    config: &Config,
+    paths: &Paths,
+    setup: Option<String>,
+    script: Option<PathBuf>,
+    quiet: bool,
+) -> anyhow::Result<i32> {
+    let name = setup
+        .or_else(|| config.defaults.setup.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no setup: name one, or set defaults.setup in the config")
+        })?;
+    let s = config
+        .setups
+        .get(&name)
+        .ok_or_else(|| RunError::NoSetup(name.clone(), String::new()))?;
+    let script = script.or_else(|| s.test.clone()).ok_or_else(|| {
+        anyhow::anyhow!("setup {name:?} has no `test` script in the config (or pass --script FILE)")
+    })?;
+    check_boot_script(&script).map_err(|e| match e {
+        RunError::BootScript(p, why) => anyhow::anyhow!("test script {}: {why}", p.display()),
+        e => e.into(),
+    })?;
+    let script = std::fs::canonicalize(&script)?;
+    let command = vec![script.display().to_string()];
+    let running = instance::list(&paths.runtime_dir)?
+        .into_iter()
+        .any(|r| r.name == name && r.ssh_port.is_some());
+    let code = if running {
+        // The script's directory need not be shared with the running VM:
+        // its content goes over ssh's stdin into a temp file there.
+        let file = std::fs::File::open(&script)?;
+        ssh_with_stdin(
+            paths,
+            Some(&name),
+            &remote_script_command(&script),
+            Some(file),
+            quiet,
+        )?
+    } else {
+        let opts = RunOptions {
+            setup: Some(name.clone()),
+            command,
+            // The script must be visible in the guest at its host path.
+            dirs: script.parent().map(Path::to_path_buf).into_iter().collect(),
+            quiet,
+            ..RunOptions::default()
+        };
+        run(&opts, config, paths)?
+    };
+    if code == 0 {
+        println!("TEST PASSED ({name}: {})", script.display());
+        Ok(0)
+    } else {
+        println!("TEST FAILED ({name}: {} exited {code})", script.display());
+        Ok(1)
+    }
+}
+
+/// The guest command that saves its stdin as the script (same file name)
+/// in a temp dir, runs it with stdin from /dev/null, and exits with its status.
+pub(crate) fn remote_script_command(script: &Path) -> Vec<String> {
+    let name = script
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "test".into());
+    let body = "d=$(mktemp -d) || exit 125; f=\"$d/$1\"; \
+                if cat > \"$f\" && chmod 755 \"$f\"; then \"$f\" < /dev/null; s=$?; else s=125; fi; \
+                rm -rf \"$d\"; exit $s";
+    vec![
+        "sh".into(),
+        "-c".into(),
+        body.into(),
+        "mkt-test".into(),
+        name,
+    ]
+}
+
 #[cfg(test)]
 mod tests {
+    use super::cmdline::{gdb_nokaslr, tsc_word};
+    use super::error::last_lines;
     use super::prepare::*;
     use super::script::check_boot_script;
     use super::*;

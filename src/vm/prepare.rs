@@ -1,19 +1,23 @@
 //! Everything `mkt run` decides before QEMU starts: the kernel, the rootfs,
 //! the guest's files and initramfs, the QEMU command line.
 
-use super::script::check_boot_script;
+use super::cmdline::{check_cmdline, kernel_words};
+use super::error::RunError;
+use super::request::RunOptions;
+use super::request::{
+    choose_fs, find_rootfs, find_setup, guest_mem, machine, net_mode, read_boot_script, served_ids,
+};
 use super::ssh::ensure_ssh_keys;
 use super::supervise::host_terminal;
-use super::{RunError, RunOptions};
 use crate::config::{Config, Paths, Setup};
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
 use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
 use crate::host::{self, kvm};
 use crate::kernel::depmod::{host_depmod, modules_boot_record};
-use crate::kernel::{Guestfs, Kernel, kernel_has, kernel_option, resolve_kernel};
+use crate::kernel::{Kernel, kernel_option, resolve_kernel};
 use crate::vm::net;
-use crate::vm::qemu::{self, Console, FsKind, Net, Port, Profile, Share, VmSpec};
-use std::io::{self, Read};
+use crate::vm::qemu::{self, Console, FsKind, Net, Port, Share, VmSpec};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Modules a distro kernel needs before it can mount the root and talk to mkt.
@@ -311,45 +315,6 @@ pub fn prepare(
     })
 }
 
-/// The rootfs tree (`--rootfs`, the setup's, the default), built or pulled
-/// on first use.
-fn find_rootfs(
-    opts: &RunOptions,
-    setup: &Setup,
-    config: &Config,
-    paths: &Paths,
-) -> Result<PathBuf, RunError> {
-    let wanted = crate::rootfs::resolve::wanted(opts.rootfs.as_deref(), Some(setup), config);
-    let first_use = crate::rootfs::resolve::FirstUse {
-        dry_run: opts.dry_run,
-        quiet: opts.quiet,
-        verbose: opts.verbose,
-    };
-    Ok(crate::rootfs::resolve::resolve(paths, &wanted, first_use)?.path(paths))
-}
-
-/// The boot script's bytes, checked first (`--boot-script`, else the setup's).
-fn read_boot_script(opts: &RunOptions, setup: &Setup) -> Result<Option<Vec<u8>>, RunError> {
-    let Some(script) = opts.boot_script.as_ref().or(setup.boot_script.as_ref()) else {
-        return Ok(None);
-    };
-    check_boot_script(script)?;
-    std::fs::read(script)
-        .map(Some)
-        .map_err(|e| RunError::BootScript(script.clone(), e.to_string()))
-}
-
-/// `--net-none`, `--net`, the setup's net, else NAT.
-fn net_mode(opts: &RunOptions, setup: &Setup) -> Result<net::Mode, RunError> {
-    if opts.net_none {
-        return Ok(net::Mode::None);
-    }
-    match opts.net.as_deref().or(setup.net.as_deref()) {
-        Some(s) => net::Mode::parse(s).map_err(|e| RunError::Invalid(format!("--net {s}"), e)),
-        None => Ok(net::Mode::Nat),
-    }
-}
-
 /// The root and the host directories as QEMU shares.
 fn qemu_shares(fs: GFs, run_dir: &Path, rootfs: &Path, mounts: &[GuestMount]) -> Vec<Share> {
     let qfs = |tag: &str, path: &Path, ro: bool| Share {
@@ -392,176 +357,6 @@ fn qemu_ports(exec: bool, relay_size: bool, run_dir: &Path) -> Vec<Port> {
     } else {
         Vec::new()
     }
-}
-
-/// The setup named by `--setup` or the config's default (else an empty one).
-fn find_setup(opts: &RunOptions, config: &Config) -> Result<(Option<String>, Setup), RunError> {
-    let setup_name = opts.setup.clone().or_else(|| config.defaults.setup.clone());
-    let Some(n) = &setup_name else {
-        return Ok((None, Setup::default()));
-    };
-    let setup = config.setups.get(n).cloned().ok_or_else(|| {
-        let known: Vec<_> = config.setups.keys().cloned().collect();
-        let mut detail = config
-            .file
-            .as_ref()
-            .map(|f| format!(" {} (known: {})", f.display(), known.join(", ")))
-            .unwrap_or_default();
-        // `mkt run uname`: a command without `--` reads as a setup.
-        if opts.setup.as_ref() == Some(n) && opts.command.is_empty() {
-            detail +=
-                &format!("\n  to run a command in the guest, put it after --: mkt run -- {n}");
-        }
-        RunError::NoSetup(n.clone(), detail)
-    })?;
-    Ok((setup_name, setup))
-}
-
-/// A tree whose owners are shifted by the user's subordinate ids is served
-/// from a user namespace with the same map, so the guest sees its real
-/// owners (root's files as root's, setuid sudo working).
-fn served_ids(paths: &Paths, rootfs: &Path) -> Result<Option<crate::sandbox::Ids>, RunError> {
-    match rootfs
-        .parent()
-        .filter(|p| *p == paths.rootfs_dir)
-        .and_then(|_| rootfs.file_name())
-        .and_then(|n| crate::rootfs::meta(paths, &n.to_string_lossy()))
-        .map(|m| m.owners)
-    {
-        Some(crate::rootfs::Owners::Mapped) if !nix::unistd::geteuid().is_root() => Ok(Some(
-            crate::sandbox::Ids::for_owners()
-                .map_err(|e| RunError::Owners(rootfs.to_path_buf(), e))?,
-        )),
-        _ => Ok(None),
-    }
-}
-
-/// The machine's devices and profile, checked against each other.
-struct Machine {
-    pci: Vec<String>,
-    num_vfs: Option<u32>,
-    profile_name: String,
-    profile: Profile,
-    nvme_mib: Option<u64>,
-}
-
-impl Machine {
-    /// Without the virtio-mmio transport the guest finds no root device and
-    /// hangs; say so before booting.
-    fn check_kernel(&self, kernel: &Kernel, rootfs: &Path) -> Result<(), RunError> {
-        if self.profile.bus == qemu::Bus::Mmio
-            && kernel_option(kernel, rootfs, "CONFIG_VIRTIO_MMIO") == Some(false)
-        {
-            return Err(RunError::Invalid(
-                format!("--profile {}", self.profile_name),
-                format!(
-                    "the kernel {} lacks CONFIG_VIRTIO_MMIO, which microvm's devices need (build it with CONFIG_VIRTIO_MMIO=y, or use the default profile)",
-                    kernel.image().display()
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn machine(opts: &RunOptions, setup: &Setup, paths: &Paths) -> Result<Machine, RunError> {
-    // Passed through: --pci, the setup's pci, and the functions its guest
-    // hands on to a nested guest (they must reach that guest first).
-    let mut pci: Vec<String> = Vec::new();
-    for a in opts.pci.iter().chain(&setup.pci).chain(&setup.nested_pci) {
-        let bdf = crate::config::normalize_pci(a)
-            .map_err(|e| RunError::Invalid(format!("--pci {a:?}"), e))?;
-        if !pci.contains(&bdf) {
-            pci.push(bdf);
-        }
-    }
-    let num_vfs = setup.num_of_vfs.filter(|&n| n > 0 && !pci.is_empty());
-    // Nested passthrough needs the guest's own IOMMU; SR-IOV needs PCIe
-    // (the capability sits in extended config space): both get q35.
-    let wants_iommu = !setup.nested_pci.is_empty() || num_vfs.is_some();
-    let profile_name = opts
-        .profile
-        .clone()
-        .or(setup.profile.clone())
-        .unwrap_or_else(|| {
-            if wants_iommu {
-                "iommu"
-            } else {
-                qemu::DEFAULT_PROFILE
-            }
-            .to_string()
-        });
-    let user_profiles = paths.config_file.parent().map(|d| d.join("qemu-profiles"));
-    let profile =
-        Profile::load(&profile_name, user_profiles.as_deref()).map_err(RunError::Profile)?;
-    let nvme_mib = match (opts.nvme_mib, &setup.nvme) {
-        (Some(m), _) => Some(m),
-        (None, Some(s)) => {
-            Some(crate::config::parse_mem_mib(s).map_err(|e| RunError::Invalid("nvme".into(), e))?)
-        }
-        (None, None) => None,
-    };
-    if profile.bus == qemu::Bus::Mmio && (!pci.is_empty() || nvme_mib.is_some()) {
-        return Err(RunError::Invalid(
-            format!("profile {profile_name}"),
-            "it has no PCI bus, which --pci and --nvme need (use the default or iommu profile)"
-                .into(),
-        ));
-    }
-    if num_vfs.is_some() && !qemu::is_pcie(&profile) {
-        return Err(RunError::Invalid(
-            "num_of_vfs".into(),
-            format!(
-                "SR-IOV needs a PCI Express machine, and profile {profile_name} is not one (use profile iommu)"
-            ),
-        ));
-    }
-    Ok(Machine {
-        pci,
-        num_vfs,
-        profile_name,
-        profile,
-        nvme_mib,
-    })
-}
-
-/// The file system that shares the root (`--fs`, else virtiofs when it can
-/// serve, else 9p when the kernel has it), and virtiofsd when it is virtiofs.
-fn choose_fs(
-    asked: Option<&str>,
-    mapped_owners: bool,
-    rootfs: &Path,
-    kernel: &Kernel,
-) -> Result<(GFs, Option<PathBuf>), RunError> {
-    let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
-    let fs = match asked {
-        Some("virtiofs") => GFs::Virtiofs,
-        Some("9p") => {
-            if mapped_owners {
-                tracing::warn!(
-                    "9p shows {} with host ids (your subordinate ids), not its real owners; virtiofs shows them",
-                    rootfs.display()
-                );
-            }
-            GFs::NineP
-        }
-        _ if mapped_owners && have_virtiofsd => GFs::Virtiofs,
-        // Both boot equally fast; virtiofs is ~1.8x faster on file-heavy
-        // work (docs/run.md, BENCHMARKS), so it is the default when it can be.
-        _ if have_virtiofsd && kernel_has(kernel, Guestfs::Virtiofs) => GFs::Virtiofs,
-        _ if kernel_has(kernel, Guestfs::NineP) => GFs::NineP,
-        _ => GFs::Virtiofs,
-    };
-    let virtiofsd =
-        match fs {
-            GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
-                RunError::NoVirtiofsd {
-                    nine_p: kernel_has(kernel, Guestfs::NineP),
-                }
-            })?),
-            GFs::NineP => None,
-        };
-    Ok((fs, virtiofsd))
 }
 
 /// Host directories the guest sees at the same path, and the kernel's
@@ -731,28 +526,6 @@ fn soft_rdma(
     Ok(virt)
 }
 
-/// The kernel's command line: the console, mkt's words, the user's.
-fn kernel_words(
-    opts: &RunOptions,
-    exec: bool,
-    profile: &Profile,
-    accel: &kvm::Accel,
-) -> Vec<String> {
-    let mut append = vec!["console=ttyS0".to_string(), "panic=-1".into()];
-    if exec && !opts.verbose {
-        // Less serial output: under TCG every console byte costs time.
-        append.push("quiet".into());
-    }
-    append.extend(opts.append.iter().cloned());
-    if opts.gdb_port.is_some() {
-        gdb_nokaslr(&mut append);
-    }
-    if let Some(w) = tsc_word(profile, accel, &append, host::tsc::khz) {
-        append.insert(kernel_words_end(&append), w);
-    }
-    append
-}
-
 /// The guest's network device, with the forwarded ssh port in NAT mode.
 fn qemu_net(
     opts: &RunOptions,
@@ -794,83 +567,6 @@ fn qemu_net(
         },
         _ => Net::None,
     })
-}
-
-/// `--mem`, else the setup's mem (1 GiB by default) grown for passed
-/// devices: they pin DMA memory (MKT's rule); an explicit --mem is taken as is.
-fn guest_mem(opts: &RunOptions, setup: &Setup, passthrough_devices: usize) -> u64 {
-    if let Some(m) = opts.mem_mib {
-        return m;
-    }
-    let mem_mib = setup
-        .mem
-        .as_deref()
-        .and_then(|m| crate::config::parse_mem_mib(m).ok())
-        .unwrap_or(1024);
-    qemu::mem_for_devices(mem_mib, passthrough_devices)
-}
-
-/// Where the kernel's words end: at a `--` (init's words follow), else the end.
-pub(crate) fn kernel_words_end(append: &[String]) -> usize {
-    append
-        .iter()
-        .position(|w| w == "--")
-        .unwrap_or(append.len())
-}
-
-/// `tsc_early_khz=<host TSC>` for microvm under TCG: microvm has no HPET
-/// and no ACPI PM timer, so when the kernel's quick PIT calibration fails
-/// (often, on a loaded host) it has no TSC frequency and hangs calibrating
-/// the delay loop. Under TCG the guest TSC is the host's, so the host's
-/// frequency is right. Not when --append already sets it.
-pub(crate) fn tsc_word(
-    profile: &Profile,
-    accel: &kvm::Accel,
-    append: &[String],
-    host_khz: impl FnOnce() -> Option<u64>,
-) -> Option<String> {
-    let microvm = profile.machine.split(',').next() == Some("microvm");
-    if !microvm || *accel != kvm::Accel::Tcg {
-        return None;
-    }
-    if append[..kernel_words_end(append)]
-        .iter()
-        .any(|w| w.starts_with("tsc_early_khz="))
-    {
-        return None;
-    }
-    host_khz().map(|k| format!("tsc_early_khz={k}"))
-}
-
-/// With the gdb stub, the kernel boots with `nokaslr` (before any `--`, so
-/// the kernel reads it), so that vmlinux's symbol addresses are the running
-/// kernel's; an explicit `kaslr`/`nokaslr` in --append is left alone.
-pub(crate) fn gdb_nokaslr(append: &mut Vec<String>) {
-    let kernel_words = kernel_words_end(append);
-    if !append[..kernel_words]
-        .iter()
-        .any(|w| w == "kaslr" || w == "nokaslr")
-    {
-        append.insert(kernel_words, "nokaslr".into());
-    }
-}
-
-/// Refuses a kernel command line longer than the kernel takes: QEMU would
-/// boot it cut short (or not at all), with nothing on the console.
-pub(crate) fn check_cmdline(spec: &VmSpec) -> Result<(), RunError> {
-    let mut head = Vec::with_capacity(0x240);
-    if let Ok(f) = std::fs::File::open(&spec.kernel) {
-        let _ = f.take(0x240).read_to_end(&mut head);
-    }
-    let (len, limit) = (qemu::cmdline(spec).len(), qemu::cmdline_limit(&head));
-    if len > limit {
-        return Err(RunError::CmdlineTooLong {
-            len,
-            limit,
-            kernel: spec.kernel.clone(),
-        });
-    }
-    Ok(())
 }
 
 /// The interactive mode: the one asked for, else mkt's shell (seconds to a

@@ -1,7 +1,7 @@
 //! Boot scripts (`--boot-script`, `mkt test --script`): checked on the host
 //! before a guest is asked to run them.
 
-use super::RunError;
+use super::error::RunError;
 use std::io::Read;
 use std::path::Path;
 

@@ -2,10 +2,8 @@
 //! booting guest's sshd (the guest says when it listens, on `mkt.ready`).
 
 use super::control::{find_vm, names};
-use super::run;
-use super::script::check_boot_script;
-use super::{RunError, RunOptions};
-use crate::config::{Config, Paths};
+use super::error::RunError;
+use crate::config::Paths;
 use crate::host::{self};
 use crate::vm::instance::{self};
 use std::io::{self, BufRead, IsTerminal};
@@ -174,86 +172,6 @@ pub(crate) fn ssh_with_stdin(
         .status()
         .map_err(|e| RunError::Spawn(argv[0].clone().into(), e))?;
     Ok(status.code().unwrap_or(255))
-}
-
-/// `mkt test`: the setup's test script as the user, in the running VM of
-/// the setup (over ssh) or in a fresh command-mode boot; TEST PASSED/FAILED.
-pub fn test(
-    config: &Config,
-    paths: &Paths,
-    setup: Option<String>,
-    script: Option<PathBuf>,
-    quiet: bool,
-) -> anyhow::Result<i32> {
-    let name = setup
-        .or_else(|| config.defaults.setup.clone())
-        .ok_or_else(|| {
-            anyhow::anyhow!("no setup: name one, or set defaults.setup in the config")
-        })?;
-    let s = config
-        .setups
-        .get(&name)
-        .ok_or_else(|| RunError::NoSetup(name.clone(), String::new()))?;
-    let script = script.or_else(|| s.test.clone()).ok_or_else(|| {
-        anyhow::anyhow!("setup {name:?} has no `test` script in the config (or pass --script FILE)")
-    })?;
-    check_boot_script(&script).map_err(|e| match e {
-        RunError::BootScript(p, why) => anyhow::anyhow!("test script {}: {why}", p.display()),
-        e => e.into(),
-    })?;
-    let script = std::fs::canonicalize(&script)?;
-    let command = vec![script.display().to_string()];
-    let running = instance::list(&paths.runtime_dir)?
-        .into_iter()
-        .any(|r| r.name == name && r.ssh_port.is_some());
-    let code = if running {
-        // The script's directory need not be shared with the running VM:
-        // its content goes over ssh's stdin into a temp file there.
-        let file = std::fs::File::open(&script)?;
-        ssh_with_stdin(
-            paths,
-            Some(&name),
-            &remote_script_command(&script),
-            Some(file),
-            quiet,
-        )?
-    } else {
-        let opts = RunOptions {
-            setup: Some(name.clone()),
-            command,
-            // The script must be visible in the guest at its host path.
-            dirs: script.parent().map(Path::to_path_buf).into_iter().collect(),
-            quiet,
-            ..RunOptions::default()
-        };
-        run(&opts, config, paths)?
-    };
-    if code == 0 {
-        println!("TEST PASSED ({name}: {})", script.display());
-        Ok(0)
-    } else {
-        println!("TEST FAILED ({name}: {} exited {code})", script.display());
-        Ok(1)
-    }
-}
-
-/// The guest command that saves its stdin as the script (same file name)
-/// in a temp dir, runs it with stdin from /dev/null, and exits with its status.
-pub(crate) fn remote_script_command(script: &Path) -> Vec<String> {
-    let name = script
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "test".into());
-    let body = "d=$(mktemp -d) || exit 125; f=\"$d/$1\"; \
-                if cat > \"$f\" && chmod 755 \"$f\"; then \"$f\" < /dev/null; s=$?; else s=125; fi; \
-                rm -rf \"$d\"; exit $s";
-    vec![
-        "sh".into(),
-        "-c".into(),
-        body.into(),
-        "mkt-test".into(),
-        name,
-    ]
 }
 
 /// How long `mkt ssh` waits for a booting guest's sshd before trying anyway

@@ -1,6 +1,6 @@
 //! Running QEMU: signals, the console and ports relayed, its exit watched.
 
-use super::RunError;
+use super::error::RunError;
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;

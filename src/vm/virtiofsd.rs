@@ -1,6 +1,6 @@
 //! virtiofsd, one per virtiofs share, started together and confined.
 
-use super::RunError;
+use super::error::RunError;
 use super::supervise::die_with;
 use crate::vm::qemu::{FsKind, Share};
 use std::os::unix::process::CommandExt;
