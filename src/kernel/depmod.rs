@@ -60,19 +60,7 @@ pub(crate) fn host_depmod(
         .iter()
         .filter(|(l, _)| l.starts_with(&moddir))
         .collect();
-    // FNV-1a: stable across runs and Rust versions, unlike DefaultHasher.
-    struct Fnv(u64);
-    impl Hasher for Fnv {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            for b in bytes {
-                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100000001b3);
-            }
-        }
-    }
-    let mut h = Fnv(0xcbf29ce484222325);
+    let mut h = crate::util::hash::Fnv::default();
     h.write(release.as_bytes());
     for (link, target) in &mine {
         use std::os::unix::fs::MetadataExt;

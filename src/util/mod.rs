@@ -2,5 +2,6 @@
 //! dates, files (logs, atomic writes), hashing. Nothing here knows a command.
 
 pub mod fs;
+pub mod hash;
 pub mod shell;
 pub mod time;

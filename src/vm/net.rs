@@ -72,12 +72,7 @@ pub enum NetError {
 /// A stable, locally administered unicast MAC for `name`, so a DHCP server
 /// gives the same guest the same address each run.
 pub fn mac_for(name: &str) -> String {
-    // FNV-1a: stable across Rust versions, unlike DefaultHasher.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
-    }
-    let b = h.to_be_bytes();
+    let b = crate::util::hash::fnv(name.as_bytes()).to_be_bytes();
     // Bit 1 of the first octet: locally administered; bit 0 clear: unicast.
     let first = (b[0] & 0xfc) | 0x02;
     format!(
