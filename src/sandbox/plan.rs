@@ -678,9 +678,6 @@ mod tests {
         assert_eq!(HostFs.children(&p.join("none")), vec![]);
     }
 
-    /// newuidmap refuses a range the caller has no subuid entry for: the
-    /// error carries its message (it used to hang: the child kept its own
-    /// copy of the "go" pipe's write end and never saw end-of-file).
     #[test]
     fn ops_name_themselves_for_errors() {
         assert_eq!(

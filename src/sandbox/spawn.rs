@@ -176,6 +176,9 @@ mod tests {
     use crate::sandbox::IdRange;
     use std::time::Duration;
 
+    /// newuidmap refuses a range the caller has no subuid entry for: the
+    /// error carries its message (it used to hang: the child kept its own
+    /// copy of the "go" pipe's write end and never saw end-of-file).
     #[test]
     fn a_refused_id_map_is_the_helpers_error_not_a_hang() {
         if crate::host::probe::find_program("newuidmap").is_none() {
