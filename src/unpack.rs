@@ -2291,6 +2291,11 @@ mod tests {
     /// file modes and owners (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH,
     /// CAP_FOWNER): capabilities are per thread.
     fn as_plain_owner<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        without_caps((1 << 1) | (1 << 2) | (1 << 3), f)
+    }
+
+    /// Runs `f` on a thread whose effective capabilities lack `mask`.
+    fn without_caps<T: Send>(mask: u32, f: impl FnOnce() -> T + Send) -> T {
         #[repr(C)]
         struct Header {
             version: u32,
@@ -2313,7 +2318,7 @@ mod tests {
                 // SAFETY: a v3 header and two data structs, for this thread.
                 let r = unsafe { libc::syscall(libc::SYS_capget, &raw mut h, data.as_mut_ptr()) };
                 assert_eq!(r, 0);
-                data[0].effective &= !((1 << 1) | (1 << 2) | (1 << 3));
+                data[0].effective &= !mask;
                 // SAFETY: as above.
                 let r = unsafe { libc::syscall(libc::SYS_capset, &raw mut h, data.as_ptr()) };
                 assert_eq!(r, 0);
@@ -2362,5 +2367,38 @@ mod tests {
         });
         assert!(!t.exists() && !o.exists() && !p.join("t").exists());
         assert!(q.join("f").exists());
+    }
+
+    #[test]
+    fn real_mode_keeps_a_device_it_may_not_make_as_a_file_with_its_record() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        use tar::EntryType as T;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mut dev = hdr(T::Block, "b", 0o640);
+        dev.set_uid(6);
+        dev.set_device_major(8).unwrap();
+        dev.set_device_minor(17).unwrap();
+        let layer = pack(vec![(dev, b"")]);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        // Without CAP_MKNOD, as in a user namespace.
+        let stats = without_caps(1 << 27, || {
+            let mut u = Unpacker::with_record(p, Record::Real).unwrap();
+            unpack(&mut u, &layer).unwrap();
+            u.finish().unwrap()
+        });
+        assert_eq!(stats.devices_as_files, 1);
+        let b = p.join("b");
+        let m = std::fs::symlink_metadata(&b).unwrap();
+        assert!(m.is_file() && !m.file_type().is_block_device());
+        assert_eq!(m.uid(), 6);
+        assert_eq!(
+            xattr_num(&b, XATTR_MODE),
+            Some(u64::from(libc::S_IFBLK | 0o640))
+        );
+        assert_eq!(xattr_num(&b, XATTR_UID), Some(6));
+        assert_eq!(xattr_num(&b, XATTR_RDEV), Some(makedev(8, 17)));
     }
 }
