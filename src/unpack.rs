@@ -1877,4 +1877,528 @@ mod tests {
         assert!(format!("{e:?}").contains("a PAX record of"), "{e:?}");
         assert_eq!(std::fs::metadata(d.path().join("ext")).unwrap().len(), 4608);
     }
+
+    /// A ustar header of `kind` named `name` (copied as is, so `.wh..`
+    /// stays), with `mode`, owner 0 and time 0.
+    fn hdr(kind: tar::EntryType, name: &str, mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h
+    }
+
+    fn link_hdr(kind: tar::EntryType, name: &str, target: &str) -> tar::Header {
+        let mut h = hdr(kind, name, 0o777);
+        h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+        h
+    }
+
+    /// A tar stream of the headers with their content.
+    fn pack(entries: Vec<(tar::Header, &[u8])>) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (mut h, data) in entries {
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn unpack(u: &mut Unpacker, layer: &[u8]) -> Result<(), String> {
+        u.unpack_tar(layer, "sha256:t", &AtomicBool::new(false))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The value of xattr `name` of `p` (not following it), as a u32 or u64.
+    fn xattr_num(p: &Path, name: &str) -> Option<u64> {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut buf = [0u8; 8];
+        // SAFETY: NUL-terminated strings, a buffer of buf.len() bytes.
+        let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), 8) };
+        match r {
+            4 => Some(u32::from_le_bytes(buf[..4].try_into().unwrap()).into()),
+            8 => Some(u64::from_le_bytes(buf)),
+            _ => None,
+        }
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode()
+    }
+
+    fn mtime_of(p: &Path) -> i64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p).unwrap().mtime()
+    }
+
+    #[test]
+    fn the_root_entry_describes_the_root_and_can_only_be_a_directory() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let mut root = hdr(T::Directory, "./", 0o750);
+        root.set_uid(7);
+        root.set_mtime(1_000_000);
+        unpack(&mut u, &pack(vec![(root, b"")])).unwrap();
+        u.finish().unwrap();
+        assert_eq!(mode_of(d.path()) & 0o7777, 0o750);
+        assert_eq!(mtime_of(d.path()), 1_000_000);
+        assert_eq!(xattr_num(d.path(), XATTR_UID), Some(7));
+        assert_eq!(
+            xattr_num(d.path(), XATTR_MODE),
+            Some(u64::from(libc::S_IFDIR | 0o750))
+        );
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = unpack(&mut u, &pack(vec![(hdr(T::Regular, "./", 0o644), b"x")])).unwrap_err();
+        assert_eq!(
+            e,
+            "layer sha256:t: refused entry \"./\": the tree's root can only be a directory"
+        );
+    }
+
+    #[test]
+    fn xattr_records_carry_the_file_type_and_devices_become_files() {
+        use std::os::unix::fs::FileTypeExt;
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let mut u = Unpacker::new(p).unwrap();
+        let dev = |kind, name, major, minor| {
+            let mut h = hdr(kind, name, 0o640);
+            h.set_uid(5);
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(minor).unwrap();
+            h
+        };
+        let layer = pack(vec![
+            (hdr(T::Directory, "d/", 0o751), b""),
+            (hdr(T::Regular, "a/f", 0o644), b"data"),
+            (dev(T::Char, "c", 1, 3), b""),
+            (dev(T::Block, "b", 8, 17), b""),
+            (dev(T::Fifo, "p", 0, 0), b""),
+        ]);
+        unpack(&mut u, &layer).unwrap();
+        u.finish().unwrap();
+        let mode = |name: &str| xattr_num(&p.join(name), XATTR_MODE);
+        assert_eq!(mode("d"), Some(u64::from(libc::S_IFDIR | 0o751)));
+        // A parent no entry names: root's, 0755, as Docker makes it.
+        assert_eq!(mode("a"), Some(u64::from(libc::S_IFDIR | 0o755)));
+        assert_eq!(mode("a/f"), Some(u64::from(libc::S_IFREG | 0o644)));
+        assert!(std::fs::symlink_metadata(p.join("a/f")).unwrap().is_file());
+        assert_eq!(std::fs::read(p.join("a/f")).unwrap(), b"data");
+        for (name, bits, rdev) in [
+            ("c", libc::S_IFCHR, Some(makedev(1, 3))),
+            ("b", libc::S_IFBLK, Some(makedev(8, 17))),
+            ("p", libc::S_IFIFO, None),
+        ] {
+            let m = std::fs::symlink_metadata(p.join(name)).unwrap();
+            assert!(m.is_file() && !m.file_type().is_fifo(), "{name}: {m:?}");
+            assert_eq!(mode(name), Some(u64::from(bits | 0o640)), "{name}");
+            assert_eq!(xattr_num(&p.join(name), XATTR_UID), Some(5), "{name}");
+            assert_eq!(xattr_num(&p.join(name), XATTR_RDEV), rdev, "{name}");
+            assert_eq!(mode_of(&p.join(name)) & 0o7777, 0o640, "{name}");
+        }
+    }
+
+    #[test]
+    fn real_mode_makes_device_nodes_and_owns_symlinks() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        use tar::EntryType as T;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mut dev = hdr(T::Char, "c", 0o620);
+        dev.set_device_major(1).unwrap();
+        dev.set_device_minor(3).unwrap();
+        let mut sym = link_hdr(T::Symlink, "l", "f");
+        sym.set_uid(1234);
+        let layer = pack(vec![
+            (hdr(T::Regular, "f", 0o644), b"data"),
+            (dev, b""),
+            (hdr(T::Fifo, "p", 0o600), b""),
+            (sym, b""),
+        ]);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let mut u = Unpacker::with_record(p, Record::Real).unwrap();
+        unpack(&mut u, &layer).unwrap();
+        u.finish().unwrap();
+        let meta = |n: &str| std::fs::symlink_metadata(p.join(n)).unwrap();
+        assert!(meta("f").is_file());
+        assert_eq!(std::fs::read(p.join("f")).unwrap(), b"data");
+        assert!(meta("p").file_type().is_fifo());
+        assert_eq!(meta("l").uid(), 1234);
+        if made_as_node(&meta("c")) {
+            assert_eq!(meta("c").rdev(), libc::makedev(1, 3));
+        }
+        // Recorded in xattrs, a symlink keeps the unpacker's owner.
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        unpack(&mut u, &layer).unwrap();
+        let l = std::fs::symlink_metadata(d.path().join("l")).unwrap();
+        assert_eq!(l.uid(), nix::unistd::geteuid().as_raw());
+    }
+
+    /// A device node where mknod is allowed (root outside a user
+    /// namespace); a file carrying its record otherwise.
+    fn made_as_node(m: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_char_device() || !m.is_file()
+    }
+
+    #[test]
+    fn whiteouts_of_nothing_are_refused() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let lower = pack(vec![(hdr(T::Regular, "d/f", 0o644), b"x")]);
+        unpack(&mut u, &lower).unwrap();
+        for name in ["d/.wh.", "d/.wh..", "d/.wh..."] {
+            let e = unpack(&mut u, &pack(vec![(hdr(T::Regular, name, 0o644), b"")]));
+            assert_eq!(
+                e.unwrap_err(),
+                format!("layer sha256:t: refused entry \"{name}\": whiteout of nothing")
+            );
+        }
+        assert_eq!(std::fs::read(d.path().join("d/f")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn paths_and_hardlinks_through_files_are_refused() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let lower = pack(vec![
+            (hdr(T::Regular, "f", 0o644), b"x"),
+            (hdr(T::Directory, "dir/", 0o755), b""),
+        ]);
+        unpack(&mut u, &lower).unwrap();
+        let notdir = "goes through something that is not a directory";
+        for (h, want) in [
+            (hdr(T::Regular, "f/x", 0o644), format!("its path {notdir}")),
+            (
+                hdr(T::Regular, "f/.wh..wh..opq", 0o644),
+                format!("its directory {notdir}"),
+            ),
+            (
+                hdr(T::Regular, "f/.wh.x", 0o644),
+                format!("its directory {notdir}"),
+            ),
+            (
+                link_hdr(T::Link, "h", "f/x"),
+                format!("its hardlink target {notdir}"),
+            ),
+            (
+                link_hdr(T::Link, "h", "dir"),
+                "hardlink to a directory".into(),
+            ),
+        ] {
+            let name = String::from_utf8_lossy(&h.path_bytes()).into_owned();
+            let e = unpack(&mut u, &pack(vec![(h, b"")])).unwrap_err();
+            assert_eq!(
+                e,
+                format!("layer sha256:t: refused entry \"{name}\": {want}")
+            );
+        }
+        assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"x");
+        assert!(!d.path().join("h").exists());
+    }
+
+    #[test]
+    fn later_layers_replace_entries_and_finish_leaves_replaced_directories() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let mut u = Unpacker::new(p).unwrap();
+        let mut x = hdr(T::Directory, "x/", 0o755);
+        x.set_mtime(5000);
+        let lower = pack(vec![
+            (hdr(T::Regular, "file", 0o644), b"f"),
+            (x, b""),
+            (hdr(T::Regular, "keep/f", 0o644), b"k"),
+            (hdr(T::Regular, "e/g/h", 0o644), b"e"),
+        ]);
+        unpack(&mut u, &lower).unwrap();
+        let mut x = hdr(T::Regular, "x", 0o600);
+        x.set_mtime(7000);
+        let upper = pack(vec![
+            (hdr(T::Directory, "file/", 0o755), b""),
+            (x, b"now a file"),
+            (hdr(T::Directory, "keep/", 0o755), b""),
+            (hdr(T::Regular, "e", 0o644), b"was a tree"),
+        ]);
+        unpack(&mut u, &upper).unwrap();
+        u.finish().unwrap();
+        assert!(p.join("file").is_dir());
+        assert_eq!(std::fs::read(p.join("keep/f")).unwrap(), b"k");
+        assert_eq!(std::fs::read(p.join("e")).unwrap(), b"was a tree");
+        assert_eq!(std::fs::read(p.join("x")).unwrap(), b"now a file");
+        // The directory x's mode and time are not applied to the file.
+        assert_eq!(mode_of(&p.join("x")) & 0o7777, 0o600);
+        assert_eq!(mtime_of(&p.join("x")), 7000);
+    }
+
+    #[test]
+    fn an_opaque_whiteout_keeps_what_its_own_layer_wrote_before_it() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        let mut u = Unpacker::new(p).unwrap();
+        let lower = pack(vec![
+            (hdr(T::Regular, "d/sub/old", 0o644), b"o"),
+            (hdr(T::Regular, "d/lower", 0o644), b"l"),
+            (hdr(T::Regular, "d/f", 0o644), b"1"),
+        ]);
+        unpack(&mut u, &lower).unwrap();
+        let upper = pack(vec![
+            (hdr(T::Regular, "d/sub/new", 0o644), b"n"),
+            (hdr(T::Regular, "d/f", 0o644), b"2"),
+            (hdr(T::Regular, "d/.wh..wh..opq", 0o644), b""),
+        ]);
+        unpack(&mut u, &upper).unwrap();
+        let mut names: Vec<_> = walk(p);
+        names.sort();
+        assert_eq!(names, ["d", "d/f", "d/sub", "d/sub/new"]);
+        assert_eq!(std::fs::read(p.join("d/f")).unwrap(), b"2");
+    }
+
+    /// Every path under `root`, relative.
+    fn walk(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut todo = vec![root.to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let path = e.unwrap().path();
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+                if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+                    todo.push(path);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_limits_are_inclusive_and_count_every_entry_of_a_layer() {
+        use tar::EntryType as T;
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.set_limits(1000, 1500);
+        let file = |name: &'static str, data: &'static [u8]| (hdr(T::Regular, name, 0o644), data);
+        // Exactly the layer limit, then exactly the image limit.
+        unpack(
+            &mut u,
+            &pack(vec![file("a", &[1; 600]), file("b", &[2; 400])]),
+        )
+        .unwrap();
+        unpack(&mut u, &pack(vec![file("c", &[3; 500])])).unwrap();
+        let e = unpack(&mut u, &pack(vec![file("e", b"1")])).unwrap_err();
+        assert!(e.contains("would take the image past the limit"), "{e}");
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.set_limits(1000, 10_000);
+        let e = unpack(
+            &mut u,
+            &pack(vec![file("a", &[1; 600]), file("b", &[2; 600])]),
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            "layer sha256:t: entry \"b\" (600 bytes) would take the layer past the limit of 1000 bytes of file content per layer (`layer` in the config's [limits])"
+        );
+    }
+
+    #[test]
+    fn a_cached_blob_without_its_digest_is_removed_unless_interrupted() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("t");
+        std::fs::create_dir(&target).unwrap();
+        let (blob, _) = zero_layer(d.path(), &[("a", 10)]);
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let mut u = Unpacker::new(&target).unwrap();
+        let e = u
+            .unpack_layer(&blob, &wrong, &AtomicBool::new(true))
+            .unwrap_err();
+        assert!(matches!(e, UnpackError::Interrupted), "{e:?}");
+        assert!(blob.exists());
+        let e = u
+            .unpack_layer(&blob, &wrong, &AtomicBool::new(false))
+            .unwrap_err();
+        assert!(matches!(e, UnpackError::Digest { .. }), "{e:?}");
+        assert!(!blob.exists());
+    }
+
+    /// A reader of `data` failing once, with `kind`, at offset `at`.
+    struct FailOnce {
+        data: Vec<u8>,
+        pos: usize,
+        at: usize,
+        kind: Option<io::ErrorKind>,
+    }
+
+    impl Read for FailOnce {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.at
+                && let Some(kind) = self.kind.take()
+            {
+                return Err(io::Error::new(kind, "injected"));
+            }
+            let end = if self.pos < self.at {
+                self.at
+            } else {
+                self.data.len()
+            };
+            let n = buf.len().min(end - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_interrupted_read_is_retried_and_other_read_errors_fail() {
+        let layer = pack(vec![(hdr(tar::EntryType::Regular, "f", 0o644), b"content")]);
+        let no = AtomicBool::new(false);
+        for kind in [io::ErrorKind::Interrupted, io::ErrorKind::Other] {
+            let d = tempfile::tempdir().unwrap();
+            let mut u = Unpacker::new(d.path()).unwrap();
+            // In the middle of f's content.
+            let r = FailOnce {
+                data: layer.clone(),
+                pos: 0,
+                at: 515,
+                kind: Some(kind),
+            };
+            let res = u.unpack_tar(r, "sha256:t", &no);
+            if kind == io::ErrorKind::Interrupted {
+                res.unwrap();
+                assert_eq!(std::fs::read(d.path().join("f")).unwrap(), b"content");
+            } else {
+                let e = res.unwrap_err();
+                assert!(
+                    matches!(&e, UnpackError::Read { entry: Some(n), .. } if n == "\"f\""),
+                    "{e:?}"
+                );
+            }
+        }
+    }
+
+    /// Runs `f` on a thread without the capabilities that let root ignore
+    /// file modes and owners (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH,
+    /// CAP_FOWNER): capabilities are per thread.
+    fn as_plain_owner<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        without_caps((1 << 1) | (1 << 2) | (1 << 3), f)
+    }
+
+    /// Runs `f` on a thread whose effective capabilities lack `mask`.
+    fn without_caps<T: Send>(mask: u32, f: impl FnOnce() -> T + Send) -> T {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut h = Header {
+                    version: 0x2008_0522,
+                    pid: 0,
+                };
+                let mut data = [Data::default(); 2];
+                // SAFETY: a v3 header and two data structs, for this thread.
+                let r = unsafe { libc::syscall(libc::SYS_capget, &raw mut h, data.as_mut_ptr()) };
+                assert_eq!(r, 0);
+                data[0].effective &= !mask;
+                // SAFETY: as above.
+                let r = unsafe { libc::syscall(libc::SYS_capset, &raw mut h, data.as_ptr()) };
+                assert_eq!(r, 0);
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    #[test]
+    fn remove_tree_opens_up_modes_only_where_needed_and_reports_failures() {
+        use std::os::unix::fs::PermissionsExt;
+        let set_mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        let d = tempfile::tempdir().unwrap();
+        // Ours, but mode 000 and read-only below.
+        let t = d.path().join("t");
+        std::fs::create_dir_all(t.join("a/b")).unwrap();
+        std::fs::write(t.join("a/b/f"), "x").unwrap();
+        set_mode(&t.join("a/b"), 0o500);
+        set_mode(&t.join("a"), 0o000);
+        // Someone else's, open to all: usable as it is (a chmod would fail).
+        let o = d.path().join("o");
+        std::fs::create_dir_all(o.join("theirs")).unwrap();
+        std::os::unix::fs::chown(o.join("theirs"), Some(1000), Some(1000)).unwrap();
+        set_mode(&o.join("theirs"), 0o777);
+        // Reached through a directory we may search but not read.
+        let p = d.path().join("p");
+        std::fs::create_dir_all(p.join("t")).unwrap();
+        set_mode(&p, 0o300);
+        // Someone else's, not writable by us: its file cannot go.
+        let q = d.path().join("q");
+        std::fs::create_dir_all(&q).unwrap();
+        std::fs::write(q.join("f"), "x").unwrap();
+        std::os::unix::fs::chown(&q, Some(1000), Some(1000)).unwrap();
+        set_mode(&q, 0o755);
+        as_plain_owner(|| {
+            remove_tree(&t).unwrap();
+            remove_tree(&o).unwrap();
+            remove_tree(&p.join("t")).unwrap();
+            let e = remove_tree(&q).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+            remove_tree(&d.path().join("missing")).unwrap();
+        });
+        assert!(!t.exists() && !o.exists() && !p.join("t").exists());
+        assert!(q.join("f").exists());
+    }
+
+    #[test]
+    fn real_mode_keeps_a_device_it_may_not_make_as_a_file_with_its_record() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        use tar::EntryType as T;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mut dev = hdr(T::Block, "b", 0o640);
+        dev.set_uid(6);
+        dev.set_device_major(8).unwrap();
+        dev.set_device_minor(17).unwrap();
+        let layer = pack(vec![(dev, b"")]);
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        // Without CAP_MKNOD, as in a user namespace.
+        let stats = without_caps(1 << 27, || {
+            let mut u = Unpacker::with_record(p, Record::Real).unwrap();
+            unpack(&mut u, &layer).unwrap();
+            u.finish().unwrap()
+        });
+        assert_eq!(stats.devices_as_files, 1);
+        let b = p.join("b");
+        let m = std::fs::symlink_metadata(&b).unwrap();
+        assert!(m.is_file() && !m.file_type().is_block_device());
+        assert_eq!(m.uid(), 6);
+        assert_eq!(
+            xattr_num(&b, XATTR_MODE),
+            Some(u64::from(libc::S_IFBLK | 0o640))
+        );
+        assert_eq!(xattr_num(&b, XATTR_UID), Some(6));
+        assert_eq!(xattr_num(&b, XATTR_RDEV), Some(makedev(8, 17)));
+    }
 }
