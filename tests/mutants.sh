@@ -57,6 +57,14 @@ for slow in rootfs::tests::a_deep_tree_is_removed_with_few_open_files=src/rootfs
 done
 [ ${#skips[@]} = 0 ] || skips=(--cargo-test-arg=-- "${skips[@]/#/--cargo-test-arg=}")
 
+# Never run: with `&&` made `||`, list_dir returns `.` and `..`, and
+# remove_at then climbs out of the test's temp dir deleting every file in the
+# directories it enters (it emptied the top of /tmp once). Its tests catch it,
+# but only after the damage. Temp dirs live in the worktree all the same.
+args+=(--exclude-re 'src/unpack\.rs:.*replace && with \|\| in list_dir$')
+mkdir -p "$tree/target/tmp"
+export TMPDIR=$tree/target/tmp
+
 cd "$tree"
 # In place: one build tree, no copy per job (2 cores; the default copy would
 # rebuild every dependency first). Unit tests only: the cores are pure; and
