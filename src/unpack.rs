@@ -1878,3 +1878,322 @@ mod tests {
         assert_eq!(std::fs::metadata(d.path().join("ext")).unwrap().len(), 4608);
     }
 }
+
+#[cfg(test)]
+mod entry_tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use tar::EntryType as T;
+
+    static NO: AtomicBool = AtomicBool::new(false);
+
+    /// One entry's header (ustar: it has device numbers), not yet summed.
+    fn header(kind: T, name: &str, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(1_000_000);
+        h.set_size(size);
+        h
+    }
+
+    /// Appends `h` with `data`, after PAX records `pax` when there are any.
+    fn add(b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, data: &[u8], pax: &[(&str, &[u8])]) {
+        if !pax.is_empty() {
+            b.append_pax_extensions(pax.iter().copied()).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    fn device(kind: T, name: &str, mode: u32, gid: u64, major: u32, minor: u32) -> tar::Header {
+        let mut h = header(kind, name, mode, 0, gid, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h
+    }
+
+    fn getx(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut buf = [0u8; 256];
+        // SAFETY: NUL-terminated strings and a buffer of buf.len() bytes.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        (r >= 0).then(|| buf[..r as usize].to_vec())
+    }
+
+    fn getx32(path: &Path, name: &str) -> Option<u32> {
+        getx(path, name).map(|v| u32::from_le_bytes(v.try_into().unwrap()))
+    }
+
+    /// (uid, gid, mode) recorded in QEMU's xattrs, and rdev if any.
+    fn record(path: &Path) -> (Option<u32>, Option<u32>, Option<u32>, Option<u64>) {
+        (
+            getx32(path, XATTR_UID),
+            getx32(path, XATTR_GID),
+            getx32(path, XATTR_MODE),
+            getx(path, XATTR_RDEV).map(|v| u64::from_le_bytes(v.try_into().unwrap())),
+        )
+    }
+
+    fn perms(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn xattrs_keep_owners_full_modes_and_devices_and_the_host_modes_stay_readable() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        let mut u = Unpacker::new(t).unwrap();
+        // The probe leaves the root recorded as root's 0755 directory.
+        assert_eq!(
+            record(t),
+            (Some(0), Some(0), Some(libc::S_IFDIR | 0o755), None)
+        );
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Directory, "d", 0o1750, 1000, 100, 0),
+            b"",
+            &[],
+        );
+        // Type bits in the mode field (some tars write them) are dropped;
+        // PAX owners and time win over the header's.
+        add(
+            &mut b,
+            header(T::Regular, "d/f", 0o104640, 1, 2, 2),
+            b"hi",
+            &[
+                ("uid", b"70000"),
+                ("gid", b"80000"),
+                ("mtime", b"1700000000.5"),
+            ],
+        );
+        add(&mut b, device(T::Char, "c", 0o620, 5, 1, 3), b"", &[]);
+        add(&mut b, device(T::Block, "b", 0o660, 6, 8, 17), b"", &[]);
+        add(&mut b, header(T::Fifo, "p", 0o644, 7, 8, 0), b"", &[]);
+        // Blank numeric fields read as 0, as Go's archive/tar reads them.
+        let mut h = header(T::Regular, "blank", 0o644, 9, 9, 0);
+        let old = h.as_old_mut();
+        for f in [
+            &mut old.uid[..],
+            &mut old.gid,
+            &mut old.mode,
+            &mut old.mtime,
+        ] {
+            f.fill(0);
+        }
+        add(&mut b, h, b"", &[]);
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        let stats = u.finish().unwrap();
+        assert_eq!((stats.entries, stats.bytes), (6, 2));
+
+        let dir = t.join("d");
+        assert_eq!(
+            record(&dir),
+            (Some(1000), Some(100), Some(libc::S_IFDIR | 0o1750), None)
+        );
+        assert_eq!(perms(&dir), 0o750);
+        let f = dir.join("f");
+        assert_eq!(
+            record(&f),
+            (Some(70000), Some(80000), Some(libc::S_IFREG | 0o4640), None)
+        );
+        assert_eq!(perms(&f), 0o640);
+        assert_eq!(std::fs::metadata(&f).unwrap().mtime(), 1_700_000_000);
+        assert_eq!(std::fs::read(&f).unwrap(), b"hi");
+        for (name, kind, mode, gid, rdev) in [
+            ("c", libc::S_IFCHR, 0o620, 5, 0x103),
+            ("b", libc::S_IFBLK, 0o660, 6, 0x811),
+        ] {
+            let p = t.join(name);
+            assert_eq!(
+                record(&p),
+                (Some(0), Some(gid), Some(kind | mode), Some(rdev)),
+                "{name}"
+            );
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert!(m.file_type().is_file() && m.len() == 0, "{name}");
+            assert_eq!(m.mode() & 0o7777, mode, "{name}");
+            assert_eq!(m.mtime(), 1_000_000, "{name}");
+        }
+        let p = t.join("p");
+        assert_eq!(
+            record(&p),
+            (Some(7), Some(8), Some(libc::S_IFIFO | 0o644), None)
+        );
+        assert!(std::fs::symlink_metadata(&p).unwrap().file_type().is_file());
+        let blank = t.join("blank");
+        assert_eq!(
+            record(&blank),
+            (Some(0), Some(0), Some(libc::S_IFREG), None)
+        );
+        assert_eq!(perms(&blank), 0o400);
+        assert_eq!(std::fs::metadata(&blank).unwrap().mtime(), 0);
+    }
+
+    /// A valid `security.capability` (v2): cap_net_bind_service permitted.
+    fn capability() -> Vec<u8> {
+        let mut v = 0x0200_0000u32.to_le_bytes().to_vec();
+        for w in [1u32 << 10, 0, 0, 0] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn xattrs_mode_keeps_user_attributes_and_acls_and_skips_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let cap = capability();
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "f", 0o644, 1, 1, 0),
+            b"",
+            &[
+                ("SCHILY.xattr.user.virtfs.uid", &7u32.to_le_bytes()),
+                ("SCHILY.xattr.user.note", b"n"),
+                ("SCHILY.xattr.security.capability", &cap),
+                ("SCHILY.xattr.system.posix_acl_access", b"acl-a"),
+                ("SCHILY.xattr.system.posix_acl_default", b"acl-d"),
+                ("SCHILY.xattr.trusted.mkt", b"t"),
+            ],
+        );
+        add(
+            &mut b,
+            header(T::Directory, "d", 0o755, 1, 1, 0),
+            b"",
+            &[("SCHILY.xattr.user.dir", b"dv")],
+        );
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        assert_eq!(
+            u.stats.skipped_xattrs,
+            ["user.virtfs.uid", "security.capability", "trusted.mkt"]
+        );
+        let f = d.path().join("f");
+        assert_eq!(
+            getx32(&f, XATTR_UID),
+            Some(1),
+            "mkt's record, not the layer's"
+        );
+        assert_eq!(getx(&f, "user.note").as_deref(), Some(&b"n"[..]));
+        assert_eq!(getx(&f, "security.capability"), None);
+        assert_eq!(getx(&f, "trusted.mkt"), None);
+        assert_eq!(
+            getx(&f, "user.virtfs.system.posix_acl_access").as_deref(),
+            Some(&b"acl-a"[..])
+        );
+        assert_eq!(
+            getx(&f, "user.virtfs.system.posix_acl_default").as_deref(),
+            Some(&b"acl-d"[..])
+        );
+        assert_eq!(
+            getx(&d.path().join("d"), "user.dir").as_deref(),
+            Some(&b"dv"[..])
+        );
+
+        // A user attribute the file system refuses (a name over 255
+        // bytes) fails the unpack.
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("SCHILY.xattr.user.{}", "x".repeat(300));
+        add(
+            &mut b,
+            header(T::Regular, "g", 0o644, 1, 1, 0),
+            b"",
+            &[(long.as_str(), b"v")],
+        );
+        let e = u
+            .unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:y", &NO)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("layer sha256:y: cannot set an extended attribute for entry \"g\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn real_mode_sets_owners_modes_devices_and_capabilities() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        let mut u = Unpacker::with_record(t, Record::Real).unwrap();
+        assert_eq!(getx(t, XATTR_UID), None, "no probe for real owners");
+        let cap = capability();
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Directory, "d", 0o1750, 1000, 100, 0),
+            b"",
+            &[],
+        );
+        add(
+            &mut b,
+            header(T::Regular, "f", 0o4750, 1000, 100, 1),
+            b"x",
+            &[
+                ("SCHILY.xattr.security.capability", &cap),
+                ("SCHILY.xattr.trusted.mkt", b"t"),
+                ("SCHILY.xattr.user.note", b"n"),
+            ],
+        );
+        // A capability the kernel refuses is skipped, not fatal.
+        add(
+            &mut b,
+            header(T::Regular, "badcap", 0o755, 0, 0, 0),
+            b"",
+            &[("SCHILY.xattr.security.capability", b"bad")],
+        );
+        add(&mut b, device(T::Char, "null", 0o620, 5, 1, 3), b"", &[]);
+        add(&mut b, device(T::Block, "loop", 0o660, 6, 7, 0), b"", &[]);
+        add(&mut b, header(T::Fifo, "p", 0o666, 1001, 1002, 0), b"", &[]);
+        let mut h = header(T::Symlink, "l", 0o777, 1003, 1004, 0);
+        h.set_link_name("f").unwrap();
+        add(&mut b, h, b"", &[]);
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        let stats = u.finish().unwrap();
+        assert_eq!(stats.skipped_xattrs, ["trusted.mkt", "security.capability"]);
+        assert_eq!((stats.unmapped_owners, stats.devices_as_files), (0, 0));
+
+        let meta = |n: &str| std::fs::symlink_metadata(t.join(n)).unwrap();
+        let owner = |n: &str| (meta(n).uid(), meta(n).gid());
+        assert_eq!(owner("d"), (1000, 100));
+        assert_eq!(perms(&t.join("d")), 0o1750);
+        assert_eq!(owner("f"), (1000, 100));
+        assert_eq!(perms(&t.join("f")), 0o4750, "setuid kept after the chown");
+        assert_eq!(getx(&t.join("f"), "security.capability"), Some(cap));
+        assert_eq!(getx(&t.join("f"), "trusted.mkt"), None);
+        assert_eq!(getx(&t.join("f"), "user.note").as_deref(), Some(&b"n"[..]));
+        assert_eq!(record(&t.join("f")), (None, None, None, None));
+        assert_eq!(getx(&t.join("badcap"), "security.capability"), None);
+
+        let null = meta("null");
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), libc::makedev(1, 3));
+        assert_eq!(
+            (null.mode() & 0o7777, null.gid(), null.mtime()),
+            (0o620, 5, 1_000_000)
+        );
+        let lp = meta("loop");
+        assert!(lp.file_type().is_block_device());
+        assert_eq!(lp.rdev(), libc::makedev(7, 0));
+        assert_eq!((lp.mode() & 0o7777, lp.gid()), (0o660, 6));
+        let p = meta("p");
+        assert!(p.file_type().is_fifo());
+        assert_eq!(
+            (p.mode() & 0o7777, owner("p"), p.mtime()),
+            (0o666, (1001, 1002), 1_000_000),
+            "the umask undone"
+        );
+        assert!(meta("l").file_type().is_symlink());
+        assert_eq!(owner("l"), (1003, 1004));
+        assert_eq!(owner("f"), (1000, 100), "the symlink's target untouched");
+    }
+}
