@@ -2196,4 +2196,356 @@ mod entry_tests {
         assert_eq!(owner("l"), (1003, 1004));
         assert_eq!(owner("f"), (1000, 100), "the symlink's target untouched");
     }
+
+    #[test]
+    fn a_target_must_be_a_directory_with_user_xattrs() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for record in [Record::Xattrs, Record::Real] {
+            let e = Unpacker::with_record(&file, record).err().unwrap();
+            assert!(
+                matches!(&e, UnpackError::Target { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR)),
+                "{e:?}"
+            );
+        }
+        // sysfs has no user xattrs.
+        let e = Unpacker::new(Path::new("/sys")).err().unwrap();
+        assert!(matches!(e, UnpackError::NoUserXattrs { .. }), "{e:?}");
+        assert!(Unpacker::with_record(Path::new("/sys"), Record::Real).is_ok());
+        // procfs refuses them outright: the error says why.
+        let e = Unpacker::new(Path::new("/proc/self")).err().unwrap();
+        assert!(
+            matches!(&e, UnpackError::Target { source, .. } if source.raw_os_error() == Some(libc::EPERM)),
+            "{e:?}"
+        );
+    }
+
+    /// `prefix` (entries, no end blocks) then a PAX record too big to read.
+    fn then_big_pax(prefix: Vec<u8>) -> Vec<u8> {
+        let mut b = tar::Builder::new(prefix);
+        b.append_pax_extensions([("comment", &vec![b'x'; 2 << 20][..])])
+            .unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn without_end(mut layer: Vec<u8>) -> Vec<u8> {
+        layer.truncate(layer.len() - 1024);
+        layer
+    }
+
+    /// A reader handing out at most `n` bytes at a time.
+    struct Chunks<'a>(&'a [u8], usize);
+
+    impl Read for Chunks<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let k = self.1.min(buf.len()).min(self.0.len());
+            buf[..k].copy_from_slice(&self.0[..k]);
+            self.0 = &self.0[k..];
+            Ok(k)
+        }
+    }
+
+    fn refused(layer: &[u8], chunk: usize) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u
+            .unpack_tar(Chunks(layer, chunk), "sha256:r", &NO)
+            .unwrap_err();
+        let UnpackError::Read { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(source.to_string().starts_with("a PAX record of"), "{e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn read_errors_name_the_entry_they_follow() {
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "first", 0o644, 0, 0, 1),
+            b"1",
+            &[],
+        );
+        let layer = then_big_pax(without_end(b.into_inner().unwrap()));
+        assert_eq!(
+            refused(&layer, usize::MAX),
+            "layer sha256:r: cannot read the layer's tar stream (at entry \"first\")"
+        );
+        assert_eq!(
+            refused(&then_big_pax(Vec::new()), usize::MAX),
+            "layer sha256:r: cannot read the layer's tar stream"
+        );
+    }
+
+    #[test]
+    fn record_checks_follow_streams_read_in_small_pieces() {
+        // PAX records, headers and content split across reads.
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "a", 0o644, 0, 0, 700),
+            &[b'a'; 700],
+            &[("SCHILY.xattr.user.k", &[b'v'; 600][..])],
+        );
+        let layer = then_big_pax(without_end(b.into_inner().unwrap()));
+        for chunk in [1, 7, 100, 511, 513] {
+            refused(&layer, chunk);
+        }
+        // A record of exactly the limit is read.
+        let mut b = tar::Builder::new(Vec::new());
+        let value = vec![b'x'; (MAX_TAR_RECORDS - 17) as usize];
+        add(
+            &mut b,
+            header(T::Regular, "a", 0o644, 0, 0, 1),
+            b"a",
+            &[("comment", &value)],
+        );
+        let layer = b.into_inner().unwrap();
+        assert_eq!(&layer[124..135], b"00004000000", "a record of 1 MiB");
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.unpack_tar(layer.as_slice(), "sha256:max", &NO).unwrap();
+        assert_eq!(std::fs::read(d.path().join("a")).unwrap(), b"a");
+    }
+
+    #[test]
+    fn pax_records_go_to_the_entry_after_long_names_and_not_past_a_global_header() {
+        let pax_size = |b: &mut tar::Builder<Vec<u8>>| {
+            b.append_pax_extensions([("size", &b"1000"[..])]).unwrap();
+        };
+        // PAX records, a GNU long name, then the entry they describe.
+        let mut b = tar::Builder::new(Vec::new());
+        pax_size(&mut b);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(0);
+        let long = "n".repeat(150);
+        let mut data = vec![b'd'; 1000];
+        data.resize(1024, 0);
+        // The builder writes the long name, then the header (size 0), then
+        // the 1000 bytes the PAX size gives it.
+        b.append_data(&mut h, &long, io::empty()).unwrap();
+        let mut layer = without_end(b.into_inner().unwrap());
+        layer.extend_from_slice(&data);
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.unpack_tar(
+            Chunks(&[layer.clone(), vec![0; 1024]].concat(), 512),
+            "sha256:l",
+            &NO,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), [b'd'; 1000]);
+        refused(&then_big_pax(layer), 512);
+
+        // PAX records, then a global header (which takes them), then an
+        // entry of its own size.
+        let mut b = tar::Builder::new(Vec::new());
+        pax_size(&mut b);
+        let mut h = tar::Header::new_ustar();
+        h.set_path("pax_global_header").unwrap();
+        h.set_entry_type(T::XGlobalHeader);
+        h.set_size(12);
+        h.set_cksum();
+        b.append(&h, &b"12 comment=\n"[..]).unwrap();
+        add(
+            &mut b,
+            header(T::Regular, "empty", 0o644, 0, 0, 0),
+            b"",
+            &[],
+        );
+        refused(&then_big_pax(without_end(b.into_inner().unwrap())), 512);
+    }
+
+    /// A GNU sparse file's header: `blocks` of data (all at its end) and
+    /// `ext` extension blocks of its map (with no more entries in them).
+    fn sparse(name: &str, blocks: u64, ext: usize) -> Vec<u8> {
+        let oct = |n: u64| {
+            let mut f = [0u8; 12];
+            f[..11].copy_from_slice(format!("{n:011o}").as_bytes());
+            f
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_entry_type(T::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(blocks * 512);
+        let g = h.as_gnu_mut().unwrap();
+        g.realsize = oct(8192 + blocks * 512);
+        g.sparse[0].offset = oct(8192);
+        g.sparse[0].numbytes = oct(blocks * 512);
+        g.isextended[0] = u8::from(ext > 0);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        for i in 0..ext {
+            let mut e = tar::GnuExtSparseHeader::new();
+            e.isextended[0] = u8::from(i + 1 < ext);
+            out.extend_from_slice(e.as_bytes());
+        }
+        out.extend(std::iter::repeat_n(b's', blocks as usize * 512));
+        out
+    }
+
+    #[test]
+    fn record_checks_follow_sparse_files_with_and_without_map_extensions() {
+        for (blocks, ext) in [(1, 0), (2, 2), (0, 1)] {
+            let layer = then_big_pax(sparse("s", blocks, ext));
+            refused(&layer, 512);
+            refused(&layer, usize::MAX);
+            let d = tempfile::tempdir().unwrap();
+            let mut u = Unpacker::new(d.path()).unwrap();
+            let ok = [sparse("s", blocks, ext), vec![0; 1024]].concat();
+            u.unpack_tar(ok.as_slice(), "sha256:s", &NO).unwrap();
+            let m = std::fs::metadata(d.path().join("s")).unwrap();
+            assert_eq!(m.len(), 8192 + blocks * 512, "{blocks} {ext}");
+        }
+    }
+
+    /// Real mode as root of a user namespace mapping only root: owners it
+    /// does not map stay root's and devices become files, both counted.
+    #[test]
+    fn real_mode_in_a_user_namespace_counts_unmapped_owners_and_devices() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().to_path_buf();
+        let mut b = tar::Builder::new(Vec::new());
+        add(&mut b, header(T::Regular, "f", 0o644, 1000, 0, 0), b"", &[]);
+        add(&mut b, header(T::Fifo, "p", 0o640, 1000, 0, 0), b"", &[]);
+        let mut h = header(T::Symlink, "l", 0o777, 1000, 0, 0);
+        h.set_link_name("f").unwrap();
+        add(&mut b, h, b"", &[]);
+        add(&mut b, device(T::Char, "null", 0o620, 0, 1, 3), b"", &[]);
+        let layer = b.into_inner().unwrap();
+        let run = || -> Result<Stats, String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+                .map_err(|e| e.to_string())?;
+            for (f, v) in [
+                ("setgroups", "deny"),
+                ("uid_map", "0 0 1"),
+                ("gid_map", "0 0 1"),
+            ] {
+                std::fs::write(format!("/proc/self/{f}"), v).map_err(|e| format!("{f}: {e}"))?;
+            }
+            let mut u = Unpacker::with_record(&t, Record::Real).map_err(|e| e.to_string())?;
+            u.unpack_tar(layer.as_slice(), "sha256:ns", &NO)
+                .map_err(|e| e.to_string())?;
+            u.finish().map_err(|e| e.to_string())
+        };
+        // SAFETY: the child only makes system calls and allocates (glibc's
+        // fork leaves malloc usable), then leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = match run() {
+                    Ok(s) if (s.unmapped_owners, s.devices_as_files) == (3, 1) => 0,
+                    Ok(s) => {
+                        eprintln!("{s:?}");
+                        1
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        2
+                    }
+                };
+                // SAFETY: ends the child without running the parent's
+                // destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let st = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    st,
+                    nix::sys::wait::WaitStatus::Exited(child, 0),
+                    "see the child's message above"
+                );
+            }
+        }
+        let meta = |n: &str| std::fs::symlink_metadata(t.join(n)).unwrap();
+        for n in ["f", "p", "l", "null"] {
+            assert_eq!(meta(n).uid(), 0, "{n}");
+        }
+        assert!(meta("p").file_type().is_fifo());
+        assert!(meta("l").file_type().is_symlink());
+        let null = meta("null");
+        assert!(null.file_type().is_file());
+        assert_eq!(
+            record(&t.join("null")),
+            (Some(0), Some(0), Some(libc::S_IFCHR | 0o620), Some(0x103))
+        );
+        assert_eq!(null.mode() & 0o7777, 0o620);
+    }
+
+    /// A FIFO mknod refuses (in an immutable directory) fails the unpack
+    /// there; only devices fall back to files.
+    #[test]
+    fn a_fifo_mknod_refuses_is_an_error() {
+        const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+        let d = tempfile::tempdir().unwrap();
+        let imm = d.path().join("imm");
+        std::fs::create_dir(&imm).unwrap();
+        let dir = std::fs::File::open(&imm).unwrap();
+        let set = |on: bool| {
+            let mut flags: libc::c_long = 0;
+            // SAFETY: an open directory and a c_long for the flags.
+            unsafe {
+                assert_eq!(
+                    libc::ioctl(dir.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags),
+                    0
+                );
+                flags = if on {
+                    flags | FS_IMMUTABLE_FL
+                } else {
+                    flags & !FS_IMMUTABLE_FL
+                };
+                assert_eq!(
+                    libc::ioctl(dir.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags),
+                    0
+                );
+            }
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        add(&mut b, header(T::Fifo, "imm/p", 0o644, 0, 0, 0), b"", &[]);
+        let layer = b.into_inner().unwrap();
+        let mut u = Unpacker::with_record(d.path(), Record::Real).unwrap();
+        set(true);
+        let e = u.unpack_tar(layer.as_slice(), "sha256:i", &NO);
+        set(false);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.starts_with("layer sha256:i: cannot create the device node for entry \"imm/p\""),
+            "{e}"
+        );
+        assert_eq!(u.stats.devices_as_files, 0);
+    }
+
+    /// An old-style header can hold no zero byte at all (fields ended by
+    /// spaces): it is a header, not the end of the archive.
+    #[test]
+    fn record_checks_follow_a_header_without_zero_bytes() {
+        let mut block = [b'x'; 512];
+        block[..100].fill(b'a');
+        for (at, field) in [
+            (100, &b"0000644 "[..]),
+            (108, b"0000000 "),
+            (116, b"0000000 "),
+            (124, b"00000000001 "),
+            (136, b"00000000000 "),
+        ] {
+            block[at..at + field.len()].copy_from_slice(field);
+        }
+        block[156] = b'0';
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|b| u32::from(*b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:07o} ").as_bytes());
+        assert!(!block.contains(&0));
+        let mut layer = block.to_vec();
+        layer.push(b'1');
+        layer.resize(1024, 0);
+        refused(&then_big_pax(layer.clone()), 512);
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        layer.resize(2048, 0);
+        u.unpack_tar(layer.as_slice(), "sha256:v7", &NO).unwrap();
+        assert_eq!(std::fs::read(d.path().join("a".repeat(100))).unwrap(), b"1");
+    }
 }
