@@ -2436,16 +2436,18 @@ mod entry_tests {
         // fork leaves malloc usable), then leaves with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                let code = match run() {
-                    Ok(s) if (s.unmapped_owners, s.devices_as_files) == (3, 1) => 0,
-                    Ok(s) => {
+                // A panic must not unwind into the test harness's copy.
+                let code = match std::panic::catch_unwind(run) {
+                    Ok(Ok(s)) if (s.unmapped_owners, s.devices_as_files) == (3, 1) => 0,
+                    Ok(Ok(s)) => {
                         eprintln!("{s:?}");
                         1
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         eprintln!("{e}");
                         2
                     }
+                    Err(_) => 3,
                 };
                 // SAFETY: ends the child without running the parent's
                 // destructors.
@@ -2547,5 +2549,47 @@ mod entry_tests {
         layer.resize(2048, 0);
         u.unpack_tar(layer.as_slice(), "sha256:v7", &NO).unwrap();
         assert_eq!(std::fs::read(d.path().join("a".repeat(100))).unwrap(), b"1");
+    }
+
+    /// The record checks see the same stream however it is split, even
+    /// when a read ends inside a header and the next one goes past it.
+    #[test]
+    fn record_checks_follow_any_split_of_the_stream() {
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "a", 0o644, 0, 0, 700),
+            &[b'a'; 700],
+            &[],
+        );
+        let layer = then_big_pax(without_end(b.into_inner().unwrap()));
+        for first in [1, 100, 511] {
+            let mut cap = RecordCap::new(io::empty());
+            cap.follow(&layer[..first]).unwrap();
+            let e = cap.follow(&layer[first..]).unwrap_err();
+            assert!(e.to_string().starts_with("a PAX record of"), "{first}: {e}");
+        }
+    }
+
+    /// PAX owners are read as PAX times are, as a decimal number whose
+    /// fraction is dropped (the tar crate itself takes only integers).
+    #[test]
+    fn pax_owners_with_a_fraction_are_read_too() {
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "f", 0o644, 1, 2, 0),
+            b"",
+            &[("uid", b"70000.0"), ("gid", b"80000.0")],
+        );
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        let f = d.path().join("f");
+        assert_eq!(
+            (getx32(&f, XATTR_UID), getx32(&f, XATTR_GID)),
+            (Some(70000), Some(80000))
+        );
     }
 }
