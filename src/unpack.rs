@@ -2402,3 +2402,718 @@ mod tests {
         assert_eq!(xattr_num(&b, XATTR_RDEV), Some(makedev(8, 17)));
     }
 }
+
+#[cfg(test)]
+mod entry_tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use tar::EntryType as T;
+
+    static NO: AtomicBool = AtomicBool::new(false);
+
+    /// One entry's header (ustar: it has device numbers), not yet summed.
+    fn header(kind: T, name: &str, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(1_000_000);
+        h.set_size(size);
+        h
+    }
+
+    /// Appends `h` with `data`, after PAX records `pax` when there are any.
+    fn add(b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, data: &[u8], pax: &[(&str, &[u8])]) {
+        if !pax.is_empty() {
+            b.append_pax_extensions(pax.iter().copied()).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    fn device(kind: T, name: &str, mode: u32, gid: u64, major: u32, minor: u32) -> tar::Header {
+        let mut h = header(kind, name, mode, 0, gid, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h
+    }
+
+    fn getx(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut buf = [0u8; 256];
+        // SAFETY: NUL-terminated strings and a buffer of buf.len() bytes.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        (r >= 0).then(|| buf[..r as usize].to_vec())
+    }
+
+    fn getx32(path: &Path, name: &str) -> Option<u32> {
+        getx(path, name).map(|v| u32::from_le_bytes(v.try_into().unwrap()))
+    }
+
+    /// (uid, gid, mode) recorded in QEMU's xattrs, and rdev if any.
+    fn record(path: &Path) -> (Option<u32>, Option<u32>, Option<u32>, Option<u64>) {
+        (
+            getx32(path, XATTR_UID),
+            getx32(path, XATTR_GID),
+            getx32(path, XATTR_MODE),
+            getx(path, XATTR_RDEV).map(|v| u64::from_le_bytes(v.try_into().unwrap())),
+        )
+    }
+
+    fn perms(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn xattrs_keep_owners_full_modes_and_devices_and_the_host_modes_stay_readable() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        let mut u = Unpacker::new(t).unwrap();
+        // The probe leaves the root recorded as root's 0755 directory.
+        assert_eq!(
+            record(t),
+            (Some(0), Some(0), Some(libc::S_IFDIR | 0o755), None)
+        );
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Directory, "d", 0o1750, 1000, 100, 0),
+            b"",
+            &[],
+        );
+        // Type bits in the mode field (some tars write them) are dropped;
+        // PAX owners and time win over the header's.
+        add(
+            &mut b,
+            header(T::Regular, "d/f", 0o104640, 1, 2, 2),
+            b"hi",
+            &[
+                ("uid", b"70000"),
+                ("gid", b"80000"),
+                ("mtime", b"1700000000.5"),
+            ],
+        );
+        add(&mut b, device(T::Char, "c", 0o620, 5, 1, 3), b"", &[]);
+        add(&mut b, device(T::Block, "b", 0o660, 6, 8, 17), b"", &[]);
+        add(&mut b, header(T::Fifo, "p", 0o644, 7, 8, 0), b"", &[]);
+        // Blank numeric fields read as 0, as Go's archive/tar reads them.
+        let mut h = header(T::Regular, "blank", 0o644, 9, 9, 0);
+        let old = h.as_old_mut();
+        for f in [
+            &mut old.uid[..],
+            &mut old.gid,
+            &mut old.mode,
+            &mut old.mtime,
+        ] {
+            f.fill(0);
+        }
+        add(&mut b, h, b"", &[]);
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        let stats = u.finish().unwrap();
+        assert_eq!((stats.entries, stats.bytes), (6, 2));
+
+        let dir = t.join("d");
+        assert_eq!(
+            record(&dir),
+            (Some(1000), Some(100), Some(libc::S_IFDIR | 0o1750), None)
+        );
+        assert_eq!(perms(&dir), 0o750);
+        let f = dir.join("f");
+        assert_eq!(
+            record(&f),
+            (Some(70000), Some(80000), Some(libc::S_IFREG | 0o4640), None)
+        );
+        assert_eq!(perms(&f), 0o640);
+        assert_eq!(std::fs::metadata(&f).unwrap().mtime(), 1_700_000_000);
+        assert_eq!(std::fs::read(&f).unwrap(), b"hi");
+        for (name, kind, mode, gid, rdev) in [
+            ("c", libc::S_IFCHR, 0o620, 5, 0x103),
+            ("b", libc::S_IFBLK, 0o660, 6, 0x811),
+        ] {
+            let p = t.join(name);
+            assert_eq!(
+                record(&p),
+                (Some(0), Some(gid), Some(kind | mode), Some(rdev)),
+                "{name}"
+            );
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert!(m.file_type().is_file() && m.len() == 0, "{name}");
+            assert_eq!(m.mode() & 0o7777, mode, "{name}");
+            assert_eq!(m.mtime(), 1_000_000, "{name}");
+        }
+        let p = t.join("p");
+        assert_eq!(
+            record(&p),
+            (Some(7), Some(8), Some(libc::S_IFIFO | 0o644), None)
+        );
+        assert!(std::fs::symlink_metadata(&p).unwrap().file_type().is_file());
+        let blank = t.join("blank");
+        assert_eq!(
+            record(&blank),
+            (Some(0), Some(0), Some(libc::S_IFREG), None)
+        );
+        assert_eq!(perms(&blank), 0o400);
+        assert_eq!(std::fs::metadata(&blank).unwrap().mtime(), 0);
+    }
+
+    /// A valid `security.capability` (v2): cap_net_bind_service permitted.
+    fn capability() -> Vec<u8> {
+        let mut v = 0x0200_0000u32.to_le_bytes().to_vec();
+        for w in [1u32 << 10, 0, 0, 0] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn xattrs_mode_keeps_user_attributes_and_acls_and_skips_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let cap = capability();
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "f", 0o644, 1, 1, 0),
+            b"",
+            &[
+                ("SCHILY.xattr.user.virtfs.uid", &7u32.to_le_bytes()),
+                ("SCHILY.xattr.user.note", b"n"),
+                ("SCHILY.xattr.security.capability", &cap),
+                ("SCHILY.xattr.system.posix_acl_access", b"acl-a"),
+                ("SCHILY.xattr.system.posix_acl_default", b"acl-d"),
+                ("SCHILY.xattr.trusted.mkt", b"t"),
+            ],
+        );
+        add(
+            &mut b,
+            header(T::Directory, "d", 0o755, 1, 1, 0),
+            b"",
+            &[("SCHILY.xattr.user.dir", b"dv")],
+        );
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        assert_eq!(
+            u.stats.skipped_xattrs,
+            ["user.virtfs.uid", "security.capability", "trusted.mkt"]
+        );
+        let f = d.path().join("f");
+        assert_eq!(
+            getx32(&f, XATTR_UID),
+            Some(1),
+            "mkt's record, not the layer's"
+        );
+        assert_eq!(getx(&f, "user.note").as_deref(), Some(&b"n"[..]));
+        assert_eq!(getx(&f, "security.capability"), None);
+        assert_eq!(getx(&f, "trusted.mkt"), None);
+        assert_eq!(
+            getx(&f, "user.virtfs.system.posix_acl_access").as_deref(),
+            Some(&b"acl-a"[..])
+        );
+        assert_eq!(
+            getx(&f, "user.virtfs.system.posix_acl_default").as_deref(),
+            Some(&b"acl-d"[..])
+        );
+        assert_eq!(
+            getx(&d.path().join("d"), "user.dir").as_deref(),
+            Some(&b"dv"[..])
+        );
+
+        // A user attribute the file system refuses (a name over 255
+        // bytes) fails the unpack.
+        let mut b = tar::Builder::new(Vec::new());
+        let long = format!("SCHILY.xattr.user.{}", "x".repeat(300));
+        add(
+            &mut b,
+            header(T::Regular, "g", 0o644, 1, 1, 0),
+            b"",
+            &[(long.as_str(), b"v")],
+        );
+        let e = u
+            .unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:y", &NO)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("layer sha256:y: cannot set an extended attribute for entry \"g\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn real_mode_sets_owners_modes_devices_and_capabilities() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        let mut u = Unpacker::with_record(t, Record::Real).unwrap();
+        assert_eq!(getx(t, XATTR_UID), None, "no probe for real owners");
+        let cap = capability();
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Directory, "d", 0o1750, 1000, 100, 0),
+            b"",
+            &[],
+        );
+        add(
+            &mut b,
+            header(T::Regular, "f", 0o4750, 1000, 100, 1),
+            b"x",
+            &[
+                ("SCHILY.xattr.security.capability", &cap),
+                ("SCHILY.xattr.trusted.mkt", b"t"),
+                ("SCHILY.xattr.user.note", b"n"),
+            ],
+        );
+        // A capability the kernel refuses is skipped, not fatal.
+        add(
+            &mut b,
+            header(T::Regular, "badcap", 0o755, 0, 0, 0),
+            b"",
+            &[("SCHILY.xattr.security.capability", b"bad")],
+        );
+        add(&mut b, device(T::Char, "null", 0o620, 5, 1, 3), b"", &[]);
+        add(&mut b, device(T::Block, "loop", 0o660, 6, 7, 0), b"", &[]);
+        add(&mut b, header(T::Fifo, "p", 0o666, 1001, 1002, 0), b"", &[]);
+        let mut h = header(T::Symlink, "l", 0o777, 1003, 1004, 0);
+        h.set_link_name("f").unwrap();
+        add(&mut b, h, b"", &[]);
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        let stats = u.finish().unwrap();
+        assert_eq!(stats.skipped_xattrs, ["trusted.mkt", "security.capability"]);
+        assert_eq!((stats.unmapped_owners, stats.devices_as_files), (0, 0));
+
+        let meta = |n: &str| std::fs::symlink_metadata(t.join(n)).unwrap();
+        let owner = |n: &str| (meta(n).uid(), meta(n).gid());
+        assert_eq!(owner("d"), (1000, 100));
+        assert_eq!(perms(&t.join("d")), 0o1750);
+        assert_eq!(owner("f"), (1000, 100));
+        assert_eq!(perms(&t.join("f")), 0o4750, "setuid kept after the chown");
+        assert_eq!(getx(&t.join("f"), "security.capability"), Some(cap));
+        assert_eq!(getx(&t.join("f"), "trusted.mkt"), None);
+        assert_eq!(getx(&t.join("f"), "user.note").as_deref(), Some(&b"n"[..]));
+        assert_eq!(record(&t.join("f")), (None, None, None, None));
+        assert_eq!(getx(&t.join("badcap"), "security.capability"), None);
+
+        let null = meta("null");
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), libc::makedev(1, 3));
+        assert_eq!(
+            (null.mode() & 0o7777, null.gid(), null.mtime()),
+            (0o620, 5, 1_000_000)
+        );
+        let lp = meta("loop");
+        assert!(lp.file_type().is_block_device());
+        assert_eq!(lp.rdev(), libc::makedev(7, 0));
+        assert_eq!((lp.mode() & 0o7777, lp.gid()), (0o660, 6));
+        let p = meta("p");
+        assert!(p.file_type().is_fifo());
+        assert_eq!(
+            (p.mode() & 0o7777, owner("p"), p.mtime()),
+            (0o666, (1001, 1002), 1_000_000),
+            "the umask undone"
+        );
+        assert!(meta("l").file_type().is_symlink());
+        assert_eq!(owner("l"), (1003, 1004));
+        assert_eq!(owner("f"), (1000, 100), "the symlink's target untouched");
+    }
+
+    #[test]
+    fn a_target_must_be_a_directory_with_user_xattrs() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        for record in [Record::Xattrs, Record::Real] {
+            let e = Unpacker::with_record(&file, record).err().unwrap();
+            assert!(
+                matches!(&e, UnpackError::Target { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR)),
+                "{e:?}"
+            );
+        }
+        // sysfs has no user xattrs.
+        let e = Unpacker::new(Path::new("/sys")).err().unwrap();
+        assert!(matches!(e, UnpackError::NoUserXattrs { .. }), "{e:?}");
+        assert!(Unpacker::with_record(Path::new("/sys"), Record::Real).is_ok());
+        // procfs refuses them outright: the error says why.
+        let e = Unpacker::new(Path::new("/proc/self")).err().unwrap();
+        assert!(
+            matches!(&e, UnpackError::Target { source, .. } if source.raw_os_error() == Some(libc::EPERM)),
+            "{e:?}"
+        );
+    }
+
+    /// `prefix` (entries, no end blocks) then a PAX record too big to read.
+    fn then_big_pax(prefix: Vec<u8>) -> Vec<u8> {
+        let mut b = tar::Builder::new(prefix);
+        b.append_pax_extensions([("comment", &vec![b'x'; 2 << 20][..])])
+            .unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn without_end(mut layer: Vec<u8>) -> Vec<u8> {
+        layer.truncate(layer.len() - 1024);
+        layer
+    }
+
+    /// A reader handing out at most `n` bytes at a time.
+    struct Chunks<'a>(&'a [u8], usize);
+
+    impl Read for Chunks<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let k = self.1.min(buf.len()).min(self.0.len());
+            buf[..k].copy_from_slice(&self.0[..k]);
+            self.0 = &self.0[k..];
+            Ok(k)
+        }
+    }
+
+    fn refused(layer: &[u8], chunk: usize) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let e = u
+            .unpack_tar(Chunks(layer, chunk), "sha256:r", &NO)
+            .unwrap_err();
+        let UnpackError::Read { source, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(source.to_string().starts_with("a PAX record of"), "{e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn read_errors_name_the_entry_they_follow() {
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "first", 0o644, 0, 0, 1),
+            b"1",
+            &[],
+        );
+        let layer = then_big_pax(without_end(b.into_inner().unwrap()));
+        assert_eq!(
+            refused(&layer, usize::MAX),
+            "layer sha256:r: cannot read the layer's tar stream (at entry \"first\")"
+        );
+        assert_eq!(
+            refused(&then_big_pax(Vec::new()), usize::MAX),
+            "layer sha256:r: cannot read the layer's tar stream"
+        );
+    }
+
+    #[test]
+    fn record_checks_follow_streams_read_in_small_pieces() {
+        // PAX records, headers and content split across reads.
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "a", 0o644, 0, 0, 700),
+            &[b'a'; 700],
+            &[("SCHILY.xattr.user.k", &[b'v'; 600][..])],
+        );
+        let layer = then_big_pax(without_end(b.into_inner().unwrap()));
+        for chunk in [1, 7, 100, 511, 513] {
+            refused(&layer, chunk);
+        }
+        // A record of exactly the limit is read.
+        let mut b = tar::Builder::new(Vec::new());
+        let value = vec![b'x'; (MAX_TAR_RECORDS - 17) as usize];
+        add(
+            &mut b,
+            header(T::Regular, "a", 0o644, 0, 0, 1),
+            b"a",
+            &[("comment", &value)],
+        );
+        let layer = b.into_inner().unwrap();
+        assert_eq!(&layer[124..135], b"00004000000", "a record of 1 MiB");
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.unpack_tar(layer.as_slice(), "sha256:max", &NO).unwrap();
+        assert_eq!(std::fs::read(d.path().join("a")).unwrap(), b"a");
+    }
+
+    #[test]
+    fn pax_records_go_to_the_entry_after_long_names_and_not_past_a_global_header() {
+        let pax_size = |b: &mut tar::Builder<Vec<u8>>| {
+            b.append_pax_extensions([("size", &b"1000"[..])]).unwrap();
+        };
+        // PAX records, a GNU long name, then the entry they describe.
+        let mut b = tar::Builder::new(Vec::new());
+        pax_size(&mut b);
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(0);
+        let long = "n".repeat(150);
+        let mut data = vec![b'd'; 1000];
+        data.resize(1024, 0);
+        // The builder writes the long name, then the header (size 0), then
+        // the 1000 bytes the PAX size gives it.
+        b.append_data(&mut h, &long, io::empty()).unwrap();
+        let mut layer = without_end(b.into_inner().unwrap());
+        layer.extend_from_slice(&data);
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.unpack_tar(
+            Chunks(&[layer.clone(), vec![0; 1024]].concat(), 512),
+            "sha256:l",
+            &NO,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), [b'd'; 1000]);
+        refused(&then_big_pax(layer), 512);
+
+        // PAX records, then a global header (which takes them), then an
+        // entry of its own size.
+        let mut b = tar::Builder::new(Vec::new());
+        pax_size(&mut b);
+        let mut h = tar::Header::new_ustar();
+        h.set_path("pax_global_header").unwrap();
+        h.set_entry_type(T::XGlobalHeader);
+        h.set_size(12);
+        h.set_cksum();
+        b.append(&h, &b"12 comment=\n"[..]).unwrap();
+        add(
+            &mut b,
+            header(T::Regular, "empty", 0o644, 0, 0, 0),
+            b"",
+            &[],
+        );
+        refused(&then_big_pax(without_end(b.into_inner().unwrap())), 512);
+    }
+
+    /// A GNU sparse file's header: `blocks` of data (all at its end) and
+    /// `ext` extension blocks of its map (with no more entries in them).
+    fn sparse(name: &str, blocks: u64, ext: usize) -> Vec<u8> {
+        let oct = |n: u64| {
+            let mut f = [0u8; 12];
+            f[..11].copy_from_slice(format!("{n:011o}").as_bytes());
+            f
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_entry_type(T::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(blocks * 512);
+        let g = h.as_gnu_mut().unwrap();
+        g.realsize = oct(8192 + blocks * 512);
+        g.sparse[0].offset = oct(8192);
+        g.sparse[0].numbytes = oct(blocks * 512);
+        g.isextended[0] = u8::from(ext > 0);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        for i in 0..ext {
+            let mut e = tar::GnuExtSparseHeader::new();
+            e.isextended[0] = u8::from(i + 1 < ext);
+            out.extend_from_slice(e.as_bytes());
+        }
+        out.extend(std::iter::repeat_n(b's', blocks as usize * 512));
+        out
+    }
+
+    #[test]
+    fn record_checks_follow_sparse_files_with_and_without_map_extensions() {
+        for (blocks, ext) in [(1, 0), (2, 2), (0, 1)] {
+            let layer = then_big_pax(sparse("s", blocks, ext));
+            refused(&layer, 512);
+            refused(&layer, usize::MAX);
+            let d = tempfile::tempdir().unwrap();
+            let mut u = Unpacker::new(d.path()).unwrap();
+            let ok = [sparse("s", blocks, ext), vec![0; 1024]].concat();
+            u.unpack_tar(ok.as_slice(), "sha256:s", &NO).unwrap();
+            let m = std::fs::metadata(d.path().join("s")).unwrap();
+            assert_eq!(m.len(), 8192 + blocks * 512, "{blocks} {ext}");
+        }
+    }
+
+    /// Real mode as root of a user namespace mapping only root: owners it
+    /// does not map stay root's and devices become files, both counted.
+    #[test]
+    fn real_mode_in_a_user_namespace_counts_unmapped_owners_and_devices() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().to_path_buf();
+        let mut b = tar::Builder::new(Vec::new());
+        add(&mut b, header(T::Regular, "f", 0o644, 1000, 0, 0), b"", &[]);
+        add(&mut b, header(T::Fifo, "p", 0o640, 1000, 0, 0), b"", &[]);
+        let mut h = header(T::Symlink, "l", 0o777, 1000, 0, 0);
+        h.set_link_name("f").unwrap();
+        add(&mut b, h, b"", &[]);
+        add(&mut b, device(T::Char, "null", 0o620, 0, 1, 3), b"", &[]);
+        let layer = b.into_inner().unwrap();
+        let run = || -> Result<Stats, String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+                .map_err(|e| e.to_string())?;
+            for (f, v) in [
+                ("setgroups", "deny"),
+                ("uid_map", "0 0 1"),
+                ("gid_map", "0 0 1"),
+            ] {
+                std::fs::write(format!("/proc/self/{f}"), v).map_err(|e| format!("{f}: {e}"))?;
+            }
+            let mut u = Unpacker::with_record(&t, Record::Real).map_err(|e| e.to_string())?;
+            u.unpack_tar(layer.as_slice(), "sha256:ns", &NO)
+                .map_err(|e| e.to_string())?;
+            u.finish().map_err(|e| e.to_string())
+        };
+        // SAFETY: the child only makes system calls and allocates (glibc's
+        // fork leaves malloc usable), then leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                // A panic must not unwind into the test harness's copy.
+                let code = match std::panic::catch_unwind(run) {
+                    Ok(Ok(s)) if (s.unmapped_owners, s.devices_as_files) == (3, 1) => 0,
+                    Ok(Ok(s)) => {
+                        eprintln!("{s:?}");
+                        1
+                    }
+                    Ok(Err(e)) => {
+                        eprintln!("{e}");
+                        2
+                    }
+                    Err(_) => 3,
+                };
+                // SAFETY: ends the child without running the parent's
+                // destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let st = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    st,
+                    nix::sys::wait::WaitStatus::Exited(child, 0),
+                    "see the child's message above"
+                );
+            }
+        }
+        let meta = |n: &str| std::fs::symlink_metadata(t.join(n)).unwrap();
+        for n in ["f", "p", "l", "null"] {
+            assert_eq!(meta(n).uid(), 0, "{n}");
+        }
+        assert!(meta("p").file_type().is_fifo());
+        assert!(meta("l").file_type().is_symlink());
+        let null = meta("null");
+        assert!(null.file_type().is_file());
+        assert_eq!(
+            record(&t.join("null")),
+            (Some(0), Some(0), Some(libc::S_IFCHR | 0o620), Some(0x103))
+        );
+        assert_eq!(null.mode() & 0o7777, 0o620);
+    }
+
+    /// A FIFO mknod refuses (in an immutable directory) fails the unpack
+    /// there; only devices fall back to files.
+    #[test]
+    fn a_fifo_mknod_refuses_is_an_error() {
+        const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+        let d = tempfile::tempdir().unwrap();
+        let imm = d.path().join("imm");
+        std::fs::create_dir(&imm).unwrap();
+        let dir = std::fs::File::open(&imm).unwrap();
+        let set = |on: bool| {
+            let mut flags: libc::c_long = 0;
+            // SAFETY: an open directory and a c_long for the flags.
+            unsafe {
+                assert_eq!(
+                    libc::ioctl(dir.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags),
+                    0
+                );
+                flags = if on {
+                    flags | FS_IMMUTABLE_FL
+                } else {
+                    flags & !FS_IMMUTABLE_FL
+                };
+                assert_eq!(
+                    libc::ioctl(dir.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags),
+                    0
+                );
+            }
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        add(&mut b, header(T::Fifo, "imm/p", 0o644, 0, 0, 0), b"", &[]);
+        let layer = b.into_inner().unwrap();
+        let mut u = Unpacker::with_record(d.path(), Record::Real).unwrap();
+        set(true);
+        let e = u.unpack_tar(layer.as_slice(), "sha256:i", &NO);
+        set(false);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.starts_with("layer sha256:i: cannot create the device node for entry \"imm/p\""),
+            "{e}"
+        );
+        assert_eq!(u.stats.devices_as_files, 0);
+    }
+
+    /// An old-style header can hold no zero byte at all (fields ended by
+    /// spaces): it is a header, not the end of the archive.
+    #[test]
+    fn record_checks_follow_a_header_without_zero_bytes() {
+        let mut block = [b'x'; 512];
+        block[..100].fill(b'a');
+        for (at, field) in [
+            (100, &b"0000644 "[..]),
+            (108, b"0000000 "),
+            (116, b"0000000 "),
+            (124, b"00000000001 "),
+            (136, b"00000000000 "),
+        ] {
+            block[at..at + field.len()].copy_from_slice(field);
+        }
+        block[156] = b'0';
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|b| u32::from(*b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:07o} ").as_bytes());
+        assert!(!block.contains(&0));
+        let mut layer = block.to_vec();
+        layer.push(b'1');
+        layer.resize(1024, 0);
+        refused(&then_big_pax(layer.clone()), 512);
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        layer.resize(2048, 0);
+        u.unpack_tar(layer.as_slice(), "sha256:v7", &NO).unwrap();
+        assert_eq!(std::fs::read(d.path().join("a".repeat(100))).unwrap(), b"1");
+    }
+
+    /// The record checks see the same stream however it is split, even
+    /// when a read ends inside a header and the next one goes past it.
+    #[test]
+    fn record_checks_follow_any_split_of_the_stream() {
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "a", 0o644, 0, 0, 700),
+            &[b'a'; 700],
+            &[],
+        );
+        let layer = then_big_pax(without_end(b.into_inner().unwrap()));
+        for first in [1, 100, 511] {
+            let mut cap = RecordCap::new(io::empty());
+            cap.follow(&layer[..first]).unwrap();
+            let e = cap.follow(&layer[first..]).unwrap_err();
+            assert!(e.to_string().starts_with("a PAX record of"), "{first}: {e}");
+        }
+    }
+
+    /// PAX owners are read as PAX times are, as a decimal number whose
+    /// fraction is dropped (the tar crate itself takes only integers).
+    #[test]
+    fn pax_owners_with_a_fraction_are_read_too() {
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        add(
+            &mut b,
+            header(T::Regular, "f", 0o644, 1, 2, 0),
+            b"",
+            &[("uid", b"70000.0"), ("gid", b"80000.0")],
+        );
+        u.unpack_tar(b.into_inner().unwrap().as_slice(), "sha256:x", &NO)
+            .unwrap();
+        let f = d.path().join("f");
+        assert_eq!(
+            (getx32(&f, XATTR_UID), getx32(&f, XATTR_GID)),
+            (Some(70000), Some(80000))
+        );
+    }
+}
