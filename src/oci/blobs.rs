@@ -359,15 +359,7 @@ mod tests {
             )
         });
         let (_d, store, reg, digest) = setup(BLOB, 10, &base);
-        let (path, f) = store
-            .fetch(
-                &reg,
-                &digest,
-                BLOB.len() as u64,
-                &ProgressBar::hidden(),
-                &AtomicBool::new(false),
-            )
-            .unwrap();
+        let (path, f) = fetch_all(&store, &reg, &digest).unwrap();
         assert_eq!(rx.recv().unwrap(), Some(10));
         assert_eq!(
             f,
@@ -385,15 +377,7 @@ mod tests {
     fn a_server_ignoring_range_still_ends_correct() {
         let (base, rx) = serve(1, |_| response("200 OK", "", BLOB));
         let (_d, store, reg, digest) = setup(BLOB, 20, &base);
-        let (path, f) = store
-            .fetch(
-                &reg,
-                &digest,
-                BLOB.len() as u64,
-                &ProgressBar::hidden(),
-                &AtomicBool::new(false),
-            )
-            .unwrap();
+        let (path, f) = fetch_all(&store, &reg, &digest).unwrap();
         assert_eq!(rx.recv().unwrap(), Some(20), "a Range request was made");
         assert!(f.restarted);
         assert_eq!(f.downloaded, BLOB.len() as u64);
@@ -421,15 +405,7 @@ mod tests {
         });
         let (_d, store, reg, digest) = setup(BLOB, 0, &base);
         let size = BLOB.len() as u64;
-        let e = store
-            .fetch(
-                &reg,
-                &digest,
-                size,
-                &ProgressBar::hidden(),
-                &AtomicBool::new(false),
-            )
-            .unwrap_err();
+        let e = fetch_all(&store, &reg, &digest).unwrap_err();
         assert!(matches!(e, OciError::BlobRead { .. }), "{e:?}");
         assert!(e.to_string().contains(&digest), "{e}");
         // The read error itself (hyper's incomplete body), not retried into
@@ -444,15 +420,7 @@ mod tests {
             15
         );
         assert!(store.cached(&digest, size).is_none());
-        let (_, f) = store
-            .fetch(
-                &reg,
-                &digest,
-                size,
-                &ProgressBar::hidden(),
-                &AtomicBool::new(false),
-            )
-            .unwrap();
+        let (_, f) = fetch_all(&store, &reg, &digest).unwrap();
         assert_eq!((rx.recv().unwrap(), rx.recv().unwrap()), (None, Some(15)));
         assert_eq!(f.resumed_from, 15);
         assert_eq!(std::fs::read(store.path(&digest)).unwrap(), BLOB);
@@ -464,15 +432,7 @@ mod tests {
             response("200 OK", "", b"not the blob you want, friend!!!!!!!")
         });
         let (_d, store, reg, digest) = setup(BLOB, 0, &base);
-        let e = store
-            .fetch(
-                &reg,
-                &digest,
-                BLOB.len() as u64,
-                &ProgressBar::hidden(),
-                &AtomicBool::new(false),
-            )
-            .unwrap_err();
+        let e = fetch_all(&store, &reg, &digest).unwrap_err();
         assert!(matches!(e, OciError::DigestMismatch { .. }), "{e:?}");
         let msg = e.to_string();
         assert!(
@@ -489,15 +449,7 @@ mod tests {
         long.extend_from_slice(b"extra");
         let (base, _rx) = serve(1, move |_| response("200 OK", "", &long));
         let (_d, store, reg, digest) = setup(BLOB, 0, &base);
-        let e = store
-            .fetch(
-                &reg,
-                &digest,
-                BLOB.len() as u64,
-                &ProgressBar::hidden(),
-                &AtomicBool::new(false),
-            )
-            .unwrap_err();
+        let e = fetch_all(&store, &reg, &digest).unwrap_err();
         assert!(e.to_string().contains("more than"), "{e}");
         assert!(!store.partial_path(&digest).exists());
     }
