@@ -1,7 +1,7 @@
 //! `mkt ps` and `mkt stop`: the running VMs from their records.
 
 use crate::config::Paths;
-use crate::vm::instance::{self};
+use crate::vm::instance;
 use std::time::{Duration, Instant};
 
 /// `mkt ps`: the running VMs, as a table or JSON.

@@ -4,8 +4,8 @@
 use super::control::{find_vm, names};
 use super::error::RunError;
 use crate::config::Paths;
-use crate::host::{self};
-use crate::vm::instance::{self};
+use crate::host;
+use crate::vm::instance;
 use std::io::{self, BufRead, IsTerminal};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 
 use crate::sys::{c, log, syscall};
 use std::fs::{self, File};
-use std::io::{self};
+use std::io;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;

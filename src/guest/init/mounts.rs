@@ -2,8 +2,8 @@
 
 use crate::plan::FsKind;
 use crate::sys::{c, chroot, log, mount};
-use std::fs::{self};
-use std::io::{self};
+use std::fs;
+use std::io;
 
 pub const MS_RDONLY: u64 = 1;
 pub const MS_MOVE: u64 = 8192;
