@@ -6,6 +6,7 @@ pub mod blobs;
 pub mod manifest;
 pub mod reference;
 pub mod registry;
+pub mod resolve;
 
 pub use blobs::BlobStore;
 pub use reference::Reference;
@@ -52,6 +53,22 @@ pub fn show_limit(bytes: u64) -> String {
         }
     }
     format!("{bytes} bytes")
+}
+
+/// `12.3 MiB`.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// Why talking to a registry or the blob cache failed.

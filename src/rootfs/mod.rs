@@ -582,21 +582,7 @@ pub(crate) fn tree_size(root: &Path) -> (u64, u64) {
     (bytes, entries)
 }
 
-/// `12.3 MiB`.
-pub fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
+pub use crate::oci::human;
 
 /// The directory of the stored tree `name`, or a clear error.
 pub fn stored(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {

@@ -1,6 +1,6 @@
 //! `mkt rootfs pull`: an image reference to a tree of the store. The steps:
-//! resolve (index → platform → manifest), check the layers and sizes
-//! against the limits before any download, fetch and check the config,
+//! resolve (index → platform → manifest) and check the layers and sizes
+//! against the limits before any download (`oci::resolve`), fetch and check the config,
 //! then download the layers in parallel while unpacking them in order
 //! (here, or in a user namespace with the user's subordinate ids).
 
@@ -10,10 +10,12 @@ use super::{
 };
 use crate::config::Paths;
 use crate::oci::Limits;
-use crate::oci::manifest::{self, ImageConfig, ImageManifest, Manifest, Platform};
-use crate::oci::{self, BlobStore, OciError, Reference, Registry, auth};
+use crate::oci::manifest::{self, platform_name};
+use crate::oci::resolve::{self, ResolveError};
+use crate::oci::{BlobStore, OciError, Reference, Registry, auth};
 use crate::unpack::{self, UnpackError, Unpacker};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use oci_spec::image::{ImageConfiguration, ImageManifest, Platform};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -74,6 +76,13 @@ impl Job<'_> {
         }
     }
 
+    fn resolve_err(&self, e: ResolveError) -> RootfsError {
+        match e {
+            ResolveError::Registry(e) => self.pull_err(e),
+            ResolveError::Image(reason) => self.image_err(reason),
+        }
+    }
+
     fn unpack_err(&self, source: UnpackError) -> RootfsError {
         RootfsError::Unpack {
             image: self.image.into(),
@@ -83,13 +92,6 @@ impl Job<'_> {
     }
 }
 
-/// The image manifest a reference and platform lead to.
-struct Chosen {
-    index_digest: Option<String>,
-    manifest_digest: String,
-    img: ImageManifest,
-}
-
 /// Downloads and unpacks `opts.image` into a temp dir of the store.
 pub(crate) fn pull_unpacked(
     paths: &Paths,
@@ -97,7 +99,7 @@ pub(crate) fn pull_unpacked(
     cancel: &AtomicBool,
 ) -> Result<Unpacked, RootfsError> {
     let reference = Reference::parse(&opts.image)?;
-    let platform = Platform::parse(&opts.platform).map_err(RootfsError::Platform)?;
+    let platform = manifest::parse_platform(&opts.platform).map_err(RootfsError::Platform)?;
     let name = opts
         .name
         .clone()
@@ -118,9 +120,9 @@ pub(crate) fn pull_unpacked(
     let limits = paths.limits;
     let reg = registry(&job, paths, &reference, opts.insecure)?;
     let shown = reference.to_string();
-    let chosen = resolve(&job, &reg, &reference, &platform)?;
-    check_image(&job, &chosen.img, &limits)?;
-    let config = fetch_config(&job, &reg, paths, &chosen.img, &platform, cancel)?;
+    let chosen =
+        resolve::resolve(&reg, &reference, &platform, &limits).map_err(|e| job.resolve_err(e))?;
+    let config = fetch_config(&job, &reg, paths, &chosen.manifest, &platform, cancel)?;
 
     // Unpack into a temp dir while the layers download; the xattr probe in
     // Unpacker::new fails before any download on an unsuitable store.
@@ -136,8 +138,16 @@ pub(crate) fn pull_unpacked(
         }
         How::Mapped(_) => None,
     };
-    let progress = Progress::new(&chosen.img, opts.quiet);
-    let fetched = download_and_unpack(&job, reg, paths, &chosen.img, unpacker, &progress, cancel)?;
+    let progress = Progress::new(&chosen.manifest, opts.quiet);
+    let fetched = download_and_unpack(
+        &job,
+        reg,
+        paths,
+        &chosen.manifest,
+        unpacker,
+        &progress,
+        cancel,
+    )?;
     let (stats, owners) = match (fetched.unpacker, &how) {
         (Some(u), How::Here(_, owners)) => (u.finish().map_err(|e| job.unpack_err(e))?, *owners),
         (_, How::Mapped(ids)) => {
@@ -159,10 +169,12 @@ pub(crate) fn pull_unpacked(
         reference: shown,
         manifest_digest: chosen.manifest_digest,
         index_digest: chosen.index_digest,
-        config_digest: chosen.img.config.digest.clone(),
-        platform: platform.to_string(),
-        layers: chosen.img.layers.iter().map(|l| l.digest.clone()).collect(),
-        created: config.created.clone(),
+        config_digest: chosen.manifest.config().digest().to_string(),
+        platform: platform_name(&platform),
+        layers: (chosen.manifest.layers().iter())
+            .map(|l| l.digest().to_string())
+            .collect(),
+        created: config.created().clone(),
         pulled: crate::util::time::rfc3339_now(),
         size,
         entries,
@@ -200,119 +212,6 @@ fn registry(
     Ok(reg)
 }
 
-/// The manifest, through an index when there is one.
-fn resolve(
-    job: &Job,
-    reg: &Registry,
-    reference: &Reference,
-    platform: &Platform,
-) -> Result<Chosen, RootfsError> {
-    let shown = reference.to_string();
-    let (body, ctype, digest) = reg
-        .manifest(reference.manifest_ref(), &shown)
-        .map_err(|e| job.pull_err(e))?;
-    let parsed = manifest::parse(&body, ctype.as_deref()).map_err(|reason| {
-        job.pull_err(OciError::Manifest {
-            image: shown.clone(),
-            reference: reference.manifest_ref().into(),
-            reason,
-        })
-    })?;
-    let entries = match parsed {
-        Manifest::Image(img) => {
-            return Ok(Chosen {
-                index_digest: None,
-                manifest_digest: digest,
-                img,
-            });
-        }
-        Manifest::Index(entries) => entries,
-    };
-    let chosen = manifest::select(&entries, platform).map_err(|e| job.image_err(e))?;
-    oci::reference::check_digest(&chosen.digest).map_err(|e| job.image_err(e))?;
-    tracing::info!("{shown}: {platform} is {}", chosen.digest);
-    let (body, ctype, d) = reg
-        .manifest(&chosen.digest, &shown)
-        .map_err(|e| job.pull_err(e))?;
-    match manifest::parse(&body, ctype.as_deref()) {
-        Ok(Manifest::Image(img)) => Ok(Chosen {
-            index_digest: Some(digest),
-            manifest_digest: d,
-            img,
-        }),
-        Ok(Manifest::Index(_)) => Err(job.image_err(format!(
-            "{} is a nested index, which mkt does not follow",
-            chosen.digest
-        ))),
-        Err(reason) => Err(job.pull_err(OciError::Manifest {
-            image: shown,
-            reference: chosen.digest.clone(),
-            reason,
-        })),
-    }
-}
-
-/// Refuses, before any download, layers mkt cannot unpack and sizes the
-/// manifest announces over a limit (the blobs are verified to have them;
-/// compressed layers are rarely bigger than the files they hold).
-fn check_image(job: &Job, img: &ImageManifest, limits: &Limits) -> Result<(), RootfsError> {
-    for l in &img.layers {
-        oci::reference::check_digest(&l.digest).map_err(|e| job.image_err(e))?;
-        if !manifest::is_layer(&l.media_type) {
-            return Err(job.image_err(format!(
-                "layer {} has media type {:?}, which is not a layer mkt can unpack",
-                l.digest, l.media_type
-            )));
-        }
-        if l.urls.as_ref().is_some_and(|u| !u.is_empty()) && l.media_type.contains("foreign") {
-            return Err(job.image_err(format!("layer {} is a foreign layer", l.digest)));
-        }
-    }
-    oci::reference::check_digest(&img.config.digest).map_err(|e| job.image_err(e))?;
-    let limit_note = |key: &str, limit: u64| {
-        format!(
-            "the limit of {} per {key} (`{key}` in the config's [limits])",
-            oci::show_limit(limit)
-        )
-    };
-    if !manifest::is_config(&img.config.media_type) {
-        return Err(job.image_err(format!(
-            "its config {} has media type {:?}: it is not an image (an artifact?)",
-            img.config.digest, img.config.media_type
-        )));
-    }
-    if img.config.size > limits.config {
-        return Err(job.image_err(format!(
-            "its config {} is {}, more than {}",
-            img.config.digest,
-            human(img.config.size),
-            limit_note("config", limits.config)
-        )));
-    }
-    for l in &img.layers {
-        if l.size > limits.layer {
-            return Err(job.image_err(format!(
-                "layer {} is {} to download, more than {}",
-                l.digest,
-                human(l.size),
-                limit_note("layer", limits.layer)
-            )));
-        }
-    }
-    let compressed = img
-        .layers
-        .iter()
-        .fold(0u64, |a, l| a.saturating_add(l.size));
-    if compressed > limits.image {
-        return Err(job.image_err(format!(
-            "its layers are {} to download, more than {}",
-            human(compressed),
-            limit_note("image", limits.image)
-        )));
-    }
-    Ok(())
-}
-
 /// Downloads and reads the image config; it must be for `platform`.
 fn fetch_config(
     job: &Job,
@@ -321,14 +220,14 @@ fn fetch_config(
     img: &ImageManifest,
     platform: &Platform,
     cancel: &AtomicBool,
-) -> Result<ImageConfig, RootfsError> {
+) -> Result<ImageConfiguration, RootfsError> {
     let limits = paths.limits;
     let blobs = BlobStore::new(&paths.blob_dir);
     let (config_path, _) = blobs
         .fetch(
             reg,
-            &img.config.digest,
-            img.config.size,
+            img.config().digest().as_ref(),
+            img.config().size(),
             &ProgressBar::hidden(),
             cancel,
         )
@@ -346,14 +245,14 @@ fn fetch_config(
     let config = manifest::parse_config(&config_bytes).map_err(|reason| {
         job.image_err(format!(
             "its config {} is not an image config: {reason}",
-            img.config.digest
+            img.config().digest()
         ))
     })?;
-    if let (Some(os), Some(arch)) = (&config.os, &config.architecture)
-        && (os != &platform.os || arch != &platform.architecture)
-    {
+    let (os, arch) = (config.os(), config.architecture());
+    if os != platform.os() || arch != platform.architecture() {
         return Err(job.image_err(format!(
-            "the image is {os}/{arch}, not {platform} (use --platform {os}/{arch} to pull it anyway)"
+            "the image is {os}/{arch}, not {} (use --platform {os}/{arch} to pull it anyway)",
+            platform_name(platform)
         )));
     }
     Ok(config)
@@ -375,17 +274,17 @@ impl Progress {
         .expect("static template")
         .progress_chars("=> ");
         let layers: Vec<ProgressBar> = img
-            .layers
+            .layers()
             .iter()
             .map(|l| {
-                let b = multi.add(ProgressBar::new(l.size).with_style(style.clone()));
-                b.set_prefix(short(&l.digest).to_string());
+                let b = multi.add(ProgressBar::new(l.size()).with_style(style.clone()));
+                b.set_prefix(short(l.digest().as_ref()).to_string());
                 b
             })
             .collect();
-        let total_size: u64 = img.layers.iter().map(|l| l.size).sum();
+        let total_size: u64 = img.layers().iter().map(|l| l.size()).sum();
         let total = multi.add(
-            ProgressBar::new(img.layers.len() as u64).with_style(
+            ProgressBar::new(img.layers().len() as u64).with_style(
                 ProgressStyle::with_template("{prefix:>12} {pos}/{len} layers unpacked, {msg}")
                     .expect("static template"),
             ),
@@ -428,7 +327,7 @@ fn download_and_unpack(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Fetched, RootfsError> {
-    let n = img.layers.len();
+    let n = img.layers().len();
     let next = Arc::new(AtomicUsize::new(0));
     let downloaded = Arc::new(AtomicUsize::new(0));
     // The downloads are not scoped: after Ctrl-C or an error the pull
@@ -438,9 +337,9 @@ fn download_and_unpack(
     let stop = Arc::new(AtomicBool::new(false));
     let reg = Arc::new(reg);
     let layers: Arc<Vec<(String, u64)>> = Arc::new(
-        img.layers
+        img.layers()
             .iter()
-            .map(|l| (l.digest.clone(), l.size))
+            .map(|l| (l.digest().to_string(), l.size()))
             .collect(),
     );
     let mut later: Vec<(String, PathBuf)> = Vec::new();
@@ -478,7 +377,7 @@ fn download_and_unpack(
     drop(tx);
     let mut ready: Vec<Option<PathBuf>> = vec![None; n];
     let mut run = || -> Result<(), RootfsError> {
-        for (i, l) in img.layers.iter().enumerate() {
+        for (i, l) in img.layers().iter().enumerate() {
             while ready[i].is_none() {
                 if cancel.load(Ordering::Relaxed) {
                     return Err(job.pull_err(OciError::Interrupted));
@@ -492,12 +391,12 @@ fn download_and_unpack(
             }
             let blob = ready[i].take().expect("just checked");
             let Some(unpacker) = unpacker.as_mut() else {
-                later.push((l.digest.clone(), blob));
+                later.push((l.digest().to_string(), blob));
                 continue;
             };
             progress.layers[i].set_message("unpacking");
             unpacker
-                .unpack_layer(&blob, &l.digest, cancel)
+                .unpack_layer(&blob, l.digest().as_ref(), cancel)
                 .map_err(|e| job.unpack_err(e))?;
             progress.layers[i].finish_with_message("unpacked");
             progress.total.inc(1);

@@ -1,0 +1,305 @@
+//! The one way from a reference to the image manifest a pull unpacks: the
+//! index (when there is one), its entry for the platform, the image
+//! manifest, and its layers and config checked, before any download,
+//! against what mkt can unpack and the size limits.
+
+use super::manifest::{self, KNOWN, Manifest, platform_name};
+use super::{Limits, OciError, Reference, Registry, human, reference::check_digest, show_limit};
+use oci_spec::image::{Descriptor, ImageManifest, Platform};
+
+/// Why a reference leads to no image mkt pulls.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The registry failed, or sent a manifest that is none.
+    #[error(transparent)]
+    Registry(#[from] OciError),
+    /// The image is not one mkt can pull: platform, media types, sizes.
+    #[error("{0}")]
+    Image(String),
+}
+
+/// The image manifest a reference and platform lead to.
+#[derive(Debug)]
+pub struct Resolved {
+    pub index_digest: Option<String>,
+    pub manifest_digest: String,
+    pub manifest: ImageManifest,
+}
+
+/// The checked image manifest of `reference` for `platform`.
+pub fn resolve(
+    reg: &Registry,
+    reference: &Reference,
+    platform: &Platform,
+    limits: &Limits,
+) -> Result<Resolved, ResolveError> {
+    let resolved = choose(reg, reference, platform)?;
+    check(&resolved.manifest, limits).map_err(ResolveError::Image)?;
+    Ok(resolved)
+}
+
+/// The image manifest, through an index when there is one.
+fn choose(
+    reg: &Registry,
+    reference: &Reference,
+    platform: &Platform,
+) -> Result<Resolved, ResolveError> {
+    let shown = reference.to_string();
+    let bad = |reference: &str, reason| OciError::Manifest {
+        image: shown.clone(),
+        reference: reference.into(),
+        reason,
+    };
+    let (body, ctype, digest) = reg.manifest(reference.manifest_ref(), &shown)?;
+    let index = match manifest::parse(&body, ctype.as_deref())
+        .map_err(|reason| bad(reference.manifest_ref(), reason))?
+    {
+        Manifest::Image(manifest) => {
+            return Ok(Resolved {
+                index_digest: None,
+                manifest_digest: digest,
+                manifest,
+            });
+        }
+        Manifest::Index(index) => index,
+    };
+    let chosen = select(index.manifests(), platform)
+        .map_err(ResolveError::Image)?
+        .digest()
+        .to_string();
+    check_digest(&chosen).map_err(ResolveError::Image)?;
+    tracing::info!("{shown}: {} is {chosen}", platform_name(platform));
+    let (body, ctype, manifest_digest) = reg.manifest(&chosen, &shown)?;
+    match manifest::parse(&body, ctype.as_deref()) {
+        Ok(Manifest::Image(manifest)) => Ok(Resolved {
+            index_digest: Some(digest),
+            manifest_digest,
+            manifest,
+        }),
+        Ok(Manifest::Index(_)) => Err(ResolveError::Image(format!(
+            "{chosen} is a nested index, which mkt does not follow"
+        ))),
+        Err(reason) => Err(bad(&chosen, reason).into()),
+    }
+}
+
+/// Attestations and other non-images sit in indexes as `unknown/unknown`.
+fn is_attestation(d: &Descriptor) -> bool {
+    d.platform().as_ref().is_some_and(|p| {
+        p.os().to_string() == "unknown" || p.architecture().to_string() == "unknown"
+    }) || d
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get("vnd.docker.reference.type"))
+        .is_some_and(|t| t == "attestation-manifest")
+}
+
+/// The index entry for `want`. Without a wanted variant, an entry without
+/// one (or arm64's `v8`) is preferred over other variants.
+pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, String> {
+    let name = platform_name(want);
+    let for_platform: Vec<&Descriptor> = entries
+        .iter()
+        .filter(|d| !is_attestation(d))
+        .filter(|d| {
+            d.platform()
+                .as_ref()
+                .is_some_and(|p| p.os() == want.os() && p.architecture() == want.architecture())
+        })
+        .collect();
+    // An entry of another media type (an artifact) is no image to unpack.
+    let (candidates, others): (Vec<&Descriptor>, Vec<&Descriptor>) =
+        for_platform.into_iter().partition(|d| {
+            let m = d.media_type().as_ref();
+            m.is_empty() || KNOWN.contains(&m)
+        });
+    if candidates.is_empty()
+        && let Some(d) = others.first()
+    {
+        return Err(format!(
+            "the index's {name} entry {} has media type {:?}, which is not an image manifest (mkt takes {})",
+            d.digest(),
+            d.media_type().as_ref(),
+            KNOWN.join(", ")
+        ));
+    }
+    let variant = |d: &&Descriptor| d.platform().as_ref().and_then(|p| p.variant().clone());
+    let chosen = match want.variant() {
+        Some(v) => candidates.iter().find(|d| variant(d).as_ref() == Some(v)),
+        None => candidates
+            .iter()
+            .find(|d| variant(d).is_none())
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .find(|d| variant(d).as_deref() == Some("v8"))
+            })
+            .or(candidates.first()),
+    };
+    chosen.copied().ok_or_else(|| {
+        let have: Vec<String> = entries
+            .iter()
+            .filter(|d| !is_attestation(d))
+            .filter_map(|d| d.platform().as_ref().map(platform_name))
+            .collect();
+        format!(
+            "no {name} image in the index (it has: {})",
+            if have.is_empty() {
+                "none".into()
+            } else {
+                have.join(", ")
+            }
+        )
+    })
+}
+
+/// Refuses layers mkt cannot unpack and sizes the manifest announces over
+/// a limit (the blobs are verified to have them; compressed layers are
+/// rarely bigger than the files they hold).
+fn check(img: &ImageManifest, limits: &Limits) -> Result<(), String> {
+    for l in img.layers() {
+        let (digest, media) = (l.digest().as_ref(), l.media_type().as_ref());
+        check_digest(digest)?;
+        if !manifest::is_layer(media) {
+            return Err(format!(
+                "layer {digest} has media type {media:?}, which is not a layer mkt can unpack"
+            ));
+        }
+        if l.urls().as_ref().is_some_and(|u| !u.is_empty()) && media.contains("foreign") {
+            return Err(format!("layer {digest} is a foreign layer"));
+        }
+    }
+    let config = img.config();
+    let (digest, media) = (config.digest().as_ref(), config.media_type().as_ref());
+    check_digest(digest)?;
+    let limit_note = |key: &str, limit: u64| {
+        format!(
+            "the limit of {} per {key} (`{key}` in the config's [limits])",
+            show_limit(limit)
+        )
+    };
+    if !manifest::is_config(media) {
+        return Err(format!(
+            "its config {digest} has media type {media:?}: it is not an image (an artifact?)"
+        ));
+    }
+    if config.size() > limits.config {
+        return Err(format!(
+            "its config {digest} is {}, more than {}",
+            human(config.size()),
+            limit_note("config", limits.config)
+        ));
+    }
+    for l in img.layers() {
+        if l.size() > limits.layer {
+            return Err(format!(
+                "layer {} is {} to download, more than {}",
+                l.digest(),
+                human(l.size()),
+                limit_note("layer", limits.layer)
+            ));
+        }
+    }
+    let compressed = img
+        .layers()
+        .iter()
+        .fold(0u64, |a, l| a.saturating_add(l.size()));
+    if compressed > limits.image {
+        return Err(format!(
+            "its layers are {} to download, more than {}",
+            human(compressed),
+            limit_note("image", limits.image)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::manifest::{OCI_MANIFEST, parse_platform};
+    use oci_spec::image::Digest;
+
+    fn digest(n: u8) -> Digest {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+            .parse()
+            .unwrap()
+    }
+
+    fn desc(os: &str, arch: &str, variant: Option<&str>, n: u8) -> Descriptor {
+        let mut d = Descriptor::new(OCI_MANIFEST.into(), 1, digest(n));
+        let mut p = parse_platform(&format!("{os}/{arch}")).unwrap();
+        p.set_variant(variant.map(Into::into));
+        d.set_platform(Some(p));
+        d
+    }
+
+    #[test]
+    fn selects_the_platform_and_skips_attestations() {
+        let list = vec![
+            desc("unknown", "unknown", None, 9),
+            desc("linux", "arm", Some("v7"), 1),
+            desc("linux", "arm64", Some("v8"), 2),
+            desc("linux", "amd64", None, 3),
+            desc("linux", "arm", Some("v6"), 4),
+        ];
+        let pick = |s: &str| select(&list, &parse_platform(s).unwrap()).map(|d| d.digest().clone());
+        assert_eq!(pick("linux/amd64").unwrap(), *list[3].digest());
+        assert_eq!(pick("linux/arm64").unwrap(), *list[2].digest());
+        assert_eq!(pick("linux/arm/v6").unwrap(), *list[4].digest());
+        let e = pick("linux/s390x").unwrap_err();
+        assert!(e.contains("linux/s390x"), "{e}");
+        assert!(
+            e.contains("linux/arm/v7, linux/arm64/v8, linux/amd64"),
+            "{e}"
+        );
+        assert!(!e.contains("unknown"), "{e}");
+        // Only an attestation for amd64: nothing to pick.
+        let only = vec![desc("unknown", "unknown", None, 9)];
+        assert!(select(&only, &parse_platform("linux/amd64").unwrap()).is_err());
+    }
+
+    #[test]
+    fn index_entries_of_other_media_types_are_not_images() {
+        let mut art = desc("linux", "amd64", None, 7);
+        art.set_media_type("application/vnd.example.artifact+json".into());
+        let amd = parse_platform("linux/amd64").unwrap();
+        let e = select(std::slice::from_ref(&art), &amd).unwrap_err();
+        assert!(
+            e.contains(art.digest().as_ref())
+                && e.contains("application/vnd.example.artifact+json"),
+            "{e}"
+        );
+        // Beside a real image, the artifact is passed over.
+        let img = desc("linux", "amd64", None, 8);
+        assert_eq!(select(&[art, img.clone()], &amd).unwrap(), &img);
+    }
+
+    #[test]
+    fn attestations_are_told_by_platform_or_annotation() {
+        let amd = parse_platform("linux/amd64").unwrap();
+        let half = desc("linux", "unknown", None, 1);
+        assert!(is_attestation(&half));
+        assert!(is_attestation(&desc("unknown", "amd64", None, 1)));
+        let mut att = desc("linux", "amd64", None, 2);
+        let note =
+            |v: &str| Some([("vnd.docker.reference.type".to_string(), v.to_string())].into());
+        att.set_annotations(note("attestation-manifest"));
+        assert!(is_attestation(&att));
+        assert!(select(std::slice::from_ref(&att), &amd).is_err());
+        let mut other = desc("linux", "amd64", None, 3);
+        other.set_annotations(note("something-else"));
+        assert!(!is_attestation(&other));
+        assert_eq!(select(&[att, other.clone()], &amd).unwrap(), &other);
+    }
+
+    #[test]
+    fn arm64_without_a_variant_prefers_v8() {
+        let list = vec![
+            desc("linux", "arm64", Some("v9"), 1),
+            desc("linux", "arm64", Some("v8"), 2),
+        ];
+        let got = select(&list, &parse_platform("linux/arm64").unwrap()).unwrap();
+        assert_eq!(got, &list[1]);
+    }
+}
