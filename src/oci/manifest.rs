@@ -44,8 +44,8 @@ pub fn platform_name(p: &Platform) -> String {
 /// A manifest as fetched: an index to choose from, or an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Manifest {
-    Index(ImageIndex),
-    Image(ImageManifest),
+    Index(Box<ImageIndex>),
+    Image(Box<ImageManifest>),
 }
 
 /// What tells a manifest's kind, read before its fields.
@@ -282,5 +282,51 @@ mod tests {
         ] {
             assert!(!is_layer(bad), "{bad}");
         }
+    }
+
+    const D: &str = r#"{"digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","size":1}"#;
+
+    #[test]
+    fn missing_versions_and_descriptor_media_types_read_as_2_and_empty() {
+        let image = format!(r#"{{"config":{D},"layers":[{D}],"subject":{D}}}"#);
+        match parse(image.as_bytes(), None).unwrap() {
+            Manifest::Image(m) => {
+                assert_eq!(m.schema_version(), 2);
+                assert_eq!(m.layers()[0].media_type().as_ref(), "");
+                assert_eq!(m.subject().as_ref().unwrap().media_type().as_ref(), "");
+            }
+            m => panic!("{m:?}"),
+        }
+        let index = format!(r#"{{"schemaVersion":2,"manifests":[{D}]}}"#);
+        match parse(index.as_bytes(), None).unwrap() {
+            Manifest::Index(i) => assert_eq!(i.manifests()[0].media_type().as_ref(), ""),
+            m => panic!("{m:?}"),
+        }
+        // A version that is there is kept; a malformed digest is no manifest.
+        let v3 = format!(r#"{{"schemaVersion":3,"config":{D},"layers":[]}}"#);
+        assert!(
+            matches!(parse(v3.as_bytes(), None), Ok(Manifest::Image(m)) if m.schema_version() == 3)
+        );
+        let bad = r#"{"config":{"digest":"sha256:../x","size":1},"layers":[]}"#;
+        let e = parse(bad.as_bytes(), None).unwrap_err();
+        assert!(e.starts_with("not a JSON manifest: "), "{e}");
+    }
+
+    #[test]
+    fn a_config_must_say_its_platform_before_its_fields_are_read() {
+        for bad in [
+            r#"{"os":null,"architecture":"amd64"}"#,
+            r#"{"os":"linux","architecture":""}"#,
+            r#"{"architecture":"amd64","rootfs":{"type":"layers","diff_ids":[]}}"#,
+        ] {
+            let e = parse_config(bad.as_bytes()).unwrap_err();
+            assert_eq!(
+                e, "it does not say the image's os and architecture",
+                "{bad}"
+            );
+        }
+        // Both formats require the rootfs (mkt does not use it).
+        let e = parse_config(br#"{"os":"linux","architecture":"amd64"}"#).unwrap_err();
+        assert!(e.starts_with("bad field: missing field `rootfs`"), "{e}");
     }
 }

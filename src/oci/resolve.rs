@@ -58,7 +58,7 @@ fn choose(
             return Ok(Resolved {
                 index_digest: None,
                 manifest_digest: digest,
-                manifest,
+                manifest: *manifest,
             });
         }
         Manifest::Index(index) => index,
@@ -74,7 +74,7 @@ fn choose(
         Ok(Manifest::Image(manifest)) => Ok(Resolved {
             index_digest: Some(digest),
             manifest_digest,
-            manifest,
+            manifest: *manifest,
         }),
         Ok(Manifest::Index(_)) => Err(ResolveError::Image(format!(
             "{chosen} is a nested index, which mkt does not follow"
@@ -218,7 +218,7 @@ fn check(img: &ImageManifest, limits: &Limits) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::oci::manifest::{OCI_MANIFEST, parse_platform};
-    use oci_spec::image::Digest;
+    use oci_spec::image::{Digest, ImageManifestBuilder};
 
     fn digest(n: u8) -> Digest {
         format!("sha256:{}", format!("{n:02x}").repeat(32))
@@ -301,5 +301,119 @@ mod tests {
         ];
         let got = select(&list, &parse_platform("linux/arm64").unwrap()).unwrap();
         assert_eq!(got, &list[1]);
+    }
+
+    /// An image manifest of `layers` (media type, size, urls) and a config
+    /// of `config` (media type, size).
+    fn image(layers: &[(&str, u64, bool)], config: (&str, u64)) -> ImageManifest {
+        let layers: Vec<Descriptor> = (layers.iter().enumerate())
+            .map(|(i, &(media, size, foreign))| {
+                let mut d = Descriptor::new(media.into(), size, digest(i as u8 + 1));
+                if foreign {
+                    d.set_urls(Some(vec!["https://example.com/l".into()]));
+                }
+                d
+            })
+            .collect();
+        let config = Descriptor::new(config.0.into(), config.1, digest(0xcc));
+        ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .config(config)
+            .layers(layers)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn layers_and_config_are_checked_against_media_types_and_limits() {
+        const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+        const CONF: &str = "application/vnd.oci.image.config.v1+json";
+        let limits = Limits {
+            manifest: 1 << 20,
+            config: 1 << 10,
+            layer: 1 << 20,
+            image: 3 << 19,
+        };
+        let l1 = digest(1).to_string();
+        let cfg = digest(0xcc).to_string();
+        let c = |img: ImageManifest| check(&img, &limits);
+        assert_eq!(
+            c(image(
+                &[(GZ, 1 << 20, false), ("", 1 << 19, false)],
+                (CONF, 1 << 10)
+            )),
+            Ok(())
+        );
+        assert_eq!(c(image(&[], ("", 1))), Ok(()));
+        let helm = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";
+        assert_eq!(
+            c(image(&[(helm, 1, false)], (CONF, 1))).unwrap_err(),
+            format!("layer {l1} has media type \"{helm}\", which is not a layer mkt can unpack")
+        );
+        // Docker's foreign layers are no layer type mkt takes; a layer type
+        // that says "foreign" is refused when it points elsewhere.
+        let docker = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+        let e = c(image(&[(docker, 1, true)], (CONF, 1))).unwrap_err();
+        assert!(e.ends_with("which is not a layer mkt can unpack"), "{e}");
+        let foreign = "application/vnd.oci.image.layer.foreign.v1.tar";
+        assert_eq!(
+            c(image(&[(foreign, 1, true)], (CONF, 1))).unwrap_err(),
+            format!("layer {l1} is a foreign layer")
+        );
+        // Without urls it is fetched from the registry like any layer.
+        assert_eq!(c(image(&[(foreign, 1, false)], (CONF, 1))), Ok(()));
+        let helm_config = "application/vnd.cncf.helm.config.v1+json";
+        assert_eq!(
+            c(image(&[], (helm_config, 1))).unwrap_err(),
+            format!(
+                "its config {cfg} has media type \"{helm_config}\": it is not an image (an artifact?)"
+            )
+        );
+        assert_eq!(
+            c(image(&[], (CONF, (1 << 10) + 1))).unwrap_err(),
+            format!(
+                "its config {cfg} is 1.0 KiB, more than the limit of 1 KiB per config (`config` in the config's [limits])"
+            )
+        );
+        assert_eq!(
+            c(image(&[(GZ, (1 << 20) + 1, false)], (CONF, 1))).unwrap_err(),
+            format!(
+                "layer {l1} is 1.0 MiB to download, more than the limit of 1 MiB per layer (`layer` in the config's [limits])"
+            )
+        );
+        assert_eq!(
+            c(image(
+                &[(GZ, 1 << 20, false), (GZ, (1 << 19) + 1, false)],
+                (CONF, 1)
+            ))
+            .unwrap_err(),
+            "its layers are 1.5 MiB to download, more than the limit of 1536 KiB per image (`image` in the config's [limits])"
+        );
+        // Sizes that would overflow a sum still count as too much.
+        let huge = Limits {
+            layer: u64::MAX,
+            image: u64::MAX - 1,
+            ..limits
+        };
+        let e = check(
+            &image(&[(GZ, u64::MAX, false), (GZ, 1, false)], (CONF, 1)),
+            &huge,
+        );
+        assert!(e.unwrap_err().starts_with("its layers are"));
+    }
+
+    #[test]
+    fn only_sha256_digests_are_taken() {
+        let mut img = image(&[], ("", 1));
+        let sha512: Digest = format!("sha512:{}", "a".repeat(128)).parse().unwrap();
+        let mut config = img.config().clone();
+        config.set_digest(sha512.clone());
+        img.set_config(config);
+        let e = check(&img, &Limits::default()).unwrap_err();
+        assert!(e.contains("only sha256 is supported"), "{e}");
+        let mut img = image(&[("", 1, false)], ("", 1));
+        img.layers_mut()[0].set_digest(sha512);
+        let e = check(&img, &Limits::default()).unwrap_err();
+        assert!(e.contains("only sha256 is supported"), "{e}");
     }
 }
