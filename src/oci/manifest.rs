@@ -13,9 +13,13 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1";
 
-/// The `Accept` header for manifest requests, most wanted first.
+/// Manifest media types mkt can use, most wanted first: indexes, then
+/// image manifests.
+pub const KNOWN: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+
+/// The `Accept` header for manifest requests.
 pub fn accept_header() -> String {
-    [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST].join(", ")
+    KNOWN.join(", ")
 }
 
 /// `os/arch[/variant]`, as `--platform` takes it.
@@ -62,9 +66,6 @@ struct Probe {
     #[serde(default)]
     layers: Option<IgnoredAny>,
 }
-
-/// Manifest media types mkt can use: image manifests and indexes.
-pub const KNOWN: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
 
 /// Content types that say nothing about what a manifest is.
 fn is_generic(content_type: &str) -> bool {

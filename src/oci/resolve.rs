@@ -26,23 +26,13 @@ pub struct Resolved {
     pub manifest: ImageManifest,
 }
 
-/// The checked image manifest of `reference` for `platform`.
+/// The image manifest of `reference` for `platform`, through an index
+/// when there is one, checked.
 pub fn resolve(
     reg: &Registry,
     reference: &Reference,
     platform: &Platform,
     limits: &Limits,
-) -> Result<Resolved, ResolveError> {
-    let resolved = choose(reg, reference, platform)?;
-    check(&resolved.manifest, limits).map_err(ResolveError::Image)?;
-    Ok(resolved)
-}
-
-/// The image manifest, through an index when there is one.
-fn choose(
-    reg: &Registry,
-    reference: &Reference,
-    platform: &Platform,
 ) -> Result<Resolved, ResolveError> {
     let shown = reference.to_string();
     let bad = |reference: &str, reason| OciError::Manifest {
@@ -51,36 +41,35 @@ fn choose(
         reason,
     };
     let (body, ctype, digest) = reg.manifest(reference.manifest_ref(), &shown)?;
-    let index = match manifest::parse(&body, ctype.as_deref())
-        .map_err(|reason| bad(reference.manifest_ref(), reason))?
-    {
-        Manifest::Image(manifest) => {
-            return Ok(Resolved {
-                index_digest: None,
-                manifest_digest: digest,
-                manifest: *manifest,
-            });
-        }
-        Manifest::Index(index) => index,
-    };
-    let chosen = select(index.manifests(), platform)
-        .map_err(ResolveError::Image)?
-        .digest()
-        .to_string();
-    check_digest(&chosen).map_err(ResolveError::Image)?;
-    tracing::info!("{shown}: {} is {chosen}", platform_name(platform));
-    let (body, ctype, manifest_digest) = reg.manifest(&chosen, &shown)?;
-    match manifest::parse(&body, ctype.as_deref()) {
-        Ok(Manifest::Image(manifest)) => Ok(Resolved {
-            index_digest: Some(digest),
-            manifest_digest,
-            manifest: *manifest,
-        }),
-        Ok(Manifest::Index(_)) => Err(ResolveError::Image(format!(
-            "{chosen} is a nested index, which mkt does not follow"
-        ))),
-        Err(reason) => Err(bad(&chosen, reason).into()),
-    }
+    let parsed = manifest::parse(&body, ctype.as_deref());
+    let (index_digest, manifest_digest, img) =
+        match parsed.map_err(|reason| bad(reference.manifest_ref(), reason))? {
+            Manifest::Image(img) => (None, digest, img),
+            Manifest::Index(index) => {
+                let chosen = select(index.manifests(), platform)
+                    .map_err(ResolveError::Image)?
+                    .digest()
+                    .to_string();
+                check_digest(&chosen).map_err(ResolveError::Image)?;
+                tracing::info!("{shown}: {} is {chosen}", platform_name(platform));
+                let (body, ctype, d) = reg.manifest(&chosen, &shown)?;
+                match manifest::parse(&body, ctype.as_deref()) {
+                    Ok(Manifest::Image(img)) => (Some(digest), d, img),
+                    Ok(Manifest::Index(_)) => {
+                        return Err(ResolveError::Image(format!(
+                            "{chosen} is a nested index, which mkt does not follow"
+                        )));
+                    }
+                    Err(reason) => return Err(bad(&chosen, reason).into()),
+                }
+            }
+        };
+    check(&img, limits).map_err(ResolveError::Image)?;
+    Ok(Resolved {
+        index_digest,
+        manifest_digest,
+        manifest: *img,
+    })
 }
 
 /// Attestations and other non-images sit in indexes as `unknown/unknown`.
@@ -98,21 +87,16 @@ fn is_attestation(d: &Descriptor) -> bool {
 /// one (or arm64's `v8`) is preferred over other variants.
 pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, String> {
     let name = platform_name(want);
-    let for_platform: Vec<&Descriptor> = entries
-        .iter()
-        .filter(|d| !is_attestation(d))
-        .filter(|d| {
-            d.platform()
-                .as_ref()
-                .is_some_and(|p| p.os() == want.os() && p.architecture() == want.architecture())
-        })
-        .collect();
+    let images: Vec<&Descriptor> = entries.iter().filter(|d| !is_attestation(d)).collect();
+    let for_platform = images.iter().copied().filter(|d| {
+        (d.platform().as_ref())
+            .is_some_and(|p| p.os() == want.os() && p.architecture() == want.architecture())
+    });
     // An entry of another media type (an artifact) is no image to unpack.
-    let (candidates, others): (Vec<&Descriptor>, Vec<&Descriptor>) =
-        for_platform.into_iter().partition(|d| {
-            let m = d.media_type().as_ref();
-            m.is_empty() || KNOWN.contains(&m)
-        });
+    let (candidates, others): (Vec<&Descriptor>, Vec<&Descriptor>) = for_platform.partition(|d| {
+        let m = d.media_type().as_ref();
+        m.is_empty() || KNOWN.contains(&m)
+    });
     if candidates.is_empty()
         && let Some(d) = others.first()
     {
@@ -123,33 +107,25 @@ pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Result<&'a Desc
             KNOWN.join(", ")
         ));
     }
-    let variant = |d: &&Descriptor| d.platform().as_ref().and_then(|p| p.variant().clone());
+    fn variant(d: &Descriptor) -> Option<&str> {
+        d.platform().as_ref()?.variant().as_deref()
+    }
     let chosen = match want.variant() {
-        Some(v) => candidates.iter().find(|d| variant(d).as_ref() == Some(v)),
-        None => candidates
-            .iter()
-            .find(|d| variant(d).is_none())
-            .or_else(|| {
-                candidates
-                    .iter()
-                    .find(|d| variant(d).as_deref() == Some("v8"))
-            })
+        Some(v) => candidates.iter().find(|d| variant(d) == Some(v)),
+        None => (candidates.iter().find(|d| variant(d).is_none()))
+            .or_else(|| candidates.iter().find(|d| variant(d) == Some("v8")))
             .or(candidates.first()),
     };
     chosen.copied().ok_or_else(|| {
-        let have: Vec<String> = entries
-            .iter()
-            .filter(|d| !is_attestation(d))
+        let have: Vec<String> = (images.iter())
             .filter_map(|d| d.platform().as_ref().map(platform_name))
             .collect();
-        format!(
-            "no {name} image in the index (it has: {})",
-            if have.is_empty() {
-                "none".into()
-            } else {
-                have.join(", ")
-            }
-        )
+        let have = if have.is_empty() {
+            "none".into()
+        } else {
+            have.join(", ")
+        };
+        format!("no {name} image in the index (it has: {have})")
     })
 }
 
@@ -172,46 +148,35 @@ fn check(img: &ImageManifest, limits: &Limits) -> Result<(), String> {
     let config = img.config();
     let (digest, media) = (config.digest().as_ref(), config.media_type().as_ref());
     check_digest(digest)?;
-    let limit_note = |key: &str, limit: u64| {
-        format!(
-            "the limit of {} per {key} (`{key}` in the config's [limits])",
-            show_limit(limit)
-        )
-    };
     if !manifest::is_config(media) {
         return Err(format!(
             "its config {digest} has media type {media:?}: it is not an image (an artifact?)"
         ));
     }
-    if config.size() > limits.config {
-        return Err(format!(
-            "its config {digest} is {}, more than {}",
-            human(config.size()),
-            limit_note("config", limits.config)
-        ));
-    }
-    for l in img.layers() {
-        if l.size() > limits.layer {
-            return Err(format!(
-                "layer {} is {} to download, more than {}",
-                l.digest(),
-                human(l.size()),
-                limit_note("layer", limits.layer)
-            ));
+    let over = |size: u64, key: &str, limit: u64, what: &str, to_download: &str| {
+        if size <= limit {
+            return Ok(());
         }
+        Err(format!(
+            "{what} {}{to_download}, more than the limit of {} per {key} (`{key}` in the config's [limits])",
+            human(size),
+            show_limit(limit)
+        ))
+    };
+    let what = format!("its config {digest} is");
+    over(config.size(), "config", limits.config, &what, "")?;
+    for l in img.layers() {
+        let what = format!("layer {} is", l.digest());
+        over(l.size(), "layer", limits.layer, &what, " to download")?;
     }
-    let compressed = img
-        .layers()
-        .iter()
-        .fold(0u64, |a, l| a.saturating_add(l.size()));
-    if compressed > limits.image {
-        return Err(format!(
-            "its layers are {} to download, more than {}",
-            human(compressed),
-            limit_note("image", limits.image)
-        ));
-    }
-    Ok(())
+    let compressed = (img.layers().iter()).fold(0u64, |a, l| a.saturating_add(l.size()));
+    over(
+        compressed,
+        "image",
+        limits.image,
+        "its layers are",
+        " to download",
+    )
 }
 
 #[cfg(test)]
