@@ -280,50 +280,18 @@ fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
-    use std::net::TcpListener;
+    use crate::oci::test_http::{self, response};
     use std::sync::mpsc;
 
     /// A one-blob HTTP server: answers each request with `respond(range
-    /// start)`, and reports each request's Range header.
+    /// start)`, and reports each request's range start.
     fn serve(
         n: usize,
         respond: impl Fn(Option<u64>) -> Vec<u8> + Send + 'static,
     ) -> (String, mpsc::Receiver<Option<u64>>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", l.local_addr().unwrap());
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for _ in 0..n {
-                let (mut s, _) = l.accept().unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut range = None;
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).unwrap();
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                        range = v.trim_end_matches('-').parse().ok();
-                    }
-                }
-                tx.send(range).unwrap();
-                s.write_all(&respond(range)).unwrap();
-            }
-        });
-        (base, rx)
-    }
-
-    fn response(status: &str, extra: &str, body: &[u8]) -> Vec<u8> {
-        let mut v = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
-            body.len()
-        )
-        .into_bytes();
-        v.extend_from_slice(body);
-        v
+        let (port, rx) =
+            test_http::serve(n, move |r, _| (r.range_start(), respond(r.range_start())));
+        (format!("http://127.0.0.1:{port}"), rx)
     }
 
     fn setup(

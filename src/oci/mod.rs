@@ -161,3 +161,7 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{}", hex(&sha2::Sha256::digest(bytes)))
 }
+
+/// The HTTP server of the unit tests of `blobs` and `registry`.
+#[cfg(test)]
+mod test_http;

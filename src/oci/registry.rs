@@ -337,53 +337,20 @@ fn error_detail(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::TcpListener;
+    use crate::oci::test_http::{self, response as reply};
     use std::sync::mpsc;
 
-    /// A tiny HTTP server: `respond(path, authorization)` answers each of
-    /// `n` requests; every (path, authorization) is reported.
+    /// A registry: `respond(path, authorization, port)` answers each of `n`
+    /// requests; every (path, authorization) is reported.
     fn serve(
         n: usize,
-        respond: impl Fn(&str, Option<&str>, u16) -> String + Send + 'static,
+        respond: impl Fn(&str, Option<&str>, u16) -> Vec<u8> + Send + 'static,
     ) -> (u16, mpsc::Receiver<(String, Option<String>)>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for _ in 0..n {
-                let (mut s, _) = l.accept().unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut first = String::new();
-                r.read_line(&mut first).unwrap();
-                let path = first.split(' ').nth(1).unwrap_or("").to_string();
-                let mut auth = None;
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).unwrap();
-                    let line = line.trim_end();
-                    if line.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = line.split_once(": ")
-                        && k.eq_ignore_ascii_case("authorization")
-                    {
-                        auth = Some(v.to_string());
-                    }
-                }
-                let resp = respond(&path, auth.as_deref(), port);
-                tx.send((path, auth)).unwrap();
-                s.write_all(resp.as_bytes()).unwrap();
-            }
-        });
-        (port, rx)
-    }
-
-    fn reply(status: &str, headers: &str, body: &str) -> String {
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
-            body.len()
-        )
+        test_http::serve(n, move |r, port| {
+            let auth = r.header("authorization");
+            let bytes = respond(&r.path, auth, port);
+            ((r.path.clone(), auth.map(str::to_string)), bytes)
+        })
     }
 
     const MANIFEST: &str =
