@@ -39,10 +39,13 @@ pub fn parse_platform(s: &str) -> Result<Platform, String> {
 
 /// `os/arch[/variant]`, for messages and the store's records.
 pub fn platform_name(p: &Platform) -> String {
-    match p.variant() {
-        Some(v) => format!("{}/{}/{v}", p.os(), p.architecture()),
-        None => format!("{}/{}", p.os(), p.architecture()),
-    }
+    let variant = p.variant().as_ref().map(|v| format!("/{v}"));
+    format!(
+        "{}/{}{}",
+        p.os(),
+        p.architecture(),
+        variant.unwrap_or_default()
+    )
 }
 
 /// A manifest as fetched: an index to choose from, or an image.

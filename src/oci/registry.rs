@@ -310,28 +310,19 @@ impl Registry {
 
 /// The registry's own error message (`{"errors":[{"message":…}]}`), if any.
 fn error_detail(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Errors {
-        errors: Vec<ErrorItem>,
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let text = |i: &serde_json::Value, k: &str| i[k].as_str().unwrap_or("").to_string();
+    let items: Vec<String> = (v["errors"].as_array().into_iter().flatten())
+        .map(|i| {
+            format!("{} {}", text(i, "code"), text(i, "message"))
+                .trim()
+                .to_string()
+        })
+        .collect();
+    if items.is_empty() {
+        return String::new();
     }
-    #[derive(serde::Deserialize)]
-    struct ErrorItem {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    match serde_json::from_slice::<Errors>(body) {
-        Ok(e) if !e.errors.is_empty() => {
-            let items: Vec<String> = e
-                .errors
-                .iter()
-                .map(|i| format!("{} {}", i.code, i.message).trim().to_string())
-                .collect();
-            format!(": {}", items.join("; "))
-        }
-        _ => String::new(),
-    }
+    format!(": {}", items.join("; "))
 }
 
 #[cfg(test)]
