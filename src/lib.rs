@@ -17,6 +17,5 @@ pub mod kernel;
 pub mod oci;
 pub mod rootfs;
 pub mod sandbox;
-pub mod unpack;
 pub mod util;
 pub mod vm;

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::{Ctx, RootfsArgs, RootfsCommand};
+use crate::rootfs::unpack::{self, Unpacker};
 use crate::rootfs::{
     Listed, PullOptions, builder, gc, human, list, pull, remove, resolve, shell, short, stored,
 };
-use crate::unpack::{self, Unpacker};
 
 /// The table `mkt rootfs list` prints.
 fn render_list(items: &[Listed]) -> String {

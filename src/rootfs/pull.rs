@@ -12,7 +12,7 @@ use crate::config::Paths;
 use crate::oci::Limits;
 use crate::oci::manifest::{self, ImageConfig, ImageManifest, Manifest, Platform};
 use crate::oci::{self, BlobStore, OciError, Reference, Registry, auth};
-use crate::unpack::{self, UnpackError, Unpacker};
+use crate::rootfs::unpack::{self, UnpackError, Unpacker};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
