@@ -472,6 +472,7 @@ mod tests {
     use super::prepare::*;
     use super::script::check_boot_script;
     use super::*;
+    use crate::config::InitMode;
     use crate::guest::{FsKind as GFs, Mode};
     use crate::vm::qemu::Profile;
 
@@ -486,8 +487,8 @@ mod tests {
         std::fs::create_dir_all(r.join("bin")).unwrap();
         std::fs::write(r.join("bin/sh"), "").unwrap();
         assert_eq!(interactive_mode(None, r), Mode::Shell);
-        assert_eq!(interactive_mode(Some("systemd"), r), Mode::Systemd);
-        assert_eq!(interactive_mode(Some("shell"), r), Mode::Shell);
+        assert_eq!(interactive_mode(Some(InitMode::Systemd), r), Mode::Systemd);
+        assert_eq!(interactive_mode(Some(InitMode::Shell), r), Mode::Shell);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::profile::{Bus, Profile};
+use crate::config::PciAddr;
 use crate::host::kvm::Accel;
 
 /// How a host directory is shared with the guest.
@@ -99,7 +100,7 @@ pub struct VmSpec {
     pub qmp: PathBuf,
     pub net: Net,
     /// Host PCI functions (`DDDD:BB:DD.F`) passed through with VFIO.
-    pub pci: Vec<String>,
+    pub pci: Vec<PciAddr>,
     pub nvme: Option<Nvme>,
     /// Serves the gdb stub on 127.0.0.1:PORT.
     pub gdb_port: Option<u16>,
@@ -393,7 +394,7 @@ pub fn is_pcie(profile: &Profile) -> bool {
 
 /// VFIO passthrough of host PCI functions; on PCIe machines one
 /// pcie-root-port each.
-pub fn pci_args(devices: &[String], pcie: bool) -> Vec<String> {
+pub fn pci_args(devices: &[PciAddr], pcie: bool) -> Vec<String> {
     let mut args = Vec::new();
     for (i, bdf) in devices.iter().enumerate() {
         if pcie {
@@ -734,7 +735,10 @@ mod tests {
 
     #[test]
     fn pci_args_table() {
-        let two = vec!["0000:05:00.0".to_string(), "0000:05:00.1".to_string()];
+        let two: Vec<PciAddr> = vec![
+            "0000:05:00.0".parse().unwrap(),
+            "0000:05:00.1".parse().unwrap(),
+        ];
         let cases = [
             (vec![], true, ""),
             (
@@ -857,7 +861,7 @@ mod tests {
             net: Net::User {
                 ssh_port: Some(10022),
             },
-            pci: vec!["0000:05:00.0".into()],
+            pci: vec!["0000:05:00.0".parse().unwrap()],
             nvme: Some(Nvme {
                 path: "/d/nvme/cx5.img".into(),
                 serial: "mkt-cx5".into(),
