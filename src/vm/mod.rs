@@ -23,7 +23,7 @@ pub use control::{ps, stop};
 pub use error::RunError;
 use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
-use qemu::{Console, FsKind, Net};
+use qemu::{Console, Net};
 pub use request::RunOptions;
 use script::check_boot_script;
 pub use ssh::ssh;
@@ -289,7 +289,7 @@ fn qemu_confinement(prepared: &Prepared, store: &Path) -> crate::confine::Confin
         .spec
         .shares
         .iter()
-        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .filter(|s| s.virtiofsd.is_none())
         .map(|s| s.path.as_path())
         .collect();
     if nine_p.is_empty() {

@@ -16,7 +16,7 @@ use crate::host::{self, kvm};
 use crate::kernel::depmod::{host_depmod, modules_boot_record};
 use crate::kernel::{Kernel, kernel_option, resolve_kernel};
 use crate::vm::net;
-use crate::vm::qemu::{self, Console, FsKind, Net, Port, Share, VmSpec};
+use crate::vm::qemu::{self, Console, Net, Port, Share, VmSpec};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -321,12 +321,7 @@ fn qemu_shares(fs: GFs, run_dir: &Path, rootfs: &Path, mounts: &[GuestMount]) ->
         tag: tag.into(),
         path: path.into(),
         readonly: ro,
-        kind: match fs {
-            GFs::NineP => FsKind::NineP,
-            GFs::Virtiofs => FsKind::Virtiofs {
-                socket: run_dir.join(format!("vfs-{tag}.sock")),
-            },
-        },
+        virtiofsd: (fs == GFs::Virtiofs).then(|| run_dir.join(format!("vfs-{tag}.sock"))),
     };
     let mut shares = vec![qfs("root", rootfs, true)];
     shares.extend(

@@ -10,15 +10,6 @@ use super::profile::{Bus, Profile};
 use crate::config::PciAddr;
 use crate::host::kvm::Accel;
 
-/// How a host directory is shared with the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FsKind {
-    /// QEMU's built-in 9p server: no helper process, slower.
-    NineP,
-    /// vhost-user-fs; `socket` is where the already running virtiofsd listens.
-    Virtiofs { socket: PathBuf },
-}
-
 /// A host directory shared with the guest under a mount tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
@@ -26,7 +17,9 @@ pub struct Share {
     pub path: PathBuf,
     /// Enforced by QEMU for 9p; for virtiofs virtiofsd must enforce it.
     pub readonly: bool,
-    pub kind: FsKind,
+    /// virtiofs (vhost-user-fs): where the already running virtiofsd
+    /// listens. None: 9p, QEMU's built-in server (no helper, slower).
+    pub virtiofsd: Option<PathBuf>,
 }
 
 /// Where the guest's serial console goes.
@@ -112,10 +105,7 @@ pub struct VmSpec {
 /// golden tests are stable.
 pub fn command_line(spec: &VmSpec) -> Vec<String> {
     let bus = spec.profile.bus;
-    let needs_shared_mem = spec
-        .shares
-        .iter()
-        .any(|s| matches!(s.kind, FsKind::Virtiofs { .. }));
+    let needs_shared_mem = spec.shares.iter().any(|s| s.virtiofsd.is_some());
     let mut argv = vec![lossy(&spec.qemu)];
     argv.extend(base_args());
     argv.extend(machine_args(&spec.profile, &spec.accel));
@@ -258,8 +248,8 @@ fn kernel_cmdline(words: &[String], profile_words: &[String]) -> String {
 /// One shared directory; `index` makes the fsdev/chardev ids unique.
 pub fn share_args(index: usize, share: &Share, bus: Bus) -> Vec<String> {
     let tag = qemu_escape(&share.tag);
-    match &share.kind {
-        FsKind::NineP => {
+    match &share.virtiofsd {
+        None => {
             let ro = if share.readonly { ",readonly=on" } else { "" };
             vec![
                 "-fsdev".into(),
@@ -274,7 +264,7 @@ pub fn share_args(index: usize, share: &Share, bus: Bus) -> Vec<String> {
                 ),
             ]
         }
-        FsKind::Virtiofs { socket } => vec![
+        Some(socket) => vec![
             "-chardev".into(),
             format!("socket,id=vfs{index},path={}", escape_path(socket)),
             "-device".into(),
@@ -578,26 +568,24 @@ mod tests {
 
     #[test]
     fn share_args_table() {
-        let share = |readonly, kind| Share {
+        let share = |readonly, virtiofsd| Share {
             tag: "root".into(),
             path: PathBuf::from("/srv/a,b"),
             readonly,
-            kind,
+            virtiofsd,
         };
-        let vfs = || FsKind::Virtiofs {
-            socket: PathBuf::from("/run/vfs,0.sock"),
-        };
+        let vfs = || Some(PathBuf::from("/run/vfs,0.sock"));
         let cases = [
             (
                 0,
-                share(false, FsKind::NineP),
+                share(false, None),
                 Bus::Pci,
                 "-fsdev local,id=fs0,path=/srv/a,,b,security_model=none,multidevs=remap \
                  -device virtio-9p-pci,fsdev=fs0,mount_tag=root",
             ),
             (
                 2,
-                share(true, FsKind::NineP),
+                share(true, None),
                 Bus::Mmio,
                 "-fsdev local,id=fs2,path=/srv/a,,b,security_model=none,readonly=on,multidevs=remap \
                  -device virtio-9p-device,fsdev=fs2,mount_tag=root",
@@ -841,15 +829,13 @@ mod tests {
                     tag: "root".into(),
                     path: "/r".into(),
                     readonly: false,
-                    kind: FsKind::Virtiofs {
-                        socket: "/run/mkt/vfs.sock".into(),
-                    },
+                    virtiofsd: Some("/run/mkt/vfs.sock".into()),
                 },
                 Share {
                     tag: "src".into(),
                     path: "/home/u/linux".into(),
                     readonly: true,
-                    kind: FsKind::NineP,
+                    virtiofsd: None,
                 },
             ],
             console: Console::Log("/run/mkt/console.log".into()),
