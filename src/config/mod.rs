@@ -267,24 +267,20 @@ impl Config {
     /// `[defaults]`, `[limits]`, `[setup]` and each `[setup.NAME]` must be
     /// tables: serde would fill a struct from an array, field by field.
     fn check_tables(doc: &Doc, tree: &DeTable) -> Result<(), ConfigError> {
+        let tables = ["defaults", "setup", "limits"];
+        let top = tree.iter().map(|(k, v)| ("at top level", k, v));
+        let top = top.filter(|(_, k, _)| tables.contains(&k.get_ref().as_ref()));
         let setups = tree.get("setup").and_then(|s| s.get_ref().as_table());
-        let top = ["defaults", "setup", "limits"].map(|k| (None, k, tree.get(k)));
-        let each = setups
-            .into_iter()
-            .flat_map(|t| t.iter())
-            .map(|(k, v)| (Some("setup"), k.get_ref().as_ref(), Some(v)));
-        for (parent, key, value) in top.into_iter().chain(each) {
-            if let Some(v) = value.filter(|v| v.get_ref().as_array().is_some()) {
-                let context =
-                    table_context(&parent.map(String::from).into_iter().collect::<Vec<_>>());
-                return Err(doc.parse_error(
-                    Some(v.span()),
-                    Some(key.to_string()),
-                    format!("wrong type for key `{key}` {context}: expected a table, not an array"),
-                ));
-            }
+        let each = setups.into_iter().flat_map(|t| t.iter());
+        let mut all = top.chain(each.map(|(k, v)| ("in [setup]", k, v)));
+        match all.find(|(_, _, v)| v.get_ref().as_array().is_some()) {
+            Some((context, key, v)) => Err(doc.parse_error(
+                Some(v.span()),
+                Some(key.get_ref().to_string()),
+                format!("wrong type for key `{key}` {context}: expected a table, not an array"),
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// What serde cannot check: setup names and that the default setup exists.

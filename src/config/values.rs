@@ -264,15 +264,9 @@ impl fmt::Display for NetMode {
     }
 }
 
-/// A soft RDMA device made in the guest (MKT's "virt" devices):
+/// A soft RDMA device made in the guest (MKT's "virt" devices), written
 /// `rxe-IFNAME` (soft-RoCE) or `siw-IFNAME` (soft-iWARP).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SoftRdma {
-    /// `rxe` or `siw`.
-    pub kind: &'static str,
-    /// The guest netdev it runs over.
-    pub netdev: String,
-}
+pub use crate::guest::SoftRdma;
 
 impl FromStr for SoftRdma {
     type Err = String;

@@ -494,15 +494,7 @@ fn soft_rdma(
     kernel: &Kernel,
     rootfs: &Path,
 ) -> Result<Vec<guest::SoftRdma>, RunError> {
-    let virt: Vec<guest::SoftRdma> = opts
-        .virt
-        .iter()
-        .chain(&setup.virt)
-        .map(|v| guest::SoftRdma {
-            kind: v.kind.to_string(),
-            netdev: v.netdev.clone(),
-        })
-        .collect();
+    let virt: Vec<guest::SoftRdma> = opts.virt.iter().chain(&setup.virt).cloned().collect();
     for v in &virt {
         let option = if v.kind == "rxe" {
             "CONFIG_RDMA_RXE"
@@ -511,7 +503,7 @@ fn soft_rdma(
         };
         if let Some(false) = kernel_option(kernel, rootfs, option) {
             return Err(RunError::NoSoftRdma {
-                virt: format!("{}-{}", v.kind, v.netdev),
+                virt: v.to_string(),
                 option,
             });
         }
