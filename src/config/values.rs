@@ -1,7 +1,8 @@
-//! Typed config and flag values, each parsed once where it enters mkt: by
-//! serde from the config file (through `TryFrom<String>`) and by clap or
-//! `run_options` from the command line (through [`FromStr`]). The error
-//! strings are the reasons shown after "bad value ... for key ...".
+//! Typed config and flag values, each parsed once where it enters mkt, by
+//! its [`FromStr`]: from the config file through serde, from the command
+//! line through clap (or `cli::run_options`, for sizes and PCI addresses,
+//! whose errors name the flag as mkt's own errors do). The error strings
+//! are the reasons shown after "bad value ... for key ...".
 
 use std::fmt;
 use std::str::FromStr;
