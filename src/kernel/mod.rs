@@ -133,13 +133,6 @@ pub fn resolve_kernel(
     }
 }
 
-/// A guest file system a kernel may lack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guestfs {
-    NineP,
-    Virtiofs,
-}
-
 /// Whether the kernel has `option` (=y or =m), from the tree's .config or
 /// an image's config-RELEASE (next to its modules or in the rootfs's
 /// /boot); None when no config says.
@@ -170,10 +163,10 @@ pub fn kernel_option(kernel: &Kernel, rootfs: &Path, option: &str) -> Option<boo
 
 /// Whether the kernel can mount `fs` (built in or as a module); true when
 /// it cannot be told (an image without modules).
-pub fn kernel_has(kernel: &Kernel, fs: Guestfs) -> bool {
+pub fn kernel_has(kernel: &Kernel, fs: guest::FsKind) -> bool {
     let (option, module) = match fs {
-        Guestfs::NineP => ("CONFIG_9P_FS", "9p"),
-        Guestfs::Virtiofs => ("CONFIG_VIRTIO_FS", "virtiofs"),
+        guest::FsKind::NineP => ("CONFIG_9P_FS", "9p"),
+        guest::FsKind::Virtiofs => ("CONFIG_VIRTIO_FS", "virtiofs"),
     };
     match kernel {
         Kernel::Tree { tree, .. } => std::fs::read_to_string(tree.join(".config"))

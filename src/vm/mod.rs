@@ -23,7 +23,7 @@ pub use control::{ps, stop};
 pub use error::RunError;
 use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
-use qemu::{Console, FsKind, Net};
+use qemu::{Console, Net};
 pub use request::RunOptions;
 use script::check_boot_script;
 pub use ssh::ssh;
@@ -289,7 +289,7 @@ fn qemu_confinement(prepared: &Prepared, store: &Path) -> crate::confine::Confin
         .spec
         .shares
         .iter()
-        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .filter(|s| s.virtiofsd.is_none())
         .map(|s| s.path.as_path())
         .collect();
     if nine_p.is_empty() {
@@ -472,6 +472,7 @@ mod tests {
     use super::prepare::*;
     use super::script::check_boot_script;
     use super::*;
+    use crate::config::InitMode;
     use crate::guest::{FsKind as GFs, Mode};
     use crate::vm::qemu::Profile;
 
@@ -486,8 +487,8 @@ mod tests {
         std::fs::create_dir_all(r.join("bin")).unwrap();
         std::fs::write(r.join("bin/sh"), "").unwrap();
         assert_eq!(interactive_mode(None, r), Mode::Shell);
-        assert_eq!(interactive_mode(Some("systemd"), r), Mode::Systemd);
-        assert_eq!(interactive_mode(Some("shell"), r), Mode::Shell);
+        assert_eq!(interactive_mode(Some(InitMode::Systemd), r), Mode::Systemd);
+        assert_eq!(interactive_mode(Some(InitMode::Shell), r), Mode::Shell);
     }
 
     #[test]
