@@ -11,7 +11,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{linkat, symlinkat};
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -316,9 +316,18 @@ fn copy_data(
 ) -> Result<u64, Fail> {
     let mut buf = [0u8; 64 << 10];
     let mut n = 0u64;
+    // Zeros are skipped, not written: a GNU sparse entry reads as its
+    // apparent size with the holes as zeros, and writing them would take
+    // that much disk. The file is new, so a hole reads back as zeros.
+    let mut hole_at_end = false;
     loop {
         let k = match data.read(&mut buf) {
-            Ok(0) => return Ok(n),
+            Ok(0) => {
+                if hole_at_end {
+                    out.set_len(n).map_err(|e| Fail::Io("write the file", e))?;
+                }
+                return Ok(n);
+            }
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Fail::Read(e)),
@@ -328,8 +337,13 @@ fn copy_data(
                 "the entry holds more than the {size} bytes its header says"
             ))));
         }
-        out.write_all(&buf[..k])
-            .map_err(|e| Fail::Io("write the file", e))?;
+        hole_at_end = buf[..k].iter().all(|b| *b == 0);
+        if hole_at_end {
+            out.seek(io::SeekFrom::Current(k as i64))
+        } else {
+            out.write_all(&buf[..k]).map(|()| 0)
+        }
+        .map_err(|e| Fail::Io("write the file", e))?;
         n += k as u64;
         if cancel.load(Ordering::Relaxed) {
             return Err(Fail::Interrupted);

@@ -258,6 +258,41 @@ mod tests {
     }
 
     #[test]
+    fn holes_and_zeros_are_not_written_and_read_back_as_zeros() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut u = Unpacker::new(d.path()).unwrap();
+        u.set_limits(1 << 30, 1 << 30);
+        // 64 MiB apparent, 512 bytes of data at its end.
+        let layer = [sparse("sparse", (64 << 20) - 512, 1, 0), vec![0; 1024]].concat();
+        u.unpack_tar(layer.as_slice(), "sha256:big", &NO).unwrap();
+        let mut tail = vec![0u8; 300 << 10];
+        tail[(300 << 10) - 5..].copy_from_slice(b"x\0\0\0y");
+        let layer = pack(vec![
+            (header(T::Regular, "zeros", 0o644), &[0u8; 200 << 10][..]),
+            (header(T::Regular, "tail", 0o644), &tail[..]),
+        ]);
+        unpack(&mut u, &layer).unwrap();
+        let sparse = d.path().join("sparse");
+        let m = std::fs::metadata(&sparse).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(m.blocks() * 512 < 1 << 20, "{} blocks", m.blocks());
+        let data = std::fs::read(&sparse).unwrap();
+        assert!(data[..(64 << 20) - 512].iter().all(|b| *b == 0));
+        assert!(data[(64 << 20) - 512..].iter().all(|b| *b == b's'));
+        // A file of zeros keeps its length (the hole runs to its end); a
+        // block at most (for xattrs that do not fit in the inode).
+        let z = std::fs::metadata(d.path().join("zeros")).unwrap();
+        assert_eq!(z.len(), 200 << 10);
+        assert!(z.blocks() * 512 <= 4096, "{} blocks", z.blocks());
+        assert_eq!(
+            std::fs::read(d.path().join("zeros")).unwrap(),
+            [0; 200 << 10]
+        );
+        assert_eq!(std::fs::read(d.path().join("tail")).unwrap(), tail);
+    }
+
+    #[test]
     fn a_gzip_bomb_stops_at_the_layer_limit_naming_layer_and_limit() {
         let d = tempfile::tempdir().unwrap();
         let target = d.path().join("t");
