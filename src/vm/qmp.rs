@@ -25,28 +25,12 @@ struct Execute {
     execute: Command,
 }
 
-/// `{"QMP": {"version": {"qemu": {"major": 8, ...}, ...}, "capabilities": [...]}}`.
+/// `{"QMP": {"version": {...}, "capabilities": [...]}}`: nothing in it
+/// matters to mkt but that it is QMP.
 #[derive(Debug, Deserialize)]
 struct Greeting {
     #[serde(rename = "QMP")]
-    qmp: GreetingBody,
-}
-
-#[derive(Debug, Deserialize)]
-struct GreetingBody {
-    version: Version,
-}
-
-#[derive(Debug, Deserialize)]
-struct Version {
-    qemu: Triple,
-}
-
-#[derive(Debug, Deserialize)]
-struct Triple {
-    major: u32,
-    minor: u32,
-    micro: u32,
+    _qmp: serde_json::Value,
 }
 
 /// What QEMU sends after the greeting: a command's reply or an event.
@@ -98,69 +82,6 @@ pub(crate) enum QmpError {
     },
 }
 
-/// One QMP conversation on a socket.
-struct Session<'a> {
-    path: &'a Path,
-    read: BufReader<UnixStream>,
-    write: UnixStream,
-}
-
-impl Session<'_> {
-    fn io(&self, source: io::Error) -> QmpError {
-        QmpError::Io {
-            path: self.path.to_path_buf(),
-            source,
-        }
-    }
-
-    /// The next line, None at the end of the stream.
-    fn line(&mut self) -> Result<Option<String>, QmpError> {
-        let mut line = String::new();
-        match self.read.read_line(&mut line) {
-            Ok(0) => Ok(None),
-            Ok(_) => Ok(Some(line)),
-            Err(e) => Err(self.io(e)),
-        }
-    }
-
-    fn parse<T: serde::de::DeserializeOwned>(&self, line: &str) -> Result<T, QmpError> {
-        serde_json::from_str(line).map_err(|source| QmpError::Unexpected {
-            path: self.path.to_path_buf(),
-            line: line.trim().to_string(),
-            source,
-        })
-    }
-
-    /// Sends `command` and reads up to its reply.
-    fn execute(&mut self, command: Command) -> Result<(), QmpError> {
-        let mut text = serde_json::to_string(&Execute { execute: command })
-            .expect("a unit variant serializes");
-        text.push('\n');
-        self.write
-            .write_all(text.as_bytes())
-            .map_err(|e| self.io(e))?;
-        loop {
-            let Some(line) = self.line()? else {
-                return Err(QmpError::Closed {
-                    path: self.path.to_path_buf(),
-                    command,
-                });
-            };
-            match self.parse::<Message>(&line)? {
-                Message::Return { .. } => return Ok(()),
-                Message::Error { error } => {
-                    return Err(QmpError::Refused {
-                        command,
-                        class: error.class,
-                        desc: error.desc,
-                    });
-                }
-                Message::Event { event } => tracing::debug!("QMP event {event}"),
-            }
-        }
-    }
-}
-
 /// Sends one QMP command to the QEMU listening on `socket` (after the
 /// greeting and the capabilities handshake) and waits for its reply, at
 /// most 5 s for each message.
@@ -169,27 +90,46 @@ pub(crate) fn execute(socket: &Path, command: Command) -> Result<(), QmpError> {
         path: socket.to_path_buf(),
         source,
     };
-    let write = UnixStream::connect(socket).map_err(io)?;
+    let mut write = UnixStream::connect(socket).map_err(io)?;
     write
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
-    let read = BufReader::new(write.try_clone().map_err(io)?);
-    let mut s = Session {
-        path: socket,
-        read,
-        write,
-    };
-    let Some(line) = s.line()? else {
-        return Err(QmpError::Closed {
+    let mut lines = BufReader::new(write.try_clone().map_err(io)?).lines();
+    // The next message, read before the reply to `command`.
+    let mut next = |command| match lines.next() {
+        None => Err(QmpError::Closed {
             path: socket.to_path_buf(),
-            command: Command::QmpCapabilities,
-        });
+            command,
+        }),
+        Some(l) => l.map_err(io),
     };
-    let Greeting { qmp } = s.parse(&line)?;
-    let v = qmp.version.qemu;
-    tracing::debug!("QMP of QEMU {}.{}.{}", v.major, v.minor, v.micro);
-    s.execute(Command::QmpCapabilities)?;
-    s.execute(command)
+    let _: Greeting = parse(socket, next(Command::QmpCapabilities)?)?;
+    for c in [Command::QmpCapabilities, command] {
+        let text = serde_json::to_string(&Execute { execute: c }).map_err(io::Error::other);
+        writeln!(write, "{}", text.map_err(io)?).map_err(io)?;
+        loop {
+            match parse(socket, next(c)?)? {
+                Message::Return { .. } => break,
+                Message::Error { error } => {
+                    return Err(QmpError::Refused {
+                        command: c,
+                        class: error.class,
+                        desc: error.desc,
+                    });
+                }
+                Message::Event { event } => tracing::debug!("QMP event {event}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(socket: &Path, line: String) -> Result<T, QmpError> {
+    serde_json::from_str(&line).map_err(|source| QmpError::Unexpected {
+        path: socket.to_path_buf(),
+        line,
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -234,18 +174,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let socket = d.path().join("qmp");
         let mut child = qemu(&socket);
-        let write = UnixStream::connect(&socket).unwrap();
-        let read = BufReader::new(write.try_clone().unwrap());
-        let mut s = Session {
-            path: &socket,
-            read,
-            write,
-        };
-        let greeting = s.line().unwrap().unwrap();
-        let _: Greeting = s.parse(&greeting).unwrap();
-        s.execute(Command::QmpCapabilities).unwrap();
-        // Negotiation is over: QEMU refuses a second one.
-        let e = s.execute(Command::QmpCapabilities).unwrap_err();
+        // The handshake is over: QEMU refuses a second one.
+        let e = execute(&socket, Command::QmpCapabilities).unwrap_err();
         match &e {
             QmpError::Refused { class, desc, .. } => {
                 assert_eq!(class, "CommandNotFound", "{e}");
@@ -253,7 +183,7 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
-        s.execute(Command::Quit).unwrap();
+        execute(&socket, Command::Quit).unwrap();
         assert!(child.wait().unwrap().success());
     }
 
