@@ -17,9 +17,10 @@ use std::thread::JoinHandle;
 /// `rows cols` after each resize (SIGWINCH; one before QEMU connects is
 /// kept) until QEMU goes. Detached: it has nothing to hand back.
 pub(crate) fn relay_winsize(listener: UnixListener) {
-    let mut resized = match Signals::new([SIGWINCH]) {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!("cannot catch SIGWINCH: {e}"),
+    let Ok(mut resized) =
+        Signals::new([SIGWINCH]).inspect_err(|e| tracing::warn!("cannot catch SIGWINCH: {e}"))
+    else {
+        return;
     };
     std::thread::spawn(move || {
         let Ok((mut s, _)) = listener.accept() else {
