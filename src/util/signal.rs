@@ -29,8 +29,8 @@ fn record_stops() {
     });
 }
 
-/// As before signal-hook, a signal that cannot be caught (never seen) is
-/// only a warning: it then keeps its default action.
+/// A stop signal that cannot be caught (not known to happen) keeps its
+/// default action: mkt says so and goes on.
 fn warn_unless_caught(sig: i32, r: io::Result<SigId>) {
     if let Err(e) = r {
         tracing::warn!("cannot catch signal {sig}: {e}");
