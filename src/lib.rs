@@ -12,7 +12,6 @@ pub mod config;
 pub mod confine;
 pub mod guest;
 pub mod host;
-pub mod interrupt;
 pub mod kernel;
 pub mod oci;
 pub mod rootfs;

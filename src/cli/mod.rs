@@ -1,5 +1,6 @@
 //! Command line: the clap definition and the dispatch to each concern.
 
+mod ps;
 mod rootfs;
 
 use crate::config::{self, Config, Paths};
@@ -293,7 +294,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Ps { json } => {
             let ctx = load_context(&cli.global)?;
-            crate::vm::ps(&ctx.paths, json)
+            ps::ps(&ctx.paths, json)
         }
         Command::Stop {
             name,

@@ -9,6 +9,7 @@ pub mod instance;
 pub mod net;
 mod prepare;
 pub mod qemu;
+mod qmp;
 mod request;
 mod script;
 mod ssh;
@@ -19,7 +20,7 @@ mod virtiofsd;
 use crate::config::{Config, Paths};
 use crate::guest;
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
-pub use control::{ps, stop};
+pub use control::stop;
 pub use error::RunError;
 use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
@@ -31,12 +32,8 @@ use ssh::{relay_ready, ssh_with_stdin};
 use std::io::{self, Read};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-use supervise::{
-    ExitWatch, SIGNALLED, install_signal_handlers, relay, relay_winsize, spawn_qemu, stderr_tail,
-    unblock,
-};
+use std::time::Instant;
+use supervise::{relay, relay_winsize, spawn_qemu, stderr_tail, unblock, wait_qemu};
 use virtiofsd::{Daemons, start_virtiofsd};
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
@@ -80,8 +77,10 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             );
         }
     }
-    install_signal_handlers();
-    let _pipe = crate::interrupt::KeepOnClosedPipe::new();
+    // From here on a stop signal ends the run through its cleanup.
+    let stop = crate::util::signal::StopPipe::new()
+        .map_err(|e| RunError::Io("cannot catch signals".into(), e))?;
+    let _pipe = crate::util::signal::KeepOnClosedPipe::new();
     // The privileged steps: checked up front, undone when the run ends
     // (these guards drop before run_dir), and after kill -9 by the next
     // run's sweep of stale run directories.
@@ -165,7 +164,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         .iter()
         .map(|p| p.socket.clone())
         .collect();
-    let status = wait_qemu(&mut child, &sockets)?;
+    let status = wait_qemu(&mut child, &stop, &sockets)?;
     tracing::info!("QEMU ran {:.2?} and exited {status}", started.elapsed());
     unblock(&sockets);
     let mut exit_line = String::new();
@@ -314,30 +313,6 @@ fn qemu_confinement(prepared: &Prepared, store: &Path) -> crate::confine::Confin
         c.keeping_setid_exec()
     } else {
         c
-    }
-}
-
-/// Waits for QEMU to exit; a signal to mkt kills it and ends the run.
-fn wait_qemu(
-    child: &mut std::process::Child,
-    sockets: &[PathBuf],
-) -> Result<std::process::ExitStatus, RunError> {
-    let exited = ExitWatch::new(child.id());
-    loop {
-        if let Some(s) = child
-            .try_wait()
-            .map_err(|e| RunError::Io("waiting for QEMU".into(), e))?
-        {
-            return Ok(s);
-        }
-        let sig = SIGNALLED.load(Ordering::SeqCst);
-        if sig != 0 {
-            let _ = child.kill();
-            let _ = child.wait();
-            unblock(sockets);
-            return Err(RunError::Interrupted(sig));
-        }
-        exited.wait(Duration::from_millis(20));
     }
 }
 
