@@ -1,12 +1,14 @@
 //! A kernel on the host: a built tree or an image, its release, what its
 //! config has built in.
 
+pub mod arch;
 pub mod depmod;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "--kernel {0}: neither a built kernel tree (arch/x86/boot/bzImage) nor a kernel image file"
+        "--kernel {0}: neither a built kernel tree ({image}) nor a kernel image file",
+        image = arch::HOST.image
     )]
     BadKernel(PathBuf),
     #[error(
@@ -40,7 +42,7 @@ pub enum Kernel {
 impl Kernel {
     pub fn image(&self) -> PathBuf {
         match self {
-            Kernel::Tree { tree, .. } => tree.join("arch/x86/boot/bzImage"),
+            Kernel::Tree { tree, .. } => tree.join(arch::HOST.image),
             Kernel::Image { image, .. } => image.clone(),
         }
     }
@@ -60,7 +62,7 @@ pub fn bzimage_release(data: &[u8]) -> Option<String> {
 }
 
 pub(crate) fn is_kernel_tree(dir: &Path) -> bool {
-    dir.join("arch/x86/boot/bzImage").is_file() && dir.join("Kbuild").exists()
+    dir.join(arch::HOST.image).is_file() && dir.join("Kbuild").exists()
 }
 
 /// --kernel, else the setup's or config's kernel, else the current
@@ -100,7 +102,7 @@ pub fn resolve_kernel(
     };
     if let Some(k) = explicit {
         if k.is_dir() {
-            if k.join("arch/x86/boot/bzImage").is_file() {
+            if k.join(arch::HOST.image).is_file() {
                 return tree(k);
             }
             return Err(KernelError::BadKernel(k.into()));

@@ -40,7 +40,7 @@ pub enum RunError {
     NoVirtiofsd { nine_p: bool },
     #[error("virtiofsd for {0} did not start: {1}")]
     Virtiofsd(PathBuf, String),
-    #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
+    #[error("QEMU is not installed ({} not found; see `mkt doctor`)", crate::kernel::arch::HOST.qemu)]
     NoQemu,
     #[error("the guest ended without reporting the command's exit status ({qemu}){}\nconsole log: {}", last_lines(.console), .log.display())]
     NoStatus {

@@ -141,12 +141,12 @@ mod tests {
     /// socket answers.
     fn qemu(socket: &Path) -> Child {
         let spec = format!("unix:{},server=on,wait=off", socket.display());
-        let child = std::process::Command::new("qemu-system-x86_64")
+        let child = std::process::Command::new(crate::kernel::arch::HOST.qemu)
             .args(["-machine", "none", "-nodefaults", "-display", "none"])
             .args(["-qmp", &spec])
             .stdin(Stdio::null())
             .spawn()
-            .expect("qemu-system-x86_64 runs");
+            .expect("QEMU runs");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(socket).is_err() {
             assert!(std::time::Instant::now() < deadline, "no QMP socket");
