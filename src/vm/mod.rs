@@ -78,8 +78,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         }
     }
     // From here on a stop signal ends the run through its cleanup.
-    let stop = crate::util::signal::StopPipe::new()
-        .map_err(|e| RunError::Io("cannot catch signals".into(), e))?;
+    let stop = crate::util::signal::StopPipe::new().map_err(RunError::Signals)?;
     let _pipe = crate::util::signal::KeepOnClosedPipe::new();
     // The privileged steps: checked up front, undone when the run ends
     // (these guards drop before run_dir), and after kill -9 by the next
@@ -90,7 +89,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     let mut relays = Vec::new();
     for port in &prepared.spec.ports {
         let l = UnixListener::bind(&port.socket)
-            .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
+            .map_err(|e| RunError::Listen(port.socket.clone(), e))?;
         relays.push((port.name.clone(), l));
     }
     // The store exists before the file servers start, so they can show it

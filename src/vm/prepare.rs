@@ -247,7 +247,7 @@ pub fn prepare(
     };
     let files = guest::generate(&input);
     let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs, machine.profile.bus)?)
-        .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
+        .map_err(RunError::Initramfs)?;
 
     let shares = qemu_shares(fs, run_dir, &rootfs, &mounts);
     let mut ports = qemu_ports(exec, relay_size, run_dir);
@@ -386,8 +386,7 @@ fn host_shares(
         .chain(&setup.dirs)
         .chain(&config.defaults.dirs)
     {
-        let d = std::fs::canonicalize(d)
-            .map_err(|e| RunError::Io(format!("--dir {}", d.display()), e))?;
+        let d = std::fs::canonicalize(d).map_err(|e| RunError::Dir(d.clone(), e))?;
         if !shared.iter().any(|(s, _)| d.starts_with(s)) {
             shared.push((d, false));
         }
@@ -547,7 +546,7 @@ fn qemu_net(
                 Some(
                     opts.ssh_port
                         .map_or_else(free_port, Ok)
-                        .map_err(|e| RunError::Io("cannot find a free port".into(), e))?,
+                        .map_err(RunError::FreePort)?,
                 )
             },
         },

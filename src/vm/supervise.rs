@@ -83,7 +83,7 @@ pub(crate) fn wait_qemu(
 ) -> Result<ExitStatus, RunError> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use rustix::process::{Pid, PidfdFlags, pidfd_open};
-    let waiting = |e| RunError::Io("waiting for QEMU".into(), e);
+    let waiting = RunError::Wait;
     let exited = pidfd_open(Pid::from_child(child), PidfdFlags::empty()).ok();
     // Without a pidfd (Linux before 5.3), QEMU is looked at every 20 ms.
     let timeout = match exited {
@@ -168,13 +168,9 @@ pub(crate) fn spawn_qemu(
         });
     }
     cmd.spawn().map_err(|e| match (e.raw_os_error(), confined) {
-        (Some(libc::EPERM | libc::EINVAL | libc::ENOSPC), true) => RunError::Io(
-            format!(
-                "cannot start {} confined for its 9p shares (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only)",
-                argv[0]
-            ),
-            e,
-        ),
+        (Some(libc::EPERM | libc::EINVAL | libc::ENOSPC), true) => {
+            RunError::SpawnConfined(argv[0].clone(), e)
+        }
         _ => RunError::Spawn(argv[0].clone().into(), e),
     })
 }
