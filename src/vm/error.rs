@@ -81,8 +81,13 @@ pub enum RunError {
         limit: usize,
         kernel: PathBuf,
     },
-    #[error("{0}")]
-    Qemu(String),
+    /// QEMU's own error (a bad --qemu-arg, a device it lacks), with the
+    /// last lines of its stderr.
+    #[error("QEMU {status}{}", crate::vm::supervise::stderr_tail(.stderr))]
+    QemuFailed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
     #[error("{0}: {1}")]

@@ -329,10 +329,10 @@ fn outcome(
         }
         // QEMU's own error (a bad --qemu-arg, a device it lacks): its
         // stderr was piped away from the console, so say it here.
-        return Err(RunError::Qemu(format!(
-            "QEMU {status}{}",
-            stderr_tail(qemu_stderr)
-        )));
+        return Err(RunError::QemuFailed {
+            status,
+            stderr: qemu_stderr.into(),
+        });
     }
     let log = match &prepared.spec.console {
         Console::Log(p) => p.clone(),
