@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    mkt::interrupt::default_sigpipe();
+    mkt::util::signal::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version exit 0; usage errors exit 2.
@@ -38,7 +38,7 @@ fn main() {
                 eprintln!("  caused by: {cause}");
             }
             // 130 after Ctrl-C, 143 after SIGTERM, as shells report them.
-            mkt::interrupt::failure_status()
+            mkt::util::signal::failure_status()
         }
     };
     std::process::exit(code);

@@ -25,7 +25,7 @@ iterate=()
 if [ "${1:-}" = --iterate ]; then iterate=(--iterate); shift; fi
 files=("$@")
 if [ ${#files[@]} = 0 ]; then
-  files=(src/unpack.rs src/oci/manifest.rs src/oci/reference.rs src/oci/blobs.rs src/config.rs
+  files=(src/rootfs/unpack/{mod,entry,meta,limits,whiteout,remove}.rs src/oci/manifest.rs src/oci/reference.rs src/oci/blobs.rs src/config.rs
          src/ci/findings.rs src/ci/scope.rs src/vm/vfio.rs src/vm/qemu/args.rs src/guest/mod.rs src/guest/plan.rs
          src/sandbox/plan.rs src/sandbox/idmap.rs)
 fi
@@ -61,7 +61,7 @@ done
 # remove_at then climbs out of the test's temp dir deleting every file in the
 # directories it enters (it emptied the top of /tmp once). Its tests catch it,
 # but only after the damage. Temp dirs live in the worktree all the same.
-args+=(--exclude-re 'src/unpack\.rs:.*replace && with \|\| in list_dir$')
+args+=(--exclude-re 'src/rootfs/unpack/remove\.rs:.*replace && with \|\| in list_dir$')
 mkdir -p "$tree/target/tmp"
 export TMPDIR=$tree/target/tmp
 

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use mkt::oci::sha256_digest;
-use mkt::unpack::{XATTR_GID, XATTR_MODE, XATTR_RDEV, XATTR_UID, makedev};
+use mkt::rootfs::unpack::{XATTR_GID, XATTR_MODE, XATTR_RDEV, XATTR_UID, makedev};
 
 const MTIME: u64 = 1_700_000_000;
 

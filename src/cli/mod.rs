@@ -1,10 +1,14 @@
 //! Command line: the clap definition and the dispatch to each concern.
 
+mod ps;
 mod rootfs;
 
 use crate::config::{self, Config, Paths};
+use crate::guest::FsKind;
 use crate::host;
+use crate::host::kvm::Accel;
 use anyhow::{Context, Result};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -142,11 +146,11 @@ pub struct RunArgs {
     pub modules: Option<PathBuf>,
     /// How the rootfs and shared dirs reach the guest [default: virtiofs
     /// when virtiofsd is installed and the kernel has it, else 9p].
-    #[arg(long, value_parser = ["9p", "virtiofs"])]
-    pub fs: Option<String>,
+    #[arg(long, value_parser = PossibleValuesParser::new(["9p", "virtiofs"]).try_map(|s| s.parse::<FsKind>()))]
+    pub fs: Option<FsKind>,
     /// Accelerator [default: KVM when really usable, else TCG].
-    #[arg(long, value_parser = ["kvm", "tcg"])]
-    pub accel: Option<String>,
+    #[arg(long, value_enum)]
+    pub accel: Option<Accel>,
     /// Virtual CPUs, at least 1 [default: the setup's, else the CPUs this
     /// process may use].
     #[arg(long, value_name = "N")]
@@ -174,8 +178,8 @@ pub struct RunArgs {
     /// Guest networking: user-mode NAT, none, a tap, or a tap on a bridge
     /// (br0 by default) with DHCP in the guest; tap and bridge need
     /// CAP_NET_ADMIN [default: the setup's, else nat].
-    #[arg(long, value_name = "nat|none|tap|bridge[=BR]", value_parser = parse_net)]
-    pub net: Option<String>,
+    #[arg(long, value_name = "nat|none|tap|bridge[=BR]")]
+    pub net: Option<config::NetMode>,
     /// Pass a host PCI function through with VFIO (repeatable; needs root
     /// unless already bound to vfio-pci).
     #[arg(long, value_name = "BDF")]
@@ -186,8 +190,8 @@ pub struct RunArgs {
     /// A soft RDMA device made in the guest after boot (repeatable):
     /// rxe-IFNAME (soft-RoCE) or siw-IFNAME (soft-iWARP); the kernel needs
     /// CONFIG_RDMA_RXE / CONFIG_RDMA_SIW, the rootfs iproute2's `rdma`.
-    #[arg(long, value_name = "rxe-IF|siw-IF", value_parser = parse_virt)]
-    pub virt: Vec<String>,
+    #[arg(long, value_name = "rxe-IF|siw-IF")]
+    pub virt: Vec<config::SoftRdma>,
     /// QEMU profile (qemu-profiles/NAME.toml): default (q35), debug
     /// (panic_on_warn=1 ignore_loglevel earlyprintk), microvm, iommu.
     #[arg(long, value_name = "NAME")]
@@ -199,8 +203,8 @@ pub struct RunArgs {
     /// Interactive mode: mkt's own init with a login shell and the tree's
     /// sshd (default when the rootfs has a shell: seconds to a prompt), or
     /// the rootfs's systemd (its units and services; slower).
-    #[arg(long, value_parser = ["systemd", "shell"])]
-    pub init: Option<String>,
+    #[arg(long, value_enum)]
+    pub init: Option<config::InitMode>,
     /// Keep the run directory (generated files) and print it.
     #[arg(long)]
     pub keep: bool,
@@ -290,7 +294,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Ps { json } => {
             let ctx = load_context(&cli.global)?;
-            crate::vm::ps(&ctx.paths, json)
+            ps::ps(&ctx.paths, json)
         }
         Command::Stop {
             name,
@@ -369,21 +373,16 @@ pub fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn parse_net(s: &str) -> std::result::Result<String, String> {
-    config::check_net(s).map(|()| s.to_string())
-}
-
-fn parse_virt(s: &str) -> std::result::Result<String, String> {
-    config::parse_virt(s).map(|_| s.to_string())
+/// A flag's value parsed by its type, the error naming flag and value (as
+/// mkt's own errors do, after clap has parsed the command line).
+fn typed<T: std::str::FromStr<Err = String>>(flag: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--{flag} {value:?}: {e}"))
 }
 
 fn run_options(a: RunArgs, g: &Global) -> Result<crate::vm::RunOptions> {
-    use crate::host::kvm::Accel;
-    let mem_mib = a
-        .mem
-        .as_deref()
-        .map(|m| config::parse_mem_mib(m).map_err(|e| anyhow::anyhow!("--mem {m:?}: {e}")))
-        .transpose()?;
+    let size = |flag, v: Option<String>| v.map(|v| typed(flag, &v)).transpose();
     Ok(crate::vm::RunOptions {
         setup: a.setup,
         rootfs: a.rootfs,
@@ -391,11 +390,9 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::vm::RunOptions> {
         modules: a.modules,
         command: a.command,
         fs: a.fs,
-        accel: a
-            .accel
-            .map(|x| if x == "kvm" { Accel::Kvm } else { Accel::Tcg }),
+        accel: a.accel,
         cpus: a.cpus.map(config::Cpus::get),
-        mem_mib,
+        mem: size("mem", a.mem)?,
         append: a.append,
         qemu_args: a.qemu_arg,
         dirs: a.dir,
@@ -403,13 +400,13 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::vm::RunOptions> {
         ssh_port: a.ssh_port,
         net_none: false,
         net: a.net,
-        pci: a.pci,
+        pci: a
+            .pci
+            .iter()
+            .map(|p| typed("pci", p))
+            .collect::<Result<_>>()?,
         virt: a.virt,
-        nvme_mib: a
-            .nvme
-            .as_deref()
-            .map(|m| config::parse_mem_mib(m).map_err(|e| anyhow::anyhow!("--nvme {m:?}: {e}")))
-            .transpose()?,
+        nvme: size("nvme", a.nvme)?,
         profile: a.profile,
         boot_script: a.boot_script,
         init: a.init,
@@ -703,7 +700,7 @@ pub struct RootfsPullArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// The platform to pick from a multi-platform image.
-    #[arg(long, default_value = "linux/amd64", value_name = "OS/ARCH[/VARIANT]")]
+    #[arg(long, default_value = crate::kernel::arch::HOST.oci_platform, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: String,
     /// Speak plain HTTP to the registry (loopback registries always are).
     #[arg(long)]

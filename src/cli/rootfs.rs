@@ -2,14 +2,13 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::{Ctx, RootfsArgs, RootfsCommand};
+use crate::rootfs::unpack::{self, Unpacker};
 use crate::rootfs::{
     Listed, PullOptions, builder, gc, human, list, pull, remove, resolve, shell, short, stored,
 };
-use crate::unpack::{self, Unpacker};
 
 /// The table `mkt rootfs list` prints.
 fn render_list(items: &[Listed]) -> String {
@@ -58,29 +57,6 @@ fn render_list(items: &[Listed]) -> String {
     out
 }
 
-static CANCEL: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    // An atomic store is async-signal-safe.
-    CANCEL.store(true, Ordering::Relaxed);
-    crate::interrupt::note(sig);
-}
-
-/// The first Ctrl-C (or SIGTERM, SIGHUP) stops the pull cleanly; SA_RESETHAND makes
-/// a second one kill at once (the next pull sweeps what is left).
-fn catch_signals() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART | SaFlags::SA_RESETHAND,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic.
-        let _ = unsafe { sigaction(sig, &act) };
-    }
-}
-
 /// `mkt rootfs ...`.
 pub fn run(ctx: &Ctx, args: RootfsArgs) -> anyhow::Result<i32> {
     use RootfsCommand as C;
@@ -95,9 +71,9 @@ pub fn run(ctx: &Ctx, args: RootfsArgs) -> anyhow::Result<i32> {
                 quiet: ctx.quiet,
                 owners: a.owners,
             };
-            catch_signals();
+            let cancel = crate::util::signal::stop_flag();
             let started = Instant::now();
-            let p = pull(&ctx.paths, &opts, &CANCEL)?;
+            let p = pull(&ctx.paths, &opts, cancel)?;
             if !p.skipped_xattrs.is_empty() {
                 let mut kinds: Vec<&str> = p.skipped_xattrs.iter().map(|s| s.as_str()).collect();
                 kinds.sort();
@@ -150,7 +126,7 @@ pub fn run(ctx: &Ctx, args: RootfsArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
         C::Build(a) => {
-            catch_signals();
+            let cancel = crate::util::signal::stop_flag();
             let opts = builder::BuildOptions {
                 recipe: a.recipe,
                 name: a.name,
@@ -158,7 +134,7 @@ pub fn run(ctx: &Ctx, args: RootfsArgs) -> anyhow::Result<i32> {
                 quiet: ctx.quiet,
                 verbose: ctx.verbose,
             };
-            let b = builder::build(&ctx.paths, &opts, &CANCEL)?;
+            let b = builder::build(&ctx.paths, &opts, cancel)?;
             if !ctx.quiet {
                 println!(
                     "rootfs {} ready at {}: recipe {}, {}{}",
@@ -181,14 +157,14 @@ pub fn run(ctx: &Ctx, args: RootfsArgs) -> anyhow::Result<i32> {
             max_image,
             layers,
         } => {
-            catch_signals();
+            let cancel = crate::util::signal::stop_flag();
             let mut u = Unpacker::with_record(&into, unpack::Record::Real)?;
             u.set_limits(max_layer, max_image);
             for l in &layers {
                 let (digest, blob) = l
                     .split_once('=')
                     .ok_or_else(|| anyhow::anyhow!("expected DIGEST=PATH, got {l:?}"))?;
-                u.unpack_layer(Path::new(blob), digest, &CANCEL)?;
+                u.unpack_layer(Path::new(blob), digest, cancel)?;
             }
             let stats = u.finish()?;
             if stats.unmapped_owners > 0 {

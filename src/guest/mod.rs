@@ -125,7 +125,7 @@ pub struct Sriov {
 /// A soft RDMA device over a guest netdev: `rxe` (soft-RoCE) or `siw`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SoftRdma {
-    pub kind: String,
+    pub kind: &'static str,
     pub netdev: String,
 }
 
@@ -306,7 +306,7 @@ fn sriov_script(s: &Sriov) -> String {
 /// modules' old `add` parameter is gone since Linux 5.x), as MKT's "virt"
 /// devices did, naming it `rxe_eth0` / `siw_eth0`.
 fn soft_rdma_script(v: &SoftRdma) -> String {
-    let (k, n) = (&v.kind, &v.netdev);
+    let (k, n) = (v.kind, &v.netdev);
     let module = if k == "rxe" { "rdma_rxe" } else { "siw" };
     format!(
         "# --virt {k}-{n}\n\
@@ -705,11 +705,11 @@ mod tests {
         i.depmod_release = None;
         i.virt = vec![
             SoftRdma {
-                kind: "rxe".into(),
+                kind: "rxe",
                 netdev: "eth0".into(),
             },
             SoftRdma {
-                kind: "siw".into(),
+                kind: "siw",
                 netdev: "eth1".into(),
             },
         ];

@@ -29,6 +29,14 @@ impl FsKind {
     }
 }
 
+/// `--fs`'s value.
+impl std::str::FromStr for FsKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        FsKind::parse(s).ok_or_else(|| format!("{s:?} is neither 9p nor virtiofs"))
+    }
+}
+
 /// What the init ends with: the command, a login shell, or systemd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -33,7 +33,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// The accelerator QEMU is started with.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 pub enum Accel {
     Kvm,
     Tcg,

@@ -94,13 +94,15 @@ pub struct Prerequisite {
     pub required: bool,
 }
 
+use crate::kernel::arch::HOST;
+
 /// Host programs mkt uses, in the order `mkt setup` reports them.
 pub const PREREQUISITES: &[Prerequisite] = &[
     Prerequisite {
-        program: "qemu-system-x86_64",
+        program: HOST.qemu,
         purpose: "boots kernels (mkt run)",
-        debian: "sudo apt-get install -y qemu-system-x86",
-        fedora: "sudo dnf install -y qemu-system-x86-core",
+        debian: HOST.qemu_debian,
+        fedora: HOST.qemu_fedora,
         required: true,
     },
     Prerequisite {

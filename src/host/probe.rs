@@ -2,6 +2,7 @@
 //! (a syscall, a program's version), not a guess from a file's presence.
 
 use super::{Check, Status, kvm, which};
+use crate::kernel::arch::HOST;
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ const VIRTIOFSD_PLACES: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/virtiofs
 /// (or `cargo install`) put it. `MKT_QEMU` / `MKT_VIRTIOFSD` override.
 pub fn find_program(program: &str) -> Option<PathBuf> {
     let override_var = match program {
-        "qemu-system-x86_64" => Some("MKT_QEMU"),
+        p if p == crate::kernel::arch::HOST.qemu => Some("MKT_QEMU"),
         "virtiofsd" => Some("MKT_VIRTIOFSD"),
         _ => None,
     };
@@ -72,9 +73,12 @@ fn program_check(name: &'static str, program: &str, why_needed: &str, fix: &str)
 pub fn qemu() -> Check {
     program_check(
         "qemu",
-        "qemu-system-x86_64",
+        HOST.qemu,
         "needed to boot kernels",
-        "Debian/Ubuntu: sudo apt-get install -y qemu-system-x86; Fedora: sudo dnf install -y qemu-system-x86-core",
+        &format!(
+            "Debian/Ubuntu: {}; Fedora: {}",
+            HOST.qemu_debian, HOST.qemu_fedora
+        ),
     )
     .required()
 }

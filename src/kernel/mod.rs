@@ -1,12 +1,14 @@
 //! A kernel on the host: a built tree or an image, its release, what its
 //! config has built in.
 
+pub mod arch;
 pub mod depmod;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error(
-        "--kernel {0}: neither a built kernel tree (arch/x86/boot/bzImage) nor a kernel image file"
+        "--kernel {0}: neither a built kernel tree ({image}) nor a kernel image file",
+        image = arch::HOST.image
     )]
     BadKernel(PathBuf),
     #[error(
@@ -40,7 +42,7 @@ pub enum Kernel {
 impl Kernel {
     pub fn image(&self) -> PathBuf {
         match self {
-            Kernel::Tree { tree, .. } => tree.join("arch/x86/boot/bzImage"),
+            Kernel::Tree { tree, .. } => tree.join(arch::HOST.image),
             Kernel::Image { image, .. } => image.clone(),
         }
     }
@@ -60,7 +62,7 @@ pub fn bzimage_release(data: &[u8]) -> Option<String> {
 }
 
 pub(crate) fn is_kernel_tree(dir: &Path) -> bool {
-    dir.join("arch/x86/boot/bzImage").is_file() && dir.join("Kbuild").exists()
+    dir.join(arch::HOST.image).is_file() && dir.join("Kbuild").exists()
 }
 
 /// --kernel, else the setup's or config's kernel, else the current
@@ -100,7 +102,7 @@ pub fn resolve_kernel(
     };
     if let Some(k) = explicit {
         if k.is_dir() {
-            if k.join("arch/x86/boot/bzImage").is_file() {
+            if k.join(arch::HOST.image).is_file() {
                 return tree(k);
             }
             return Err(KernelError::BadKernel(k.into()));
@@ -133,13 +135,6 @@ pub fn resolve_kernel(
     }
 }
 
-/// A guest file system a kernel may lack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guestfs {
-    NineP,
-    Virtiofs,
-}
-
 /// Whether the kernel has `option` (=y or =m), from the tree's .config or
 /// an image's config-RELEASE (next to its modules or in the rootfs's
 /// /boot); None when no config says.
@@ -170,10 +165,10 @@ pub fn kernel_option(kernel: &Kernel, rootfs: &Path, option: &str) -> Option<boo
 
 /// Whether the kernel can mount `fs` (built in or as a module); true when
 /// it cannot be told (an image without modules).
-pub fn kernel_has(kernel: &Kernel, fs: Guestfs) -> bool {
+pub fn kernel_has(kernel: &Kernel, fs: guest::FsKind) -> bool {
     let (option, module) = match fs {
-        Guestfs::NineP => ("CONFIG_9P_FS", "9p"),
-        Guestfs::Virtiofs => ("CONFIG_VIRTIO_FS", "virtiofs"),
+        guest::FsKind::NineP => ("CONFIG_9P_FS", "9p"),
+        guest::FsKind::Virtiofs => ("CONFIG_VIRTIO_FS", "virtiofs"),
     };
     match kernel {
         Kernel::Tree { tree, .. } => std::fs::read_to_string(tree.join(".config"))

@@ -14,13 +14,14 @@ pub mod lock;
 mod pull;
 pub mod recipe;
 pub mod resolve;
+pub mod unpack;
 
 pub use pull::pull;
 pub(crate) use pull::pull_unpacked;
 
 use crate::config::Paths;
 use crate::oci::{self, OciError};
-use crate::unpack::{self, UnpackError};
+use crate::rootfs::unpack::UnpackError;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;

@@ -13,7 +13,7 @@ use crate::oci::Limits;
 use crate::oci::manifest::{self, platform_name};
 use crate::oci::resolve::{self, ResolveError};
 use crate::oci::{BlobStore, OciError, Reference, Registry, auth};
-use crate::unpack::{self, UnpackError, Unpacker};
+use crate::rootfs::unpack::{self, UnpackError, Unpacker};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use oci_spec::image::{ImageConfiguration, ImageManifest, Platform};
 use std::path::{Path, PathBuf};

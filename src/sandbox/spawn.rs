@@ -31,7 +31,7 @@ pub fn run_mapped(argv: &[OsString], ids: &Ids, out: Option<i32>) -> Result<i32,
         match waitpid(child, flags) {
             Ok(WaitStatus::Exited(_, c)) => return Ok(c),
             Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
-            Ok(WaitStatus::StillAlive) => match crate::interrupt::caught() {
+            Ok(WaitStatus::StillAlive) => match crate::util::signal::caught() {
                 Some(sig) => {
                     if let Ok(sig) = Signal::try_from(sig) {
                         signal_tree(child, sig);

@@ -1,7 +1,9 @@
 //! Small helpers more than one part of mkt needs, one copy each: clocks and
-//! dates, files (logs, atomic writes), hashing. Nothing here knows a command.
+//! dates, files (logs, atomic writes), hashing, signals. Nothing here knows a
+//! command.
 
 pub mod fs;
 pub mod hash;
 pub mod shell;
+pub mod signal;
 pub mod time;

@@ -1,36 +1,8 @@
-//! `mkt ps` and `mkt stop`: the running VMs from their records.
+//! `mkt stop` and finding the running VMs from their records.
 
 use crate::config::Paths;
-use crate::vm::instance;
+use crate::vm::{instance, qmp};
 use std::time::{Duration, Instant};
-
-/// `mkt ps`: the running VMs, as a table or JSON.
-pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&running)?);
-        return Ok(0);
-    }
-    println!(
-        "{:<16} {:>8} {:>6} {:>8}  KERNEL / ROOTFS",
-        "NAME", "PID", "SSH", "UP"
-    );
-    for r in &running {
-        let up = crate::util::time::epoch_secs().saturating_sub(r.started);
-        println!(
-            "{:<16} {:>8} {:>6} {:>7}s  {} on {}",
-            r.name,
-            r.pid,
-            r.ssh_port
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into()),
-            up,
-            r.kernel.display(),
-            r.rootfs.display()
-        );
-    }
-    Ok(0)
-}
 
 /// Waits until the run of `r` has ended (its mkt released the run's lock).
 pub(crate) fn wait_gone(r: &instance::Record, timeout: Duration) -> bool {
@@ -74,12 +46,19 @@ pub fn stop(
     for r in targets {
         let qmp = r.qmp.as_deref();
         let mut stopped = false;
+        // A request that fails (QEMU busy, or gone) is only logged: the
+        // wait and the next step follow as after any other.
+        let ask = |q: &std::path::Path, command| {
+            if let Err(e) = qmp::execute(q, command) {
+                tracing::debug!("{}: {e}", r.name);
+            }
+        };
         if !force && let Some(q) = qmp {
-            let _ = instance::qmp(q, "system_powerdown");
+            ask(q, qmp::Command::SystemPowerdown);
             stopped = wait_gone(r, timeout);
         }
         if !stopped && let Some(q) = qmp {
-            let _ = instance::qmp(q, "quit");
+            ask(q, qmp::Command::Quit);
             stopped = wait_gone(r, Duration::from_secs(5));
         }
         // Signals only to the process that holds this run's lock: the

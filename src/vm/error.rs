@@ -32,15 +32,40 @@ pub enum RunError {
     Write(PathBuf, #[source] io::Error),
     #[error("cannot start {0}")]
     Spawn(PathBuf, #[source] io::Error),
-    #[error("{0}")]
-    Io(String, #[source] io::Error),
+    #[error("cannot wait for QEMU")]
+    Wait(#[source] io::Error),
+    #[error(
+        "cannot start {0} confined for its 9p shares (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only)"
+    )]
+    SpawnConfined(String, #[source] io::Error),
+    #[error("cannot {what} in {}", .dir.display())]
+    SshKeys {
+        what: String,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ssh-keygen not found (install openssh-client)")]
+    NoSshKeygen,
+    #[error("ssh-keygen failed: {0}")]
+    SshKeygen(String),
+    #[error("cannot build the initramfs")]
+    Initramfs(#[source] io::Error),
+    #[error("--dir {}", .0.display())]
+    Dir(PathBuf, #[source] io::Error),
+    #[error("cannot find a free port")]
+    FreePort(#[source] io::Error),
+    #[error("cannot catch signals")]
+    Signals(#[source] io::Error),
+    #[error("cannot listen on {}", .0.display())]
+    Listen(PathBuf, #[source] io::Error),
     /// `nine_p`: the kernel can mount 9p, so `--fs 9p` is a way out.
     #[error("virtiofs needs virtiofsd, which is not installed (see `mkt doctor`; ./install.sh installs it){}",
         if *.nine_p { ", or use --fs 9p" } else { "; this kernel has no 9p, so virtiofs is the only way to share the rootfs" })]
     NoVirtiofsd { nine_p: bool },
     #[error("virtiofsd for {0} did not start: {1}")]
     Virtiofsd(PathBuf, String),
-    #[error("QEMU is not installed (qemu-system-x86_64 not found; see `mkt doctor`)")]
+    #[error("QEMU is not installed ({} not found; see `mkt doctor`)", crate::kernel::arch::HOST.qemu)]
     NoQemu,
     #[error("the guest ended without reporting the command's exit status ({qemu}){}\nconsole log: {}", last_lines(.console), .log.display())]
     NoStatus {
@@ -56,8 +81,13 @@ pub enum RunError {
         limit: usize,
         kernel: PathBuf,
     },
-    #[error("{0}")]
-    Qemu(String),
+    /// QEMU's own error (a bad --qemu-arg, a device it lacks), with the
+    /// last lines of its stderr.
+    #[error("QEMU {status}{}", crate::vm::supervise::stderr_tail(.stderr))]
+    QemuFailed {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("interrupted by signal {0}")]
     Interrupted(i32),
     #[error("{0}: {1}")]

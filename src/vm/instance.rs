@@ -35,37 +35,6 @@ pub struct Record {
     pub dir: PathBuf,
 }
 
-/// Sends one QMP command (after the capabilities handshake) and returns
-/// QEMU's answer line.
-pub fn qmp(socket: &Path, command: &str) -> io::Result<String> {
-    use std::io::{BufRead, BufReader, Write};
-    use std::os::unix::net::UnixStream;
-    let s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    let mut r = BufReader::new(s.try_clone()?);
-    let mut w = s;
-    let mut line = String::new();
-    // Greeting, then the answer to qmp_capabilities; events may interleave.
-    r.read_line(&mut line)?;
-    writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#)?;
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 || line.contains("\"return\"") {
-            break;
-        }
-    }
-    writeln!(w, r#"{{"execute":"{command}"}}"#)?;
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(String::new());
-        }
-        if line.contains("\"return\"") || line.contains("\"error\"") {
-            return Ok(line.trim().to_string());
-        }
-    }
-}
-
 /// The file in a run directory holding what the guest said of its sshd.
 pub const SSH_STATE: &str = "ssh-state";
 

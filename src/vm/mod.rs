@@ -9,6 +9,7 @@ pub mod instance;
 pub mod net;
 mod prepare;
 pub mod qemu;
+mod qmp;
 mod request;
 mod script;
 mod ssh;
@@ -19,11 +20,11 @@ mod virtiofsd;
 use crate::config::{Config, Paths};
 use crate::guest;
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
-pub use control::{ps, stop};
+pub use control::stop;
 pub use error::RunError;
 use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
-use qemu::{Console, FsKind, Net};
+use qemu::{Console, Net};
 pub use request::RunOptions;
 use script::check_boot_script;
 pub use ssh::ssh;
@@ -31,12 +32,8 @@ use ssh::{relay_ready, ssh_with_stdin};
 use std::io::{self, Read};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-use supervise::{
-    ExitWatch, SIGNALLED, install_signal_handlers, relay, relay_winsize, spawn_qemu, stderr_tail,
-    unblock,
-};
+use std::time::Instant;
+use supervise::{relay, relay_winsize, spawn_qemu, stderr_tail, unblock, wait_qemu};
 use virtiofsd::{Daemons, start_virtiofsd};
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
@@ -80,8 +77,9 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
             );
         }
     }
-    install_signal_handlers();
-    let _pipe = crate::interrupt::KeepOnClosedPipe::new();
+    // From here on a stop signal ends the run through its cleanup.
+    let stop = crate::util::signal::StopPipe::new().map_err(RunError::Signals)?;
+    let _pipe = crate::util::signal::KeepOnClosedPipe::new();
     // The privileged steps: checked up front, undone when the run ends
     // (these guards drop before run_dir), and after kill -9 by the next
     // run's sweep of stale run directories.
@@ -91,7 +89,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
     let mut relays = Vec::new();
     for port in &prepared.spec.ports {
         let l = UnixListener::bind(&port.socket)
-            .map_err(|e| RunError::Io(format!("cannot listen on {}", port.socket.display()), e))?;
+            .map_err(|e| RunError::Listen(port.socket.clone(), e))?;
         relays.push((port.name.clone(), l));
     }
     // The store exists before the file servers start, so they can show it
@@ -165,7 +163,7 @@ pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<
         .iter()
         .map(|p| p.socket.clone())
         .collect();
-    let status = wait_qemu(&mut child, &sockets)?;
+    let status = wait_qemu(&mut child, &stop, &sockets)?;
     tracing::info!("QEMU ran {:.2?} and exited {status}", started.elapsed());
     unblock(&sockets);
     let mut exit_line = String::new();
@@ -289,7 +287,7 @@ fn qemu_confinement(prepared: &Prepared, store: &Path) -> crate::confine::Confin
         .spec
         .shares
         .iter()
-        .filter(|s| matches!(s.kind, FsKind::NineP))
+        .filter(|s| s.virtiofsd.is_none())
         .map(|s| s.path.as_path())
         .collect();
     if nine_p.is_empty() {
@@ -317,30 +315,6 @@ fn qemu_confinement(prepared: &Prepared, store: &Path) -> crate::confine::Confin
     }
 }
 
-/// Waits for QEMU to exit; a signal to mkt kills it and ends the run.
-fn wait_qemu(
-    child: &mut std::process::Child,
-    sockets: &[PathBuf],
-) -> Result<std::process::ExitStatus, RunError> {
-    let exited = ExitWatch::new(child.id());
-    loop {
-        if let Some(s) = child
-            .try_wait()
-            .map_err(|e| RunError::Io("waiting for QEMU".into(), e))?
-        {
-            return Ok(s);
-        }
-        let sig = SIGNALLED.load(Ordering::SeqCst);
-        if sig != 0 {
-            let _ = child.kill();
-            let _ = child.wait();
-            unblock(sockets);
-            return Err(RunError::Interrupted(sig));
-        }
-        exited.wait(Duration::from_millis(20));
-    }
-}
-
 /// The run's status: the guest command's (exec mode), else 0 when QEMU
 /// ended well; a failing boot script is reported, not left for the log to hide.
 fn outcome(
@@ -355,10 +329,10 @@ fn outcome(
         }
         // QEMU's own error (a bad --qemu-arg, a device it lacks): its
         // stderr was piped away from the console, so say it here.
-        return Err(RunError::Qemu(format!(
-            "QEMU {status}{}",
-            stderr_tail(qemu_stderr)
-        )));
+        return Err(RunError::QemuFailed {
+            status,
+            stderr: qemu_stderr.into(),
+        });
     }
     let log = match &prepared.spec.console {
         Console::Log(p) => p.clone(),
@@ -472,6 +446,7 @@ mod tests {
     use super::prepare::*;
     use super::script::check_boot_script;
     use super::*;
+    use crate::config::InitMode;
     use crate::guest::{FsKind as GFs, Mode};
     use crate::vm::qemu::Profile;
 
@@ -486,8 +461,8 @@ mod tests {
         std::fs::create_dir_all(r.join("bin")).unwrap();
         std::fs::write(r.join("bin/sh"), "").unwrap();
         assert_eq!(interactive_mode(None, r), Mode::Shell);
-        assert_eq!(interactive_mode(Some("systemd"), r), Mode::Systemd);
-        assert_eq!(interactive_mode(Some("shell"), r), Mode::Shell);
+        assert_eq!(interactive_mode(Some(InitMode::Systemd), r), Mode::Systemd);
+        assert_eq!(interactive_mode(Some(InitMode::Shell), r), Mode::Shell);
     }
 
     #[test]

@@ -16,31 +16,7 @@ use std::path::{Path, PathBuf};
 /// The state file in a run directory.
 pub const STATE_FILE: &str = "net.json";
 
-/// `--net` / config `net`, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mode {
-    Nat,
-    None,
-    /// A tap on no bridge: the host side is the user's to configure.
-    Tap,
-    Bridge(String),
-}
-
-/// The bridge `--net bridge` uses when none is named (MKT's).
-pub const DEFAULT_BRIDGE: &str = "br0";
-
-impl Mode {
-    pub fn parse(s: &str) -> Result<Mode, String> {
-        crate::config::check_net(s)?;
-        Ok(match s {
-            "nat" => Mode::Nat,
-            "none" => Mode::None,
-            "tap" => Mode::Tap,
-            "bridge" => Mode::Bridge(DEFAULT_BRIDGE.into()),
-            _ => Mode::Bridge(s.trim_start_matches("bridge=").into()),
-        })
-    }
-}
+pub use crate::config::NetMode as Mode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -380,22 +356,6 @@ mod rtnl {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_parse() {
-        let cases = [
-            ("nat", Mode::Nat),
-            ("none", Mode::None),
-            ("tap", Mode::Tap),
-            ("bridge", Mode::Bridge("br0".into())),
-            ("bridge=br-test", Mode::Bridge("br-test".into())),
-        ];
-        for (s, want) in cases {
-            assert_eq!(Mode::parse(s), Ok(want), "{s}");
-        }
-        assert!(Mode::parse("bridge=a/b").is_err());
-        assert!(Mode::parse("user").is_err());
-    }
 
     #[test]
     fn macs_are_stable_local_unicast_and_differ_by_name() {

@@ -9,14 +9,14 @@ use super::request::{
 };
 use super::ssh::ensure_ssh_keys;
 use super::supervise::host_terminal;
-use crate::config::{Config, Paths, Setup};
+use crate::config::{Config, InitMode, Paths, Setup};
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
 use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
 use crate::host::{self, kvm};
 use crate::kernel::depmod::{host_depmod, modules_boot_record};
 use crate::kernel::{Kernel, kernel_option, resolve_kernel};
 use crate::vm::net;
-use crate::vm::qemu::{self, Console, FsKind, Net, Port, Share, VmSpec};
+use crate::vm::qemu::{self, Console, Net, Port, Share, VmSpec};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -175,9 +175,10 @@ pub fn prepare(
     let boot_script = read_boot_script(opts, &setup)?;
     let (accel, accel_note) = kvm::choose(opts.accel.clone(), kvm::probe);
     let machine = machine(opts, &setup, paths)?;
-    let net_mode = net_mode(opts, &setup)?;
-    let qemu_bin = host::probe::find_program("qemu-system-x86_64").ok_or(RunError::NoQemu)?;
-    let (fs, virtiofsd) = choose_fs(opts.fs.as_deref(), root_ids.is_some(), &rootfs, &kernel)?;
+    let net_mode = net_mode(opts, &setup);
+    let qemu_bin =
+        host::probe::find_program(crate::kernel::arch::HOST.qemu).ok_or(RunError::NoQemu)?;
+    let (fs, virtiofsd) = choose_fs(opts.fs, root_ids.is_some(), &rootfs, &kernel)?;
     let mut user = GuestUser::of(crate::host::user::current());
     user.shell = ["/bin/bash", "/bin/sh"]
         .into_iter()
@@ -198,7 +199,7 @@ pub fn prepare(
     let mode = if exec {
         Mode::Exec(opts.command.clone())
     } else {
-        interactive_mode(opts.init.as_deref(), &rootfs)
+        interactive_mode(opts.init, &rootfs)
     };
     let net = net_mode != net::Mode::None;
     let sriov = machine.num_vfs.map(|n| sriov(opts, &setup, n));
@@ -246,7 +247,7 @@ pub fn prepare(
     };
     let files = guest::generate(&input);
     let initrd = guest::initramfs::build(&files, &boot_modules(&kernel, fs, machine.profile.bus)?)
-        .map_err(|e| RunError::Io("cannot build the initramfs".into(), e))?;
+        .map_err(RunError::Initramfs)?;
 
     let shares = qemu_shares(fs, run_dir, &rootfs, &mounts);
     let mut ports = qemu_ports(exec, relay_size, run_dir);
@@ -321,12 +322,7 @@ fn qemu_shares(fs: GFs, run_dir: &Path, rootfs: &Path, mounts: &[GuestMount]) ->
         tag: tag.into(),
         path: path.into(),
         readonly: ro,
-        kind: match fs {
-            GFs::NineP => FsKind::NineP,
-            GFs::Virtiofs => FsKind::Virtiofs {
-                socket: run_dir.join(format!("vfs-{tag}.sock")),
-            },
-        },
+        virtiofsd: (fs == GFs::Virtiofs).then(|| run_dir.join(format!("vfs-{tag}.sock"))),
     };
     let mut shares = vec![qfs("root", rootfs, true)];
     shares.extend(
@@ -390,8 +386,7 @@ fn host_shares(
         .chain(&setup.dirs)
         .chain(&config.defaults.dirs)
     {
-        let d = std::fs::canonicalize(d)
-            .map_err(|e| RunError::Io(format!("--dir {}", d.display()), e))?;
+        let d = std::fs::canonicalize(d).map_err(|e| RunError::Dir(d.clone(), e))?;
         if !shared.iter().any(|(s, _)| d.starts_with(s)) {
             shared.push((d, false));
         }
@@ -484,8 +479,7 @@ fn sriov(opts: &RunOptions, setup: &Setup, num_vfs: u32) -> guest::Sriov {
         .pci
         .iter()
         .chain(&setup.pci)
-        .filter_map(|a| crate::config::normalize_pci(a).ok())
-        .map(|b| sys.ids(&b))
+        .map(|b| sys.ids(b.as_str()))
         .collect();
     guest::Sriov {
         num_vfs,
@@ -500,16 +494,7 @@ fn soft_rdma(
     kernel: &Kernel,
     rootfs: &Path,
 ) -> Result<Vec<guest::SoftRdma>, RunError> {
-    let virt: Vec<guest::SoftRdma> = opts
-        .virt
-        .iter()
-        .chain(&setup.virt)
-        .filter_map(|v| crate::config::parse_virt(v).ok())
-        .map(|(kind, netdev)| guest::SoftRdma {
-            kind: kind.to_string(),
-            netdev: netdev.to_string(),
-        })
-        .collect();
+    let virt: Vec<guest::SoftRdma> = opts.virt.iter().chain(&setup.virt).cloned().collect();
     for v in &virt {
         let option = if v.kind == "rxe" {
             "CONFIG_RDMA_RXE"
@@ -518,7 +503,7 @@ fn soft_rdma(
         };
         if let Some(false) = kernel_option(kernel, rootfs, option) {
             return Err(RunError::NoSoftRdma {
-                virt: format!("{}-{}", v.kind, v.netdev),
+                virt: v.to_string(),
                 option,
             });
         }
@@ -536,10 +521,10 @@ fn qemu_net(
     exec: bool,
     has_keys: bool,
 ) -> Result<Net, RunError> {
-    let mac = setup
-        .mac
-        .clone()
-        .unwrap_or_else(|| net::mac_for(setup_name.unwrap_or("mkt")));
+    let mac = setup.mac.as_ref().map_or_else(
+        || net::mac_for(setup_name.unwrap_or("mkt")),
+        ToString::to_string,
+    );
     Ok(match net_mode {
         net::Mode::Tap => Net::Tap { fd: None, mac },
         // Without CAP_NET_ADMIN, a configured qemu-bridge-helper can still
@@ -561,7 +546,7 @@ fn qemu_net(
                 Some(
                     opts.ssh_port
                         .map_or_else(free_port, Ok)
-                        .map_err(|e| RunError::Io("cannot find a free port".into(), e))?,
+                        .map_err(RunError::FreePort)?,
                 )
             },
         },
@@ -571,10 +556,10 @@ fn qemu_net(
 
 /// The interactive mode: the one asked for, else mkt's shell (seconds to a
 /// prompt and to SSH) when the tree has a shell, else its systemd.
-pub(crate) fn interactive_mode(init: Option<&str>, rootfs: &Path) -> Mode {
+pub(crate) fn interactive_mode(init: Option<InitMode>, rootfs: &Path) -> Mode {
     match init {
-        Some("systemd") => Mode::Systemd,
-        Some(_) => Mode::Shell,
+        Some(InitMode::Systemd) => Mode::Systemd,
+        Some(InitMode::Shell) => Mode::Shell,
         None if rootfs.join("bin/sh").exists() || rootfs.join("bin/bash").exists() => Mode::Shell,
         None if rootfs.join("lib/systemd/systemd").exists() => Mode::Systemd,
         None => Mode::Shell,

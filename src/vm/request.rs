@@ -3,12 +3,11 @@
 
 use super::error::RunError;
 use super::script::check_boot_script;
-use crate::config::{Config, Paths, Setup};
+use crate::config::{Config, InitMode, MemSize, NetMode, Paths, PciAddr, Setup, SoftRdma};
 use crate::guest::FsKind as GFs;
 use crate::host;
 use crate::host::kvm;
-use crate::kernel::{Guestfs, Kernel, kernel_has, kernel_option};
-use crate::vm::net;
+use crate::kernel::{Kernel, kernel_has, kernel_option};
 use crate::vm::qemu::{self, Profile};
 use std::path::{Path, PathBuf};
 
@@ -20,10 +19,10 @@ pub struct RunOptions {
     pub kernel: Option<PathBuf>,
     pub modules: Option<PathBuf>,
     pub command: Vec<String>,
-    pub fs: Option<String>,
+    pub fs: Option<GFs>,
     pub accel: Option<kvm::Accel>,
     pub cpus: Option<u32>,
-    pub mem_mib: Option<u64>,
+    pub mem: Option<MemSize>,
     pub append: Vec<String>,
     pub qemu_args: Vec<String>,
     pub dirs: Vec<PathBuf>,
@@ -31,16 +30,16 @@ pub struct RunOptions {
     pub ssh_port: Option<u16>,
     pub net_none: bool,
     /// `--net`: nat, none, tap, bridge, bridge=BR [default: the setup's, nat].
-    pub net: Option<String>,
+    pub net: Option<NetMode>,
     /// Host PCI functions to pass through, added to the setup's.
-    pub pci: Vec<String>,
-    /// Size of the NVMe scratch disk in MiB.
-    pub nvme_mib: Option<u64>,
+    pub pci: Vec<PciAddr>,
+    /// Size of the NVMe scratch disk.
+    pub nvme: Option<MemSize>,
     /// `--virt`: soft RDMA devices, added to the setup's.
-    pub virt: Vec<String>,
+    pub virt: Vec<SoftRdma>,
     pub profile: Option<String>,
     pub boot_script: Option<PathBuf>,
-    pub init: Option<String>,
+    pub init: Option<InitMode>,
     pub keep: bool,
     /// Start another VM even when the setup is already running.
     pub new: bool,
@@ -81,14 +80,14 @@ pub(crate) fn read_boot_script(
 }
 
 /// `--net-none`, `--net`, the setup's net, else NAT.
-pub(crate) fn net_mode(opts: &RunOptions, setup: &Setup) -> Result<net::Mode, RunError> {
+pub(crate) fn net_mode(opts: &RunOptions, setup: &Setup) -> NetMode {
     if opts.net_none {
-        return Ok(net::Mode::None);
+        return NetMode::None;
     }
-    match opts.net.as_deref().or(setup.net.as_deref()) {
-        Some(s) => net::Mode::parse(s).map_err(|e| RunError::Invalid(format!("--net {s}"), e)),
-        None => Ok(net::Mode::Nat),
-    }
+    opts.net
+        .clone()
+        .or(setup.net.clone())
+        .unwrap_or(NetMode::Nat)
 }
 
 /// The setup named by `--setup` or the config's default (else an empty one).
@@ -141,7 +140,7 @@ pub(crate) fn served_ids(
 
 /// The machine's devices and profile, checked against each other.
 pub(crate) struct Machine {
-    pub(crate) pci: Vec<String>,
+    pub(crate) pci: Vec<PciAddr>,
     pub(crate) num_vfs: Option<u32>,
     pub(crate) profile_name: String,
     pub(crate) profile: Profile,
@@ -174,12 +173,10 @@ pub(crate) fn machine(
 ) -> Result<Machine, RunError> {
     // Passed through: --pci, the setup's pci, and the functions its guest
     // hands on to a nested guest (they must reach that guest first).
-    let mut pci: Vec<String> = Vec::new();
+    let mut pci: Vec<PciAddr> = Vec::new();
     for a in opts.pci.iter().chain(&setup.pci).chain(&setup.nested_pci) {
-        let bdf = crate::config::normalize_pci(a)
-            .map_err(|e| RunError::Invalid(format!("--pci {a:?}"), e))?;
-        if !pci.contains(&bdf) {
-            pci.push(bdf);
+        if !pci.contains(a) {
+            pci.push(a.clone());
         }
     }
     let num_vfs = setup.num_of_vfs.filter(|&n| n > 0 && !pci.is_empty());
@@ -201,13 +198,7 @@ pub(crate) fn machine(
     let user_profiles = paths.config_file.parent().map(|d| d.join("qemu-profiles"));
     let profile =
         Profile::load(&profile_name, user_profiles.as_deref()).map_err(RunError::Profile)?;
-    let nvme_mib = match (opts.nvme_mib, &setup.nvme) {
-        (Some(m), _) => Some(m),
-        (None, Some(s)) => {
-            Some(crate::config::parse_mem_mib(s).map_err(|e| RunError::Invalid("nvme".into(), e))?)
-        }
-        (None, None) => None,
-    };
+    let nvme_mib = opts.nvme.or(setup.nvme).map(MemSize::mib);
     if profile.bus == qemu::Bus::Mmio && (!pci.is_empty() || nvme_mib.is_some()) {
         return Err(RunError::Invalid(
             format!("profile {profile_name}"),
@@ -235,15 +226,15 @@ pub(crate) fn machine(
 /// The file system that shares the root (`--fs`, else virtiofs when it can
 /// serve, else 9p when the kernel has it), and virtiofsd when it is virtiofs.
 pub(crate) fn choose_fs(
-    asked: Option<&str>,
+    asked: Option<GFs>,
     mapped_owners: bool,
     rootfs: &Path,
     kernel: &Kernel,
 ) -> Result<(GFs, Option<PathBuf>), RunError> {
     let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
     let fs = match asked {
-        Some("virtiofs") => GFs::Virtiofs,
-        Some("9p") => {
+        Some(GFs::Virtiofs) => GFs::Virtiofs,
+        Some(GFs::NineP) => {
             if mapped_owners {
                 tracing::warn!(
                     "9p shows {} with host ids (your subordinate ids), not its real owners; virtiofs shows them",
@@ -255,15 +246,15 @@ pub(crate) fn choose_fs(
         _ if mapped_owners && have_virtiofsd => GFs::Virtiofs,
         // Both boot equally fast; virtiofs is ~1.8x faster on file-heavy
         // work (docs/run.md, BENCHMARKS), so it is the default when it can be.
-        _ if have_virtiofsd && kernel_has(kernel, Guestfs::Virtiofs) => GFs::Virtiofs,
-        _ if kernel_has(kernel, Guestfs::NineP) => GFs::NineP,
+        _ if have_virtiofsd && kernel_has(kernel, GFs::Virtiofs) => GFs::Virtiofs,
+        _ if kernel_has(kernel, GFs::NineP) => GFs::NineP,
         _ => GFs::Virtiofs,
     };
     let virtiofsd =
         match fs {
             GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
                 RunError::NoVirtiofsd {
-                    nine_p: kernel_has(kernel, Guestfs::NineP),
+                    nine_p: kernel_has(kernel, GFs::NineP),
                 }
             })?),
             GFs::NineP => None,
@@ -274,13 +265,9 @@ pub(crate) fn choose_fs(
 /// `--mem`, else the setup's mem (1 GiB by default) grown for passed
 /// devices: they pin DMA memory (MKT's rule); an explicit --mem is taken as is.
 pub(crate) fn guest_mem(opts: &RunOptions, setup: &Setup, passthrough_devices: usize) -> u64 {
-    if let Some(m) = opts.mem_mib {
-        return m;
+    if let Some(m) = opts.mem {
+        return m.mib();
     }
-    let mem_mib = setup
-        .mem
-        .as_deref()
-        .and_then(|m| crate::config::parse_mem_mib(m).ok())
-        .unwrap_or(1024);
+    let mem_mib = setup.mem.map_or(1024, MemSize::mib);
     qemu::mem_for_devices(mem_mib, passthrough_devices)
 }

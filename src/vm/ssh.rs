@@ -27,25 +27,23 @@ pub(crate) const HOST_KEY_ALIAS: &str = "mkt-guest";
 /// Creates (once) and reads mkt's SSH keys under `dir`.
 pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
     use std::os::unix::fs::DirBuilderExt;
-    let io_err = |what: &str, e| RunError::Io(format!("{what} in {}", dir.display()), e);
+    let io_err = |what: &str, source| RunError::SshKeys {
+        what: what.into(),
+        dir: dir.into(),
+        source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| io_err("cannot create the ssh key directory", e))?;
+        .map_err(|e| io_err("create the ssh key directory", e))?;
     // Two runs starting at once must not both generate (or read half of)
     // the keys: serialise on a lock file.
     let lock_path = dir.join("lock");
-    let lock_file =
-        std::fs::File::create(&lock_path).map_err(|e| io_err("cannot create the lock", e))?;
+    let lock_file = std::fs::File::create(&lock_path).map_err(|e| io_err("create the lock", e))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| io_err("cannot lock", e.into()))?;
-    let keygen = host::which("ssh-keygen").ok_or_else(|| {
-        RunError::Io(
-            "ssh-keygen not found (install openssh-client)".into(),
-            io::ErrorKind::NotFound.into(),
-        )
-    })?;
+        .map_err(|(_, e)| io_err("lock", e.into()))?;
+    let keygen = host::which("ssh-keygen").ok_or(RunError::NoSshKeygen)?;
     for name in ["id_ed25519", "host_ed25519"] {
         let key = dir.join(name);
         if key.exists() {
@@ -67,18 +65,13 @@ pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
             .output()
             .map_err(|e| RunError::Spawn(keygen.clone(), e))?;
         if !out.status.success() {
-            return Err(RunError::Io(
-                format!(
-                    "ssh-keygen failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-                io::Error::other("ssh-keygen"),
+            return Err(RunError::SshKeygen(
+                String::from_utf8_lossy(&out.stderr).trim().into(),
             ));
         }
     }
-    let read = |n: &str| {
-        std::fs::read_to_string(dir.join(n)).map_err(|e| io_err(&format!("cannot read {n}"), e))
-    };
+    let read =
+        |n: &str| std::fs::read_to_string(dir.join(n)).map_err(|e| io_err(&format!("read {n}"), e));
     let host_pub = read("host_ed25519.pub")?;
     let known_hosts = dir.join("known_hosts");
     let line = format!("{HOST_KEY_ALIAS} {}", host_pub.trim());

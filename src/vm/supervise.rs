@@ -1,72 +1,39 @@
-//! Running QEMU: signals, the console and ports relayed, its exit watched.
+//! Running QEMU: the console and ports relayed, its exit (or a signal to
+//! mkt) waited for.
 
 use super::error::RunError;
+use crate::util::signal::StopPipe;
+use signal_hook::consts::SIGWINCH;
+use signal_hook::iterator::Signals;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-pub(crate) static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-
-/// Set by SIGWINCH: the host terminal was resized.
-pub(crate) static RESIZED: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-pub(crate) extern "C" fn on_winch(_: i32) {
-    RESIZED.store(true, Ordering::SeqCst);
-}
 
 /// Accepts QEMU's connection on `listener`, then sends the terminal's
-/// `rows cols` after each resize until QEMU goes. Detached: it has nothing
-/// to hand back.
+/// `rows cols` after each resize (SIGWINCH; one before QEMU connects is
+/// kept) until QEMU goes. Detached: it has nothing to hand back.
 pub(crate) fn relay_winsize(listener: UnixListener) {
+    let Ok(mut resized) =
+        Signals::new([SIGWINCH]).inspect_err(|e| tracing::warn!("cannot catch SIGWINCH: {e}"))
+    else {
+        return;
+    };
     std::thread::spawn(move || {
         let Ok((mut s, _)) = listener.accept() else {
             return;
         };
-        loop {
-            if RESIZED.swap(false, Ordering::SeqCst)
-                && let Some(t) = host_terminal().filter(|t| t.rows > 0 && t.cols > 0)
+        for _ in resized.forever() {
+            if let Some(t) = host_terminal().filter(|t| t.rows > 0 && t.cols > 0)
                 && writeln!(s, "{} {}", t.rows, t.cols).is_err()
             {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     });
-}
-
-pub(crate) extern "C" fn on_signal(sig: i32) {
-    SIGNALLED.store(sig, Ordering::SeqCst);
-    crate::interrupt::note(sig);
-}
-
-pub(crate) fn install_signal_handlers() {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            let _ = sigaction(s, &act);
-        }
-    }
-    let winch = SigAction::new(
-        SigHandler::Handler(on_winch),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    // SAFETY: as above: the handler only stores to an atomic.
-    unsafe {
-        let _ = sigaction(Signal::SIGWINCH, &winch);
-    }
 }
 
 /// Accepts QEMU's connection on `listener` and copies it to `sink`.
@@ -106,34 +73,42 @@ pub(crate) fn unblock(sockets: &[PathBuf]) {
     }
 }
 
-/// Waits for a child to exit without reaping it, at most a given time: a
-/// pidfd wakes the caller the moment QEMU exits (a plain sleep between
-/// polls cost up to its whole length at the end of every run).
-pub(crate) struct ExitWatch(Option<std::os::fd::OwnedFd>);
-
-impl ExitWatch {
-    pub(crate) fn new(pid: u32) -> Self {
-        use std::os::fd::FromRawFd;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd
-        // (or -1 on kernels before 5.3: then the caller just sleeps).
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        // SAFETY: a non-negative result is a new fd that nothing else owns.
-        ExitWatch((fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
-    }
-
-    pub(crate) fn wait(&self, most: Duration) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        match &self.0 {
-            Some(fd) => {
-                let ms = u16::try_from(most.as_millis()).unwrap_or(u16::MAX);
-                // A signal interrupts it (EINTR): the caller checks for that.
-                let _ = poll(
-                    &mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)],
-                    PollTimeout::from(ms),
-                );
-            }
-            None => std::thread::sleep(most),
+/// Waits for QEMU to exit; a stop signal to mkt kills it and ends the run.
+/// One poll(2) sleeps on both, QEMU's pidfd and the signals' pipe: no
+/// timer wakes mkt, and it learns of either at once.
+pub(crate) fn wait_qemu(
+    child: &mut Child,
+    stop: &StopPipe,
+    sockets: &[PathBuf],
+) -> Result<ExitStatus, RunError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    let waiting = RunError::Wait;
+    let exited = pidfd_open(Pid::from_child(child), PidfdFlags::empty()).ok();
+    // Without a pidfd (Linux before 5.3), QEMU is looked at every 20 ms.
+    let timeout = match exited {
+        Some(_) => PollTimeout::NONE,
+        None => PollTimeout::from(20u8),
+    };
+    loop {
+        if let Some(s) = child.try_wait().map_err(waiting)? {
+            return Ok(s);
+        }
+        if let Some(sig) = crate::util::signal::caught() {
+            let _ = child.kill();
+            let _ = child.wait();
+            unblock(sockets);
+            return Err(RunError::Interrupted(sig));
+        }
+        let mut fds = vec![PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            exited
+                .iter()
+                .map(|p| PollFd::new(p.as_fd(), PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(waiting(e.into())),
         }
     }
 }
@@ -193,13 +168,9 @@ pub(crate) fn spawn_qemu(
         });
     }
     cmd.spawn().map_err(|e| match (e.raw_os_error(), confined) {
-        (Some(libc::EPERM | libc::EINVAL | libc::ENOSPC), true) => RunError::Io(
-            format!(
-                "cannot start {} confined for its 9p shares (a private mount namespace, a user namespace when not root, keeps the rootfs store read-only)",
-                argv[0]
-            ),
-            e,
-        ),
+        (Some(libc::EPERM | libc::EINVAL | libc::ENOSPC), true) => {
+            RunError::SpawnConfined(argv[0].clone(), e)
+        }
         _ => RunError::Spawn(argv[0].clone().into(), e),
     })
 }

@@ -11,6 +11,7 @@
 //! before it changes anything; if mkt dies before restoring them, the next
 //! mkt's sweep of stale run directories ([`recover`]) does it.
 
+use crate::config::PciAddr;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs;
@@ -46,8 +47,6 @@ impl Default for Sysfs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
-    #[error("--pci {0:?}: {1}")]
-    BadAddress(String, String),
     #[error("PCI device {0} does not exist on this host ({1} is missing; see lspci -D)")]
     NoDevice(String, PathBuf),
     #[error(
@@ -171,13 +170,12 @@ impl Sysfs {
         }
     }
 
-    /// Validates `addrs` for passthrough: well-formed, present, in an IOMMU
+    /// Validates `addrs` for passthrough: present, in an IOMMU
     /// group whose other devices are free. Reads only.
-    pub fn check(&self, addrs: &[String]) -> Result<Vec<Device>, VfioError> {
+    pub fn check(&self, addrs: &[PciAddr]) -> Result<Vec<Device>, VfioError> {
         let mut bdfs = Vec::new();
         for a in addrs {
-            let bdf =
-                crate::config::normalize_pci(a).map_err(|e| VfioError::BadAddress(a.clone(), e))?;
+            let bdf = a.to_string();
             if !self.dev_dir(&bdf).exists() {
                 return Err(VfioError::NoDevice(bdf.clone(), self.dev_dir(&bdf)));
             }
@@ -572,16 +570,15 @@ mod tests {
     use super::fake::Tree;
     use super::*;
 
+    fn bdfs(a: &[&str]) -> Vec<PciAddr> {
+        a.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
     #[test]
-    fn bad_addresses_and_missing_devices_are_named() {
+    fn missing_devices_are_named() {
         let t = Tree::new();
         let s = t.sysfs();
-        let e = s.check(&["5:0".into()]).unwrap_err().to_string();
-        assert!(
-            e.starts_with("--pci \"5:0\": expected a PCI address"),
-            "{e}"
-        );
-        let e = s.check(&["05:00.0".into()]).unwrap_err().to_string();
+        let e = s.check(&bdfs(&["05:00.0"])).unwrap_err().to_string();
         assert!(e.contains("0000:05:00.0 does not exist"), "{e}");
     }
 
@@ -596,7 +593,7 @@ mod tests {
             ("vendor_id\t: AuthenticAMD\n", "amd_iommu=on iommu=pt"),
         ] {
             fs::write(t.root().join("proc/cpuinfo"), cpu).unwrap();
-            let e = t.sysfs().check(&["05:00.0".into()]).unwrap_err();
+            let e = t.sysfs().check(&bdfs(&["05:00.0"])).unwrap_err();
             assert!(matches!(e, VfioError::NoIommu(..)), "{e:?}");
             let e = e.to_string();
             assert!(e.contains("no IOMMU enabled") && e.contains(want), "{e}");
@@ -610,7 +607,7 @@ mod tests {
         t.device("0000:05:00.1", "7", Some("mlx5_core"));
         t.device("0000:00:1c.0", "7", Some("pcieport"));
         let s = t.sysfs();
-        let e = s.check(&["05:00.0".into()]).unwrap_err();
+        let e = s.check(&bdfs(&["05:00.0"])).unwrap_err();
         match &e {
             VfioError::GroupBusy {
                 dev,
@@ -635,7 +632,7 @@ mod tests {
                 .contains("pass it too with --pci 0000:05:00.1")
         );
         // Passing the whole group (the bridge on pcieport is fine) works.
-        let devs = s.check(&["05:00.0".into(), "0000:05:00.1".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0", "0000:05:00.1"])).unwrap();
         assert_eq!(devs.len(), 2);
         assert_eq!(devs[0].driver.as_deref(), Some("mlx5_core"));
         assert_eq!(devs[0].group, "7");
@@ -647,7 +644,7 @@ mod tests {
         t.device("0000:05:00.0", "3", Some("mlx5_core"));
         t.device("0000:06:00.0", "4", None);
         let s = t.sysfs();
-        let devs = s.check(&["05:00.0".into(), "06:00.0".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0", "06:00.0"])).unwrap();
         s.check_privilege(&devs).unwrap();
         let run = tempfile::tempdir().unwrap();
         let state = run.path().join(STATE_FILE);
@@ -678,7 +675,7 @@ mod tests {
         let t = Tree::new();
         t.device("0000:05:00.0", "3", Some("ixgbe"));
         let s = t.sysfs();
-        let devs = s.check(&["05:00.0".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0"])).unwrap();
         let run = tempfile::tempdir().unwrap();
         let b = s.bind(&devs, &run.path().join(STATE_FILE)).unwrap();
         // kill -9: no drop.
@@ -700,7 +697,7 @@ mod tests {
         t.device("0000:05:00.0", "3", Some("mlx5_core"));
         t.device("0000:06:00.0", "4", Some("ixgbe"));
         let s = t.sysfs();
-        let devs = s.check(&["05:00.0".into(), "06:00.0".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0", "06:00.0"])).unwrap();
         let run = tempfile::tempdir().unwrap();
         let state = run.path().join(STATE_FILE);
         let b = s.bind(&devs, &state).unwrap();
@@ -739,7 +736,7 @@ mod tests {
         t.device("0000:05:00.0", "3", Some(VFIO_DRIVER));
         fs::write(t.root().join("dev/vfio/3"), "").unwrap();
         let s = t.sysfs();
-        let devs = s.check(&["05:00.0".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0"])).unwrap();
         let run = tempfile::tempdir().unwrap();
         let b = s.bind(&devs, &run.path().join(STATE_FILE)).unwrap();
         drop(b);
@@ -769,7 +766,7 @@ mod tests {
         let t = Tree::new();
         t.device("0000:05:00.0", "3", Some("e1000e"));
         let s = t.sysfs();
-        let devs = s.check(&["05:00.0".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0"])).unwrap();
         let ov = t
             .root()
             .join("sys/bus/pci/devices/0000:05:00.0/driver_override");
@@ -801,7 +798,7 @@ mod tests {
         fs::remove_dir_all(t.root().join("sys/bus/pci/drivers/vfio-pci")).unwrap();
         t.device("0000:05:00.0", "3", Some("e1000e"));
         let s = t.sysfs();
-        let devs = s.check(&["05:00.0".into()]).unwrap();
+        let devs = s.check(&bdfs(&["05:00.0"])).unwrap();
         let e = s.check_privilege(&devs).unwrap_err().to_string();
         assert!(e.contains("modprobe vfio-pci"), "{e}");
     }

@@ -2,7 +2,7 @@
 
 use super::error::RunError;
 use super::supervise::die_with;
-use crate::vm::qemu::{FsKind, Share};
+use crate::vm::qemu::Share;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,7 +26,7 @@ impl Drop for Daemons {
 
 /// The virtiofsd arguments for one share (rootless: no sandbox needs root).
 pub fn virtiofsd_args(share: &Share) -> Vec<String> {
-    let FsKind::Virtiofs { socket } = &share.kind else {
+    let Some(socket) = &share.virtiofsd else {
         return Vec::new();
     };
     let mut a = vec![
@@ -76,7 +76,7 @@ pub(crate) fn start_virtiofsd(
     let mut daemons = Daemons(Vec::new(), Vec::new());
     let mut started = Vec::new();
     for share in shares {
-        let FsKind::Virtiofs { socket } = &share.kind else {
+        let Some(socket) = &share.virtiofsd else {
             continue;
         };
         let log = run_dir.join(format!("virtiofsd-{}.log", share.tag));

@@ -1,14 +1,12 @@
 //! Kernel modules: those packed in the initramfs at boot, and the guest
 //! side of `mkt modules-reload`.
 
-use crate::sys::{c, log, syscall};
+use crate::sys::{c, log, nr, syscall};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-
-pub const SYS_FINIT_MODULE: i64 = 313;
 
 /// Loads the modules packed into the initramfs, in /modules/order order.
 pub fn load_modules() {
@@ -33,7 +31,7 @@ pub fn load_modules() {
 fn load(f: &File) -> io::Result<()> {
     let empty = c("");
     // SAFETY: finit_module reads the open fd and the empty params string.
-    match unsafe { syscall(SYS_FINIT_MODULE, f.as_raw_fd(), empty.as_ptr(), 0) } {
+    match unsafe { syscall(nr::FINIT_MODULE, f.as_raw_fd(), empty.as_ptr(), 0) } {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
     }
@@ -180,7 +178,7 @@ pub fn modules_reload(args: &[String]) -> i32 {
     for m in &order {
         let name = c(m);
         // SAFETY: name is a valid C string; O_NONBLOCK (2048) fails when busy.
-        if unsafe { syscall(176, name.as_ptr(), 2048) } != 0 {
+        if unsafe { syscall(nr::DELETE_MODULE, name.as_ptr(), 2048) } != 0 {
             let e = io::Error::last_os_error();
             // EAGAIN (O_NONBLOCK) or EBUSY: something holds it.
             let why = if matches!(e.raw_os_error(), Some(11 | 16)) {

@@ -27,6 +27,14 @@ unsafe extern "C" {
 }
 pub const RB_POWER_OFF: i32 = 0x4321fedc;
 
+/// The syscall numbers libc has no wrapper for, per architecture (the
+/// init is built for the host's, as the guest is: src/kernel/arch.rs).
+#[cfg(target_arch = "x86_64")]
+pub mod nr {
+    pub const FINIT_MODULE: i64 = 313;
+    pub const DELETE_MODULE: i64 = 176;
+}
+
 pub fn log(msg: &str) {
     // The console is the serial line: the host shows it on failure.
     let _ = writeln!(io::stderr(), "mkt-init: {msg}");

@@ -7,16 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use super::profile::{Bus, Profile};
+use crate::config::PciAddr;
 use crate::host::kvm::Accel;
-
-/// How a host directory is shared with the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FsKind {
-    /// QEMU's built-in 9p server: no helper process, slower.
-    NineP,
-    /// vhost-user-fs; `socket` is where the already running virtiofsd listens.
-    Virtiofs { socket: PathBuf },
-}
 
 /// A host directory shared with the guest under a mount tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +17,9 @@ pub struct Share {
     pub path: PathBuf,
     /// Enforced by QEMU for 9p; for virtiofs virtiofsd must enforce it.
     pub readonly: bool,
-    pub kind: FsKind,
+    /// virtiofs (vhost-user-fs): where the already running virtiofsd
+    /// listens. None: 9p, QEMU's built-in server (no helper, slower).
+    pub virtiofsd: Option<PathBuf>,
 }
 
 /// Where the guest's serial console goes.
@@ -99,7 +93,7 @@ pub struct VmSpec {
     pub qmp: PathBuf,
     pub net: Net,
     /// Host PCI functions (`DDDD:BB:DD.F`) passed through with VFIO.
-    pub pci: Vec<String>,
+    pub pci: Vec<PciAddr>,
     pub nvme: Option<Nvme>,
     /// Serves the gdb stub on 127.0.0.1:PORT.
     pub gdb_port: Option<u16>,
@@ -111,10 +105,7 @@ pub struct VmSpec {
 /// golden tests are stable.
 pub fn command_line(spec: &VmSpec) -> Vec<String> {
     let bus = spec.profile.bus;
-    let needs_shared_mem = spec
-        .shares
-        .iter()
-        .any(|s| matches!(s.kind, FsKind::Virtiofs { .. }));
+    let needs_shared_mem = spec.shares.iter().any(|s| s.virtiofsd.is_some());
     let mut argv = vec![lossy(&spec.qemu)];
     argv.extend(base_args());
     argv.extend(machine_args(&spec.profile, &spec.accel));
@@ -257,8 +248,8 @@ fn kernel_cmdline(words: &[String], profile_words: &[String]) -> String {
 /// One shared directory; `index` makes the fsdev/chardev ids unique.
 pub fn share_args(index: usize, share: &Share, bus: Bus) -> Vec<String> {
     let tag = qemu_escape(&share.tag);
-    match &share.kind {
-        FsKind::NineP => {
+    match &share.virtiofsd {
+        None => {
             let ro = if share.readonly { ",readonly=on" } else { "" };
             vec![
                 "-fsdev".into(),
@@ -273,7 +264,7 @@ pub fn share_args(index: usize, share: &Share, bus: Bus) -> Vec<String> {
                 ),
             ]
         }
-        FsKind::Virtiofs { socket } => vec![
+        Some(socket) => vec![
             "-chardev".into(),
             format!("socket,id=vfs{index},path={}", escape_path(socket)),
             "-device".into(),
@@ -393,7 +384,7 @@ pub fn is_pcie(profile: &Profile) -> bool {
 
 /// VFIO passthrough of host PCI functions; on PCIe machines one
 /// pcie-root-port each.
-pub fn pci_args(devices: &[String], pcie: bool) -> Vec<String> {
+pub fn pci_args(devices: &[PciAddr], pcie: bool) -> Vec<String> {
     let mut args = Vec::new();
     for (i, bdf) in devices.iter().enumerate() {
         if pcie {
@@ -577,26 +568,24 @@ mod tests {
 
     #[test]
     fn share_args_table() {
-        let share = |readonly, kind| Share {
+        let share = |readonly, virtiofsd| Share {
             tag: "root".into(),
             path: PathBuf::from("/srv/a,b"),
             readonly,
-            kind,
+            virtiofsd,
         };
-        let vfs = || FsKind::Virtiofs {
-            socket: PathBuf::from("/run/vfs,0.sock"),
-        };
+        let vfs = || Some(PathBuf::from("/run/vfs,0.sock"));
         let cases = [
             (
                 0,
-                share(false, FsKind::NineP),
+                share(false, None),
                 Bus::Pci,
                 "-fsdev local,id=fs0,path=/srv/a,,b,security_model=none,multidevs=remap \
                  -device virtio-9p-pci,fsdev=fs0,mount_tag=root",
             ),
             (
                 2,
-                share(true, FsKind::NineP),
+                share(true, None),
                 Bus::Mmio,
                 "-fsdev local,id=fs2,path=/srv/a,,b,security_model=none,readonly=on,multidevs=remap \
                  -device virtio-9p-device,fsdev=fs2,mount_tag=root",
@@ -734,7 +723,10 @@ mod tests {
 
     #[test]
     fn pci_args_table() {
-        let two = vec!["0000:05:00.0".to_string(), "0000:05:00.1".to_string()];
+        let two: Vec<PciAddr> = vec![
+            "0000:05:00.0".parse().unwrap(),
+            "0000:05:00.1".parse().unwrap(),
+        ];
         let cases = [
             (vec![], true, ""),
             (
@@ -837,15 +829,13 @@ mod tests {
                     tag: "root".into(),
                     path: "/r".into(),
                     readonly: false,
-                    kind: FsKind::Virtiofs {
-                        socket: "/run/mkt/vfs.sock".into(),
-                    },
+                    virtiofsd: Some("/run/mkt/vfs.sock".into()),
                 },
                 Share {
                     tag: "src".into(),
                     path: "/home/u/linux".into(),
                     readonly: true,
-                    kind: FsKind::NineP,
+                    virtiofsd: None,
                 },
             ],
             console: Console::Log("/run/mkt/console.log".into()),
@@ -857,7 +847,7 @@ mod tests {
             net: Net::User {
                 ssh_port: Some(10022),
             },
-            pci: vec!["0000:05:00.0".into()],
+            pci: vec!["0000:05:00.0".parse().unwrap()],
             nvme: Some(Nvme {
                 path: "/d/nvme/cx5.img".into(),
                 serial: "mkt-cx5".into(),
