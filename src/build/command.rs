@@ -125,16 +125,13 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         tracing::info!("entered the rootfs in {:?}", exit.enter);
         return Ok(exit.status);
     }
-    let jobs = crate::host::user::usable_cpus();
+    let jobs = env.jobs;
     let mut env = env;
     let (name, what, steps) = if let Some(recipe) = &opts.recipe {
         // The recipe runs with `sh -e`, from a copy mkt shows at /tmp/.mkt.
         let dst = env.files.join("recipe");
         fs::copy(recipe, &dst).map_err(|e| BuildError::Recipe(recipe.clone(), e))?;
-        env.env.push(("MKT_JOBS".into(), jobs.to_string().into()));
-        if env.ccache {
-            env.env.push(("CC".into(), "ccache gcc".into()));
-        }
+        env.add_recipe_vars();
         let mut argv = vec![
             "/bin/sh".to_string(),
             "-e".into(),

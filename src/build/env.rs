@@ -44,6 +44,8 @@ pub(crate) struct Env {
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(super) shell: String,
     pub(crate) ccache: bool,
+    /// `-j`: the CPUs this process may really use.
+    pub(crate) jobs: u32,
     /// Host directory shown read-only at [`MKT_DIR`] inside.
     pub(crate) files: PathBuf,
     /// Holds the generated passwd/group/vm.config and the staging dir.
@@ -154,12 +156,48 @@ pub(crate) fn prepare_env(
         env,
         shell,
         ccache,
+        jobs: crate::host::user::usable_cpus(),
         files,
         _work: work,
     })
 }
 
+/// `CC=` for make: `compiler` through ccache when the rootfs has it.
+pub(crate) fn cc_var(ccache: bool, compiler: &str) -> String {
+    if ccache {
+        format!("CC=ccache {compiler}")
+    } else {
+        format!("CC={compiler}")
+    }
+}
+
+/// `make ARGS`, with gcc through ccache when the rootfs has it (make's
+/// own CC otherwise).
+pub(crate) fn make_argv(ccache: bool, args: &[&str]) -> Vec<String> {
+    let mut v = vec!["make".to_string()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    if ccache {
+        v.push(cc_var(true, "gcc"));
+    }
+    v
+}
+
 impl Env {
+    /// `make ARGS` in this rootfs (see [`make_argv`]).
+    pub(crate) fn make(&self, args: &[&str]) -> Vec<String> {
+        make_argv(self.ccache, args)
+    }
+
+    /// What a recipe gets besides the environment: `MKT_JOBS`, and `CC`
+    /// through ccache when the rootfs has it.
+    pub(super) fn add_recipe_vars(&mut self) {
+        self.env
+            .push(("MKT_JOBS".into(), self.jobs.to_string().into()));
+        if self.ccache {
+            self.env.push(("CC".into(), "ccache gcc".into()));
+        }
+    }
+
     /// `make headers` in kernel `tree` (the uapi headers, made in its
     /// usr/include; `headers_install` would need rsync in the rootfs), then
     /// binds those directories over the rootfs's /usr/include ones for the

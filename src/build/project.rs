@@ -3,6 +3,7 @@
 use std::fs;
 use std::path::Path;
 
+use super::env::make_argv;
 use super::{BuildError, MKT_DIR};
 
 /// What a source tree is.
@@ -120,17 +121,7 @@ pub struct StepInput {
 /// The commands that build `project`; pure.
 pub fn steps(project: &Project, i: &StepInput) -> Vec<Step> {
     let j = format!("-j{}", i.jobs);
-    let cc: Vec<String> = if i.ccache {
-        vec!["CC=ccache gcc".into()]
-    } else {
-        vec![]
-    };
-    let make = |extra: &[&str]| {
-        let mut v = vec!["make".to_string()];
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v.extend(cc.iter().cloned());
-        Step(v)
-    };
+    let make = |extra: &[&str]| Step(make_argv(i.ccache, extra));
     let mut s = Vec::new();
     match project {
         Project::Kernel { .. } => {

@@ -133,7 +133,7 @@ pub(super) fn kernel(
         req,
         want,
         fragment,
-        j: format!("-j{}", crate::host::user::usable_cpus()),
+        j: format!("-j{}", r.env.jobs),
         targets: sc.dirs.iter().map(|d| format!("{d}/")).collect(),
         dirs: sc.dirs.clone(),
         out_dir,
@@ -306,11 +306,11 @@ impl KernelJob<'_> {
                     format!("{MKT_DIR}/user.config"),
                     ".config".into(),
                 ],
-                r.make(&["-s", "olddefconfig"]),
+                r.env.make(&["-s", "olddefconfig"]),
             ];
         }
         vec![
-            r.make(&["-s", "tinyconfig"]),
+            r.env.make(&["-s", "tinyconfig"]),
             vec![
                 "scripts/kconfig/merge_config.sh".into(),
                 "-m".into(),
@@ -319,7 +319,7 @@ impl KernelJob<'_> {
                 format!("{MKT_DIR}/vm.config"),
                 format!("{MKT_DIR}/ci.config"),
             ],
-            r.make(&["-s", "olddefconfig"]),
+            r.env.make(&["-s", "olddefconfig"]),
         ]
     }
 
@@ -349,7 +349,7 @@ impl KernelJob<'_> {
         let t0 = Instant::now();
         let mut args = vec!["-s", "-k", &self.j, "W=1"];
         args.extend(self.targets.iter().map(String::as_str));
-        let argv = r.make(&args);
+        let argv = r.env.make(&args);
         let what = format!("{label}: make W=1 {}", self.targets.join(" "));
         let (st, out) = r.run(&what, &argv)?;
         let found = findings::parse_compiler(&out, &self.tree.to_string_lossy());
@@ -383,7 +383,7 @@ impl KernelJob<'_> {
         let check = format!("CHECK=sh {MKT_DIR}/check {} {checker}", out_file.display());
         let mut args = vec!["-s", "-k", &self.j, "W=1", "C=2", &check];
         args.extend(self.targets.iter().map(String::as_str));
-        let argv = r.make(&args);
+        let argv = r.env.make(&args);
         let (st, out) = r.run(&format!("{label}: {name} (C=2)"), &argv)?;
         let text = fs::read_to_string(&out_file).unwrap_or_default();
         let _ = writeln!(r.progress.log(), "--- {name} output:\n{text}");
@@ -416,16 +416,11 @@ impl KernelJob<'_> {
         for d in &self.dirs {
             delete_objects(&o.join(d));
         }
-        let cc = if r.env.ccache {
-            "CC=ccache clang"
-        } else {
-            "CC=clang"
-        };
         let mut cfg = vec![
             "make".to_string(),
             "-s".into(),
             format!("O={}", o.display()),
-            cc.into(),
+            build::cc_var(r.env.ccache, "clang"),
             "olddefconfig".into(),
         ];
         let (st, out) = r.run(&format!("{label}: clang olddefconfig"), &cfg)?;

@@ -89,15 +89,6 @@ impl Runner<'_> {
         ));
         Ok((exit.status, text))
     }
-
-    fn make(&self, args: &[&str]) -> Vec<String> {
-        let mut v = vec!["make".to_string()];
-        v.extend(args.iter().map(|s| s.to_string()));
-        if self.env.ccache {
-            v.push("CC=ccache gcc".into());
-        }
-        v
-    }
 }
 
 /// Runs the job's checks: the report.
@@ -294,7 +285,7 @@ fn userspace(
         git::checkout(&tree, rev)?;
         // A clean build (ccache keeps it cheap), so every warning shows.
         let input = build::StepInput {
-            jobs: crate::host::user::usable_cpus(),
+            jobs: r.env.jobs,
             ccache: r.env.ccache,
             clean: true,
             configured: false,
