@@ -315,7 +315,7 @@ pub const NAT_GUEST: (&str, &str, &str) = ("10.0.2.15", "255.255.255.0", "10.0.2
 /// Generates the plan and every file it refers to.
 pub fn generate(input: &PlanInput) -> Generated {
     let mut files = etc_files(input);
-    files.extend(sudo_files(input));
+    files.extend(sudoers_file(input));
     files.extend(ssh_files(input));
     if input.mode == Mode::Systemd {
         files.extend(console_files(input));
@@ -384,7 +384,7 @@ fn etc_files(input: &PlanInput) -> Vec<GenFile> {
 }
 
 /// Password-less sudo for the user, when the tree has sudo.
-fn sudo_files(input: &PlanInput) -> Option<GenFile> {
+fn sudoers_file(input: &PlanInput) -> Option<GenFile> {
     let etc = &input.etc;
     if !etc.has_sudo {
         return None;
