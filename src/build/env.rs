@@ -221,7 +221,9 @@ impl Env {
         }
         let include = tree.join("usr/include");
         let rd = fs::read_dir(&include).map_err(|e| BuildError::Read(include.clone(), e))?;
-        let multiarch = Path::new("/usr/include/x86_64-linux-gnu/asm");
+        let multiarch = Path::new("/usr/include")
+            .join(crate::kernel::arch::HOST.multiarch)
+            .join("asm");
         let mut dirs: Vec<_> = rd
             .flatten()
             .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
@@ -232,10 +234,10 @@ impl Env {
             let dst = if name == "asm"
                 && self
                     .rootfs
-                    .join("usr/include/x86_64-linux-gnu/asm")
+                    .join(multiarch.strip_prefix("/").unwrap_or(&multiarch))
                     .is_dir()
             {
-                multiarch.to_path_buf()
+                multiarch.clone()
             } else {
                 Path::new("/usr/include").join(&name)
             };

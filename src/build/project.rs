@@ -162,7 +162,10 @@ pub fn steps(project: &Project, i: &StepInput) -> Vec<Step> {
             }
             if i.clean || !i.configured {
                 s.push(if *project == Project::Qemu {
-                    Step::new(&["./configure", "--target-list=x86_64-softmmu"])
+                    Step::new(&[
+                        "./configure",
+                        &format!("--target-list={}", crate::kernel::arch::HOST.qemu_target),
+                    ])
                 } else {
                     // build.sh runs cmake and a first ninja.
                     Step::new(&["./build.sh"])
