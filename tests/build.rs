@@ -106,7 +106,7 @@ fn one_file_rebuild_as_the_user_then_a_compile_error() {
     let o = build_as(user, home.path(), &tree, &["--rootfs", r]);
     let wall = t0.elapsed();
     let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}{}", log_tail(&err));
     eprintln!("one-file rebuild (with the first relink): {wall:?}\n{err}");
     let status = err
         .lines()
@@ -242,7 +242,7 @@ fn kconfig_is_generated_in_an_unconfigured_tree() {
     );
     let err = text(&o.stderr);
     eprintln!("config generation: {:?}\n{err}", t0.elapsed());
-    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}{}", log_tail(&err));
     let config = std::fs::read_to_string(tree.join(".config")).unwrap();
     for want in ["CONFIG_9P_FS=y", "CONFIG_DUMMY=m", "CONFIG_VIRTIO_PCI=y"] {
         assert!(config.lines().any(|l| l == want), "{want} missing");
@@ -269,7 +269,7 @@ fn kconfig_is_generated_in_an_unconfigured_tree() {
         ],
     );
     let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}{}", log_tail(&err));
     assert!(err.contains("kconfig: generated .config;"), "{err}");
     let config = std::fs::read_to_string(tree.join(".config")).unwrap();
     assert!(
@@ -497,7 +497,7 @@ fn an_iproute2_like_tree_is_configured_and_built() {
         &["iproute2", "--rootfs", r, "--", "EXTRA=x"],
     );
     let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}{}", log_tail(&err));
     assert!(err.contains("built iproute2"), "{err}");
     let uid = uid_of(user);
     assert_eq!(
@@ -607,7 +607,7 @@ fn a_recipe_runs_in_the_tree_as_the_user() {
         &["--recipe", rec, "--rootfs", r, "--", "a", "b"],
     );
     let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}{}", log_tail(&err));
     assert!(err.contains("built custom (recipe "), "{err}");
     let out = std::fs::read_to_string(t.join("out.txt")).unwrap();
     let uid = uid_of(user);
@@ -711,7 +711,7 @@ fn custom_recipe_with_the_default_rootfs_in_a_plain_directory() {
         std::fs::write(t.join("build.sh"), "cc -o hello hello.c\n").unwrap();
         let o = build_as(user, home.path(), t, &["custom", "--recipe", "build.sh"]);
         let err = text(&o.stderr);
-        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert_eq!(o.status.code(), Some(0), "{err}{}", log_tail(&err));
         assert!(err.contains("built custom (recipe "), "{err}");
         let hello = std::fs::metadata(t.join("hello")).unwrap();
         assert_eq!(hello.uid(), uid_of(user));
@@ -794,4 +794,18 @@ fn sleeping_6007() -> bool {
         .unwrap()
         .flatten()
         .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x006007\x00"))
+}
+
+/// The last lines of the build log that mkt's stderr names ("mkt: log:
+/// PATH"): a failed build's cause is often above the lines mkt shows, and
+/// the log goes with the test's temp dir.
+fn log_tail(err: &str) -> String {
+    let Some(path) = err.lines().find_map(|l| l.split("log: ").nth(1)) else {
+        return String::new();
+    };
+    let path = path.trim().trim_end_matches(')');
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    format!("\n--- the last lines of {path}:\n{tail}")
 }

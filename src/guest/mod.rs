@@ -154,15 +154,6 @@ impl Generated {
         self.get(name)
             .map(|f| String::from_utf8_lossy(&f.content).into_owned())
     }
-
-    fn add(&mut self, name: &str, content: impl Into<Vec<u8>>, dest: Option<&str>, mode: u32) {
-        self.files.push(GenFile {
-            name: name.to_string(),
-            content: content.into(),
-            dest: dest.map(str::to_string),
-            mode,
-        });
-    }
 }
 
 /// Where mkt installs its guest tool (the init binary) in every guest.
@@ -322,73 +313,116 @@ fn soft_rdma_script(v: &SoftRdma) -> String {
 pub const NAT_GUEST: (&str, &str, &str) = ("10.0.2.15", "255.255.255.0", "10.0.2.2");
 
 /// Generates the plan and every file it refers to.
-#[allow(clippy::too_many_lines)] // still to be split (the structure issue)
 pub fn generate(input: &PlanInput) -> Generated {
-    let mut g = Generated::default();
-    let u = &input.user;
-    let etc = &input.etc;
-    g.add(
-        "passwd",
-        passwd_with_user(&etc.passwd, u),
-        Some("/etc/passwd"),
-        0o644,
-    );
-    g.add(
-        "group",
-        group_with_user(&etc.group, u),
-        Some("/etc/group"),
-        0o644,
-    );
-    g.add(
-        "shadow",
-        shadow_with_user(etc.shadow.as_deref(), &etc.passwd, u),
-        Some("/etc/shadow"),
-        0o640,
-    );
-    g.add(
-        "hostname",
-        format!("{}\n", input.hostname),
-        Some("/etc/hostname"),
-        0o644,
-    );
-    g.add(
-        "hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-            h = input.hostname
-        ),
-        Some("/etc/hosts"),
-        0o644,
-    );
-    if etc.has_sudo {
-        let rule = format!("{} ALL=(ALL:ALL) NOPASSWD: ALL\n", u.name);
-        if etc.sudoers_readable {
-            g.add("sudoers-mkt", rule, Some("/etc/sudoers.d/mkt"), 0o440);
-        } else {
-            // The tree's sudoers (and its includes) are unreadable through
-            // the share, so sudo would refuse to run: give it a whole one.
-            g.add(
-                "sudoers",
-                format!("Defaults env_reset\nroot ALL=(ALL:ALL) ALL\n{rule}"),
-                Some("/etc/sudoers"),
-                0o440,
-            );
-        }
+    let mut files = etc_files(input);
+    files.extend(sudoers_file(input));
+    files.extend(ssh_files(input));
+    if input.mode == Mode::Systemd {
+        files.extend(console_files(input));
     }
-    if let Some(ssh) = &input.ssh {
-        g.add(
+    files.extend(ssh_ready_unit(input));
+    files.extend(boot_script_files(input));
+    if let Some(script) = setup_script(input) {
+        files.push(file("setup.sh", script, Some("/run/mkt/setup.sh"), 0o755));
+    }
+    if input.net && input.dhcp.is_none() {
+        files.push(file(
+            "resolv.conf",
+            "nameserver 10.0.2.3\n",
+            Some("/etc/resolv.conf"),
+            0o644,
+        ));
+    }
+    files.extend(input.extra_files.iter().cloned());
+    let plan = plan_ops(input, &files);
+    files.push(file("plan", plan::encode(&plan), None, 0o644));
+    Generated { files }
+}
+
+fn file(name: &str, content: impl Into<Vec<u8>>, dest: Option<&str>, mode: u32) -> GenFile {
+    GenFile {
+        name: name.to_string(),
+        content: content.into(),
+        dest: dest.map(str::to_string),
+        mode,
+    }
+}
+
+/// The user's accounts and the machine's names in /etc.
+fn etc_files(input: &PlanInput) -> Vec<GenFile> {
+    let (u, etc) = (&input.user, &input.etc);
+    let h = &input.hostname;
+    vec![
+        file(
+            "passwd",
+            passwd_with_user(&etc.passwd, u),
+            Some("/etc/passwd"),
+            0o644,
+        ),
+        file(
+            "group",
+            group_with_user(&etc.group, u),
+            Some("/etc/group"),
+            0o644,
+        ),
+        file(
+            "shadow",
+            shadow_with_user(etc.shadow.as_deref(), &etc.passwd, u),
+            Some("/etc/shadow"),
+            0o640,
+        ),
+        file("hostname", format!("{h}\n"), Some("/etc/hostname"), 0o644),
+        file(
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            ),
+            Some("/etc/hosts"),
+            0o644,
+        ),
+    ]
+}
+
+/// Password-less sudo for the user, when the tree has sudo.
+fn sudoers_file(input: &PlanInput) -> Option<GenFile> {
+    let etc = &input.etc;
+    if !etc.has_sudo {
+        return None;
+    }
+    let rule = format!("{} ALL=(ALL:ALL) NOPASSWD: ALL\n", input.user.name);
+    Some(if etc.sudoers_readable {
+        file("sudoers-mkt", rule, Some("/etc/sudoers.d/mkt"), 0o440)
+    } else {
+        // The tree's sudoers (and its includes) are unreadable through
+        // the share, so sudo would refuse to run: give it a whole one.
+        file(
+            "sudoers",
+            format!("Defaults env_reset\nroot ALL=(ALL:ALL) ALL\n{rule}"),
+            Some("/etc/sudoers"),
+            0o440,
+        )
+    })
+}
+
+/// mkt's keys and the sshd drop-in that uses them.
+fn ssh_files(input: &PlanInput) -> Vec<GenFile> {
+    let Some(ssh) = &input.ssh else {
+        return vec![];
+    };
+    vec![
+        file(
             "authorized_keys",
             ssh.authorized_key.clone(),
             Some("/etc/mkt/authorized_keys"),
             0o644,
-        );
-        g.add(
+        ),
+        file(
             "ssh_host_ed25519_key",
             ssh.host_key.clone(),
             Some("/etc/mkt/ssh_host_ed25519_key"),
             0o600,
-        );
-        g.add(
+        ),
+        file(
             "sshd-mkt.conf",
             "# Generated by mkt: its host key, its key for the user.\n\
              HostKey /etc/mkt/ssh_host_ed25519_key\n\
@@ -399,51 +433,62 @@ pub fn generate(input: &PlanInput) -> Generated {
              KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org\n",
             Some("/etc/ssh/sshd_config.d/mkt.conf"),
             0o644,
-        );
-    }
-    if input.mode == Mode::Systemd {
-        // Its own console unit rather than serial-getty@ttyS0: that one waits
-        // for dev-ttyS0.device, which never appears in trees without udev.
-        g.add(
-            "mkt-console.service",
+        ),
+    ]
+}
+
+/// Systemd mode's autologin on the serial console.
+fn console_files(input: &PlanInput) -> Vec<GenFile> {
+    // Its own console unit rather than serial-getty@ttyS0: that one waits
+    // for dev-ttyS0.device, which never appears in trees without udev.
+    let mut files = vec![file(
+        "mkt-console.service",
+        format!(
+            "[Unit]\nDescription=mkt console: {u} logged in on ttyS0\nAfter=systemd-user-sessions.service\n\n\
+             [Service]\nExecStart=-/sbin/agetty --autologin {u} --noclear --keep-baud 115200,57600,38400,9600 ttyS0 {term}\n\
+             Type=idle\nRestart=always\nUtmpIdentifier=ttyS0\nTTYPath=/dev/ttyS0\nTTYReset=yes\nTTYVHangup=yes\n\
+             IgnoreSIGPIPE=no\nSendSIGHUP=yes\n\n[Install]\nWantedBy=multi-user.target\n",
+            u = input.user.name,
+            // The host terminal's TERM (agetty passes it to login), else systemd's.
+            term = input
+                .term
+                .as_ref()
+                .map(|t| t.term.clone())
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+                .unwrap_or_else(|| "$TERM".into()),
+        ),
+        Some("/etc/systemd/system/mkt-console.service"),
+        0o644,
+    )];
+    // The serial line cannot carry a size and agetty resets none: the
+    // login shell on ttyS0 sets the host terminal's from /etc/profile.
+    if let Some(t) = input.term.as_ref().filter(|t| t.rows > 0 && t.cols > 0) {
+        files.push(file(
+            "mkt-console.sh",
             format!(
-                "[Unit]\nDescription=mkt console: {u} logged in on ttyS0\nAfter=systemd-user-sessions.service\n\n\
-                 [Service]\nExecStart=-/sbin/agetty --autologin {u} --noclear --keep-baud 115200,57600,38400,9600 ttyS0 {term}\n\
-                 Type=idle\nRestart=always\nUtmpIdentifier=ttyS0\nTTYPath=/dev/ttyS0\nTTYReset=yes\nTTYVHangup=yes\n\
-                 IgnoreSIGPIPE=no\nSendSIGHUP=yes\n\n[Install]\nWantedBy=multi-user.target\n",
-                u = u.name,
-                // The host terminal's TERM (agetty passes it to login), else systemd's.
-                term = input
-                    .term
-                    .as_ref()
-                    .map(|t| t.term.clone())
-                    .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
-                    .unwrap_or_else(|| "$TERM".into()),
+                "# Generated by mkt: the host terminal's size on the serial console.\n\
+                 [ \"$(tty 2>/dev/null)\" = /dev/ttyS0 ] && stty rows {} cols {} 2>/dev/null\n",
+                t.rows, t.cols
             ),
-            Some("/etc/systemd/system/mkt-console.service"),
+            Some("/etc/profile.d/mkt-console.sh"),
             0o644,
-        );
-        // The serial line cannot carry a size and agetty resets none: the
-        // login shell on ttyS0 sets the host terminal's from /etc/profile.
-        if let Some(t) = input.term.as_ref().filter(|t| t.rows > 0 && t.cols > 0) {
-            g.add(
-                "mkt-console.sh",
-                format!(
-                    "# Generated by mkt: the host terminal's size on the serial console.\n\
-                     [ \"$(tty 2>/dev/null)\" = /dev/ttyS0 ] && stty rows {} cols {} 2>/dev/null\n",
-                    t.rows, t.cols
-                ),
-                Some("/etc/profile.d/mkt-console.sh"),
-                0o644,
-            );
-        }
+        ));
     }
-    if let (Mode::Systemd, Some(_), true) = (&input.mode, &input.ssh, input.etc.has_sshd) {
-        // The host's `mkt ssh` waits for this word rather than knocking on a
-        // port nothing listens on yet (QEMU's NAT then retries for seconds).
-        // Debian calls the unit ssh, Fedora sshd; After= on a missing unit
-        // is a no-op.
-        g.add(
+    files
+}
+
+/// Whether systemd mode gets the unit that reports sshd's start.
+fn wants_ssh_ready(input: &PlanInput) -> bool {
+    input.mode == Mode::Systemd && input.ssh.is_some() && input.etc.has_sshd
+}
+
+fn ssh_ready_unit(input: &PlanInput) -> Option<GenFile> {
+    // The host's `mkt ssh` waits for this word rather than knocking on a
+    // port nothing listens on yet (QEMU's NAT then retries for seconds).
+    // Debian calls the unit ssh, Fedora sshd; After= on a missing unit
+    // is a no-op.
+    wants_ssh_ready(input).then(|| {
+        file(
             "mkt-ssh-ready.service",
             format!(
                 "[Unit]\nDescription=mkt: tell the host that sshd listens\nAfter=ssh.service sshd.service\n\n\
@@ -452,48 +497,55 @@ pub fn generate(input: &PlanInput) -> Generated {
             ),
             Some("/etc/systemd/system/mkt-ssh-ready.service"),
             0o644,
-        );
-    }
-    if let Some(script) = &input.boot_script {
-        // Under /etc, not /run: systemd mounts a fresh /run at boot.
-        g.add("boot-script", script.clone(), Some(BOOT_SCRIPT), 0o755);
-        if input.mode == Mode::Systemd {
-            g.add(
-                "mkt-boot-script.service",
-                format!(
-                    "[Unit]\nDescription=mkt boot script\nAfter=multi-user.target\n\n\
-                     [Service]\nType=oneshot\nUser={u}\nWorkingDirectory={home}\nEnvironment=\"HOME={home_env}\"\n\
-                     ExecStart={BOOT_SCRIPT}\n\
-                     StandardOutput=journal+console\nStandardError=journal+console\n\n\
-                     [Install]\nWantedBy=multi-user.target\n",
-                    u = u.name,
-                    // Not `~`: systemd takes root's home to be /root, while
-                    // mkt gives root the host's home, as in shell mode.
-                    home = unit_path(&u.home.to_string_lossy()),
-                    home_env = unit_path(&u.home.to_string_lossy())
-                        .replace('\\', "\\\\")
-                        .replace('"', "\\\""),
-                ),
-                Some("/etc/systemd/system/mkt-boot-script.service"),
-                0o644,
-            );
-        }
-    }
-    if let Some(script) = setup_script(input) {
-        g.add("setup.sh", script, Some("/run/mkt/setup.sh"), 0o755);
-    }
-    if input.net && input.dhcp.is_none() {
-        g.add(
-            "resolv.conf",
-            "nameserver 10.0.2.3\n",
-            Some("/etc/resolv.conf"),
-            0o644,
-        );
-    }
-    for f in &input.extra_files {
-        g.files.push(f.clone());
-    }
+        )
+    })
+}
 
+/// The boot script, and in systemd mode the unit that runs it.
+fn boot_script_files(input: &PlanInput) -> Vec<GenFile> {
+    let Some(script) = &input.boot_script else {
+        return vec![];
+    };
+    // Under /etc, not /run: systemd mounts a fresh /run at boot.
+    let mut files = vec![file(
+        "boot-script",
+        script.clone(),
+        Some(BOOT_SCRIPT),
+        0o755,
+    )];
+    if input.mode == Mode::Systemd {
+        let u = &input.user;
+        files.push(file(
+            "mkt-boot-script.service",
+            format!(
+                "[Unit]\nDescription=mkt boot script\nAfter=multi-user.target\n\n\
+                 [Service]\nType=oneshot\nUser={u}\nWorkingDirectory={home}\nEnvironment=\"HOME={home_env}\"\n\
+                 ExecStart={BOOT_SCRIPT}\n\
+                 StandardOutput=journal+console\nStandardError=journal+console\n\n\
+                 [Install]\nWantedBy=multi-user.target\n",
+                u = u.name,
+                // Not `~`: systemd takes root's home to be /root, while
+                // mkt gives root the host's home, as in shell mode.
+                home = unit_path(&u.home.to_string_lossy()),
+                home_env = unit_path(&u.home.to_string_lossy())
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\""),
+            ),
+            Some("/etc/systemd/system/mkt-boot-script.service"),
+            0o644,
+        ));
+    }
+    files
+}
+
+fn symlink(target: String, link: String) -> Op {
+    Op::Symlink { target, link }
+}
+
+/// The plan: what the init does, in order, with `files` (the generated
+/// files but the plan itself) in place.
+fn plan_ops(input: &PlanInput, files: &[GenFile]) -> Vec<Op> {
+    let u = &input.user;
     let mut plan = vec![
         Op::Mode(match &input.mode {
             Mode::Exec(_) => plan::Mode::Exec,
@@ -512,58 +564,16 @@ pub fn generate(input: &PlanInput) -> Generated {
         }),
         Op::Hostname(input.hostname.clone()),
     ];
-    for m in &input.mounts {
-        plan.push(Op::Share {
-            tag: m.tag.clone(),
-            path: p(&m.guest_path),
-            readonly: m.readonly,
-            kind: m.kind,
-        });
-    }
-    let link = |target: String, link: String| Op::Symlink { target, link };
-    for (l, target) in &input.links {
-        plan.push(link(p(target), p(l)));
-    }
-    // /etc/shadow is root:shadow 0640, as the tree's own (unix_chkpwd and
-    // other shadow-group readers need it); everything else root:root.
-    let shadow_gid = group_gid(&input.etc.group, "shadow").unwrap_or(0);
-    for f in &g.files {
-        if let Some(dest) = &f.dest {
-            plan.push(Op::File {
-                name: f.name.clone(),
-                dest: dest.clone(),
-                mode: f.mode,
-                uid: 0,
-                gid: if f.name == "shadow" { shadow_gid } else { 0 },
-            });
-        }
-    }
+    plan.extend(input.mounts.iter().map(|m| Op::Share {
+        tag: m.tag.clone(),
+        path: p(&m.guest_path),
+        readonly: m.readonly,
+        kind: m.kind,
+    }));
+    plan.extend(input.links.iter().map(|(l, t)| symlink(p(t), p(l))));
+    plan.extend(file_ops(input, files));
     if input.mode == Mode::Systemd {
-        let etc = "/etc/systemd/system";
-        let wanted = |unit: &str| {
-            link(
-                format!("{etc}/{unit}"),
-                format!("{etc}/multi-user.target.wants/{unit}"),
-            )
-        };
-        plan.push(wanted("mkt-console.service"));
-        // Masked in this run's overlay: the getty mkt's console replaces;
-        // the getty on hvc0 every shipped recipe enables (QEMU has no hvc0,
-        // so systemd would wait 90 s for dev-hvc0.device); per-boot host key
-        // generation (Fedora's sshd-keygen@: mkt brings its host key).
-        for unit in [
-            "serial-getty@ttyS0.service",
-            "serial-getty@hvc0.service",
-            "sshd-keygen@.service",
-        ] {
-            plan.push(link("/dev/null".into(), format!("{etc}/{unit}")));
-        }
-        if let (Some(_), true) = (&input.ssh, input.etc.has_sshd) {
-            plan.push(wanted("mkt-ssh-ready.service"));
-        }
-        if input.boot_script.is_some() {
-            plan.push(wanted("mkt-boot-script.service"));
-        }
+        plan.extend(systemd_links(input));
     }
     if input.boot_script.is_some() {
         plan.push(Op::Boot(BOOT_SCRIPT.into()));
@@ -581,30 +591,87 @@ pub fn generate(input: &PlanInput) -> Generated {
     if let (Mode::Shell, Some(_), true) = (&input.mode, &input.ssh, input.etc.has_sshd) {
         plan.push(Op::Sshd(SSHD.into()));
     }
-    if let (true, Some(timeout)) = (input.net, input.dhcp) {
-        // The init's DHCP client; it writes resolv.conf from the lease.
-        plan.push(Op::Dhcp {
-            dev: "eth0".into(),
-            host: input.hostname.clone(),
-            timeout,
-        });
-    } else if input.net {
-        let (addr, mask, gw) = NAT_GUEST;
-        plan.push(Op::Net {
-            dev: "eth0".into(),
-            addr: addr.into(),
-            mask: mask.into(),
-            gateway: gw.into(),
-        });
-    }
-    if g.get("setup.sh").is_some() {
+    plan.extend(net_op(input));
+    if files.iter().any(|f| f.name == "setup.sh") {
         plan.push(Op::Setup("/run/mkt/setup.sh".into()));
     }
     if let Mode::Exec(argv) = &input.mode {
         plan.push(Op::Exec(argv.clone()));
     }
-    g.add("plan", plan::encode(&plan), None, 0o644);
-    g
+    plan
+}
+
+/// Copies of the files that have a place in the guest.
+fn file_ops(input: &PlanInput, files: &[GenFile]) -> Vec<Op> {
+    // /etc/shadow is root:shadow 0640, as the tree's own (unix_chkpwd and
+    // other shadow-group readers need it); everything else root:root.
+    let shadow_gid = group_gid(&input.etc.group, "shadow").unwrap_or(0);
+    files
+        .iter()
+        .filter_map(|f| {
+            Some(Op::File {
+                name: f.name.clone(),
+                dest: f.dest.clone()?,
+                mode: f.mode,
+                uid: 0,
+                gid: if f.name == "shadow" { shadow_gid } else { 0 },
+            })
+        })
+        .collect()
+}
+
+/// Systemd mode's units enabled, and masked, in this run's overlay.
+fn systemd_links(input: &PlanInput) -> Vec<Op> {
+    let etc = "/etc/systemd/system";
+    let wanted = |unit: &str| {
+        symlink(
+            format!("{etc}/{unit}"),
+            format!("{etc}/multi-user.target.wants/{unit}"),
+        )
+    };
+    let mut ops = vec![wanted("mkt-console.service")];
+    // Masked: the getty mkt's console replaces; the getty on hvc0 every
+    // shipped recipe enables (QEMU has no hvc0, so systemd would wait 90 s
+    // for dev-hvc0.device); per-boot host key generation (Fedora's
+    // sshd-keygen@: mkt brings its host key).
+    for unit in [
+        "serial-getty@ttyS0.service",
+        "serial-getty@hvc0.service",
+        "sshd-keygen@.service",
+    ] {
+        ops.push(symlink("/dev/null".into(), format!("{etc}/{unit}")));
+    }
+    if wants_ssh_ready(input) {
+        ops.push(wanted("mkt-ssh-ready.service"));
+    }
+    if input.boot_script.is_some() {
+        ops.push(wanted("mkt-boot-script.service"));
+    }
+    ops
+}
+
+/// eth0's address: the init's DHCP client on a real network (it writes
+/// resolv.conf from the lease), QEMU NAT's fixed one otherwise.
+fn net_op(input: &PlanInput) -> Option<Op> {
+    if !input.net {
+        return None;
+    }
+    Some(match input.dhcp {
+        Some(timeout) => Op::Dhcp {
+            dev: "eth0".into(),
+            host: input.hostname.clone(),
+            timeout,
+        },
+        None => {
+            let (addr, mask, gw) = NAT_GUEST;
+            Op::Net {
+                dev: "eth0".into(),
+                addr: addr.into(),
+                mask: mask.into(),
+                gateway: gw.into(),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -217,16 +217,12 @@ pub fn link_plan(tm: &TreeModules, tree: &Path) -> Vec<(PathBuf, PathBuf)> {
         tree.join("System.map"),
     ));
     plan.push((boot.join(format!("config-{rel}")), tree.join(".config")));
-    plan.push((boot.join(format!("vmlinuz-{rel}")), tree.join(KERNEL_IMAGE)));
+    plan.push((
+        boot.join(format!("vmlinuz-{rel}")),
+        tree.join(crate::kernel::arch::HOST.image),
+    ));
     plan
 }
-
-/// The boot image `make` leaves in the tree, for the host architecture.
-#[cfg(target_arch = "aarch64")]
-pub const KERNEL_IMAGE: &str = "arch/arm64/boot/Image";
-/// The boot image `make` leaves in the tree, for the host architecture.
-#[cfg(not(target_arch = "aarch64"))]
-pub const KERNEL_IMAGE: &str = "arch/x86/boot/bzImage";
 
 /// `modules.order` as `make modules_install` writes it: one
 /// `kernel/<path>.ko` line per built module.
@@ -822,7 +818,10 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio_rin
             (l("/lib/modules/6.9.0-rc1+/source"), t.to_path_buf()),
             (l("/boot/System.map-6.9.0-rc1+"), t.join("System.map")),
             (l("/boot/config-6.9.0-rc1+"), t.join(".config")),
-            (l("/boot/vmlinuz-6.9.0-rc1+"), t.join(KERNEL_IMAGE)),
+            (
+                l("/boot/vmlinuz-6.9.0-rc1+"),
+                t.join(crate::kernel::arch::HOST.image),
+            ),
         ];
         assert_eq!(plan, want);
     }
@@ -1124,7 +1123,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio_rin
     /// The fixture kernel tree (tinyconfig + vm.config; CONFIG_DUMMY=m).
     #[test]
     fn fixture_tree_modules() {
-        let Some(tree) = fixture("linux", "arch/x86/boot/bzImage") else {
+        let Some(tree) = fixture("linux", crate::kernel::arch::HOST.image) else {
             return;
         };
         let tm = tree_modules(&tree).unwrap();

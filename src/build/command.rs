@@ -1,0 +1,353 @@
+//! The `mkt build` command: options, the source and rootfs it uses, the
+//! steps run with a log, and what it reports.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{
+    BuildError, MKT_DIR, PROJECT_NAMES, Project, Step, StepInput, VM_CONFIG, check_wanted,
+    discover, prepare_env, steps,
+};
+use crate::config::{Config, Paths};
+use crate::sandbox;
+
+/// `mkt build`'s options, as parsed from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub project: Option<String>,
+    pub rootfs: Option<String>,
+    pub dir: Option<PathBuf>,
+    pub clean: bool,
+    pub shell: bool,
+    pub kconfig: bool,
+    pub dirs: Vec<PathBuf>,
+    /// A shell script run instead of the project's steps (project custom).
+    pub recipe: Option<PathBuf>,
+    /// `--with-kernel-headers[=TREE]`: `Some(None)` = the config's kernel.
+    pub kernel_headers: Option<Option<PathBuf>>,
+    pub args: Vec<String>,
+    pub quiet: bool,
+    pub verbose: bool,
+}
+
+pub(crate) fn resolve_src(opts: &BuildOptions, config: &Config) -> Result<PathBuf, BuildError> {
+    let from_config = |p: &str| match p {
+        "kernel" | "linux" => config.defaults.kernel.clone(),
+        "rdma-core" => config.defaults.rdma_core.clone(),
+        "iproute2" => config.defaults.iproute2.clone(),
+        _ => None,
+    };
+    let dir = opts
+        .dir
+        .clone()
+        .or_else(|| opts.project.as_deref().and_then(from_config))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let c = fs::canonicalize(&dir).map_err(|e| BuildError::NoDir(dir.clone(), e))?;
+    if !c.is_dir() {
+        return Err(BuildError::NoDir(
+            dir,
+            io::Error::from(io::ErrorKind::NotADirectory),
+        ));
+    }
+    Ok(c)
+}
+
+/// The rootfs `build` and `ci` enter: `--rootfs`, else the default
+/// setup's, else the config's, else the default recipe's tree (built on
+/// first use).
+pub(crate) fn rootfs_for(
+    flag: Option<&str>,
+    config: &Config,
+    paths: &Paths,
+    quiet: bool,
+    verbose: bool,
+) -> Result<PathBuf, BuildError> {
+    use crate::rootfs::resolve;
+    let wanted = resolve::wanted(flag, resolve::default_setup(config), config);
+    let first = resolve::FirstUse {
+        dry_run: false,
+        quiet,
+        verbose,
+    };
+    Ok(resolve::resolve(paths, &wanted, first)?.path(paths))
+}
+
+fn newer(a: &Path, b: &Path) -> bool {
+    let m = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (m(a), m(b)) {
+        (Some(a), Some(b)) => a > b,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// `mkt build`: the exit status (0 built, 1 failed; with --shell, the
+/// shell's).
+pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
+    if let Some(p) = &opts.project
+        && !PROJECT_NAMES.contains(&p.as_str())
+    {
+        return Err(BuildError::UnknownProject(p.clone()).into());
+    }
+    if opts.project.as_deref() == Some("custom") && opts.recipe.is_none() {
+        return Err(BuildError::NoRecipe.into());
+    }
+    let src = resolve_src(opts, config)?;
+    let project = match discover(&src) {
+        Ok(p) => Some(p),
+        // A recipe (`custom` or no PROJECT) or a shell needs no known project.
+        Err(_) if opts.recipe.is_some() || (opts.shell && opts.project.is_none()) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let (Some(want), Some(found)) = (&opts.project, &project)
+        && opts.recipe.is_none()
+    {
+        check_wanted(want, &src, found)?;
+    }
+    let rootfs = rootfs_for(
+        opts.rootfs.as_deref(),
+        config,
+        paths,
+        opts.quiet,
+        opts.verbose,
+    )?;
+    // `rootfs rm` refuses the tree while this build uses it.
+    let _tree_in_use = crate::rootfs::lock::in_use(paths, &rootfs)?;
+    let env = prepare_env(opts, config, paths, rootfs, src)?;
+
+    if opts.shell {
+        let mut argv = vec![env.shell.clone()];
+        argv.extend(opts.args.iter().cloned());
+        let exit = sandbox::run(&env.spec(&argv), &sandbox::HostFs, sandbox::Output::Inherit)
+            .map_err(|e| BuildError::Enter(env.rootfs.clone(), argv.join(" "), e))?;
+        tracing::info!("entered the rootfs in {:?}", exit.enter);
+        return Ok(exit.status);
+    }
+    let jobs = env.jobs;
+    let mut env = env;
+    let (name, what, steps) = if let Some(recipe) = &opts.recipe {
+        // The recipe runs with `sh -e`, from a copy mkt shows at /tmp/.mkt.
+        let dst = env.files.join("recipe");
+        fs::copy(recipe, &dst).map_err(|e| BuildError::Recipe(recipe.clone(), e))?;
+        env.add_recipe_vars();
+        let mut argv = vec![
+            "/bin/sh".to_string(),
+            "-e".into(),
+            format!("{MKT_DIR}/recipe"),
+        ];
+        argv.extend(opts.args.iter().cloned());
+        let what = format!("custom (recipe {})", recipe.display());
+        ("custom", what, vec![Step(argv)])
+    } else {
+        let project = project.expect("discovered above");
+        let is_kernel = matches!(project, Project::Kernel { .. });
+        let input = StepInput {
+            jobs,
+            ccache: env.ccache,
+            clean: opts.clean,
+            kconfig: is_kernel && (opts.kconfig || !env.src.join(".config").exists()),
+            olddefconfig: is_kernel
+                && newer(
+                    &env.src.join(".config"),
+                    &env.src.join("include/config/auto.conf"),
+                ),
+            configured: match project {
+                Project::Iproute2 => env.src.join("config.mk").exists(),
+                _ => env.src.join("build/build.ninja").exists(),
+            },
+            args: opts.args.clone(),
+        };
+        (project.name(), project.describe(), steps(&project, &input))
+    };
+    let (log_path, mut log) = crate::util::fs::open_log(&paths.logs_dir.join("build"), name)
+        .map_err(|e| BuildError::Create(e.path, e.source))?;
+    let say = |s: &str| {
+        if !opts.quiet {
+            eprintln!("mkt: {s}");
+        }
+    };
+    let t0 = Instant::now();
+    let src = env.src.clone();
+    let failed = |argv: &[String], status: i32| {
+        let text = fs::read_to_string(&log_path).unwrap_or_default();
+        eprintln!(
+            "mkt: building {} in {} failed after {:.1}s: `{}` exited with status {}",
+            what,
+            src.display(),
+            t0.elapsed().as_secs_f64(),
+            argv.join(" "),
+            status
+        );
+        if !opts.verbose {
+            for l in error_lines(&text) {
+                eprintln!("  {l}");
+            }
+        }
+        eprintln!("mkt: log: {}", log_path.display());
+        // Stopped by Ctrl-C or SIGTERM/SIGHUP: exit as the shell reports it.
+        let by_signal = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|s| 128 + s);
+        Ok(if by_signal.contains(&status) {
+            status
+        } else {
+            1
+        })
+    };
+    if let Some(tree) = &opts.kernel_headers {
+        let tree = tree
+            .clone()
+            .or_else(|| config.defaults.kernel.clone())
+            .ok_or(BuildError::NoHeadersTree)?;
+        let tree = fs::canonicalize(&tree).map_err(|e| BuildError::NoDir(tree.clone(), e))?;
+        if let found @ (Project::RdmaCore | Project::Iproute2 | Project::Qemu) = discover(&tree)? {
+            check_wanted("kernel", &tree, &found)?;
+        }
+        if let Err(status) = env.install_headers(&tree, &mut log, opts.verbose)? {
+            return failed(&["make".into(), "headers".into()], status);
+        }
+    }
+    let mut enter = Duration::ZERO;
+    for (i, Step(argv)) in steps.iter().enumerate() {
+        let _ = writeln!(log, "$ {}", crate::util::shell::shell_quote(argv));
+        let exit = env.run_logged(argv, &log, opts.verbose)?;
+        enter = enter.max(exit.enter);
+        tracing::info!("{} entered in {:?}", argv.join(" "), exit.enter);
+        if exit.status != 0 {
+            return failed(argv, exit.status);
+        }
+        // After olddefconfig of a generated config: what did not survive.
+        if i > 0 && steps[i - 1].0[0].ends_with("merge_config.sh") {
+            let cfg = env.src.join(".config");
+            let result = fs::read_to_string(&cfg).map_err(|e| BuildError::Read(cfg, e))?;
+            let report = kconfig_report(VM_CONFIG, &result);
+            let _ = writeln!(log, "mkt: {report}");
+            say(&report);
+        }
+    }
+    say(&format!(
+        "built {} in {} in {:.1}s (-j{}{}, entered in {:.1} ms; log: {})",
+        what,
+        env.src.display(),
+        t0.elapsed().as_secs_f64(),
+        jobs,
+        if env.ccache { ", ccache" } else { "" },
+        enter.as_secs_f64() * 1000.0,
+        log_path.display()
+    ));
+    Ok(0)
+}
+
+/// A config fragment's assignments: name → value (`None` = "is not set").
+pub fn parse_config(text: &str) -> Vec<(String, Option<String>)> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            if let Some(rest) = l.strip_prefix("# ") {
+                let name = rest.strip_suffix(" is not set")?;
+                return name
+                    .starts_with("CONFIG_")
+                    .then(|| (name.to_string(), None));
+            }
+            let (k, v) = l.split_once('=')?;
+            k.starts_with("CONFIG_")
+                .then(|| (k.to_string(), Some(v.to_string())))
+        })
+        .collect()
+}
+
+/// The fragment's options that the resulting .config does not have as
+/// asked: (name, asked, got). "n" and "not set" are the same.
+pub fn dropped_options(
+    fragment: &str,
+    result: &str,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    let got: std::collections::HashMap<String, Option<String>> =
+        parse_config(result).into_iter().collect();
+    let norm = |v: Option<&String>| v.filter(|v| v.as_str() != "n").cloned();
+    parse_config(fragment)
+        .into_iter()
+        .filter_map(|(name, want)| {
+            let have = norm(got.get(&name).and_then(|v| v.as_ref()));
+            let want = norm(want.as_ref());
+            (have != want).then_some((name, want, have))
+        })
+        .collect()
+}
+
+fn show_value(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "not set".into())
+}
+
+/// The one-line report on the generated config.
+pub fn kconfig_report(fragment: &str, result: &str) -> String {
+    let asked = parse_config(fragment).len();
+    let dropped = dropped_options(fragment, result);
+    if dropped.is_empty() {
+        return format!("kconfig: generated .config; all {asked} options of mkt's fragment kept");
+    }
+    let list: Vec<String> = dropped
+        .iter()
+        .map(|(n, w, h)| format!("{n}={} (got {})", show_value(w), show_value(h)))
+        .collect();
+    format!(
+        "kconfig: generated .config; {} of {asked} options of mkt's fragment did not survive olddefconfig: {}",
+        dropped.len(),
+        list.join(", ")
+    )
+}
+
+/// The lines worth showing from a failed build's log: compiler and make
+/// errors (the last 15), else the last 20 lines.
+pub fn error_lines(log: &str) -> Vec<&str> {
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("error:") || l.contains("Error ") || l.contains("*** "))
+        .collect();
+    let (pick, n) = if errors.is_empty() {
+        (log.lines().collect::<Vec<_>>(), 20)
+    } else {
+        (errors, 15)
+    };
+    pick[pick.len().saturating_sub(n)..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kconfig_report_names_dropped_options() {
+        let frag = "CONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\nCONFIG_D=y\n# comment\n";
+        let result = "CONFIG_A=y\nCONFIG_B=y\nCONFIG_C=y\n# CONFIG_D is not set\n";
+        let d = dropped_options(frag, result);
+        assert_eq!(
+            d.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            ["CONFIG_B", "CONFIG_C", "CONFIG_D"]
+        );
+        let r = kconfig_report(frag, result);
+        assert!(r.contains("3 of 4"), "{r}");
+        assert!(r.contains("CONFIG_B=m (got y)"), "{r}");
+        assert!(r.contains("CONFIG_C=not set (got y)"), "{r}");
+        assert!(kconfig_report("CONFIG_A=y\n", "CONFIG_A=y\n").contains("all 1"));
+        // The embedded fragment parses.
+        assert!(parse_config(VM_CONFIG).len() > 50);
+    }
+
+    #[test]
+    fn error_lines_prefer_errors() {
+        let log = "CC a.o\ndrivers/x.c:3:1: error: expected ';'\nmake[2]: *** [x.o] Error 1\nmake: *** [all] Error 2\n";
+        assert_eq!(
+            error_lines(log),
+            [
+                "drivers/x.c:3:1: error: expected ';'",
+                "make[2]: *** [x.o] Error 1",
+                "make: *** [all] Error 2"
+            ]
+        );
+        let plain: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        let got = error_lines(&plain);
+        assert_eq!(got.len(), 20);
+        assert_eq!(got[0], "line 11");
+    }
+}

@@ -1,0 +1,327 @@
+//! The rootfs as `mkt build` and `mkt ci` enter it for one source tree:
+//! the user, the mounts, the environment (PATH, ccache), and running one
+//! step with its output logged.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use super::{BuildError, BuildOptions, MKT_DIR, VM_CONFIG};
+use crate::config::{Config, Paths};
+use crate::sandbox::{self, Layout, Mount, What};
+
+/// Removes this user's `mkt-build-PID-*` work dirs whose mkt is gone: a
+/// build killed by a signal has no chance to remove its own.
+pub fn sweep_work_dirs(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("mkt-build-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let mine = e.metadata().is_ok_and(|m| m.uid() == me && m.is_dir());
+        if mine && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {} left by a killed mkt build", e.path().display());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Everything needed to enter the rootfs for one source tree (also used
+/// by `mkt ci`).
+pub(crate) struct Env {
+    pub(crate) rootfs: PathBuf,
+    pub(crate) src: PathBuf,
+    pub(crate) layout: Layout,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(super) shell: String,
+    pub(crate) ccache: bool,
+    /// `-j`: the CPUs this process may really use.
+    pub(crate) jobs: u32,
+    /// Host directory shown read-only at [`MKT_DIR`] inside.
+    pub(crate) files: PathBuf,
+    /// Holds the generated passwd/group/vm.config and the staging dir.
+    _work: tempfile::TempDir,
+}
+
+pub(crate) fn prepare_env(
+    opts: &BuildOptions,
+    config: &Config,
+    paths: &Paths,
+    rootfs: PathBuf,
+    src: PathBuf,
+) -> Result<Env, BuildError> {
+    // The same user `mkt run` recreates in guests, with the home mkt uses.
+    let mut user = crate::guest::GuestUser::of(crate::host::user::current());
+    user.home = paths.home.clone();
+    user.shell = ["/bin/bash", "/bin/sh"]
+        .into_iter()
+        .find(|s| rootfs.join(&s[1..]).exists())
+        .unwrap_or("/bin/sh")
+        .to_string();
+    let (name, home, shell) = (user.name.clone(), user.home.clone(), user.shell.clone());
+
+    sweep_work_dirs(&std::env::temp_dir());
+    let work = tempfile::Builder::new()
+        .prefix(&format!("mkt-build-{}-", std::process::id()))
+        .tempdir()
+        .map_err(|e| BuildError::Create(std::env::temp_dir(), e))?;
+    let files = work.path().join("files");
+    let staging = work.path().join("root");
+    for d in [&files, &staging] {
+        fs::create_dir(d).map_err(|e| BuildError::Create(d.clone(), e))?;
+    }
+    let write = |n: &str, text: &str| -> Result<PathBuf, BuildError> {
+        let p = files.join(n);
+        fs::write(&p, text).map_err(|e| BuildError::Write(p.clone(), e))?;
+        Ok(p)
+    };
+    let base = |n: &str| fs::read_to_string(rootfs.join("etc").join(n)).unwrap_or_default();
+    let passwd = write(
+        "passwd",
+        &crate::guest::passwd_with_user(&base("passwd"), &user),
+    )?;
+    let groupf = write(
+        "group",
+        &crate::guest::group_with_user(&base("group"), &user),
+    )?;
+    write("vm.config", VM_CONFIG)?;
+
+    let mut mounts = vec![
+        Mount::new("/proc", What::Proc),
+        Mount::new("/dev", What::Dev),
+        Mount::new("/tmp", What::Tmpfs),
+        Mount::bind_file(&passwd, "/etc/passwd"),
+        Mount::bind_file(&groupf, "/etc/group"),
+        Mount::bind(&files, MKT_DIR, true),
+    ];
+    if Path::new("/etc/resolv.conf").exists() {
+        mounts.push(Mount::bind_file("/etc/resolv.conf", "/etc/resolv.conf"));
+    }
+    if home.is_dir() && home != Path::new("/") {
+        mounts.push(Mount::bind(&home, &home, true));
+    }
+    let ccache = rootfs.join("usr/bin/ccache").exists();
+    let mut env: Vec<(OsString, OsString)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), home.clone().into()),
+        ("USER".into(), name.clone().into()),
+        ("LOGNAME".into(), name.into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("SHELL".into(), shell.clone().into()),
+    ];
+    if let Some(term) = std::env::var_os("TERM") {
+        env.push(("TERM".into(), term));
+    }
+    if ccache {
+        let d = &paths.ccache_dir;
+        fs::create_dir_all(d).map_err(|e| BuildError::Create(d.clone(), e))?;
+        mounts.push(Mount::bind(d, d, false));
+        env.push(("CCACHE_DIR".into(), d.clone().into()));
+    }
+    let mut extra: Vec<PathBuf> = Vec::new();
+    for d in config.defaults.dirs.iter().chain(&opts.dirs) {
+        let c = fs::canonicalize(d).map_err(|_| BuildError::BadDir(d.clone()))?;
+        if !c.is_dir() {
+            return Err(BuildError::BadDir(d.clone()));
+        }
+        extra.push(c);
+    }
+    extra.push(src.clone());
+    for d in extra {
+        // One mount per path: the last (read-write) bind wins.
+        mounts.retain(|m| m.dst != d);
+        mounts.push(Mount::bind(&d, &d, false));
+    }
+    Ok(Env {
+        layout: Layout {
+            rootfs: rootfs.clone(),
+            staging,
+            mounts,
+            writable: false,
+        },
+        rootfs,
+        src,
+        env,
+        shell,
+        ccache,
+        jobs: crate::host::user::usable_cpus(),
+        files,
+        _work: work,
+    })
+}
+
+/// `CC=` for make: `compiler` through ccache when the rootfs has it.
+pub(crate) fn cc_var(ccache: bool, compiler: &str) -> String {
+    if ccache {
+        format!("CC=ccache {compiler}")
+    } else {
+        format!("CC={compiler}")
+    }
+}
+
+/// `make ARGS`, with gcc through ccache when the rootfs has it (make's
+/// own CC otherwise).
+pub(crate) fn make_argv(ccache: bool, args: &[&str]) -> Vec<String> {
+    let mut v = vec!["make".to_string()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    if ccache {
+        v.push(cc_var(true, "gcc"));
+    }
+    v
+}
+
+impl Env {
+    /// `make ARGS` in this rootfs (see [`make_argv`]).
+    pub(crate) fn make(&self, args: &[&str]) -> Vec<String> {
+        make_argv(self.ccache, args)
+    }
+
+    /// What a recipe gets besides the environment: `MKT_JOBS`, and `CC`
+    /// through ccache when the rootfs has it.
+    pub(super) fn add_recipe_vars(&mut self) {
+        self.env
+            .push(("MKT_JOBS".into(), self.jobs.to_string().into()));
+        if self.ccache {
+            self.env.push(("CC".into(), "ccache gcc".into()));
+        }
+    }
+
+    /// `make headers` in kernel `tree` (the uapi headers, made in its
+    /// usr/include; `headers_install` would need rsync in the rootfs), then
+    /// binds those directories over the rootfs's /usr/include ones for the
+    /// following steps. `Err(status)` when make fails.
+    pub(super) fn install_headers(
+        &mut self,
+        tree: &Path,
+        log: &mut fs::File,
+        stream: bool,
+    ) -> Result<Result<(), i32>, BuildError> {
+        let saved = (self.layout.mounts.clone(), self.src.clone());
+        self.layout.mounts.push(Mount::bind(tree, tree, false));
+        self.src = tree.to_path_buf();
+        let argv = vec!["make".to_string(), "-s".into(), "headers".into()];
+        let _ = writeln!(log, "$ cd {}; {}", tree.display(), argv.join(" "));
+        let r = self.run_logged(&argv, log, stream);
+        (self.layout.mounts, self.src) = saved;
+        let status = r?.status;
+        if status != 0 {
+            return Ok(Err(status));
+        }
+        let include = tree.join("usr/include");
+        let rd = fs::read_dir(&include).map_err(|e| BuildError::Read(include.clone(), e))?;
+        let multiarch = Path::new("/usr/include")
+            .join(crate::kernel::arch::HOST.multiarch)
+            .join("asm");
+        let mut dirs: Vec<_> = rd
+            .flatten()
+            .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.file_name())
+            .collect();
+        dirs.sort();
+        for name in dirs {
+            let dst = if name == "asm"
+                && self
+                    .rootfs
+                    .join(multiarch.strip_prefix("/").unwrap_or(&multiarch))
+                    .is_dir()
+            {
+                multiarch.clone()
+            } else {
+                Path::new("/usr/include").join(&name)
+            };
+            self.layout
+                .mounts
+                .push(Mount::bind(include.join(&name), dst, true));
+        }
+        Ok(Ok(()))
+    }
+
+    pub(crate) fn spec(&self, argv: &[String]) -> sandbox::Spec {
+        sandbox::Spec {
+            layout: self.layout.clone(),
+            // The host's name: kbuild bakes `hostname` into the kernel
+            // (compile.h), so builds inside and outside mkt stay identical.
+            hostname: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "mkt".into()),
+            cwd: self.src.clone(),
+            argv: argv.iter().map(OsString::from).collect(),
+            env: self.env.clone(),
+            ids: sandbox::Ids::Own,
+        }
+    }
+
+    /// Runs one step with its output appended to `log` (and copied to
+    /// stderr when `stream`).
+    pub(crate) fn run_logged(
+        &self,
+        argv: &[String],
+        log: &fs::File,
+        stream: bool,
+    ) -> Result<sandbox::Exit, BuildError> {
+        let enter_err = |e| BuildError::Enter(self.rootfs.clone(), argv.join(" "), e);
+        if !stream {
+            let fd: OwnedFd = log
+                .try_clone()
+                .map_err(|e| BuildError::Write(PathBuf::from("log"), e))?
+                .into();
+            return sandbox::run(&self.spec(argv), &sandbox::HostFs, sandbox::Output::To(&fd))
+                .map_err(enter_err);
+        }
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| BuildError::Create(PathBuf::from("pipe"), e.into()))?;
+        let mut log_w = log
+            .try_clone()
+            .map_err(|e| BuildError::Write(PathBuf::from("log"), e))?;
+        let tee = std::thread::spawn(move || {
+            let mut r = fs::File::from(rd);
+            let mut buf = [0u8; 16384];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = log_w.write_all(&buf[..n]);
+                let _ = io::stderr().write_all(&buf[..n]);
+            }
+        });
+        let r = sandbox::run(&self.spec(argv), &sandbox::HostFs, sandbox::Output::To(&wr));
+        drop(wr);
+        let _ = tee.join();
+        r.map_err(enter_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_dirs_of_dead_builds_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A pid that cannot be running (above pid_max's ceiling).
+        let dead = tmp.path().join("mkt-build-4194304-abc");
+        let live = tmp
+            .path()
+            .join(format!("mkt-build-{}-abc", std::process::id()));
+        let other = tmp.path().join("mkt-build-x");
+        for d in [&dead, &live, &other] {
+            fs::create_dir_all(d.join("root")).unwrap();
+        }
+        sweep_work_dirs(tmp.path());
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+    }
+}
