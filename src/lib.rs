@@ -5,6 +5,7 @@
 // Functions stay under clippy.toml's 150 lines (tests may be longer).
 #![warn(clippy::too_many_lines)]
 
+pub mod arch;
 pub mod build;
 pub mod ci;
 pub mod cli;

@@ -222,7 +222,7 @@ impl Env {
         let include = tree.join("usr/include");
         let rd = fs::read_dir(&include).map_err(|e| BuildError::Read(include.clone(), e))?;
         let multiarch = Path::new("/usr/include")
-            .join(crate::kernel::arch::HOST.multiarch)
+            .join(crate::arch::HOST.multiarch)
             .join("asm");
         let mut dirs: Vec<_> = rd
             .flatten()

@@ -164,7 +164,7 @@ pub fn steps(project: &Project, i: &StepInput) -> Vec<Step> {
                 s.push(if *project == Project::Qemu {
                     Step::new(&[
                         "./configure",
-                        &format!("--target-list={}", crate::kernel::arch::HOST.qemu_target),
+                        &format!("--target-list={}", crate::arch::HOST.qemu_target),
                     ])
                 } else {
                     // build.sh runs cmake and a first ninja.

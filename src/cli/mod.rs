@@ -700,7 +700,7 @@ pub struct RootfsPullArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// The platform to pick from a multi-platform image.
-    #[arg(long, default_value = crate::kernel::arch::HOST.oci_platform, value_name = "OS/ARCH[/VARIANT]")]
+    #[arg(long, default_value = crate::arch::HOST.oci_platform, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: String,
     /// Speak plain HTTP to the registry (loopback registries always are).
     #[arg(long)]

@@ -219,7 +219,7 @@ pub fn link_plan(tm: &TreeModules, tree: &Path) -> Vec<(PathBuf, PathBuf)> {
     plan.push((boot.join(format!("config-{rel}")), tree.join(".config")));
     plan.push((
         boot.join(format!("vmlinuz-{rel}")),
-        tree.join(crate::kernel::arch::HOST.image),
+        tree.join(crate::arch::HOST.image),
     ));
     plan
 }
@@ -820,7 +820,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio_rin
             (l("/boot/config-6.9.0-rc1+"), t.join(".config")),
             (
                 l("/boot/vmlinuz-6.9.0-rc1+"),
-                t.join(crate::kernel::arch::HOST.image),
+                t.join(crate::arch::HOST.image),
             ),
         ];
         assert_eq!(plan, want);
@@ -1123,7 +1123,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio_rin
     /// The fixture kernel tree (tinyconfig + vm.config; CONFIG_DUMMY=m).
     #[test]
     fn fixture_tree_modules() {
-        let Some(tree) = fixture("linux", crate::kernel::arch::HOST.image) else {
+        let Some(tree) = fixture("linux", crate::arch::HOST.image) else {
             return;
         };
         let tm = tree_modules(&tree).unwrap();

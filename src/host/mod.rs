@@ -94,7 +94,7 @@ pub struct Prerequisite {
     pub required: bool,
 }
 
-use crate::kernel::arch::HOST;
+use crate::arch::HOST;
 
 /// Host programs mkt uses, in the order `mkt setup` reports them.
 pub const PREREQUISITES: &[Prerequisite] = &[

@@ -2,7 +2,7 @@
 //! (a syscall, a program's version), not a guess from a file's presence.
 
 use super::{Check, Status, kvm, which};
-use crate::kernel::arch::HOST;
+use crate::arch::HOST;
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ const VIRTIOFSD_PLACES: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/virtiofs
 /// (or `cargo install`) put it. `MKT_QEMU` / `MKT_VIRTIOFSD` override.
 pub fn find_program(program: &str) -> Option<PathBuf> {
     let override_var = match program {
-        p if p == crate::kernel::arch::HOST.qemu => Some("MKT_QEMU"),
+        p if p == crate::arch::HOST.qemu => Some("MKT_QEMU"),
         "virtiofsd" => Some("MKT_VIRTIOFSD"),
         _ => None,
     };

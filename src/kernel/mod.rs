@@ -1,7 +1,6 @@
 //! A kernel on the host: a built tree or an image, its release, what its
 //! config has built in.
 
-pub mod arch;
 pub mod depmod;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +22,7 @@ pub enum KernelError {
     Read(PathBuf, #[source] std::io::Error),
 }
 
+use crate::arch;
 use crate::guest;
 use std::path::{Path, PathBuf};
 

@@ -14,7 +14,7 @@ pub(crate) fn kernel_words(
     profile: &Profile,
     accel: &kvm::Accel,
 ) -> Vec<String> {
-    let console = format!("console={}", crate::kernel::arch::HOST.console);
+    let console = format!("console={}", crate::arch::HOST.console);
     let mut append = vec![console, "panic=-1".into()];
     if exec && !opts.verbose {
         // Less serial output: under TCG every console byte costs time.

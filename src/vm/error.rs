@@ -65,7 +65,7 @@ pub enum RunError {
     NoVirtiofsd { nine_p: bool },
     #[error("virtiofsd for {0} did not start: {1}")]
     Virtiofsd(PathBuf, String),
-    #[error("QEMU is not installed ({} not found; see `mkt doctor`)", crate::kernel::arch::HOST.qemu)]
+    #[error("QEMU is not installed ({} not found; see `mkt doctor`)", crate::arch::HOST.qemu)]
     NoQemu,
     #[error("the guest ended without reporting the command's exit status ({qemu}){}\nconsole log: {}", last_lines(.console), .log.display())]
     NoStatus {
@@ -83,7 +83,7 @@ pub enum RunError {
     },
     /// QEMU's own error (a bad --qemu-arg, a device it lacks), with the
     /// last lines of its stderr.
-    #[error("QEMU {status}{}", crate::vm::supervise::stderr_tail(.stderr))]
+    #[error("QEMU {status}{}", stderr_tail(.stderr))]
     QemuFailed {
         status: std::process::ExitStatus,
         stderr: String,
@@ -111,4 +111,13 @@ pub(crate) fn last_lines(console: &str) -> String {
         s += &tail.join("\n");
     }
     s
+}
+
+/// `: ` and the last lines of QEMU's stderr, or nothing when it is empty.
+pub(crate) fn stderr_tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    match lines.len() {
+        0 => String::new(),
+        n => format!(": {}", lines[n.saturating_sub(20)..].join("\n")),
+    }
 }

@@ -22,6 +22,7 @@ use crate::guest;
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
 pub use control::stop;
 pub use error::RunError;
+use error::stderr_tail;
 use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
 use qemu::{Console, Net};
@@ -33,7 +34,7 @@ use std::io::{self, Read};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use supervise::{relay, relay_winsize, spawn_qemu, stderr_tail, unblock, wait_qemu};
+use supervise::{relay, relay_winsize, spawn_qemu, unblock, wait_qemu};
 use virtiofsd::{Daemons, start_virtiofsd};
 
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).

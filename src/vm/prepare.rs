@@ -176,8 +176,7 @@ pub fn prepare(
     let (accel, accel_note) = kvm::choose(opts.accel.clone(), kvm::probe);
     let machine = machine(opts, &setup, paths)?;
     let net_mode = net_mode(opts, &setup);
-    let qemu_bin =
-        host::probe::find_program(crate::kernel::arch::HOST.qemu).ok_or(RunError::NoQemu)?;
+    let qemu_bin = host::probe::find_program(crate::arch::HOST.qemu).ok_or(RunError::NoQemu)?;
     let (fs, virtiofsd) = choose_fs(opts.fs, root_ids.is_some(), &rootfs, &kernel)?;
     let mut user = GuestUser::of(crate::host::user::current());
     user.shell = ["/bin/bash", "/bin/sh"]

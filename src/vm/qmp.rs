@@ -141,7 +141,7 @@ mod tests {
     /// socket answers.
     fn qemu(socket: &Path) -> Child {
         let spec = format!("unix:{},server=on,wait=off", socket.display());
-        let child = std::process::Command::new(crate::kernel::arch::HOST.qemu)
+        let child = std::process::Command::new(crate::arch::HOST.qemu)
             .args(["-machine", "none", "-nodefaults", "-display", "none"])
             .args(["-qmp", &spec])
             .stdin(Stdio::null())

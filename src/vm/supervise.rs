@@ -113,15 +113,6 @@ pub(crate) fn wait_qemu(
     }
 }
 
-/// `: ` and the last lines of QEMU's stderr, or nothing when it is empty.
-pub(crate) fn stderr_tail(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.trim().lines().collect();
-    match lines.len() {
-        0 => String::new(),
-        n => format!(": {}", lines[n.saturating_sub(20)..].join("\n")),
-    }
-}
-
 /// For a child's pre_exec: SIGKILL when mkt (pid `parent`) dies. A kill
 /// -9 of mkt between the fork and the prctl would never reach the child,
 /// which would live on as an orphan: hence the parent check after it.

@@ -28,7 +28,7 @@ unsafe extern "C" {
 pub const RB_POWER_OFF: i32 = 0x4321fedc;
 
 /// The syscall numbers libc has no wrapper for, per architecture (the
-/// init is built for the host's, as the guest is: src/kernel/arch.rs).
+/// init is built for the host's, as the guest is: src/arch.rs).
 #[cfg(target_arch = "x86_64")]
 pub mod nr {
     pub const FINIT_MODULE: i64 = 313;

@@ -3,7 +3,7 @@
 //! type (directory, file, device, symlink, hardlink).
 
 use super::meta::{host_file_mode, record_owner};
-use super::{DirMeta, Fail, Record, Unpacker, escape, io_fail, makedev, shown};
+use super::{DirMeta, Fail, Item, Record, Unpacker, escape, io_fail, makedev, shown};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{Mode, UtimensatFlags, fchmod, fstatat, futimens, mkdirat, utimensat};
@@ -16,21 +16,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-/// One entry, as read from the tar header and its PAX records.
-pub(super) struct Item {
-    pub(super) rel: PathBuf,
-    pub(super) kind: tar::EntryType,
-    /// Bytes of content; a sparse file's apparent size.
-    pub(super) size: u64,
-    pub(super) uid: u32,
-    pub(super) gid: u32,
-    pub(super) mode: u32,
-    pub(super) mtime: i64,
-    pub(super) link: Option<Vec<u8>>,
-    pub(super) rdev: Option<u64>,
-    pub(super) xattrs: Vec<(String, Vec<u8>)>,
-}
 
 /// The normalised components of an entry name: `./a//b/` → `a/b`.
 /// Absolute names and `..` are refused.

@@ -1,8 +1,7 @@
 //! Owners, modes, extended attributes and device nodes: kept for real
 //! (`Record::Real`) or in QEMU's mapped-xattr records (`Record::Xattrs`).
 
-use super::entry::Item;
-use super::{Fail, Record, Unpacker, escape, io_fail};
+use super::{Fail, Item, Record, Unpacker, escape, io_fail};
 use nix::errno::Errno;
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{Mode, UtimensatFlags, utimensat};

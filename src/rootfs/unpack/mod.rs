@@ -45,6 +45,21 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// One entry, as read from the tar header and its PAX records.
+pub(super) struct Item {
+    pub(super) rel: PathBuf,
+    pub(super) kind: tar::EntryType,
+    /// Bytes of content; a sparse file's apparent size.
+    pub(super) size: u64,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) mode: u32,
+    pub(super) mtime: i64,
+    pub(super) link: Option<Vec<u8>>,
+    pub(super) rdev: Option<u64>,
+    pub(super) xattrs: Vec<(String, Vec<u8>)>,
+}
+
 /// Why unpacking failed. Every variant names the layer (its digest) and,
 /// where there is one, the entry.
 #[derive(Debug, thiserror::Error)]

@@ -37,4 +37,4 @@ pub const X86_64: Arch = Arch {
 #[cfg(target_arch = "x86_64")]
 pub const HOST: Arch = X86_64;
 #[cfg(not(target_arch = "x86_64"))]
-compile_error!("mkt knows x86_64 only: add this architecture to src/kernel/arch.rs");
+compile_error!("mkt knows x86_64 only: add this architecture to src/arch.rs");
