@@ -36,7 +36,6 @@ const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
 const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
-const S_IFBLK: u32 = 0o060_000;
 /// Permission bits, including setuid, setgid and sticky.
 const PERM_MASK: u32 = 0o7777;
 /// Mode of implied parent directories.
@@ -137,11 +136,6 @@ impl<W: Write> CpioWriter<W> {
     /// kernel creates it when unpacking, which needs no privilege from us.
     pub fn char_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
         self.node(path, S_IFCHR | (mode & PERM_MASK), major, minor)
-    }
-
-    /// Adds block device `path`; see [`CpioWriter::char_dev`].
-    pub fn block_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
-        self.node(path, S_IFBLK | (mode & PERM_MASK), major, minor)
     }
 
     /// Writes the trailer, flushes, and returns the underlying writer.
