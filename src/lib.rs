@@ -13,6 +13,7 @@ pub mod config;
 pub mod confine;
 pub mod guest;
 pub mod host;
+pub mod instance;
 pub mod kernel;
 pub mod oci;
 pub mod rootfs;

@@ -1,11 +1,10 @@
 //! `mkt ps`: what it prints of the running VMs, as a table or JSON.
 
 use crate::config::Paths;
-use crate::vm::instance;
 
 /// `mkt ps`: the running VMs, as a table or JSON.
 pub fn ps(paths: &Paths, json: bool) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir)?;
+    let running = crate::vm::running_vms(&paths.runtime_dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&running)?);
         return Ok(0);

@@ -78,7 +78,7 @@ pub fn holders(path: &Path, runtime_dir: Option<&Path>) -> Vec<String> {
     pids.sort();
     pids.dedup();
     let vms = runtime_dir
-        .and_then(|d| crate::vm::instance::list(d).ok())
+        .and_then(|d| crate::instance::records(d).ok())
         .unwrap_or_default();
     pids.into_iter()
         .map(|pid| {

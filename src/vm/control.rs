@@ -1,7 +1,9 @@
 //! `mkt stop` and finding the running VMs from their records.
 
 use crate::config::Paths;
-use crate::vm::{instance, qmp};
+use crate::instance;
+use crate::vm::qmp;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Waits until the run of `r` has ended (its mkt released the run's lock).
@@ -26,7 +28,7 @@ pub fn stop(
     force: bool,
     timeout: Duration,
 ) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir)?;
+    let running = running_vms(&paths.runtime_dir)?;
     let targets: Vec<&instance::Record> = match (name, all) {
         (_, true) if running.is_empty() => {
             eprintln!("mkt: no VM is running; nothing to stop");
@@ -70,7 +72,7 @@ pub fn stop(
             if !wait_gone(r, Duration::from_secs(5)) && instance::running(r) {
                 let _ = kill(pid, Signal::SIGKILL);
                 wait_gone(r, Duration::from_secs(5));
-                instance::clean_stale(&paths.runtime_dir)?;
+                clean_stale(&paths.runtime_dir)?;
             }
         }
         println!("stopped {}", r.name);
@@ -119,5 +121,68 @@ pub(crate) fn find_vm<'a>(
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    }
+}
+
+/// Undoes what a dead run changed outside its run directory.
+fn recover(dir: &Path) -> Result<(), String> {
+    crate::vm::vfio::recover(dir, None).map_err(|e| format!("restoring its VFIO devices: {e}"))?;
+    crate::vm::net::recover(dir).map_err(|e| format!("deleting its tap device: {e}"))
+}
+
+/// Removes the run directories of dead runs, their VFIO devices given
+/// back and taps deleted first; returns them.
+pub(crate) fn clean_stale(runtime_dir: &Path) -> Result<Vec<PathBuf>, instance::InstanceError> {
+    instance::clean_stale(runtime_dir, recover)
+}
+
+/// The running VMs' records, stale run directories swept first.
+pub fn running_vms(runtime_dir: &Path) -> Result<Vec<instance::Record>, instance::InstanceError> {
+    clean_stale(runtime_dir)?;
+    instance::records(runtime_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::tests::{dead_run, runtime};
+    use std::fs;
+
+    #[test]
+    fn the_sweep_gives_a_dead_runs_vfio_devices_back() {
+        let tree = crate::vm::vfio::fake::Tree::new();
+        tree.device("0000:05:00.0", "3", Some("vfio-pci"));
+        tree.driver("mlx5_core");
+        let rt = runtime();
+        let dead = dead_run(rt.path(), "cx5-1");
+        let state = crate::vm::vfio::State {
+            root: tree.root().to_path_buf(),
+            devices: vec![crate::vm::vfio::Device {
+                bdf: "0000:05:00.0".into(),
+                group: "3".into(),
+                driver: Some("mlx5_core".into()),
+            }],
+        };
+        fs::write(
+            dead.join(crate::vm::vfio::STATE_FILE),
+            serde_json::to_vec(&state).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(clean_stale(rt.path()).unwrap(), vec![dead.clone()]);
+        let drivers = tree.root().join("sys/bus/pci/drivers");
+        let read = |p: &str| fs::read_to_string(drivers.join(p)).unwrap();
+        assert_eq!(read("vfio-pci/unbind"), "0000:05:00.0");
+        assert_eq!(read("mlx5_core/bind"), "0000:05:00.0");
+        // A state that cannot be restored keeps the directory for later.
+        let dead = dead_run(rt.path(), "cx5-1");
+        let mut gone = state.clone();
+        gone.root = rt.path().join("nonexistent");
+        fs::write(
+            dead.join(crate::vm::vfio::STATE_FILE),
+            serde_json::to_vec(&gone).unwrap(),
+        )
+        .unwrap();
+        assert!(clean_stale(rt.path()).unwrap().is_empty());
+        assert!(dead.exists());
     }
 }

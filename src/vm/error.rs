@@ -1,8 +1,9 @@
 //! Why `mkt run` (and the VM commands) failed: each variant names what.
 
 use crate::guest;
+use crate::instance;
+use crate::vm::net;
 use crate::vm::qemu;
-use crate::vm::{instance, net};
 use std::io;
 use std::path::PathBuf;
 

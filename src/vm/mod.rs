@@ -5,7 +5,6 @@
 mod cmdline;
 mod control;
 mod error;
-pub mod instance;
 pub mod net;
 mod prepare;
 pub mod qemu;
@@ -20,10 +19,10 @@ mod virtiofsd;
 use crate::config::{Config, Paths};
 use crate::guest;
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
-pub use control::stop;
+use crate::instance::{self, RunDir};
+pub use control::{running_vms, stop};
 pub use error::RunError;
 use error::stderr_tail;
-use instance::RunDir;
 use prepare::{Prepared, ensure_disk, host_sysfs, prepare, write_run_files};
 use qemu::{Console, Net};
 pub use request::RunOptions;
@@ -40,7 +39,7 @@ use virtiofsd::{Daemons, start_virtiofsd};
 /// Runs a guest; returns mkt's exit status (the command's in exec mode).
 pub fn run(opts: &RunOptions, config: &Config, paths: &Paths) -> anyhow::Result<i32> {
     paths.ensure_runtime_dir()?;
-    for stale in instance::clean_stale(&paths.runtime_dir)? {
+    for stale in control::clean_stale(&paths.runtime_dir)? {
         tracing::info!("removed stale run directory {}", stale.display());
     }
     if let Some(status) = attach_to_running(opts, paths)? {
@@ -184,7 +183,7 @@ fn attach_to_running(opts: &RunOptions, paths: &Paths) -> anyhow::Result<Option<
     let (Some(setup), false, false) = (&opts.setup, opts.new, opts.dry_run) else {
         return Ok(None);
     };
-    let Some(rec) = instance::list(&paths.runtime_dir)?
+    let Some(rec) = control::running_vms(&paths.runtime_dir)?
         .into_iter()
         .find(|r| &r.name == setup)
     else {
@@ -387,7 +386,7 @@ pub fn test(
     })?;
     let script = std::fs::canonicalize(&script)?;
     let command = vec![script.display().to_string()];
-    let running = instance::list(&paths.runtime_dir)?
+    let running = control::running_vms(&paths.runtime_dir)?
         .into_iter()
         .any(|r| r.name == name && r.ssh_port.is_some());
     let code = if running {

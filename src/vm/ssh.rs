@@ -5,7 +5,7 @@ use super::control::{find_vm, names};
 use super::error::RunError;
 use crate::config::Paths;
 use crate::host;
-use crate::vm::instance;
+use crate::instance;
 use std::io::{self, BufRead, IsTerminal};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -136,7 +136,7 @@ pub(crate) fn ssh_with_stdin(
     stdin: Option<std::fs::File>,
     quiet: bool,
 ) -> anyhow::Result<i32> {
-    let running = instance::list(&paths.runtime_dir)?;
+    let running = super::control::running_vms(&paths.runtime_dir)?;
     let rec = match name {
         Some(n) => find_vm(&running, n)?,
         None => match running.as_slice() {

@@ -425,8 +425,13 @@ impl Drop for RunDir {
 
 /// Removes run directories whose lock no live mkt holds; returns them.
 /// Only directories and files that are ours are touched (the sweep runs
-/// as root, restores VFIO bindings and deletes taps).
-pub fn clean_stale(runtime_dir: &Path) -> Result<Vec<PathBuf>, InstanceError> {
+/// as root). `recover` first undoes what the dead run changed outside its
+/// directory (vm's: VFIO bindings, taps); while it fails, the directory
+/// stays for a run that can.
+pub fn clean_stale(
+    runtime_dir: &Path,
+    recover: impl Fn(&Path) -> Result<(), String>,
+) -> Result<Vec<PathBuf>, InstanceError> {
     let mut removed = Vec::new();
     for dir in run_dirs(runtime_dir)? {
         // Kept dirs have no lock holder either, so they are marked and
@@ -454,17 +459,10 @@ pub fn clean_stale(runtime_dir: &Path) -> Result<Vec<PathBuf>, InstanceError> {
     Ok(removed)
 }
 
-/// Undoes what a dead run changed outside its directory.
-fn recover(dir: &Path) -> Result<(), String> {
-    crate::vm::vfio::recover(dir, None).map_err(|e| format!("restoring its VFIO devices: {e}"))?;
-    crate::vm::net::recover(dir).map_err(|e| format!("deleting its tap device: {e}"))
-}
-
-/// The records of running VMs (stale run directories are removed first):
-/// only records in our own directories, whose recorded pid is the process
-/// that holds the run's lock.
-pub fn list(runtime_dir: &Path) -> Result<Vec<Record>, InstanceError> {
-    clean_stale(runtime_dir)?;
+/// The records of running VMs, read only (`vm::running` sweeps stale
+/// run directories first): only records in our own directories, whose
+/// recorded pid is the process that holds the run's lock.
+pub fn records(runtime_dir: &Path) -> Result<Vec<Record>, InstanceError> {
     let mut out = Vec::new();
     for dir in run_dirs(runtime_dir)? {
         let Some(pid) = holder(&dir) else {
@@ -500,12 +498,22 @@ pub fn running(r: &Record) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    fn no_recover(_: &Path) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// What `vm::running` does, without vm's recovery.
+    fn list(runtime_dir: &Path) -> Result<Vec<Record>, InstanceError> {
+        clean_stale(runtime_dir, no_recover)?;
+        records(runtime_dir)
+    }
     use std::os::unix::fs::PermissionsExt;
 
     /// A runtime dir as `Paths::ensure_runtime_dir` makes it.
-    fn runtime() -> tempfile::TempDir {
+    pub(crate) fn runtime() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
         fs::set_permissions(d.path(), fs::Permissions::from_mode(0o700)).unwrap();
         d
@@ -517,7 +525,7 @@ mod tests {
     }
 
     /// A run directory as a killed mkt leaves it: a lock nobody holds.
-    fn dead_run(rt: &Path, name: &str) -> PathBuf {
+    pub(crate) fn dead_run(rt: &Path, name: &str) -> PathBuf {
         let dir = runs_dir(rt).join(name);
         private_dir(&runs_dir(rt));
         private_dir(&dir);
@@ -575,7 +583,7 @@ mod tests {
         );
         assert_eq!(holder(&path), Some(std::process::id()));
         // A live run is not stale.
-        assert!(clean_stale(rt.path()).unwrap().is_empty());
+        assert!(clean_stale(rt.path(), no_recover).unwrap().is_empty());
         assert!(path.exists());
         drop(d);
         assert!(!path.exists());
@@ -603,7 +611,7 @@ mod tests {
         let dead = dead_run(rt.path(), "dead-1");
         let kept = dead_run(rt.path(), "kept-2");
         File::create(kept.join("keep")).unwrap();
-        let removed = clean_stale(rt.path()).unwrap();
+        let removed = clean_stale(rt.path(), no_recover).unwrap();
         assert_eq!(removed, vec![dead]);
         assert!(kept.exists());
     }
@@ -649,7 +657,7 @@ mod tests {
                 assert_eq!(nix::unistd::read(&rd, &mut b), Ok(4));
                 let orphan = nix::unistd::Pid::from_raw(i32::from_ne_bytes(b));
                 let dir = runs_dir(rt.path()).join("run-1");
-                let (holder, swept) = (holder(&dir), clean_stale(rt.path()).unwrap());
+                let (holder, swept) = (holder(&dir), clean_stale(rt.path(), no_recover).unwrap());
                 let _ = nix::sys::signal::kill(orphan, nix::sys::signal::Signal::SIGKILL);
                 assert_eq!(holder, None);
                 assert_eq!(swept, vec![dir]);
@@ -696,7 +704,7 @@ mod tests {
         fs::set_permissions(rt.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         let err = list(rt.path()).unwrap_err().to_string();
         assert!(err.contains(&rt.path().display().to_string()), "{err}");
-        assert!(clean_stale(rt.path()).is_err());
+        assert!(clean_stale(rt.path(), no_recover).is_err());
         fs::set_permissions(rt.path(), fs::Permissions::from_mode(0o700)).unwrap();
 
         // A record that is a symlink (to a file someone else controls) or
@@ -724,48 +732,10 @@ mod tests {
             nix::unistd::chown(alien.path(), Some(0.into()), None).unwrap();
             let planted = dead_run(alien.path(), "run-7");
             nix::unistd::chown(&planted, Some(1234.into()), None).unwrap();
-            assert!(clean_stale(alien.path()).unwrap().is_empty());
+            assert!(clean_stale(alien.path(), no_recover).unwrap().is_empty());
             assert!(planted.exists());
         }
         drop(d);
-    }
-
-    #[test]
-    fn the_sweep_gives_a_dead_runs_vfio_devices_back() {
-        let tree = crate::vm::vfio::fake::Tree::new();
-        tree.device("0000:05:00.0", "3", Some("vfio-pci"));
-        tree.driver("mlx5_core");
-        let rt = runtime();
-        let dead = dead_run(rt.path(), "cx5-1");
-        let state = crate::vm::vfio::State {
-            root: tree.root().to_path_buf(),
-            devices: vec![crate::vm::vfio::Device {
-                bdf: "0000:05:00.0".into(),
-                group: "3".into(),
-                driver: Some("mlx5_core".into()),
-            }],
-        };
-        fs::write(
-            dead.join(crate::vm::vfio::STATE_FILE),
-            serde_json::to_vec(&state).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(clean_stale(rt.path()).unwrap(), vec![dead.clone()]);
-        let drivers = tree.root().join("sys/bus/pci/drivers");
-        let read = |p: &str| fs::read_to_string(drivers.join(p)).unwrap();
-        assert_eq!(read("vfio-pci/unbind"), "0000:05:00.0");
-        assert_eq!(read("mlx5_core/bind"), "0000:05:00.0");
-        // A state that cannot be restored keeps the directory for later.
-        let dead = dead_run(rt.path(), "cx5-1");
-        let mut gone = state.clone();
-        gone.root = rt.path().join("nonexistent");
-        fs::write(
-            dead.join(crate::vm::vfio::STATE_FILE),
-            serde_json::to_vec(&gone).unwrap(),
-        )
-        .unwrap();
-        assert!(clean_stale(rt.path()).unwrap().is_empty());
-        assert!(dead.exists());
     }
 
     #[test]
