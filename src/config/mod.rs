@@ -1089,6 +1089,13 @@ pub(super) mod tests {
             "/c.toml:2:14: wrong type for key `cpus` in [setup.a]: \
              invalid type: string \"x\", expected u32"
         );
+        // A typed value given as a number: the typed values are strings.
+        let err = parse("[setup.a]\nmem = 4\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "/c.toml:2:7: wrong type for key `mem` in [setup.a]: \
+             invalid type: integer `4`, expected a string"
+        );
     }
 
     #[test]
