@@ -314,6 +314,23 @@ pub enum InitMode {
 pub(super) mod tests {
     use super::*;
 
+    #[test]
+    fn sizes_are_shown_in_their_largest_whole_unit_and_read_back() {
+        for (given, shown) in [
+            ("1048576M", "1T"),
+            ("3T", "3T"),
+            ("2048M", "2G"),
+            ("1025G", "1025G"),
+            ("1536M", "1536M"),
+            ("1M", "1M"),
+            ("4096K", "4M"),
+        ] {
+            let m: MemSize = given.parse().unwrap();
+            assert_eq!(m.to_string(), shown, "{given}");
+            assert_eq!(shown.parse::<MemSize>().unwrap(), m, "{shown}");
+        }
+    }
+
     // The old function forms, so the cases below read as they were written.
     pub(crate) fn parse_mem_mib(s: &str) -> Result<u64, String> {
         s.parse::<MemSize>().map(MemSize::mib)
