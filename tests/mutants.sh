@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of mkt's pure cores with their unit tests (issue 14); a
-# tool for developers, not part of CI (it takes hours on 2 cores).
+# tool for developers, not part of CI (the default files take about an hour on 2 cores).
 #
 # cargo-mutants changes one thing at a time in the code (a return value, an
 # operator, a deleted statement), rebuilds, and runs the unit tests: a mutant
