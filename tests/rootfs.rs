@@ -2019,6 +2019,21 @@ fn rm_refuses_a_tree_in_use(user: Option<&common::TestUser>) {
         assert!(Instant::now() < deadline, "the lock outlived mkt");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its work dir is left behind (a concurrent test's shell may sweep it
+    // first); after the next `rootfs shell` none is left.
+    let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "shell", "deb", "--", "true"]));
+    assert!(o.status.success(), "{out}{err}");
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("mkt-shell-{pid}-"))
+        })
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "not swept: {left:?}");
     let (o, out, err) = run(common::mkt_as(user, h).args(["rootfs", "rm", "deb"]));
     assert!(o.status.success(), "{out}{err}");
     assert_eq!(store_entries(h), Vec::<String>::new());

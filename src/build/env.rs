@@ -12,29 +12,6 @@ use super::{BuildError, BuildOptions, MKT_DIR, VM_CONFIG};
 use crate::config::{Config, Paths};
 use crate::sandbox::{self, Layout, Mount, What};
 
-/// Removes this user's `mkt-build-PID-*` work dirs whose mkt is gone: a
-/// build killed by a signal has no chance to remove its own.
-pub fn sweep_work_dirs(tmp: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(rd) = fs::read_dir(tmp) else { return };
-    let me = nix::unistd::geteuid().as_raw();
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("mkt-build-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let mine = e.metadata().is_ok_and(|m| m.uid() == me && m.is_dir());
-        if mine && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            tracing::info!("removing {} left by a killed mkt build", e.path().display());
-            let _ = fs::remove_dir_all(e.path());
-        }
-    }
-}
-
 /// Everything needed to enter the rootfs for one source tree (also used
 /// by `mkt ci`).
 pub(crate) struct Env {
@@ -69,10 +46,7 @@ pub(crate) fn prepare_env(
         .to_string();
     let (name, home, shell) = (user.name.clone(), user.home.clone(), user.shell.clone());
 
-    sweep_work_dirs(&std::env::temp_dir());
-    let work = tempfile::Builder::new()
-        .prefix(&format!("mkt-build-{}-", std::process::id()))
-        .tempdir()
+    let work = crate::util::fs::work_dir("mkt-build")
         .map_err(|e| BuildError::Create(std::env::temp_dir(), e))?;
     let files = work.path().join("files");
     let staging = work.path().join("root");
@@ -301,27 +275,5 @@ impl Env {
         drop(wr);
         let _ = tee.join();
         r.map_err(enter_err)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn work_dirs_of_dead_builds_are_swept() {
-        let tmp = tempfile::tempdir().unwrap();
-        // A pid that cannot be running (above pid_max's ceiling).
-        let dead = tmp.path().join("mkt-build-4194304-abc");
-        let live = tmp
-            .path()
-            .join(format!("mkt-build-{}-abc", std::process::id()));
-        let other = tmp.path().join("mkt-build-x");
-        for d in [&dead, &live, &other] {
-            fs::create_dir_all(d.join("root")).unwrap();
-        }
-        sweep_work_dirs(tmp.path());
-        assert!(!dead.exists());
-        assert!(live.exists() && other.exists());
     }
 }

@@ -18,7 +18,6 @@ pub use command::{
     BuildOptions, build, dropped_options, error_lines, kconfig_report, parse_config,
 };
 pub(crate) use command::{resolve_src, rootfs_for};
-pub use env::sweep_work_dirs;
 pub(crate) use env::{Env, cc_var, prepare_env};
 pub(crate) use project::check_wanted;
 pub use project::{PROJECT_NAMES, Project, Step, StepInput, discover, kernel_version, steps};

@@ -623,13 +623,10 @@ pub fn shell(paths: &Paths, name: &str, rw: bool, command: &[String]) -> Result<
         }
         _ => Ids::Own,
     };
-    let staging = tempfile::Builder::new()
-        .prefix("mkt-shell-")
-        .tempdir()
-        .map_err(store_err(
-            "create a temporary directory in",
-            &std::env::temp_dir(),
-        ))?;
+    let staging = crate::util::fs::work_dir("mkt-shell").map_err(store_err(
+        "create a temporary directory in",
+        &std::env::temp_dir(),
+    ))?;
     let argv: Vec<std::ffi::OsString> = if command.is_empty() {
         vec!["/bin/sh".into(), "-l".into()]
     } else {

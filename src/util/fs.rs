@@ -50,9 +50,64 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// A private work dir in the temp dir, `PREFIX-PID-XXXXXX`, removed when
+/// dropped. Made after a sweep of this user's dirs of the same prefix
+/// whose mkt is gone: a process killed by a signal (SIGKILL) has no chance
+/// to remove its own.
+pub fn work_dir(prefix: &str) -> io::Result<tempfile::TempDir> {
+    let tmp = std::env::temp_dir();
+    sweep_dead(&tmp, prefix);
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-{}-", std::process::id()))
+        .tempdir_in(&tmp)
+}
+
+/// Removes this user's `PREFIX-PID-*` dirs in `tmp` whose process is gone.
+fn sweep_dead(tmp: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let mine = e.metadata().is_ok_and(|m| m.uid() == me && m.is_dir());
+        if mine && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {} left by a killed mkt", e.path().display());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_dirs_of_dead_processes_are_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A pid that cannot be running (above pid_max's ceiling).
+        let dead = tmp.path().join("mkt-build-4194304-abc");
+        let live = tmp
+            .path()
+            .join(format!("mkt-build-{}-abc", std::process::id()));
+        let other = tmp.path().join("mkt-build-x");
+        let other_prefix = tmp.path().join("mkt-shell-4194304-abc");
+        let longer_prefix = tmp.path().join("mkt-build-tree-4194304-abc");
+        for d in [&dead, &live, &other, &other_prefix, &longer_prefix] {
+            fs::create_dir_all(d.join("root")).unwrap();
+        }
+        sweep_dead(tmp.path(), "mkt-build");
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists() && other_prefix.exists());
+        assert!(longer_prefix.exists());
+    }
 
     #[test]
     fn logs_started_in_the_same_second_get_their_own_file() {
