@@ -224,6 +224,10 @@ impl Recipe {
         if let Some(k) = &b.keyring {
             a.push(format!("--keyring={k}"));
         }
+        // A download that fails once (a mirror's hiccup) is tried again,
+        // as apt does not by default; the recipe's own options come after
+        // and win.
+        a.push("--aptopt=Acquire::Retries \"3\"".into());
         for o in &b.aptopt {
             a.push(format!("--aptopt={o}"));
         }
@@ -374,6 +378,7 @@ mod tests {
                 "--format=tar",
                 "--components=main,contrib",
                 "--include=a,b",
+                "--aptopt=Acquire::Retries \"3\"",
                 "bookworm",
                 "/o.tar",
                 "http://m/debian"
