@@ -22,7 +22,7 @@ pub struct Arch {
     pub console: &'static str,
 }
 
-pub const X86_64: Arch = Arch {
+pub(crate) const X86_64: Arch = Arch {
     image: "arch/x86/boot/bzImage",
     qemu: "qemu-system-x86_64",
     qemu_target: "x86_64-softmmu",

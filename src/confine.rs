@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 /// What one server process gets; cheap to clone into a `pre_exec` closure.
 #[derive(Debug, Clone, Default)]
-pub struct Confinement {
+pub(crate) struct Confinement {
     filter: Option<Vec<libc::sock_filter>>,
     /// Not root: the filter needs no_new_privs.
     no_new_privs: bool,
@@ -241,7 +241,7 @@ fn errno(e: i32) -> u32 {
 /// setting extended attributes, which carry file capabilities. openat2
 /// gets ENOSYS: its mode sits behind a pointer a filter cannot read, and
 /// its callers fall back to openat. Everything else is allowed.
-pub fn no_setid_filter() -> Vec<libc::sock_filter> {
+pub(crate) fn no_setid_filter() -> Vec<libc::sock_filter> {
     let allow = stmt(RET, libc::SECCOMP_RET_ALLOW);
     let eperm = stmt(RET, errno(libc::EPERM));
     let mut f = vec![

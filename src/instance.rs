@@ -36,11 +36,11 @@ pub struct Record {
 }
 
 /// The file in a run directory holding what the guest said of its sshd.
-pub const SSH_STATE: &str = "ssh-state";
+pub(crate) const SSH_STATE: &str = "ssh-state";
 
 /// What the guest has said of its sshd.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SshState {
+pub(crate) enum SshState {
     /// Nothing yet: still booting.
     Starting,
     Ready,
@@ -49,7 +49,7 @@ pub enum SshState {
 }
 
 /// What the guest of `r` has said of its sshd (written by its mkt run).
-pub fn ssh_state(r: &Record) -> SshState {
+pub(crate) fn ssh_state(r: &Record) -> SshState {
     match fs::read_to_string(r.dir.join(SSH_STATE)) {
         Ok(s) => match SshdReport::decode(s.trim()) {
             Some(SshdReport::Ready) => SshState::Ready,
@@ -62,7 +62,7 @@ pub fn ssh_state(r: &Record) -> SshState {
 
 /// Records the guest's line about its sshd, whole or not at all (a reader
 /// never sees half of it).
-pub fn set_ssh_state(run_dir: &Path, line: &str) -> io::Result<()> {
+pub(crate) fn set_ssh_state(run_dir: &Path, line: &str) -> io::Result<()> {
     crate::util::fs::write_atomic(
         &run_dir.join(SSH_STATE),
         format!("{}\n", line.trim()).as_bytes(),
@@ -103,7 +103,7 @@ pub enum InstanceError {
 
 /// A run's directory; removed on drop unless kept.
 #[derive(Debug)]
-pub struct RunDir {
+pub(crate) struct RunDir {
     path: PathBuf,
     name: String,
     keep: bool,
@@ -112,7 +112,7 @@ pub struct RunDir {
 }
 
 /// Where the runs live inside the runtime dir.
-pub fn runs_dir(runtime_dir: &Path) -> PathBuf {
+pub(crate) fn runs_dir(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("runs")
 }
 
@@ -428,7 +428,7 @@ impl Drop for RunDir {
 /// as root). `recover` first undoes what the dead run changed outside its
 /// directory (vm's: VFIO bindings, taps); while it fails, the directory
 /// stays for a run that can.
-pub fn clean_stale(
+pub(crate) fn clean_stale(
     runtime_dir: &Path,
     recover: impl Fn(&Path) -> Result<(), String>,
 ) -> Result<Vec<PathBuf>, InstanceError> {

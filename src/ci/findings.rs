@@ -48,7 +48,7 @@ impl Finding {
 }
 
 /// `./a/b.c` and `/scratch/tree/a/b.c` → `a/b.c`.
-pub fn normalise_path(path: &str, tree: &str) -> String {
+pub(crate) fn normalise_path(path: &str, tree: &str) -> String {
     let mut p = path;
     if !tree.is_empty()
         && let Some(rest) = p.strip_prefix(tree)
@@ -73,7 +73,7 @@ pub fn normalise_path(path: &str, tree: &str) -> String {
 /// A build that descends into subdirectories (`make -C ip`) reports paths
 /// relative to the subdirectory: make's `Entering directory` lines put
 /// them back under the top (see also [`resolve_paths`]).
-pub fn parse_compiler(text: &str, tree: &str) -> Vec<Finding> {
+pub(crate) fn parse_compiler(text: &str, tree: &str) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
     let mut dirs: Vec<String> = Vec::new();
     for raw in text.lines() {
@@ -149,7 +149,7 @@ fn make_directory<'a>(l: &'a str, what: &str) -> Option<&'a str> {
 /// ls-files` lists them) at the one path of the tree that ends with it:
 /// builds that run `make --no-print-directory -C ip` report `ipaddress.c`
 /// for `ip/ipaddress.c`. A name that fits several paths stays as it is.
-pub fn resolve_paths(found: Vec<Finding>, known: &[String]) -> Vec<Finding> {
+pub(crate) fn resolve_paths(found: Vec<Finding>, known: &[String]) -> Vec<Finding> {
     let set: std::collections::HashSet<&str> = known.iter().map(String::as_str).collect();
     found
         .into_iter()
@@ -202,7 +202,7 @@ fn split_location(l: &str) -> Option<(&str, u32, &str)> {
 
 /// Parses checkpatch.pl output run with `--show-types --no-summary`:
 /// `SEVERITY:TYPE: message` followed by `#N: FILE: path:line:`.
-pub fn parse_checkpatch(text: &str) -> Vec<Finding> {
+pub(crate) fn parse_checkpatch(text: &str) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
     let mut open = false;
     for l in text.lines() {
@@ -247,7 +247,7 @@ pub fn parse_checkpatch(text: &str) -> Vec<Finding> {
 }
 
 /// Lines a patch added, per file: from `git diff -U0` output.
-pub fn added_lines(diff: &str) -> HashMap<String, Vec<(u32, u32)>> {
+pub(crate) fn added_lines(diff: &str) -> HashMap<String, Vec<(u32, u32)>> {
     let mut map: HashMap<String, Vec<(u32, u32)>> = HashMap::new();
     let mut file: Option<String> = None;
     for l in diff.lines() {
@@ -275,7 +275,7 @@ pub fn added_lines(diff: &str) -> HashMap<String, Vec<(u32, u32)>> {
 /// The findings on the new revision that the parent did not have: per
 /// (file, severity, type, message), as many as the new revision has more
 /// than the parent, preferring those on lines the patch added. Order kept.
-pub fn introduced(
+pub(crate) fn introduced(
     new: &[Finding],
     old: &[Finding],
     added: &HashMap<String, Vec<(u32, u32)>>,
@@ -312,7 +312,7 @@ pub fn introduced(
 
 /// Removes exact duplicates (the same header warning printed once per
 /// object including it), keeping the first.
-pub fn dedup(v: Vec<Finding>) -> Vec<Finding> {
+pub(crate) fn dedup(v: Vec<Finding>) -> Vec<Finding> {
     let mut seen = std::collections::HashSet::new();
     v.into_iter()
         .filter(|f| seen.insert((f.file.clone(), f.line, f.message.clone())))

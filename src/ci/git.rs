@@ -57,7 +57,7 @@ pub fn open(dir: &Path) -> Result<Source, CiError> {
 }
 
 /// The commit REV names, as a full hash.
-pub fn resolve(dir: &Path, rev: &str) -> Result<String, CiError> {
+pub(crate) fn resolve(dir: &Path, rev: &str) -> Result<String, CiError> {
     let spec = format!("{rev}^{{commit}}");
     git(
         dir,
@@ -91,7 +91,7 @@ pub fn parent(dir: &Path, commit: &str) -> Result<Option<String>, CiError> {
     }
 }
 
-pub fn subject(dir: &Path, commit: &str) -> Result<String, CiError> {
+pub(crate) fn subject(dir: &Path, commit: &str) -> Result<String, CiError> {
     Ok(git(dir, &["log", "-1", "--format=%s", commit])?
         .trim()
         .to_string())
@@ -99,7 +99,7 @@ pub fn subject(dir: &Path, commit: &str) -> Result<String, CiError> {
 
 /// Files changed between `parent` (the empty tree when `None`) and
 /// `commit`, renames as a delete and an add.
-pub fn changed_files(
+pub(crate) fn changed_files(
     dir: &Path,
     parent: Option<&str>,
     commit: &str,
@@ -119,7 +119,7 @@ pub fn changed_files(
 }
 
 /// `git diff -U0` between the two revisions (for the added lines).
-pub fn diff_u0(dir: &Path, parent: Option<&str>, commit: &str) -> Result<String, CiError> {
+pub(crate) fn diff_u0(dir: &Path, parent: Option<&str>, commit: &str) -> Result<String, CiError> {
     match parent {
         Some(p) => git(
             dir,
@@ -131,7 +131,7 @@ pub fn diff_u0(dir: &Path, parent: Option<&str>, commit: &str) -> Result<String,
 
 /// The object stores `objects` borrows from, recursively (so each can be
 /// shown inside the rootfs, where git may run).
-pub fn alternates_chain(objects: &Path) -> Vec<PathBuf> {
+pub(crate) fn alternates_chain(objects: &Path) -> Vec<PathBuf> {
     let mut out = vec![objects.to_path_buf()];
     let mut i = 0;
     while i < out.len() && out.len() < 16 {
@@ -160,7 +160,7 @@ pub fn alternates_chain(objects: &Path) -> Vec<PathBuf> {
 
 /// Makes `tree` a repository borrowing `src`'s objects (kept across runs,
 /// so builds there stay incremental).
-pub fn prepare_scratch(tree: &Path, src: &Source) -> Result<(), CiError> {
+pub(crate) fn prepare_scratch(tree: &Path, src: &Source) -> Result<(), CiError> {
     if !tree.join(".git").is_dir() {
         std::fs::create_dir_all(tree).map_err(|e| CiError::Create(tree.into(), e))?;
         git(tree, &["init", "-q"])?;
@@ -195,7 +195,7 @@ pub fn checkout(tree: &Path, commit: &str) -> Result<(), CiError> {
 }
 
 /// `git format-patch` of `commit` (against its first parent), as text.
-pub fn format_patch(tree: &Path, commit: &str) -> Result<String, CiError> {
+pub(crate) fn format_patch(tree: &Path, commit: &str) -> Result<String, CiError> {
     git(
         tree,
         &[
@@ -210,7 +210,7 @@ pub fn format_patch(tree: &Path, commit: &str) -> Result<String, CiError> {
 }
 
 /// `.c` files that include `inc` (e.g. `linux/skbuff.h`) at `commit`.
-pub fn includers(tree: &Path, commit: &str, inc: &str) -> Vec<String> {
+pub(crate) fn includers(tree: &Path, commit: &str, inc: &str) -> Vec<String> {
     let pat = format!("#include [<\"]{}[>\"]", regex_escape(inc));
     git(tree, &["grep", "-l", "-E", "-e", &pat, commit, "--", "*.c"])
         .map(|out| {

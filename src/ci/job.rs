@@ -42,12 +42,12 @@ pub struct Record {
     pub log: PathBuf,
 }
 
-pub fn jobs_dir(state_dir: &Path) -> PathBuf {
+pub(crate) fn jobs_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("ci/jobs")
 }
 
 /// Creates the next job directory (`1`, `2`, ...): the id.
-pub fn allocate(jobs: &Path) -> Result<(u64, PathBuf), CiError> {
+pub(crate) fn allocate(jobs: &Path) -> Result<(u64, PathBuf), CiError> {
     fs::create_dir_all(jobs).map_err(|e| CiError::Create(jobs.into(), e))?;
     loop {
         let next = list_ids(jobs).last().copied().unwrap_or(0) + 1;
@@ -62,7 +62,7 @@ pub fn allocate(jobs: &Path) -> Result<(u64, PathBuf), CiError> {
 }
 
 /// The job ids present, ascending.
-pub fn list_ids(jobs: &Path) -> Vec<u64> {
+pub(crate) fn list_ids(jobs: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = fs::read_dir(jobs)
         .map(|d| {
             d.flatten()
@@ -75,14 +75,14 @@ pub fn list_ids(jobs: &Path) -> Vec<u64> {
 }
 
 /// Writes `job.json` atomically.
-pub fn save(dir: &Path, r: &Record) -> Result<(), CiError> {
+pub(crate) fn save(dir: &Path, r: &Record) -> Result<(), CiError> {
     write_atomic(
         &dir.join("job.json"),
         &serde_json::to_vec_pretty(r).expect("records serialise"),
     )
 }
 
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CiError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), CiError> {
     crate::util::fs::write_atomic(path, data).map_err(|e| CiError::Write(path.into(), e))
 }
 
@@ -111,7 +111,7 @@ fn alive(pid: u32) -> bool {
 }
 
 /// The one-line state for `--status`.
-pub fn state_line(r: &Record) -> String {
+pub(crate) fn state_line(r: &Record) -> String {
     let what = match (r.state, r.exit) {
         (State::Done, Some(0)) => "done: no new findings".to_string(),
         (State::Done, Some(1)) => "done: new findings".to_string(),

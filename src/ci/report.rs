@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::findings::Finding;
 
 /// The checks, in report order.
-pub const CHECKS: [&str; 5] = ["checkpatch", "sparse", "smatch", "warnings", "clang"];
+pub(crate) const CHECKS: [&str; 5] = ["checkpatch", "sparse", "smatch", "warnings", "clang"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -85,7 +85,7 @@ pub struct Report {
 
 /// 0 nothing new and every enabled check ran; 1 findings introduced; 2 a
 /// check could not run; 3 both.
-pub fn exit_code(checks: &[CheckResult]) -> i32 {
+pub(crate) fn exit_code(checks: &[CheckResult]) -> i32 {
     let found = checks.iter().any(|c| !c.new.is_empty());
     let not_run = checks.iter().any(|c| c.status == Status::NotRun);
     i32::from(found) | (i32::from(not_run) << 1)

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 /// How many includer directories one global header may add.
-pub const MAX_HEADER_DIRS: usize = 8;
+pub(crate) const MAX_HEADER_DIRS: usize = 8;
 
 /// Top-level directories that Kbuild's single-directory targets do not
 /// build (or that `make prepare` already builds).
@@ -31,7 +31,7 @@ pub struct Scope {
 
 /// The include path of a global header: `include/linux/x.h` → `linux/x.h`,
 /// `arch/x86/include/asm/y.h` → `asm/y.h`; `None` for local headers.
-pub fn include_path(file: &str) -> Option<&str> {
+pub(crate) fn include_path(file: &str) -> Option<&str> {
     if let Some(rest) = file.strip_prefix("include/") {
         return Some(rest);
     }
@@ -42,7 +42,7 @@ pub fn include_path(file: &str) -> Option<&str> {
 
 /// The nearest directory at or above `file`'s that has a Makefile or
 /// Kbuild, if it is one Kbuild builds.
-pub fn kbuild_dir(file: &str, has_makefile: &dyn Fn(&str) -> bool) -> Option<String> {
+pub(crate) fn kbuild_dir(file: &str, has_makefile: &dyn Fn(&str) -> bool) -> Option<String> {
     let top = file.split('/').next().unwrap_or("");
     if !file.contains('/') || NOT_KBUILD.contains(&top) {
         return None;
@@ -177,7 +177,7 @@ fn assignments(mk: &str) -> Vec<(String, Vec<String>)> {
 /// Makefile: `obj-$(CONFIG_X) += file.o` (through composite objects) in its
 /// directory, then `obj-$(CONFIG_Y) += sub/` up the parents. `read(dir)`
 /// returns a directory's Makefile (or Kbuild) text.
-pub fn options_for(file: &str, read: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+pub(crate) fn options_for(file: &str, read: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
     let mut want = BTreeSet::new();
     let Some((dir, name)) = file.rsplit_once('/') else {
         return vec![];

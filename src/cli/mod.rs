@@ -235,7 +235,7 @@ pub struct DoctorArgs {
 }
 
 /// Everything a command needs from the environment, resolved once.
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub paths: Paths,
     pub config: Config,
     pub quiet: bool,
@@ -543,7 +543,7 @@ fn write_config(path: &Path, text: &str) -> Result<()> {
 
 /// `cmd` with its hidden subcommands and flags left out, at every level
 /// (clap_complete's generators would offer them).
-pub fn without_hidden(cmd: &clap::Command) -> clap::Command {
+pub(crate) fn without_hidden(cmd: &clap::Command) -> clap::Command {
     let mut out = clap::Command::new(cmd.get_name().to_string())
         .propagate_version(cmd.is_propagate_version_set());
     if let Some(a) = cmd.get_about() {

@@ -350,7 +350,7 @@ impl Config {
 
 /// True when `name` can be a setup name: it becomes a hostname, so
 /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 bytes (HOST_NAME_MAX).
-pub fn is_valid_setup_name(name: &str) -> bool {
+pub(crate) fn is_valid_setup_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))

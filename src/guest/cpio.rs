@@ -12,8 +12,8 @@
 //! 0, and inode numbers are assigned sequentially from 1.
 //!
 //! **Parent directories.** The kernel's unpacker does not create missing
-//! parents, so every entry method ([`CpioWriter::file`], [`CpioWriter::dir`],
-//! [`CpioWriter::symlink`], [`CpioWriter::char_dev`]) first emits, once, a
+//! parents, so every entry method ([`CpioWriter::file`], [`CpioWriter::dir`])
+//! first emits, once, a
 //! directory entry (mode 0755) for each ancestor not yet in the archive.
 //! [`parents`] exposes the same computation. An explicit [`CpioWriter::dir`]
 //! for a directory already in the archive is skipped when the mode is the
@@ -34,8 +34,6 @@ const TRAILER: &str = "TRAILER!!!";
 
 const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
-const S_IFLNK: u32 = 0o120_000;
-const S_IFCHR: u32 = 0o020_000;
 /// Permission bits, including setuid, setgid and sticky.
 const PERM_MASK: u32 = 0o7777;
 /// Mode of implied parent directories.
@@ -43,7 +41,7 @@ const PARENT_MODE: u32 = 0o755;
 
 /// Writes a newc cpio archive to `W`. Call [`CpioWriter::finish`] to write
 /// the trailer; dropping the writer without it leaves a truncated archive.
-pub struct CpioWriter<W: Write> {
+pub(crate) struct CpioWriter<W: Write> {
     w: W,
     /// Bytes written so far (for padding).
     offset: u64,
@@ -112,32 +110,6 @@ impl<W: Write> CpioWriter<W> {
         self.entry(&name, &header, data)
     }
 
-    /// Adds symlink `path` pointing at `target` (stored verbatim as the data,
-    /// mode 0777). Missing parents are added with mode 0755.
-    pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
-        let name = normalize_entry(path)?;
-        if target.is_empty() || target.contains('\0') {
-            return Err(invalid(format!(
-                "cpio: {name}: bad symlink target {target:?}"
-            )));
-        }
-        self.ensure_parents(&name)?;
-        let header = Header {
-            mode: S_IFLNK | 0o777,
-            nlink: 1,
-            filesize: target.len() as u32,
-            rdevmajor: 0,
-            rdevminor: 0,
-        };
-        self.entry(&name, &header, target.as_bytes())
-    }
-
-    /// Adds character device `path` (e.g. `dev/console`, 0600, 5, 1). The
-    /// kernel creates it when unpacking, which needs no privilege from us.
-    pub fn char_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
-        self.node(path, S_IFCHR | (mode & PERM_MASK), major, minor)
-    }
-
     /// Writes the trailer, flushes, and returns the underlying writer.
     pub fn finish(mut self) -> io::Result<W> {
         let header = Header {
@@ -150,19 +122,6 @@ impl<W: Write> CpioWriter<W> {
         self.write_header(0, TRAILER, &header)?;
         self.w.flush()?;
         Ok(self.w)
-    }
-
-    fn node(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
-        let name = normalize_entry(path)?;
-        self.ensure_parents(&name)?;
-        let header = Header {
-            mode,
-            nlink: 1,
-            filesize: 0,
-            rdevmajor: major,
-            rdevminor: minor,
-        };
-        self.entry(&name, &header, &[])
     }
 
     fn ensure_parents(&mut self, name: &str) -> io::Result<()> {
@@ -240,7 +199,7 @@ impl<W: Write> CpioWriter<W> {
 /// The ancestors of `path`, outermost first, in archive form (no leading
 /// `/`): `parents("/lib/modules/x.ko")` is `["lib", "lib/modules"]`. Invalid
 /// paths (with `..` or NUL) give an empty list.
-pub fn parents(path: &str) -> Vec<String> {
+pub(crate) fn parents(path: &str) -> Vec<String> {
     let Ok(name) = normalize(path) else {
         return Vec::new();
     };
@@ -334,21 +293,6 @@ mod tests {
     }
 
     #[test]
-    fn char_dev_header() {
-        let mut w = CpioWriter::new(Vec::new());
-        w.char_dev("dev/console", 0o600, 5, 1).unwrap();
-        let out = w.finish().unwrap();
-        // "dev" is implied first, as inode 1.
-        let mut want = hdr([1, 0o40755, 0, 0, 2, 0, 0, 0, 0, 0, 0, 4, 0]);
-        want.extend_from_slice(b"dev\0");
-        want.extend_from_slice(&[0, 0]); // 114 -> 116
-        want.extend_from_slice(&hdr([2, 0o20600, 0, 0, 1, 0, 0, 0, 0, 5, 1, 12, 0]));
-        want.extend_from_slice(b"dev/console\0"); // 122 -> 124
-        want.extend_from_slice(&[0, 0]);
-        assert!(out.starts_with(&want));
-    }
-
-    #[test]
     fn parents_and_normalization() {
         assert_eq!(parents("/lib/modules/x.ko"), ["lib", "lib/modules"]);
         assert_eq!(parents("init"), Vec::<String>::new());
@@ -361,10 +305,6 @@ mod tests {
         );
         assert_eq!(
             w.file("/", 0o644, b"").unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
-        assert_eq!(
-            w.symlink("l", "").unwrap_err().kind(),
             io::ErrorKind::InvalidInput
         );
         w.dir("/", 0o755).unwrap(); // the root: nothing to write
@@ -405,9 +345,6 @@ mod tests {
             &[0u8, 1, 2, 3, 4, 255],
         )
         .unwrap();
-        w.symlink("/lib/modules/6.1.0/build", "/home/u/linux")
-            .unwrap();
-        w.symlink("/bin/sh", "busybox").unwrap();
         w.dir("/etc", 0o700).unwrap();
         let archive = w.finish().unwrap();
 
@@ -448,14 +385,5 @@ mod tests {
         assert_eq!(mode("tmp"), 0o41777);
         assert_eq!(mode("etc"), 0o40700);
         assert_eq!(mode("lib/modules"), 0o40755);
-        assert_eq!(
-            std::fs::read_link(root.join("lib/modules/6.1.0/build")).unwrap(),
-            Path::new("/home/u/linux")
-        );
-        assert_eq!(
-            std::fs::read_link(root.join("bin/sh")).unwrap(),
-            Path::new("busybox")
-        );
-        assert_eq!(mode("bin/sh") & 0o170000, 0o120000);
     }
 }

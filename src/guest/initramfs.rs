@@ -7,7 +7,7 @@ use super::cpio::CpioWriter;
 use std::io;
 
 /// mkt's guest init, a static binary built by build.rs from src/guest/init/.
-pub const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mkt-init"));
+pub(crate) const INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mkt-init"));
 
 /// A module to load at boot: file name in /modules and its raw .ko bytes.
 pub struct BootModule {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// The host user, recreated in the guest with the same name, ids and home.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestUser {
+pub(crate) struct GuestUser {
     pub name: String,
     pub uid: u32,
     pub gid: u32,
@@ -54,7 +54,7 @@ pub enum Mode {
 
 /// A host directory mounted in the guest at `guest_path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestMount {
+pub(crate) struct GuestMount {
     pub tag: String,
     pub guest_path: PathBuf,
     pub readonly: bool,
@@ -63,7 +63,7 @@ pub struct GuestMount {
 
 /// What mkt knows about the rootfs's /etc, read on the host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RootfsEtc {
+pub(crate) struct RootfsEtc {
     pub passwd: String,
     pub group: String,
     /// None when the host user cannot read it (a root-owned tree).
@@ -76,14 +76,14 @@ pub struct RootfsEtc {
 
 /// The SSH access mkt injects: the user's key and a host key of mkt's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SshSetup {
+pub(crate) struct SshSetup {
     pub authorized_key: String,
     pub host_key: String,
 }
 
 /// Everything the plan depends on.
 #[derive(Debug, Clone)]
-pub struct PlanInput {
+pub(crate) struct PlanInput {
     pub mode: Mode,
     pub user: GuestUser,
     pub hostname: String,
@@ -115,7 +115,7 @@ pub struct PlanInput {
 
 /// `num_of_vfs` of a setup: VFs to create on the passed-through functions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sriov {
+pub(crate) struct Sriov {
     pub num_vfs: u32,
     /// `(vendor, device)` of the passed functions as sysfs shows them
     /// (`0x15b3`); empty: every SR-IOV capable function of the guest.
@@ -157,7 +157,7 @@ impl Generated {
 }
 
 /// Where mkt installs its guest tool (the init binary) in every guest.
-pub const GUEST_TOOL: &str = "/usr/local/bin/mkt";
+pub(crate) const GUEST_TOOL: &str = "/usr/local/bin/mkt";
 
 /// `path` as a systemd unit setting's value: `%` starts a specifier.
 fn unit_path(path: &str) -> String {
@@ -165,7 +165,7 @@ fn unit_path(path: &str) -> String {
 }
 
 /// The tree's sshd, which shell mode starts itself.
-pub const SSHD: &str = "/usr/sbin/sshd";
+pub(crate) const SSHD: &str = "/usr/sbin/sshd";
 
 /// Where the boot script is put in the guest.
 const BOOT_SCRIPT: &str = "/etc/mkt/boot-script";
@@ -175,7 +175,7 @@ fn p(path: &Path) -> String {
 }
 
 /// /etc/passwd with the user's line replacing any entry of the same name or uid.
-pub fn passwd_with_user(passwd: &str, u: &GuestUser) -> String {
+pub(crate) fn passwd_with_user(passwd: &str, u: &GuestUser) -> String {
     let mut out = String::new();
     for line in passwd.lines() {
         let mut f = line.split(':');
@@ -200,7 +200,7 @@ pub fn passwd_with_user(passwd: &str, u: &GuestUser) -> String {
 }
 
 /// /etc/group with the user's primary group (same name and gid as on the host).
-pub fn group_with_user(group: &str, u: &GuestUser) -> String {
+pub(crate) fn group_with_user(group: &str, u: &GuestUser) -> String {
     let mut out = String::new();
     for line in group.lines() {
         let mut f = line.split(':');
@@ -216,7 +216,7 @@ pub fn group_with_user(group: &str, u: &GuestUser) -> String {
 }
 
 /// The gid of group `name` in an /etc/group text.
-pub fn group_gid(group: &str, name: &str) -> Option<u32> {
+pub(crate) fn group_gid(group: &str, name: &str) -> Option<u32> {
     group.lines().find_map(|l| {
         let mut f = l.split(':');
         (f.next() == Some(name)).then(|| f.nth(1)?.parse().ok())?
@@ -226,7 +226,7 @@ pub fn group_gid(group: &str, name: &str) -> Option<u32> {
 /// /etc/shadow with a password-less-login entry for the user (`*`: no
 /// password login; console autologin and SSH keys still work). Without a
 /// readable shadow, one is made from passwd so PAM finds every account.
-pub fn shadow_with_user(shadow: Option<&str>, passwd: &str, u: &GuestUser) -> String {
+pub(crate) fn shadow_with_user(shadow: Option<&str>, passwd: &str, u: &GuestUser) -> String {
     let base = match shadow {
         Some(s) => s.to_string(),
         None => passwd
@@ -248,7 +248,7 @@ pub fn shadow_with_user(shadow: Option<&str>, passwd: &str, u: &GuestUser) -> St
 /// The script the init runs as root in the new root before the mode starts,
 /// when there is work only the guest can do: indexing modules when the host
 /// could not run depmod. None otherwise: every exec costs ~0.2 s under TCG.
-pub fn setup_script(input: &PlanInput) -> Option<String> {
+pub(crate) fn setup_script(input: &PlanInput) -> Option<String> {
     let mut body = String::new();
     if let Some(rel) = &input.depmod_release {
         body += &format!("command -v depmod >/dev/null && depmod -a {rel} 2>/dev/null\n");
@@ -310,10 +310,10 @@ fn soft_rdma_script(v: &SoftRdma) -> String {
 }
 
 /// QEMU's user-mode network: fixed addresses, no DHCP wait.
-pub const NAT_GUEST: (&str, &str, &str) = ("10.0.2.15", "255.255.255.0", "10.0.2.2");
+pub(crate) const NAT_GUEST: (&str, &str, &str) = ("10.0.2.15", "255.255.255.0", "10.0.2.2");
 
 /// Generates the plan and every file it refers to.
-pub fn generate(input: &PlanInput) -> Generated {
+pub(crate) fn generate(input: &PlanInput) -> Generated {
     let mut files = etc_files(input);
     files.extend(sudoers_file(input));
     files.extend(ssh_files(input));

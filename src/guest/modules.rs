@@ -113,7 +113,7 @@ const TREE_EXTRA_FILES: [&str; 3] = [
 /// `drivers/net/dummy.o` (Linux ≥ 6.2, mapped to `.ko`). A tree without
 /// `modules.order` (e.g. `CONFIG_MODULES=n`) has no modules; that is not an
 /// error.
-pub fn tree_modules(tree: &Path) -> Result<TreeModules, ModulesError> {
+pub(crate) fn tree_modules(tree: &Path) -> Result<TreeModules, ModulesError> {
     let release_path = tree.join("include/config/kernel.release");
     let release = match fs::read_to_string(&release_path) {
         Ok(s) => s.trim().to_string(),
@@ -198,7 +198,7 @@ fn tree_order_entry(tree: &Path, line: &str) -> PathBuf {
 ///   (`TREE/arch/x86/boot/bzImage` on x86).
 ///
 /// A relative `tree` is made absolute against the current directory.
-pub fn link_plan(tm: &TreeModules, tree: &Path) -> Vec<(PathBuf, PathBuf)> {
+pub(crate) fn link_plan(tm: &TreeModules, tree: &Path) -> Vec<(PathBuf, PathBuf)> {
     let tree = std::path::absolute(tree).unwrap_or_else(|_| tree.to_path_buf());
     let libdir = PathBuf::from("/lib/modules").join(&tm.release);
     let mut plan = Vec::with_capacity(tm.modules.len() + tm.extra_files.len() + 5);
@@ -238,7 +238,7 @@ pub fn installed_modules_order(tm: &TreeModules) -> String {
 
 /// What loading a list of wanted modules takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ModulePlan {
+pub(crate) struct ModulePlan {
     /// Module files to load, in load order (dependencies first, each once),
     /// relative to the modules directory as in `modules.dep` (e.g.
     /// `kernel/fs/fuse/virtiofs.ko`).
@@ -258,7 +258,7 @@ pub struct ModulePlan {
 /// under `modules_dir` are indexed by file name and each needed module's
 /// `depends=` is read from its `.modinfo` section (decompressing it if
 /// need be). Softdeps are not followed.
-pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<ModulePlan, ModulesError> {
+pub(crate) fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<ModulePlan, ModulesError> {
     let builtin_text = read_text(&modules_dir.join("modules.builtin"))?;
     let dep_path = modules_dir.join("modules.dep");
     match fs::read_to_string(&dep_path) {
@@ -291,7 +291,11 @@ pub fn resolve(modules_dir: &Path, wanted: &[&str]) -> Result<ModulePlan, Module
 
 /// The pure core of [`resolve`]: `modules_dep` and `modules_builtin` are
 /// the texts of `modules.dep` and `modules.builtin`.
-pub fn resolve_text(modules_dep: &str, modules_builtin: &str, wanted: &[&str]) -> ModulePlan {
+pub(crate) fn resolve_text(
+    modules_dep: &str,
+    modules_builtin: &str,
+    wanted: &[&str],
+) -> ModulePlan {
     let builtin = parse_builtin(modules_builtin);
     let mut graph: HashMap<String, Node> = HashMap::new();
     for line in modules_dep.lines() {
@@ -477,7 +481,7 @@ fn compression(file_name: &str) -> Option<Option<&'static str>> {
 /// `.ko.xz`, `.ko.zst` and `.ko.gz` are piped through `xz -dc`, `zstd -dc`
 /// and `gzip -dc` (the guest's `init_module` needs uncompressed data unless
 /// the kernel was built with module decompression support).
-pub fn decompress(path: &Path) -> Result<Vec<u8>, ModulesError> {
+pub(crate) fn decompress(path: &Path) -> Result<Vec<u8>, ModulesError> {
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     match compression(file_name) {
         None => Err(ModulesError::UnknownCompression {
@@ -532,7 +536,7 @@ pub fn decompress(path: &Path) -> Result<Vec<u8>, ModulesError> {
 
 /// The `depends=` list of the module at `path` (compressed or not): the
 /// names of the modules it needs, as the build recorded them.
-pub fn module_depends(path: &Path) -> Result<Vec<String>, ModulesError> {
+pub(crate) fn module_depends(path: &Path) -> Result<Vec<String>, ModulesError> {
     let elf = decompress(path)?;
     let modinfo = modinfo_section(&elf).map_err(|reason| ModulesError::Modinfo {
         path: path.to_path_buf(),

@@ -71,10 +71,10 @@ impl KvmProbe {
 }
 
 /// How long the test guest may take to reach its `hlt`.
-pub const GUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const GUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The hidden subcommand that runs the test guest ([`test_guest_main`]).
-pub const HELPER_SUBCOMMAND: &str = "kvm-test-guest";
+pub(crate) const HELPER_SUBCOMMAND: &str = "kvm-test-guest";
 
 const FIX_LOAD_MODULE: &str = "load kvm_intel or kvm_amd, or enable virtualisation in the BIOS";
 const FIX_FIRMWARE: &str =
@@ -187,7 +187,7 @@ fn open(dev: &Path) -> Result<Kvm, Errno> {
 /// it: `--accel tcg` never does. The message, if any, is one line for the
 /// user: why KVM is not used although it was wanted or would have been
 /// preferred.
-pub fn choose(
+pub(crate) fn choose(
     requested: Option<Accel>,
     probe: impl FnOnce() -> KvmProbe,
 ) -> (Accel, Option<String>) {
@@ -397,7 +397,7 @@ fn reap(mut child: Child, kill_first: bool) -> String {
 
 /// `mkt kvm-test-guest DEV`: runs the test guest on DEV and prints the
 /// verdict, a [`KvmProbe`], as one JSON line. The exit status.
-pub fn test_guest_main(dev: &Path) -> i32 {
+pub(crate) fn test_guest_main(dev: &Path) -> i32 {
     helper_main(dev, &GUEST_CODE)
 }
 

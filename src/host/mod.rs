@@ -84,7 +84,7 @@ impl Check {
 
 /// A host package mkt may need, with the exact install command per distro.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Prerequisite {
+pub(crate) struct Prerequisite {
     /// The program mkt looks for.
     pub program: &'static str,
     /// What it is used for.
@@ -97,7 +97,7 @@ pub struct Prerequisite {
 use crate::arch::HOST;
 
 /// Host programs mkt uses, in the order `mkt setup` reports them.
-pub const PREREQUISITES: &[Prerequisite] = &[
+pub(crate) const PREREQUISITES: &[Prerequisite] = &[
     Prerequisite {
         program: HOST.qemu,
         purpose: "boots kernels (mkt run)",
@@ -144,7 +144,7 @@ pub const PREREQUISITES: &[Prerequisite] = &[
 
 /// Finds `program` in `path` (a `$PATH`-style list), returning the first
 /// executable regular file.
-pub fn which_in(program: &str, path: &str) -> Option<PathBuf> {
+pub(crate) fn which_in(program: &str, path: &str) -> Option<PathBuf> {
     if program.contains('/') {
         let p = PathBuf::from(program);
         return is_executable(&p).then_some(p);
@@ -168,7 +168,7 @@ fn is_executable(p: &Path) -> bool {
 }
 
 /// The prerequisites not found on this host.
-pub fn missing_prerequisites() -> Vec<&'static Prerequisite> {
+pub(crate) fn missing_prerequisites() -> Vec<&'static Prerequisite> {
     PREREQUISITES
         .iter()
         .filter(|p| probe::find_program(p.program).is_none())
@@ -177,7 +177,7 @@ pub fn missing_prerequisites() -> Vec<&'static Prerequisite> {
 
 /// Renders the doctor report as aligned text, one line per capability and
 /// an indented `fix:` line under each that is not ok.
-pub fn render_checks(checks: &[Check]) -> String {
+pub(crate) fn render_checks(checks: &[Check]) -> String {
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     let mut out = String::new();
     for c in checks {

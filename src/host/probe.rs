@@ -160,11 +160,11 @@ pub fn subid_ranges(text: &str, user: &str, uid: u32) -> Vec<(u64, u64)> {
 
 /// How many subordinate ids a user gets (what useradd gives, and enough for
 /// every id a distribution's tree uses).
-pub const SUBID_COUNT: u64 = 65536;
+pub(crate) const SUBID_COUNT: u64 = 65536;
 
 /// The lowest start (from 100000, shadow's SUB_UID_MIN) of `count` ids that
 /// overlaps no range of any user in the given `/etc/subuid`-style texts.
-pub fn free_subid_start(texts: &[&str], count: u64) -> u64 {
+pub(crate) fn free_subid_start(texts: &[&str], count: u64) -> u64 {
     let mut taken: Vec<(u64, u64)> = texts
         .iter()
         .flat_map(|t| t.lines())
@@ -189,7 +189,7 @@ pub fn free_subid_start(texts: &[&str], count: u64) -> u64 {
 
 /// `START-END` (inclusive, as `usermod --add-subuids` takes it) of a free
 /// range of [`SUBID_COUNT`] ids in both files' texts.
-pub fn free_subid_range(subuid: &str, subgid: &str) -> String {
+pub(crate) fn free_subid_range(subuid: &str, subgid: &str) -> String {
     let start = free_subid_start(&[subuid, subgid], SUBID_COUNT);
     format!("{start}-{}", start + SUBID_COUNT - 1)
 }
@@ -211,7 +211,7 @@ pub fn subids(user: &str, uid: u32) -> Check {
 /// [`subids`] on the given file contents; `have` tells whether a program is
 /// on `$PATH`. The fix names only what is missing, and a range that is free
 /// in both files.
-pub fn subids_in(
+pub(crate) fn subids_in(
     user: &str,
     uid: u32,
     subuid: &str,
@@ -277,7 +277,7 @@ pub fn subids_in(
 
 /// Can an overlay be mounted inside a user namespace (Linux >= 5.11)? This is
 /// what keeps a run's writes out of the stored rootfs without root.
-pub fn overlay_in_userns() -> Check {
+pub(crate) fn overlay_in_userns() -> Check {
     let fix =
         "use a kernel >= 5.11 with CONFIG_OVERLAY_FS (mkt falls back to a guest-side overlay)";
     let result = (|| -> std::io::Result<()> {
@@ -353,7 +353,7 @@ pub fn virtiofsd() -> Check {
 }
 
 /// How to get the Rust virtiofsd (Debian 12 has no package of it).
-pub const VIRTIOFSD_FIX: &str = "./install.sh installs it; or: sudo apt-get install -y gcc pkg-config libcap-ng-dev libseccomp-dev && cargo install --locked virtiofsd (Fedora: sudo dnf install -y virtiofsd)";
+pub(crate) const VIRTIOFSD_FIX: &str = "./install.sh installs it; or: sudo apt-get install -y gcc pkg-config libcap-ng-dev libseccomp-dev && cargo install --locked virtiofsd (Fedora: sudo dnf install -y virtiofsd)";
 
 pub fn ccache() -> Check {
     program_check(
@@ -365,7 +365,7 @@ pub fn ccache() -> Check {
 }
 
 /// IOMMU groups exist when the host booted with an IOMMU enabled; VFIO needs them.
-pub fn iommu_in(sys: &Path) -> Check {
+pub(crate) fn iommu_in(sys: &Path) -> Check {
     let groups = sys.join("kernel/iommu_groups");
     let n = std::fs::read_dir(&groups).map(|d| d.count()).unwrap_or(0);
     if n > 0 {
@@ -392,7 +392,7 @@ pub fn iommu_in(sys: &Path) -> Check {
 }
 
 /// The vfio-pci driver: bound-ready (loaded), loadable, or absent.
-pub fn vfio_pci_in(sys: &Path, modules: &Path) -> Check {
+pub(crate) fn vfio_pci_in(sys: &Path, modules: &Path) -> Check {
     if sys.join("bus/pci/drivers/vfio-pci").is_dir() {
         return Check::ok("vfio-pci", "driver loaded");
     }
@@ -418,7 +418,7 @@ pub fn vfio_pci_in(sys: &Path, modules: &Path) -> Check {
 }
 
 /// A bridge for `--net bridge` (MKT's br0 by default).
-pub fn bridge_in(sys: &Path, name: &str) -> Check {
+pub(crate) fn bridge_in(sys: &Path, name: &str) -> Check {
     if sys.join("class/net").join(name).join("bridge").is_dir() {
         Check::ok("bridge", format!("{name} exists"))
     } else {

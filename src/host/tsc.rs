@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// (median of three 5 ms samples, ~2 ms of error at worst under load is
 /// well within the 1% the kernel's delays need). `None` on other
 /// architectures or when the samples make no sense.
-pub fn khz() -> Option<u64> {
+pub(crate) fn khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
         let mut samples: Vec<u64> = (0..3)

@@ -44,7 +44,7 @@ pub fn current() -> User {
 }
 
 /// The name of `uid` in the passwd database, else `$USER`, else the number.
-pub fn name_of(uid: u32) -> String {
+pub(crate) fn name_of(uid: u32) -> String {
     nix::unistd::User::from_uid(uid.into())
         .ok()
         .flatten()
@@ -54,7 +54,7 @@ pub fn name_of(uid: u32) -> String {
 }
 
 /// The CPUs this process may run on (its affinity mask), at least 1.
-pub fn available_cpus() -> u32 {
+pub(crate) fn available_cpus() -> u32 {
     nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
         .map(|set| {
             (0..nix::sched::CpuSet::count())
@@ -67,7 +67,7 @@ pub fn available_cpus() -> u32 {
 
 /// CPUs this process may really use: the affinity mask, capped by the
 /// cgroup v2 CPU quota of its cgroup and every ancestor.
-pub fn usable_cpus() -> u32 {
+pub(crate) fn usable_cpus() -> u32 {
     let cpus = available_cpus();
     let quota = procfs::process::Process::myself()
         .and_then(|p| p.cgroups())
@@ -79,7 +79,7 @@ pub fn usable_cpus() -> u32 {
 
 /// The smallest `cpu.max` quota (in CPUs, rounded up) on the path of the
 /// cgroup v2 `path` (as `/proc/self/cgroup` names it) and its ancestors.
-pub fn cgroup_quota(path: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u32> {
+pub(crate) fn cgroup_quota(path: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u32> {
     let mut dir = PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/'));
     let mut best: Option<u32> = None;
     loop {
@@ -93,7 +93,7 @@ pub fn cgroup_quota(path: &str, read: impl Fn(&Path) -> Option<String>) -> Optio
 }
 
 /// `cpu.max` is `QUOTA PERIOD` or `max PERIOD`: CPUs, rounded up.
-pub fn parse_cpu_max(text: &str) -> Option<u32> {
+pub(crate) fn parse_cpu_max(text: &str) -> Option<u32> {
     let mut it = text.split_whitespace();
     let quota: u64 = it.next()?.parse().ok()?;
     let period: u64 = it.next()?.parse().ok().filter(|&p| p > 0)?;

@@ -49,7 +49,7 @@ impl Kernel {
 }
 
 /// The release string in a bzImage's header (the "kernel_version" field).
-pub fn bzimage_release(data: &[u8]) -> Option<String> {
+pub(crate) fn bzimage_release(data: &[u8]) -> Option<String> {
     // Boot protocol: "HdrS" at 0x202; kernel_version pointer at 0x20e,
     // relative to 0x200.
     if data.get(0x202..0x206)? != b"HdrS" {
@@ -67,7 +67,7 @@ pub(crate) fn is_kernel_tree(dir: &Path) -> bool {
 
 /// --kernel, else the setup's or config's kernel, else the current
 /// directory when it is a built tree, else the rootfs's own newest kernel.
-pub fn resolve_kernel(
+pub(crate) fn resolve_kernel(
     explicit: Option<&Path>,
     modules: Option<&Path>,
     cwd: &Path,
@@ -138,7 +138,7 @@ pub fn resolve_kernel(
 /// Whether the kernel has `option` (=y or =m), from the tree's .config or
 /// an image's config-RELEASE (next to its modules or in the rootfs's
 /// /boot); None when no config says.
-pub fn kernel_option(kernel: &Kernel, rootfs: &Path, option: &str) -> Option<bool> {
+pub(crate) fn kernel_option(kernel: &Kernel, rootfs: &Path, option: &str) -> Option<bool> {
     let text = match kernel {
         Kernel::Tree { tree, .. } => std::fs::read_to_string(tree.join(".config")).ok()?,
         Kernel::Image {
@@ -165,7 +165,7 @@ pub fn kernel_option(kernel: &Kernel, rootfs: &Path, option: &str) -> Option<boo
 
 /// Whether the kernel can mount `fs` (built in or as a module); true when
 /// it cannot be told (an image without modules).
-pub fn kernel_has(kernel: &Kernel, fs: guest::FsKind) -> bool {
+pub(crate) fn kernel_has(kernel: &Kernel, fs: guest::FsKind) -> bool {
     let (option, module) = match fs {
         guest::FsKind::NineP => ("CONFIG_9P_FS", "9p"),
         guest::FsKind::Virtiofs => ("CONFIG_VIRTIO_FS", "virtiofs"),

@@ -49,7 +49,7 @@ pub enum AuthFileError {
 /// Where credentials are looked for, in podman's order: `$REGISTRY_AUTH_FILE`,
 /// `$XDG_RUNTIME_DIR/containers/auth.json`, `~/.config/containers/auth.json`,
 /// `~/.docker/config.json` (or `$DOCKER_CONFIG/config.json`).
-pub fn auth_files(env: impl Fn(&str) -> Option<String>, home: &Path) -> Vec<PathBuf> {
+pub(crate) fn auth_files(env: impl Fn(&str) -> Option<String>, home: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(f) = env("REGISTRY_AUTH_FILE").filter(|s| !s.is_empty()) {
         v.push(PathBuf::from(f));
@@ -112,7 +112,7 @@ struct AuthEntry {
 
 /// One file's entry for `registry`/`repository`: the most specific key wins
 /// (`quay.io/x/y`, then `quay.io/x`, then `quay.io`).
-pub fn lookup_in(
+pub(crate) fn lookup_in(
     text: &str,
     path: &Path,
     registry: &str,
@@ -197,7 +197,7 @@ fn normalize_key(key: &str) -> String {
 
 /// A `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     /// Fetch a token from `realm` (with `service` and `scope`), then retry.
     Bearer {
         realm: String,
@@ -209,7 +209,7 @@ pub enum Challenge {
 }
 
 /// Parses a `WWW-Authenticate` value; `None` for a scheme mkt cannot answer.
-pub fn parse_challenge(header: &str) -> Option<Challenge> {
+pub(crate) fn parse_challenge(header: &str) -> Option<Challenge> {
     let header = header.trim();
     let (scheme, params) = header.split_once(' ').unwrap_or((header, ""));
     match scheme.to_ascii_lowercase().as_str() {

@@ -7,23 +7,23 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1";
 
 /// Manifest media types mkt can use, most wanted first: indexes, then
 /// image manifests.
-pub const KNOWN: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+pub(crate) const KNOWN: [&str; 4] = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
 
 /// The `Accept` header for manifest requests.
-pub fn accept_header() -> String {
+pub(crate) fn accept_header() -> String {
     KNOWN.join(", ")
 }
 
 /// `os/arch[/variant]`, as `--platform` takes it.
-pub fn parse_platform(s: &str) -> Result<Platform, String> {
+pub(crate) fn parse_platform(s: &str) -> Result<Platform, String> {
     let parts: Vec<&str> = s.split('/').collect();
     if !(2..=3).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
         return Err(format!(
@@ -38,7 +38,7 @@ pub fn parse_platform(s: &str) -> Result<Platform, String> {
 }
 
 /// `os/arch[/variant]`, for messages and the store's records.
-pub fn platform_name(p: &Platform) -> String {
+pub(crate) fn platform_name(p: &Platform) -> String {
     let variant = p.variant().as_ref().map(|v| format!("/{v}"));
     format!(
         "{}/{}{}",
@@ -132,14 +132,14 @@ fn fill_defaults(v: &mut Value) {
 }
 
 /// Layer media types mkt unpacks (the compression is also sniffed).
-pub fn is_layer(media_type: &str) -> bool {
+pub(crate) fn is_layer(media_type: &str) -> bool {
     media_type.is_empty()
         || media_type.starts_with("application/vnd.oci.image.layer.")
         || media_type.starts_with("application/vnd.docker.image.rootfs.diff.tar")
 }
 
 /// Config media types of images (an artifact has its own).
-pub fn is_config(media_type: &str) -> bool {
+pub(crate) fn is_config(media_type: &str) -> bool {
     media_type.is_empty()
         || media_type == "application/vnd.oci.image.config.v1+json"
         || media_type == "application/vnd.docker.container.image.v1+json"

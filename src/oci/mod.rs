@@ -46,7 +46,7 @@ impl Default for Limits {
 }
 
 /// A limit for messages: `16 GiB`, `512 KiB`, `1000 bytes`.
-pub fn show_limit(bytes: u64) -> String {
+pub(crate) fn show_limit(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
         if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{} {unit}", bytes >> shift);

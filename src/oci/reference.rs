@@ -4,7 +4,7 @@
 use std::fmt;
 
 /// Docker Hub's name in references and its API host.
-pub const DOCKER_HUB: &str = "docker.io";
+pub(crate) const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
 /// A parsed image reference.
@@ -159,7 +159,7 @@ impl fmt::Display for Reference {
 
 /// `sha256:` and 64 lowercase hex digits: the only digest mkt stores, and
 /// safe to use as a file name.
-pub fn check_digest(d: &str) -> Result<(), String> {
+pub(crate) fn check_digest(d: &str) -> Result<(), String> {
     let Some(hex) = d.strip_prefix("sha256:") else {
         return Err(format!(
             "digest {d:?} is not sha256:<64 hex digits> (only sha256 is supported)"

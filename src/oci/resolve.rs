@@ -20,7 +20,7 @@ pub enum ResolveError {
 
 /// The image manifest a reference and platform lead to.
 #[derive(Debug)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     pub index_digest: Option<String>,
     pub manifest_digest: String,
     pub manifest: ImageManifest,
@@ -28,7 +28,7 @@ pub struct Resolved {
 
 /// The image manifest of `reference` for `platform`, through an index
 /// when there is one, checked.
-pub fn resolve(
+pub(crate) fn resolve(
     reg: &Registry,
     reference: &Reference,
     platform: &Platform,
@@ -85,7 +85,10 @@ fn is_attestation(d: &Descriptor) -> bool {
 
 /// The index entry for `want`. Without a wanted variant, an entry without
 /// one (or arm64's `v8`) is preferred over other variants.
-pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Result<&'a Descriptor, String> {
+pub(crate) fn select<'a>(
+    entries: &'a [Descriptor],
+    want: &Platform,
+) -> Result<&'a Descriptor, String> {
     let name = platform_name(want);
     let images: Vec<&Descriptor> = entries.iter().filter(|d| !is_attestation(d)).collect();
     let for_platform = images.iter().copied().filter(|d| {

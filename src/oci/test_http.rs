@@ -59,7 +59,7 @@ pub fn serve<T: Send + 'static>(
 }
 
 /// A response of `status` with `headers` (each ending in `\r\n`) and `body`.
-pub fn response(status: &str, headers: &str, body: impl AsRef<[u8]>) -> Vec<u8> {
+pub(crate) fn response(status: &str, headers: &str, body: impl AsRef<[u8]>) -> Vec<u8> {
     let body = body.as_ref();
     let mut v = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",

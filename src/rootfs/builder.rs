@@ -42,7 +42,7 @@ pub struct Built {
 }
 
 /// Where the user's own recipes live.
-pub fn user_recipes(paths: &Paths) -> PathBuf {
+pub(crate) fn user_recipes(paths: &Paths) -> PathBuf {
     paths
         .config_file
         .parent()
@@ -496,7 +496,7 @@ impl std::fmt::Display for Progress {
 }
 
 /// apt's sizes: `2757 kB`, `1,234 B`, `80.5 MB` (SI units, as apt prints).
-pub fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let (num, unit) = s.trim().split_once(' ')?;
     let num: f64 = num.replace(',', "").parse().ok()?;
     let mult = match unit.trim() {
@@ -510,7 +510,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// The shell script the steps run as, inside the tree.
-pub fn steps_script(r: &Recipe, install: Option<&str>) -> String {
+pub(crate) fn steps_script(r: &Recipe, install: Option<&str>) -> String {
     let mut s = String::from(
         "set -e\n\
          # The host's resolver while the steps run; the tree's own afterwards.\n\

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 /// A held lock; released when dropped.
 #[derive(Debug)]
-pub struct Lock(#[allow(dead_code)] Flock<File>);
+pub(crate) struct Lock(#[allow(dead_code)] Flock<File>);
 
 /// Why a lock could not be had.
 pub(crate) enum TryLock {
@@ -53,7 +53,7 @@ pub(crate) fn try_exclusive(path: &Path) -> std::io::Result<TryLock> {
 /// The processes holding a flock lock on `path` (from /proc/locks), as
 /// `VM NAME (pid N)` when `runtime_dir` has a record of it, else
 /// `pid N (command line)`.
-pub fn holders(path: &Path, runtime_dir: Option<&Path>) -> Vec<String> {
+pub(crate) fn holders(path: &Path, runtime_dir: Option<&Path>) -> Vec<String> {
     let Ok(m) = std::fs::metadata(path) else {
         return vec![];
     };
@@ -109,7 +109,7 @@ fn who(path: &Path, runtime_dir: Option<&Path>) -> String {
 
 /// The stored tree `tree` (named `name`), locked shared for as long as it
 /// is used. Fails when it is being removed or replaced.
-pub fn tree_shared(tree: &Path, name: &str) -> Result<Lock, RootfsError> {
+pub(crate) fn tree_shared(tree: &Path, name: &str) -> Result<Lock, RootfsError> {
     let file = File::open(tree).map_err(store_err("open", tree))?;
     let before = file.metadata().map_err(store_err("open", tree))?;
     let lock =
@@ -136,7 +136,10 @@ pub fn tree_shared(tree: &Path, name: &str) -> Result<Lock, RootfsError> {
 /// build`): a shared lock when it is a tree of the store, which is made
 /// private (0700) if it is not yet. A directory given by path is not
 /// locked: mkt never removes those.
-pub fn in_use(paths: &crate::config::Paths, tree: &Path) -> Result<Option<Lock>, RootfsError> {
+pub(crate) fn in_use(
+    paths: &crate::config::Paths,
+    tree: &Path,
+) -> Result<Option<Lock>, RootfsError> {
     let Some(name) = tree
         .parent()
         .filter(|p| *p == paths.rootfs_dir)
@@ -150,7 +153,7 @@ pub fn in_use(paths: &crate::config::Paths, tree: &Path) -> Result<Option<Lock>,
 
 /// The stored tree `tree` locked exclusively (to remove or replace it), or
 /// an error naming who uses it.
-pub fn tree_exclusive(
+pub(crate) fn tree_exclusive(
     tree: &Path,
     name: &str,
     runtime_dir: Option<&Path>,
@@ -183,7 +186,7 @@ fn open_store_lock(blob_dir: &Path) -> Result<(File, PathBuf), RootfsError> {
 
 /// Held by a pull or build while it downloads and uses blobs. Waits while
 /// a gc runs (gc is quick).
-pub fn blobs_shared(blob_dir: &Path) -> Result<Lock, RootfsError> {
+pub(crate) fn blobs_shared(blob_dir: &Path) -> Result<Lock, RootfsError> {
     let (f, p) = open_store_lock(blob_dir)?;
     Flock::lock(f, FlockArg::LockShared)
         .map(Lock)
@@ -191,7 +194,10 @@ pub fn blobs_shared(blob_dir: &Path) -> Result<Lock, RootfsError> {
 }
 
 /// Held by `rootfs gc`: refused while a pull or build runs.
-pub fn blobs_exclusive(blob_dir: &Path, runtime_dir: Option<&Path>) -> Result<Lock, RootfsError> {
+pub(crate) fn blobs_exclusive(
+    blob_dir: &Path,
+    runtime_dir: Option<&Path>,
+) -> Result<Lock, RootfsError> {
     let (f, p) = open_store_lock(blob_dir)?;
     match try_lock(f, FlockArg::LockExclusiveNonblock).map_err(store_err("lock", &p))? {
         TryLock::Held(l) => Ok(l),

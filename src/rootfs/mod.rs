@@ -253,7 +253,7 @@ pub struct Pulled {
 }
 
 /// Store names: safe as one path component, never hidden.
-pub fn check_name(name: &str) -> Result<(), RootfsError> {
+pub(crate) fn check_name(name: &str) -> Result<(), RootfsError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
@@ -273,7 +273,7 @@ pub(crate) fn meta_path(paths: &Paths, name: &str) -> PathBuf {
 
 /// Removes `.tmp-…` and `.rm-…` dirs whose lock nobody holds: their mkt
 /// ended without cleaning up (killed), in whatever pid namespace it ran.
-pub fn sweep_stale(store: &Path) {
+pub(crate) fn sweep_stale(store: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let Ok(rd) = std::fs::read_dir(store) else {
         return;
@@ -342,7 +342,7 @@ pub(crate) fn new_temp(store: &Path, kind: &str, name: &str) -> Result<TempTree,
 /// existing store to 0700: it keeps images' setuid-root files and device
 /// nodes, which no other local user may reach. mkt's own helpers (the
 /// guest's virtiofsd, a user namespace's root) are this user, or root.
-pub fn ensure_store(paths: &Paths) -> Result<(), RootfsError> {
+pub(crate) fn ensure_store(paths: &Paths) -> Result<(), RootfsError> {
     use std::os::unix::fs::DirBuilderExt;
     let store = &paths.rootfs_dir;
     if let Some(parent) = store.parent() {
@@ -360,7 +360,7 @@ pub fn ensure_store(paths: &Paths) -> Result<(), RootfsError> {
 
 /// Makes an existing store mode 0700 (a no-op when it is, or is not ours;
 /// a store that is a symlink to a directory has that directory tightened).
-pub fn tighten(store: &Path) -> Result<(), RootfsError> {
+pub(crate) fn tighten(store: &Path) -> Result<(), RootfsError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     match std::fs::metadata(store) {
         Ok(m)
@@ -533,7 +533,7 @@ pub fn remove(paths: &Paths, name: &str) -> Result<PathBuf, RootfsError> {
 
 /// Removes a tree whatever its owners: a tree with subordinate-id owners
 /// (built in a user namespace) is removed from inside such a namespace.
-pub fn remove_any(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_any(path: &Path) -> std::io::Result<()> {
     match unpack::remove_tree(path) {
         Ok(()) => Ok(()),
         Err(e)

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The recipes compiled in: (name, text).
-pub const SHIPPED: &[(&str, &str)] = &[
+pub(crate) const SHIPPED: &[(&str, &str)] = &[
     (
         "debian-bookworm",
         include_str!("../../rootfs-recipes/debian-bookworm.toml"),

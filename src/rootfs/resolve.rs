@@ -46,7 +46,7 @@ pub fn wanted(flag: Option<&str>, setup: Option<&Setup>, config: &Config) -> Str
 
 /// The config's default setup (`defaults.setup`), for commands that take
 /// no SETUP argument (`build`, `ci`, `rootfs shell`).
-pub fn default_setup(config: &Config) -> Option<&Setup> {
+pub(crate) fn default_setup(config: &Config) -> Option<&Setup> {
     config
         .defaults
         .setup
@@ -118,7 +118,7 @@ pub fn lookup(paths: &Paths, value: &str) -> Result<Found, ResolveError> {
 
 /// How a missing recipe tree is built on first use.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct FirstUse {
+pub(crate) struct FirstUse {
     /// Refuse to build (`--dry-run`): [`ResolveError::WouldBuild`].
     pub dry_run: bool,
     pub quiet: bool,
@@ -127,7 +127,7 @@ pub struct FirstUse {
 
 /// Looks `value` up and builds a recipe's tree when it is not in the store
 /// yet; the result is never [`Found::Recipe`].
-pub fn resolve(paths: &Paths, value: &str, first: FirstUse) -> Result<Found, ResolveError> {
+pub(crate) fn resolve(paths: &Paths, value: &str, first: FirstUse) -> Result<Found, ResolveError> {
     let name = match lookup(paths, value)? {
         Found::Recipe(name) => name,
         found => return Ok(found),

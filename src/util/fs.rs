@@ -15,7 +15,7 @@ pub struct CreateError {
 
 /// A new log file `DIR/NAME-YYYYmmdd-HHMMSS[-N].log` (N when two start in
 /// the same second), opened for appending; its path and file.
-pub fn open_log(dir: &Path, name: &str) -> Result<(PathBuf, File), CreateError> {
+pub(crate) fn open_log(dir: &Path, name: &str) -> Result<(PathBuf, File), CreateError> {
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CreateError { path, source }
@@ -43,7 +43,7 @@ pub fn open_log(dir: &Path, name: &str) -> Result<(PathBuf, File), CreateError> 
 }
 
 /// Writes `path` whole or not at all: a temp file beside it, then a rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     fs::write(&tmp, data)?;
@@ -54,7 +54,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 /// dropped. Made after a sweep of this user's dirs of the same prefix
 /// whose mkt is gone: a process killed by a signal (SIGKILL) has no chance
 /// to remove its own.
-pub fn work_dir(prefix: &str) -> io::Result<tempfile::TempDir> {
+pub(crate) fn work_dir(prefix: &str) -> io::Result<tempfile::TempDir> {
     let tmp = std::env::temp_dir();
     sweep_dead(&tmp, prefix);
     tempfile::Builder::new()

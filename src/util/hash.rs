@@ -2,7 +2,7 @@
 //! `DefaultHasher`), for names and cache keys mkt stores.
 
 /// FNV-1a, 64 bits.
-pub struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -23,7 +23,7 @@ impl std::hash::Hasher for Fnv {
 }
 
 /// FNV-1a of `bytes`.
-pub fn fnv(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
     use std::hash::Hasher;
     let mut h = Fnv::default();
     h.write(bytes);

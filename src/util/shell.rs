@@ -21,7 +21,7 @@ pub fn shell_quote(argv: &[String]) -> String {
 
 /// One word for a POSIX shell: as is when it is made of safe characters,
 /// else single-quoted.
-pub fn quote_word(word: &str) -> String {
+pub(crate) fn quote_word(word: &str) -> String {
     let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c);
     if !word.is_empty() && word.chars().all(safe) {
         word.to_owned()

@@ -118,7 +118,7 @@ pub fn default_sigpipe() {
 
 /// While a VM runs, mkt must outlive a closed stdout to tear the VM down:
 /// SIGPIPE is ignored (the output relay stops at EPIPE) until this drops.
-pub struct KeepOnClosedPipe(());
+pub(crate) struct KeepOnClosedPipe(());
 
 impl KeepOnClosedPipe {
     pub fn new() -> KeepOnClosedPipe {

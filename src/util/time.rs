@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Seconds since the epoch (0 if the clock is before it).
-pub fn epoch_secs() -> u64 {
+pub(crate) fn epoch_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -11,17 +11,17 @@ pub fn epoch_secs() -> u64 {
 }
 
 /// Seconds since the epoch as RFC 3339 UTC: `2026-11-29T10:37:51Z`.
-pub fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 /// Now, as `2026-11-29T10:37:51Z`.
-pub fn rfc3339_now() -> String {
+pub(crate) fn rfc3339_now() -> String {
     rfc3339(epoch_secs())
 }
 
 /// Now as `YYYYmmdd-HHMMSS` (UTC), for log file names.
-pub fn compact_now() -> String {
+pub(crate) fn compact_now() -> String {
     compact(epoch_secs())
 }
 

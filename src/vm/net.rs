@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 /// The state file in a run directory.
-pub const STATE_FILE: &str = "net.json";
+pub(crate) const STATE_FILE: &str = "net.json";
 
 pub use crate::config::NetMode as Mode;
 
@@ -47,7 +47,7 @@ pub enum NetError {
 
 /// A stable, locally administered unicast MAC for `name`, so a DHCP server
 /// gives the same guest the same address each run.
-pub fn mac_for(name: &str) -> String {
+pub(crate) fn mac_for(name: &str) -> String {
     let b = crate::util::hash::fnv(name.as_bytes()).to_be_bytes();
     // Bit 1 of the first octet: locally administered; bit 0 clear: unicast.
     let first = (b[0] & 0xfc) | 0x02;
@@ -58,7 +58,7 @@ pub fn mac_for(name: &str) -> String {
 }
 
 /// Whether this process may create taps and change links.
-pub fn has_net_admin() -> bool {
+pub(crate) fn has_net_admin() -> bool {
     caps::has_cap(
         None,
         caps::CapSet::Effective,
@@ -68,7 +68,7 @@ pub fn has_net_admin() -> bool {
 }
 
 /// The error when `mode` needs CAP_NET_ADMIN and this process lacks it.
-pub fn check_privilege(mode: &Mode) -> Result<(), NetError> {
+pub(crate) fn check_privilege(mode: &Mode) -> Result<(), NetError> {
     if has_net_admin() {
         return Ok(());
     }
@@ -84,7 +84,7 @@ pub fn check_privilege(mode: &Mode) -> Result<(), NetError> {
 
 /// Drops CAP_NET_ADMIN for good (bounding set too, so QEMU, exec'd as
 /// root, does not get it back) once the tap exists; best effort.
-pub fn drop_net_admin() {
+pub(crate) fn drop_net_admin() {
     use caps::{CapSet, Capability::CAP_NET_ADMIN};
     for set in [CapSet::Bounding, CapSet::Effective, CapSet::Permitted] {
         if let Err(e) = caps::drop(None, set, CAP_NET_ADMIN) {
@@ -95,7 +95,7 @@ pub fn drop_net_admin() {
 
 /// qemu-bridge-helper when it is installed setuid and `bridge` is allowed
 /// (or its config cannot be read by us, so the helper decides).
-pub fn bridge_helper(bridge: &str) -> Option<PathBuf> {
+pub(crate) fn bridge_helper(bridge: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let helper = [
         "/usr/lib/qemu/qemu-bridge-helper",
@@ -142,7 +142,7 @@ fn ifindex(name: &str) -> Option<u32> {
 
 /// A tap device for one VM; deleted when dropped (and QEMU's fd is closed).
 #[derive(Debug)]
-pub struct Tap {
+pub(crate) struct Tap {
     fd: OwnedFd,
     pub name: String,
     record: PathBuf,
@@ -225,7 +225,7 @@ impl Drop for Tap {
 }
 
 /// Deletes the tap a dead run recorded in `run_dir`, if it still exists.
-pub fn recover(run_dir: &Path) -> io::Result<()> {
+pub(crate) fn recover(run_dir: &Path) -> io::Result<()> {
     let path = run_dir.join(STATE_FILE);
     let rec: Record = match fs::read(&path) {
         Ok(t) => serde_json::from_slice(&t).map_err(io::Error::other)?,

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 /// Modules a distro kernel needs before it can mount the root and talk to mkt.
 /// virtio_mmio is the transport on microvm (`--profile microvm`); `button`
 /// (the ACPI power button) lets the init act on `mkt stop`'s power-off.
-pub const BOOT_MODULES: &[&str] = &[
+pub(crate) const BOOT_MODULES: &[&str] = &[
     "button",
     "virtio_pci",
     "virtio_mmio",
@@ -40,7 +40,7 @@ pub const BOOT_MODULES: &[&str] = &[
 /// transport's (a kernel with both as modules would load 9p, 9pnet, netfs
 /// and fscache for nothing on a virtiofs run: ~30 ms each under TCG), and
 /// without virtio_mmio on a PCI machine (it has no virtio-mmio devices).
-pub fn boot_module_names(fs: GFs, bus: qemu::Bus) -> Vec<&'static str> {
+pub(crate) fn boot_module_names(fs: GFs, bus: qemu::Bus) -> Vec<&'static str> {
     let other: &[&str] = match fs {
         GFs::NineP => &["virtiofs"],
         GFs::Virtiofs => &["9pnet_virtio", "9p"],
@@ -97,7 +97,7 @@ pub(crate) fn boot_modules(
 /// and a shared root answers each walk through such a link with a
 /// round trip to the file server (the guest caches no symlink targets on
 /// virtiofs): ~100 READLINKs of /lib in a kernel tree's boot before.
-pub fn through_tree_link(tree: &Path, guest: &Path) -> PathBuf {
+pub(crate) fn through_tree_link(tree: &Path, guest: &Path) -> PathBuf {
     use std::path::Component;
     let mut parts = guest.components();
     let (Some(Component::RootDir), Some(Component::Normal(first))) = (parts.next(), parts.next())
@@ -113,7 +113,7 @@ pub fn through_tree_link(tree: &Path, guest: &Path) -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (the kernel picks it).
-pub fn free_port() -> io::Result<u16> {
+pub(crate) fn free_port() -> io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -132,7 +132,7 @@ pub(crate) fn read_etc(rootfs: &Path) -> RootfsEtc {
 }
 
 /// Everything prepared for one boot, before anything is started.
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub spec: VmSpec,
     pub files: guest::Generated,
     pub initrd: Vec<u8>,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 /// mkt's SSH keys: one for the user (client) and one for every guest's sshd.
 #[derive(Debug, Clone)]
-pub struct SshKeys {
+pub(crate) struct SshKeys {
     pub client_key: PathBuf,
     pub client_pub: String,
     pub host_private: String,
@@ -25,7 +25,7 @@ pub struct SshKeys {
 pub(crate) const HOST_KEY_ALIAS: &str = "mkt-guest";
 
 /// Creates (once) and reads mkt's SSH keys under `dir`.
-pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
+pub(crate) fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
     use std::os::unix::fs::DirBuilderExt;
     let io_err = |what: &str, source| RunError::SshKeys {
         what: what.into(),
@@ -88,7 +88,7 @@ pub fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
 }
 
 /// The ssh command line that logs into a guest as the user, no prompts.
-pub fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Vec<String> {
+pub(crate) fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Vec<String> {
     let mut a = vec![
         "ssh".to_string(),
         "-p".into(),

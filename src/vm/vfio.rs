@@ -19,18 +19,18 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// The driver devices are bound to for passthrough.
-pub const VFIO_DRIVER: &str = "vfio-pci";
+pub(crate) const VFIO_DRIVER: &str = "vfio-pci";
 
 /// Drivers that do not stop the kernel from handing an IOMMU group to VFIO
 /// (the kernel's own list: stub drivers and PCIe port drivers of bridges).
 const GROUP_SAFE_DRIVERS: &[&str] = &[VFIO_DRIVER, "pci-stub", "pcieport"];
 
 /// The name of the state file in a run directory.
-pub const STATE_FILE: &str = "vfio.json";
+pub(crate) const STATE_FILE: &str = "vfio.json";
 
 /// Called after each write, with the root and the written file: tests use it
 /// to play the kernel's part (moving `driver` links) in a fake tree.
-pub type WriteHook = fn(root: &Path, file: &Path, value: &str);
+pub(crate) type WriteHook = fn(root: &Path, file: &Path, value: &str);
 
 /// Where sysfs (`<root>/sys`) and device nodes (`<root>/dev`) are.
 #[derive(Debug, Clone)]
@@ -425,7 +425,7 @@ impl Drop for Binding {
 
 /// Restores the bindings a dead run left in `run_dir` (no-op without a
 /// state file). `hook` is the fake kernel of tests.
-pub fn recover(run_dir: &Path, hook: Option<WriteHook>) -> Result<(), VfioError> {
+pub(crate) fn recover(run_dir: &Path, hook: Option<WriteHook>) -> Result<(), VfioError> {
     let path = run_dir.join(STATE_FILE);
     let text = match fs::read(&path) {
         Ok(t) => t,

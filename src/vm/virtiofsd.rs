@@ -25,7 +25,7 @@ impl Drop for Daemons {
 }
 
 /// The virtiofsd arguments for one share (rootless: no sandbox needs root).
-pub fn virtiofsd_args(share: &Share) -> Vec<String> {
+pub(crate) fn virtiofsd_args(share: &Share) -> Vec<String> {
     let Some(socket) = &share.virtiofsd else {
         return Vec::new();
     };

@@ -9,7 +9,7 @@ use std::io::{self, Read};
 /// PAX and GNU long-name records larger than this are refused, as Go's
 /// archive/tar (hence Docker) refuses them: the tar crate reads them into
 /// memory whole, so a few KiB of gzip could take GiB of memory.
-pub const MAX_TAR_RECORDS: u64 = 1 << 20;
+pub(crate) const MAX_TAR_RECORDS: u64 = 1 << 20;
 
 /// Passes a tar stream through, following its headers (as the tar crate
 /// reads them) to refuse oversized PAX and long-name records before the

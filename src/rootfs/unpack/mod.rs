@@ -142,7 +142,7 @@ fn entry_note(e: &Option<String>) -> String {
 /// Layer-given bytes (a name) for messages: control and format characters
 /// (escape sequences, bidi overrides), `"` and `\` escaped as Rust does,
 /// bytes that are not UTF-8 as `\xNN`.
-pub fn escape(raw: &[u8]) -> String {
+pub(crate) fn escape(raw: &[u8]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(raw.len());
     for chunk in raw.utf8_chunks() {
@@ -166,7 +166,7 @@ pub fn shown(raw: &[u8]) -> String {
 
 /// What an unpack did, for the summary and the tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub entries: u64,
     /// Bytes of regular-file content written.
     pub bytes: u64,
@@ -198,7 +198,7 @@ pub enum Record {
 }
 
 /// Unpacks layers, in order, into one target directory.
-pub struct Unpacker {
+pub(crate) struct Unpacker {
     root: OwnedFd,
     root_path: PathBuf,
     dirs: HashMap<PathBuf, DirMeta>,
@@ -283,8 +283,10 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 impl Unpacker {
-    /// Prepares to unpack into `target`, an existing empty directory.
-    pub fn new(target: &Path) -> Result<Self, UnpackError> {
+    /// Prepares to unpack into `target`, an existing empty directory, owners
+    /// recorded in xattrs (the tests' shorthand for [`Unpacker::with_record`]).
+    #[cfg(test)]
+    pub(crate) fn new(target: &Path) -> Result<Self, UnpackError> {
         Self::with_record(target, Record::Xattrs)
     }
 

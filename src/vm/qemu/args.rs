@@ -209,7 +209,7 @@ pub fn kernel_args(
 
 /// x86's COMMAND_LINE_SIZE: the kernel keeps at most this many bytes of
 /// its command line, the terminating NUL included.
-pub const COMMAND_LINE_SIZE: usize = 2048;
+pub(crate) const COMMAND_LINE_SIZE: usize = 2048;
 
 /// The longest command line (bytes, without the NUL) the kernel whose image
 /// starts with `head` takes: the bzImage header's `cmdline_size` (at 0x238,
