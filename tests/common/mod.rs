@@ -181,6 +181,7 @@ pub fn shared_mkt() -> PathBuf {
             m.mtime_nsec()
         ));
         let dst = dir.join("mkt");
+        sweep_old_test_bins(&dir);
         if dst.exists() {
             return dst;
         }
@@ -204,6 +205,32 @@ pub fn shared_mkt() -> PathBuf {
         dst
     })
     .clone()
+}
+
+/// Each build of mkt leaves its own copy (117 MiB: the link holds the old
+/// binary once cargo replaces it), which filled the disk over a day of
+/// builds. A process marks the copy it uses (its mtime) and removes those
+/// nobody marked for two hours: no test process lives that long.
+fn sweep_old_test_bins(mine: &std::path::Path) {
+    use std::time::{Duration, SystemTime};
+    if let Ok(d) = std::fs::File::open(mine) {
+        let _ = d.set_modified(SystemTime::now());
+    }
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(2 * 3600));
+        let name = e.file_name().to_string_lossy().into_owned();
+        if old && name.starts_with("mkt-test-bin-") && e.path() != mine {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// `mkt ARGS` as the current user with a private HOME and XDG dirs.
