@@ -447,7 +447,7 @@ mod tests {
     use super::script::check_boot_script;
     use super::*;
     use crate::config::InitMode;
-    use crate::guest::{FsKind as GFs, Mode};
+    use crate::guest::{FsKind, Mode};
     use crate::vm::qemu::Profile;
 
     #[test]
@@ -469,8 +469,8 @@ mod tests {
     fn boot_modules_are_only_the_chosen_file_systems_and_bus() {
         use qemu::Bus;
         for bus in [Bus::Pci, Bus::Mmio] {
-            let v = boot_module_names(GFs::Virtiofs, bus);
-            let p = boot_module_names(GFs::NineP, bus);
+            let v = boot_module_names(FsKind::Virtiofs, bus);
+            let p = boot_module_names(FsKind::NineP, bus);
             for m in ["virtio_pci", "virtio_console", "virtio_net", "overlay"] {
                 assert!(v.contains(&m) && p.contains(&m), "{m}");
             }

@@ -11,7 +11,7 @@ use super::ssh::ensure_ssh_keys;
 use super::supervise::host_terminal;
 use crate::config::{Config, InitMode, Paths, Setup};
 use crate::guest::plan::{READY_PORT, WINSIZE_PORT};
-use crate::guest::{self, FsKind as GFs, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
+use crate::guest::{self, FsKind, GuestMount, GuestUser, Mode, PlanInput, RootfsEtc};
 use crate::host::{self, kvm};
 use crate::kernel::depmod::{host_depmod, modules_boot_record};
 use crate::kernel::{Kernel, kernel_option, resolve_kernel};
@@ -40,11 +40,11 @@ pub(crate) const BOOT_MODULES: &[&str] = &[
 /// transport's (a kernel with both as modules would load 9p, 9pnet, netfs
 /// and fscache for nothing on a virtiofs run: ~30 ms each under TCG), and
 /// without virtio_mmio on a PCI machine (it has no virtio-mmio devices).
-pub(crate) fn boot_module_names(fs: GFs, bus: qemu::Bus) -> Vec<&'static str> {
-    let other: &[&str] = match fs {
-        GFs::NineP => &["virtiofs"],
-        GFs::Virtiofs => &["9pnet_virtio", "9p"],
-    };
+pub(crate) fn boot_module_names(fs: FsKind, bus: qemu::Bus) -> Vec<&'static str> {
+    let other = fs_modules(match fs {
+        FsKind::NineP => FsKind::Virtiofs,
+        FsKind::Virtiofs => FsKind::NineP,
+    });
     BOOT_MODULES
         .iter()
         .copied()
@@ -53,10 +53,18 @@ pub(crate) fn boot_module_names(fs: GFs, bus: qemu::Bus) -> Vec<&'static str> {
         .collect()
 }
 
+/// The modules a root file system over `fs` needs.
+fn fs_modules(fs: FsKind) -> &'static [&'static str] {
+    match fs {
+        FsKind::NineP => &["9p", "9pnet_virtio"],
+        FsKind::Virtiofs => &["virtiofs"],
+    }
+}
+
 /// The modules to pack into the initramfs, decompressed.
 pub(crate) fn boot_modules(
     kernel: &Kernel,
-    fs: GFs,
+    fs: FsKind,
     bus: qemu::Bus,
 ) -> Result<Vec<guest::initramfs::BootModule>, RunError> {
     let Kernel::Image {
@@ -67,11 +75,7 @@ pub(crate) fn boot_modules(
     };
     let plan = guest::modules::resolve(dir, &boot_module_names(fs, bus))
         .map_err(|e| RunError::Modules(dir.clone(), e))?;
-    let fs_modules: &[&str] = match fs {
-        GFs::NineP => &["9p", "9pnet_virtio"],
-        GFs::Virtiofs => &["virtiofs"],
-    };
-    for &must in fs_modules.iter().chain(&["overlay", "virtio_console"]) {
+    for &must in fs_modules(fs).iter().chain(&["overlay", "virtio_console"]) {
         if plan.absent.iter().any(|a| a.replace('-', "_") == must) {
             return Err(RunError::MissingBootModule {
                 name: must.into(),
@@ -306,7 +310,7 @@ pub fn prepare(
         accel_note,
         exec,
         virtiofsd,
-        root_ids: if fs == GFs::Virtiofs { root_ids } else { None },
+        root_ids: root_ids.filter(|_| fs == FsKind::Virtiofs),
         user: input.user.name.clone(),
         rootfs,
         net_mode,
@@ -316,12 +320,12 @@ pub fn prepare(
 }
 
 /// The root and the host directories as QEMU shares.
-fn qemu_shares(fs: GFs, run_dir: &Path, rootfs: &Path, mounts: &[GuestMount]) -> Vec<Share> {
+fn qemu_shares(fs: FsKind, run_dir: &Path, rootfs: &Path, mounts: &[GuestMount]) -> Vec<Share> {
     let qfs = |tag: &str, path: &Path, ro: bool| Share {
         tag: tag.into(),
         path: path.into(),
         readonly: ro,
-        virtiofsd: (fs == GFs::Virtiofs).then(|| run_dir.join(format!("vfs-{tag}.sock"))),
+        virtiofsd: (fs == FsKind::Virtiofs).then(|| run_dir.join(format!("vfs-{tag}.sock"))),
     };
     let mut shares = vec![qfs("root", rootfs, true)];
     shares.extend(
@@ -437,7 +441,7 @@ fn host_shares(
 
 impl HostShares {
     /// The shared directories as the guest mounts them.
-    fn mounts(&self, fs: GFs) -> Vec<GuestMount> {
+    fn mounts(&self, fs: FsKind) -> Vec<GuestMount> {
         self.shared
             .iter()
             .enumerate()

@@ -4,7 +4,7 @@
 use super::error::RunError;
 use super::script::check_boot_script;
 use crate::config::{Config, InitMode, MemSize, NetMode, Paths, PciAddr, Setup, SoftRdma};
-use crate::guest::FsKind as GFs;
+use crate::guest::FsKind;
 use crate::host;
 use crate::host::kvm;
 use crate::kernel::{Kernel, kernel_has, kernel_option};
@@ -19,7 +19,7 @@ pub struct RunOptions {
     pub kernel: Option<PathBuf>,
     pub modules: Option<PathBuf>,
     pub command: Vec<String>,
-    pub fs: Option<GFs>,
+    pub fs: Option<FsKind>,
     pub accel: Option<kvm::Accel>,
     pub cpus: Option<u32>,
     pub mem: Option<MemSize>,
@@ -226,38 +226,38 @@ pub(crate) fn machine(
 /// The file system that shares the root (`--fs`, else virtiofs when it can
 /// serve, else 9p when the kernel has it), and virtiofsd when it is virtiofs.
 pub(crate) fn choose_fs(
-    asked: Option<GFs>,
+    asked: Option<FsKind>,
     mapped_owners: bool,
     rootfs: &Path,
     kernel: &Kernel,
-) -> Result<(GFs, Option<PathBuf>), RunError> {
+) -> Result<(FsKind, Option<PathBuf>), RunError> {
     let have_virtiofsd = host::probe::find_program("virtiofsd").is_some();
     let fs = match asked {
-        Some(GFs::Virtiofs) => GFs::Virtiofs,
-        Some(GFs::NineP) => {
+        Some(FsKind::Virtiofs) => FsKind::Virtiofs,
+        Some(FsKind::NineP) => {
             if mapped_owners {
                 tracing::warn!(
                     "9p shows {} with host ids (your subordinate ids), not its real owners; virtiofs shows them",
                     rootfs.display()
                 );
             }
-            GFs::NineP
+            FsKind::NineP
         }
-        _ if mapped_owners && have_virtiofsd => GFs::Virtiofs,
+        _ if mapped_owners && have_virtiofsd => FsKind::Virtiofs,
         // Both boot equally fast; virtiofs is ~1.8x faster on file-heavy
         // work (docs/run.md, BENCHMARKS), so it is the default when it can be.
-        _ if have_virtiofsd && kernel_has(kernel, GFs::Virtiofs) => GFs::Virtiofs,
-        _ if kernel_has(kernel, GFs::NineP) => GFs::NineP,
-        _ => GFs::Virtiofs,
+        _ if have_virtiofsd && kernel_has(kernel, FsKind::Virtiofs) => FsKind::Virtiofs,
+        _ if kernel_has(kernel, FsKind::NineP) => FsKind::NineP,
+        _ => FsKind::Virtiofs,
     };
     let virtiofsd =
         match fs {
-            GFs::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
+            FsKind::Virtiofs => Some(host::probe::find_program("virtiofsd").ok_or_else(|| {
                 RunError::NoVirtiofsd {
-                    nine_p: kernel_has(kernel, GFs::NineP),
+                    nine_p: kernel_has(kernel, FsKind::NineP),
                 }
             })?),
-            GFs::NineP => None,
+            FsKind::NineP => None,
         };
     Ok((fs, virtiofsd))
 }
