@@ -157,32 +157,7 @@ impl Confinement {
         }
         for p in &self.readonly {
             bind(p).map_err(err)?;
-            // A remount must keep the flags the kernel locked (in a user
-            // namespace): nosuid, nodev, noexec and the atime ones.
-            let st = nix::sys::statvfs::statvfs(p.as_c_str()).map_err(err)?;
-            let f = st.flags();
-            use nix::sys::statvfs::FsFlags;
-            let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            for (have, want) in [
-                (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
-                (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
-                (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
-                (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
-                (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-                (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
-            ] {
-                if f.contains(have) {
-                    flags |= want;
-                }
-            }
-            mount(
-                None::<&str>,
-                p.as_c_str(),
-                None::<&str>,
-                flags,
-                None::<&str>,
-            )
-            .map_err(err)?;
+            crate::util::mount::remount_read_only(p.as_c_str()).map_err(err)?;
         }
         Ok(())
     }

@@ -594,24 +594,7 @@ pub(crate) fn execute(op: &PreparedOp) -> Result<(), Errno> {
                 none,
             )?;
             if *ro {
-                // A remount in a user namespace must keep the flags the
-                // source mount has locked (nosuid, nodev, ...).
-                let st = nix::sys::statvfs::statvfs(dst.as_c_str())?;
-                let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-                use nix::sys::statvfs::FsFlags as F;
-                for (f, m) in [
-                    (F::ST_NOSUID, MsFlags::MS_NOSUID),
-                    (F::ST_NODEV, MsFlags::MS_NODEV),
-                    (F::ST_NOEXEC, MsFlags::MS_NOEXEC),
-                    (F::ST_NOATIME, MsFlags::MS_NOATIME),
-                    (F::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-                    (F::ST_RELATIME, MsFlags::MS_RELATIME),
-                ] {
-                    if st.flags().contains(f) {
-                        flags |= m;
-                    }
-                }
-                mount(none, dst.as_c_str(), none, flags, none)?;
+                crate::util::mount::remount_read_only(dst.as_c_str())?;
             }
             Ok(())
         }
