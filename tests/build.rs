@@ -667,7 +667,6 @@ fn fixture_kernel_was_configured_and_built_by_mkt_build() {
         .unwrap_or_else(|| panic!("no make -jN in {lines:?}"));
     let fresh = StepInput {
         jobs,
-        ccache: true,
         kconfig: true,
         ..Default::default()
     };
@@ -808,4 +807,165 @@ fn log_tail(err: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(60)..].join("\n");
     format!("\n--- the last lines of {path}:\n{tail}")
+}
+
+/// A command run as the test user (when Some): its stdout and stderr.
+fn sh_out(user: Option<&TestUser>, script: &str) -> String {
+    let mut c = Command::new("sh");
+    c.args(["-ec", script]);
+    if let Some(u) = user {
+        c.uid(u.uid).gid(u.gid);
+    }
+    let o = c.output().unwrap();
+    let out = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{script}: {out}");
+    out
+}
+
+/// kbuild's lines for work done (a no-op make prints none of them).
+fn kbuild_work(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| {
+            let w = l.split_whitespace().next().unwrap_or("");
+            [
+                "CC", "LD", "AR", "MODPOST", "GEN", "AS", "HOSTCC", "OBJCOPY",
+            ]
+            .contains(&w)
+        })
+        .collect()
+}
+
+/// Issue 16: `mkt build` and a plain `make` on the host are interchangeable
+/// (ccache through PATH leaves kbuild's command lines alone); a change to a
+/// module's own source makes just that module, and the result is what a
+/// full build gives (a plain make after it has nothing to do); every other
+/// change builds the whole tree and says why. As the unprivileged user.
+#[test]
+fn module_changes_take_the_fast_path_and_anything_else_the_whole_tree() {
+    let Some(fixture) = common::kernel_tree() else {
+        return;
+    };
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    if common::program("make").is_none() || common::program("gcc").is_none() {
+        return;
+    }
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let work = user_dir(user, "mkt-fast-tree-");
+    let tree = work.path().join("linux");
+    let (fx, t) = (fixture.display(), tree.display());
+    sh_as(
+        user,
+        &format!(
+            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
+             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'"
+        ),
+    );
+    let r = rootfs.to_str().unwrap().to_string();
+    // One mkt build: (status line, log text).
+    let build = || {
+        let o = build_as(user, home.path(), &tree, &["--rootfs", &r]);
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "stderr: {err}{}", log_tail(&err));
+        let log = err
+            .lines()
+            .find_map(|l| l.split("log: ").nth(1))
+            .map(|p| std::fs::read_to_string(p.trim_end_matches(')')).unwrap())
+            .unwrap_or_default();
+        (err, log)
+    };
+    let host_make = || sh_out(user, &format!("cd {t}; make -j2"));
+    let append = |file: &str, line: &str| {
+        sh_as(user, &format!("cd {t}; echo '{line}' >> {file}"));
+        // Past the record's margin for edits made during a build.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let whole_tree = |(err, log): (String, String), why: &str| {
+        assert!(!err.contains("modules only"), "{err}");
+        assert!(
+            log.lines()
+                .any(|l| l.starts_with("mkt: building the whole tree: ") && l.contains(why)),
+            "wanted the whole tree because {why}; log:\n{log}"
+        );
+    };
+
+    // The first build of the copy: no record yet, a whole (no-op) build.
+    whole_tree(build(), "no record");
+    // Plain make on the host after mkt build: nothing to do.
+    let out = host_make();
+    assert_eq!(kbuild_work(&out), Vec::<&str>::new(), "{out}");
+    // mkt build after the host's make: that make rewrote outputs, so the
+    // whole tree again, and nothing to compile either.
+    let (err, log) = build();
+    assert_eq!(kbuild_work(&log), Vec::<&str>::new(), "{log}");
+    whole_tree((err, log), "changed");
+    // Nothing changed since: no make at all.
+    let (err, _) = build();
+    assert!(err.contains("is up to date: nothing changed"), "{err}");
+
+    // A module's own source: just that module.
+    append(
+        "drivers/net/dummy.c",
+        "static const char mkt_fast[] __used = \"mkt-fast-marker-1\";",
+    );
+    let (err, log) = build();
+    assert!(err.contains("(modules only: dummy.ko)"), "{err}\n{log}");
+    let ko = std::fs::read(tree.join("drivers/net/dummy.ko")).unwrap();
+    assert!(ko.windows(17).any(|w| w == b"mkt-fast-marker-1"));
+    assert_eq!(
+        std::fs::read_to_string(tree.join("modules.order")).unwrap(),
+        std::fs::read_to_string(fixture.join("modules.order")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(tree.join("Module.symvers")).unwrap(),
+        std::fs::read(fixture.join("Module.symvers")).unwrap()
+    );
+    // ... and what a full build would give: a plain make has nothing to do.
+    let out = host_make();
+    assert_eq!(kbuild_work(&out), Vec::<&str>::new(), "{out}");
+    build();
+
+    // Everything else: the whole tree, with the reason, and the change in.
+    append(
+        "drivers/net/loopback.c",
+        "static const char mkt_builtin[] __used = \"mkt-builtin-marker\";",
+    );
+    whole_tree(
+        build(),
+        "drivers/net/loopback.c changed and drivers/net/loopback.o is not part of a module",
+    );
+    let vmlinux = std::fs::read(tree.join("vmlinux")).unwrap();
+    assert!(vmlinux.windows(18).any(|w| w == b"mkt-builtin-marker"));
+    append("include/linux/if_tun.h", "/* mkt */");
+    whole_tree(
+        build(),
+        "include/linux/if_tun.h changed (not a module's C source)",
+    );
+    append("drivers/net/Makefile", "# mkt");
+    whole_tree(build(), "drivers/net/Makefile changed");
+    sh_as(user, &format!("cd {t}; rm README"));
+    whole_tree(build(), "README was removed");
+    sh_as(
+        user,
+        &format!("cd {t}; touch drivers/net/mkt-new.c; sleep 0.2"),
+    );
+    whole_tree(build(), "drivers/net/mkt-new.c is new");
+    // A module's source and a header together: the whole tree.
+    append("drivers/net/dummy.c", "/* mkt 2 */");
+    append("include/linux/if_tun.h", "/* mkt 2 */");
+    whole_tree(build(), "if_tun.h changed");
+    // A failed build leaves no record: the next one is whole.
+    append("drivers/net/dummy.c", "static int mkt_broken = ;");
+    let o = build_as(user, home.path(), &tree, &["--rootfs", &r]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    sh_as(user, &format!("cd {t}; sed -i '$d' drivers/net/dummy.c"));
+    whole_tree(build(), "no record");
+    // And after all that, mkt's tree is still what make makes.
+    let out = host_make();
+    assert_eq!(kbuild_work(&out), Vec::<&str>::new(), "{out}");
 }

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -118,49 +119,11 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
     let env = prepare_env(opts, config, paths, rootfs, src)?;
 
     if opts.shell {
-        let mut argv = vec![env.shell.clone()];
-        argv.extend(opts.args.iter().cloned());
-        let exit = sandbox::run(&env.spec(&argv), &sandbox::HostFs, sandbox::Output::Inherit)
-            .map_err(|e| BuildError::Enter(env.rootfs.clone(), argv.join(" "), e))?;
-        tracing::info!("entered the rootfs in {:?}", exit.enter);
-        return Ok(exit.status);
+        return Ok(shell(&env, opts)?);
     }
     let jobs = env.jobs;
     let mut env = env;
-    let (name, what, steps) = if let Some(recipe) = &opts.recipe {
-        // The recipe runs with `sh -e`, from a copy mkt shows at /tmp/.mkt.
-        let dst = env.files.join("recipe");
-        fs::copy(recipe, &dst).map_err(|e| BuildError::Recipe(recipe.clone(), e))?;
-        env.add_recipe_vars();
-        let mut argv = vec![
-            "/bin/sh".to_string(),
-            "-e".into(),
-            format!("{MKT_DIR}/recipe"),
-        ];
-        argv.extend(opts.args.iter().cloned());
-        let what = format!("custom (recipe {})", recipe.display());
-        ("custom", what, vec![Step(argv)])
-    } else {
-        let project = project.expect("discovered above");
-        let is_kernel = matches!(project, Project::Kernel { .. });
-        let input = StepInput {
-            jobs,
-            ccache: env.ccache,
-            clean: opts.clean,
-            kconfig: is_kernel && (opts.kconfig || !env.src.join(".config").exists()),
-            olddefconfig: is_kernel
-                && newer(
-                    &env.src.join(".config"),
-                    &env.src.join("include/config/auto.conf"),
-                ),
-            configured: match project {
-                Project::Iproute2 => env.src.join("config.mk").exists(),
-                _ => env.src.join("build/build.ninja").exists(),
-            },
-            args: opts.args.clone(),
-        };
-        (project.name(), project.describe(), steps(&project, &input))
-    };
+    let (name, what, steps) = what_to_run(opts, &mut env, project)?;
     let (log_path, mut log) = crate::util::fs::open_log(&paths.logs_dir.join("build"), name)
         .map_err(|e| BuildError::Create(e.path, e.source))?;
     let say = |s: &str| {
@@ -194,21 +157,56 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
             1
         })
     };
-    if let Some(tree) = &opts.kernel_headers {
-        let tree = tree
-            .clone()
-            .or_else(|| config.defaults.kernel.clone())
-            .ok_or(BuildError::NoHeadersTree)?;
-        let tree = fs::canonicalize(&tree).map_err(|e| BuildError::NoDir(tree.clone(), e))?;
-        if let found @ (Project::RdmaCore | Project::Iproute2 | Project::Qemu) = discover(&tree)? {
-            check_wanted("kernel", &tree, &found)?;
-        }
-        if let Err(status) = env.install_headers(&tree, &mut log, opts.verbose)? {
-            return failed(&["make".into(), "headers".into()], status);
+    if let Some(tree) = headers_tree(opts, config)?
+        && let Err(status) = env.install_headers(&tree, &mut log, opts.verbose)?
+    {
+        return failed(&["make".into(), "headers".into()], status);
+    }
+    // The kernel's plain `make -jN`: mkt's record of its last build may
+    // show that only modules' sources changed (see fast.rs).
+    let tracked = name == "linux"
+        && opts.kernel_headers.is_none()
+        && opts.args.is_empty()
+        && steps.len() == 1;
+    let record_file = super::fast::record_path(&paths.state_dir, &env.src);
+    let key = fast_key(&env);
+    let mut how = String::new();
+    let mut enter = Duration::ZERO;
+    if tracked {
+        match fast_path(
+            &env,
+            &record_file,
+            &key,
+            &steps[0].0,
+            &mut log,
+            opts.verbose,
+        )? {
+            Fast::Done(h, entered) => {
+                enter = entered;
+                if h.is_empty() {
+                    say(&format!(
+                        "{} in {} is up to date: nothing changed since mkt's last build ({:.1}s; log: {})",
+                        what,
+                        env.src.display(),
+                        t0.elapsed().as_secs_f64(),
+                        log_path.display()
+                    ));
+                    return Ok(0);
+                }
+                how = h;
+            }
+            Fast::Failed(argv, status) => return failed(&argv, status),
+            Fast::Full(reason) => {
+                let _ = writeln!(log, "mkt: building the whole tree: {reason}");
+                tracing::info!("building the whole tree: {reason}");
+            }
         }
     }
-    let mut enter = Duration::ZERO;
-    for (i, Step(argv)) in steps.iter().enumerate() {
+    if how.is_empty() {
+        let _ = fs::remove_file(&record_file);
+    }
+    let start = super::fast::start_time(&env.src);
+    for (i, Step(argv)) in steps.iter().enumerate().filter(|_| how.is_empty()) {
         let _ = writeln!(log, "$ {}", crate::util::shell::shell_quote(argv));
         let exit = env.run_logged(argv, &log, opts.verbose)?;
         enter = enter.max(exit.enter);
@@ -225,9 +223,13 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
             say(&report);
         }
     }
+    if tracked && how.is_empty() {
+        save_record(&env.src, &record_file, &key, start, &mut log);
+    }
     say(&format!(
-        "built {} in {} in {:.1}s (-j{}{}, entered in {:.1} ms; log: {})",
+        "built {}{} in {} in {:.1}s (-j{}{}, entered in {:.1} ms; log: {})",
         what,
+        how,
         env.src.display(),
         t0.elapsed().as_secs_f64(),
         jobs,
@@ -236,6 +238,201 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         log_path.display()
     ));
     Ok(0)
+}
+
+/// `--shell`: the shell's exit status.
+fn shell(env: &super::Env, opts: &BuildOptions) -> Result<i32, BuildError> {
+    let mut argv = vec![env.shell.clone()];
+    argv.extend(opts.args.iter().cloned());
+    let exit = sandbox::run(&env.spec(&argv), &sandbox::HostFs, sandbox::Output::Inherit)
+        .map_err(|e| BuildError::Enter(env.rootfs.clone(), argv.join(" "), e))?;
+    tracing::info!("entered the rootfs in {:?}", exit.enter);
+    Ok(exit.status)
+}
+
+/// `--with-kernel-headers[=TREE]`: the kernel tree, checked.
+fn headers_tree(opts: &BuildOptions, config: &Config) -> Result<Option<PathBuf>, BuildError> {
+    let Some(tree) = &opts.kernel_headers else {
+        return Ok(None);
+    };
+    let tree = tree
+        .clone()
+        .or_else(|| config.defaults.kernel.clone())
+        .ok_or(BuildError::NoHeadersTree)?;
+    let tree = fs::canonicalize(&tree).map_err(|e| BuildError::NoDir(tree.clone(), e))?;
+    if let found @ (Project::RdmaCore | Project::Iproute2 | Project::Qemu) = discover(&tree)? {
+        check_wanted("kernel", &tree, &found)?;
+    }
+    Ok(Some(tree))
+}
+
+/// The project's steps, or the recipe's one: (name, description, steps).
+fn what_to_run(
+    opts: &BuildOptions,
+    env: &mut super::Env,
+    project: Option<Project>,
+) -> Result<(&'static str, String, Vec<Step>), BuildError> {
+    Ok(if let Some(recipe) = &opts.recipe {
+        // The recipe runs with `sh -e`, from a copy mkt shows at /tmp/.mkt.
+        let dst = env.files.join("recipe");
+        fs::copy(recipe, &dst).map_err(|e| BuildError::Recipe(recipe.clone(), e))?;
+        env.add_recipe_vars();
+        let mut argv = vec![
+            "/bin/sh".to_string(),
+            "-e".into(),
+            format!("{MKT_DIR}/recipe"),
+        ];
+        argv.extend(opts.args.iter().cloned());
+        let what = format!("custom (recipe {})", recipe.display());
+        ("custom", what, vec![Step(argv)])
+    } else {
+        let project = project.expect("discovered above");
+        let is_kernel = matches!(project, Project::Kernel { .. });
+        let input = StepInput {
+            jobs: env.jobs,
+            clean: opts.clean,
+            kconfig: is_kernel && (opts.kconfig || !env.src.join(".config").exists()),
+            olddefconfig: is_kernel
+                && newer(
+                    &env.src.join(".config"),
+                    &env.src.join("include/config/auto.conf"),
+                ),
+            configured: match project {
+                Project::Iproute2 => env.src.join("config.mk").exists(),
+                _ => env.src.join("build/build.ninja").exists(),
+            },
+            args: opts.args.clone(),
+        };
+        (project.name(), project.describe(), steps(&project, &input))
+    })
+}
+
+/// What the build depends on outside the tree: a different one means a
+/// full build (the rootfs's compiler, the user and host kbuild records).
+fn fast_key(env: &super::Env) -> String {
+    let ctime = |p: &Path| fs::metadata(p).map(|m| (m.ino(), m.ctime(), m.ctime_nsec()));
+    format!(
+        "rootfs={} {:?} gcc={:?} user={} host={}",
+        env.rootfs.display(),
+        ctime(&env.rootfs),
+        ctime(&env.rootfs.join("usr/bin/gcc")),
+        crate::host::user::current().name,
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    )
+}
+
+enum Fast {
+    /// Built the modules (the status line's words), or nothing to do ("").
+    Done(String, Duration),
+    Failed(Vec<String>, i32),
+    Full(String),
+}
+
+/// The fast path (see fast.rs): `make -jN KOS` when only modules' own
+/// sources changed, checked afterwards; `Full(why)` whenever it cannot be
+/// sure.
+fn fast_path(
+    env: &super::Env,
+    record_file: &Path,
+    key: &str,
+    make: &[String],
+    log: &mut fs::File,
+    verbose: bool,
+) -> Result<Fast, BuildError> {
+    use super::fast::{self, Plan};
+    let tree = &env.src;
+    let Some(record) = fs::read_to_string(record_file)
+        .ok()
+        .and_then(|t| fast::Record::parse(&t))
+    else {
+        return Ok(Fast::Full("no record of a successful build by mkt".into()));
+    };
+    let now = fast::walk(tree).map_err(|e| BuildError::Read(tree.clone(), e))?;
+    let modules = fast::modules(tree).unwrap_or_default();
+    let plan = fast::plan(&record, &now, key, &modules, |p| {
+        fs::read_to_string(tree.join(p)).ok()
+    });
+    let (kos, sources) = match plan {
+        Plan::UpToDate => return Ok(Fast::Done(String::new(), Duration::ZERO)),
+        Plan::Full(why) => return Ok(Fast::Full(why)),
+        Plan::Modules { kos, sources } => (kos, sources),
+    };
+    let start = fast::start_time(tree);
+    let saved = fast::Saved::take(tree);
+    let mut argv = make.to_vec();
+    argv.extend(kos.iter().cloned());
+    let _ = writeln!(
+        log,
+        "mkt: only modules' sources changed ({}): making just those modules",
+        sources.join(" ")
+    );
+    let _ = writeln!(log, "$ {}", crate::util::shell::shell_quote(&argv));
+    let exit = env.run_logged(&argv, log, verbose)?;
+    let symvers = fs::read_to_string(tree.join("Module.symvers")).unwrap_or_default();
+    saved
+        .restore()
+        .map_err(|e| BuildError::Write(tree.join("modules.order"), e))?;
+    let by_signal = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|s| 128 + s);
+    if by_signal.contains(&exit.status) {
+        return Ok(Fast::Failed(argv, exit.status));
+    }
+    if exit.status != 0 {
+        return Ok(Fast::Full(format!(
+            "`{}` exited with status {}",
+            argv.join(" "),
+            exit.status
+        )));
+    }
+    if fast::exports_of(&symvers, &kos) != fast::exports_of(&saved.text("Module.symvers"), &kos) {
+        return Ok(Fast::Full(format!(
+            "the exports of {} changed",
+            kos.join(" ")
+        )));
+    }
+    let after = fast::walk(tree).map_err(|e| BuildError::Read(tree.clone(), e))?;
+    let allowed = fast::allowed_outputs(&kos, &modules);
+    if let Some(p) = fast::unexpected_change(&record, &after, &sources, &allowed) {
+        return Ok(Fast::Full(format!("making the modules changed {p}")));
+    }
+    fast::touch_chain(tree, &kos).map_err(|e| BuildError::Write(tree.join("modules.order"), e))?;
+    // The record from this walk: only the files touched since need a look.
+    let mut files = after;
+    let touched = fast::order_chain(&kos)
+        .into_iter()
+        .chain(fast::RESTORED.map(String::from));
+    for p in touched {
+        fast::restat(tree, &p, &mut files);
+    }
+    let mut included = record.included_c.clone();
+    for p in allowed.iter().filter(|p| p.ends_with(".o.cmd")) {
+        if let Ok(text) = fs::read_to_string(tree.join(p)) {
+            included.extend(fast::cmd_included_c(&text));
+        }
+    }
+    let r = fast::record_of(key.to_string(), tree, files, start, included);
+    if let Err(e) = fast::write_atomic(record_file, &r.to_text()) {
+        let _ = writeln!(log, "mkt: no record of this build for the next one: {e}");
+    }
+    let names: Vec<&str> = kos
+        .iter()
+        .map(|k| k.rsplit('/').next().unwrap_or(k))
+        .collect();
+    Ok(Fast::Done(
+        format!(" (modules only: {})", names.join(", ")),
+        exit.enter,
+    ))
+}
+
+/// Writes the record of a successful build; a failure only costs the
+/// next build its fast path.
+fn save_record(tree: &Path, file: &Path, key: &str, start: i128, log: &mut fs::File) {
+    let r = super::fast::take_record(tree, key, start)
+        .and_then(|r| super::fast::write_atomic(file, &r.to_text()));
+    if let Err(e) = r {
+        let _ = writeln!(log, "mkt: no record of this build for the next one: {e}");
+    }
 }
 
 /// A config fragment's assignments: name → value (`None` = "is not set").

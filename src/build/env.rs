@@ -83,12 +83,10 @@ pub(crate) fn prepare_env(
     if home.is_dir() && home != Path::new("/") {
         mounts.push(Mount::bind(&home, &home, true));
     }
-    let ccache = rootfs.join("usr/bin/ccache").exists();
+    let masquerade = ccache_dir(&rootfs);
+    let ccache = masquerade.is_some();
     let mut env: Vec<(OsString, OsString)> = vec![
-        (
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        ),
+        ("PATH".into(), search_path(masquerade).into()),
         ("HOME".into(), home.clone().into()),
         ("USER".into(), name.clone().into()),
         ("LOGNAME".into(), name.into()),
@@ -136,40 +134,44 @@ pub(crate) fn prepare_env(
     })
 }
 
-/// `CC=` for make: `compiler` through ccache when the rootfs has it.
-pub(crate) fn cc_var(ccache: bool, compiler: &str) -> String {
-    if ccache {
-        format!("CC=ccache {compiler}")
-    } else {
-        format!("CC={compiler}")
+/// Where distributions put ccache's masquerade links (`gcc` → ccache),
+/// first match wins: Arch and Alpine, Fedora and openSUSE, Debian.
+const CCACHE_DIRS: [&str; 3] = [
+    "/usr/lib/ccache/bin",
+    "/usr/lib64/ccache",
+    "/usr/lib/ccache",
+];
+
+/// The rootfs's ccache masquerade directory, as seen inside.
+pub(crate) fn ccache_dir(rootfs: &Path) -> Option<&'static str> {
+    CCACHE_DIRS
+        .into_iter()
+        .find(|d| rootfs.join(&d[1..]).is_dir() && rootfs.join("usr/bin/ccache").exists())
+}
+
+/// PATH inside the rootfs: the masquerade directory first, so `gcc` is
+/// ccache while every command line (kbuild's .cmd files, CMake's cache)
+/// still says `gcc`: plain `make` and `mkt build` stay interchangeable.
+pub(crate) fn search_path(ccache_dir: Option<&str>) -> String {
+    let base = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    match ccache_dir {
+        Some(d) => format!("{d}:{base}"),
+        None => base.to_string(),
     }
 }
 
-/// `make ARGS`, with gcc through ccache when the rootfs has it (make's
-/// own CC otherwise).
-pub(crate) fn make_argv(ccache: bool, args: &[&str]) -> Vec<String> {
+/// `make ARGS`: the compiler is make's own `gcc` (ccache through PATH).
+pub(crate) fn make_argv(args: &[&str]) -> Vec<String> {
     let mut v = vec!["make".to_string()];
     v.extend(args.iter().map(|s| s.to_string()));
-    if ccache {
-        v.push(cc_var(true, "gcc"));
-    }
     v
 }
 
 impl Env {
-    /// `make ARGS` in this rootfs (see [`make_argv`]).
-    pub(crate) fn make(&self, args: &[&str]) -> Vec<String> {
-        make_argv(self.ccache, args)
-    }
-
-    /// What a recipe gets besides the environment: `MKT_JOBS`, and `CC`
-    /// through ccache when the rootfs has it.
+    /// What a recipe gets besides the environment: `MKT_JOBS`.
     pub(super) fn add_recipe_vars(&mut self) {
         self.env
             .push(("MKT_JOBS".into(), self.jobs.to_string().into()));
-        if self.ccache {
-            self.env.push(("CC".into(), "ccache gcc".into()));
-        }
     }
 
     /// `make headers` in kernel `tree` (the uapi headers, made in its
@@ -275,5 +277,34 @@ impl Env {
         drop(wr);
         let _ = tee.join();
         r.map_err(enter_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ccache_masquerade_dir_first_on_path() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        assert_eq!(ccache_dir(r), None);
+        fs::create_dir_all(r.join("usr/lib/ccache")).unwrap();
+        // A masquerade dir without ccache itself is not used.
+        assert_eq!(ccache_dir(r), None);
+        fs::create_dir_all(r.join("usr/bin")).unwrap();
+        fs::write(r.join("usr/bin/ccache"), "").unwrap();
+        assert_eq!(ccache_dir(r), Some("/usr/lib/ccache"));
+        fs::create_dir_all(r.join("usr/lib64/ccache")).unwrap();
+        assert_eq!(ccache_dir(r), Some("/usr/lib64/ccache"));
+        assert_eq!(
+            search_path(Some("/usr/lib64/ccache")),
+            "/usr/lib64/ccache:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        );
+        assert_eq!(
+            search_path(None),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        );
+        assert_eq!(make_argv(&["-j2"]), ["make", "-j2"]);
     }
 }

@@ -12,13 +12,14 @@ use crate::sandbox;
 
 mod command;
 mod env;
+mod fast;
 mod project;
 
 pub use command::{
     BuildOptions, build, dropped_options, error_lines, kconfig_report, parse_config,
 };
 pub(crate) use command::{resolve_src, rootfs_for};
-pub(crate) use env::{Env, cc_var, prepare_env};
+pub(crate) use env::{Env, make_argv, prepare_env};
 pub(crate) use project::check_wanted;
 pub use project::{PROJECT_NAMES, Project, Step, StepInput, discover, kernel_version, steps};
 

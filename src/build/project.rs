@@ -105,7 +105,6 @@ impl Step {
 #[derive(Debug, Clone, Default)]
 pub struct StepInput {
     pub jobs: u32,
-    pub ccache: bool,
     pub clean: bool,
     /// Generate the VM kernel config first.
     pub kconfig: bool,
@@ -121,7 +120,7 @@ pub struct StepInput {
 /// The commands that build `project`; pure.
 pub fn steps(project: &Project, i: &StepInput) -> Vec<Step> {
     let j = format!("-j{}", i.jobs);
-    let make = |extra: &[&str]| Step(make_argv(i.ccache, extra));
+    let make = |extra: &[&str]| Step(make_argv(extra));
     let mut s = Vec::new();
     match project {
         Project::Kernel { .. } => {
@@ -294,11 +293,10 @@ mod tests {
         };
         let base = StepInput {
             jobs: 4,
-            ccache: true,
             ..Default::default()
         };
         let argv = |s: Vec<Step>| s.into_iter().map(|s| s.0.join(" ")).collect::<Vec<_>>();
-        assert_eq!(argv(steps(&k, &base)), ["make -j4 CC=ccache gcc"]);
+        assert_eq!(argv(steps(&k, &base)), ["make -j4"]);
         let fresh = StepInput {
             kconfig: true,
             args: vec!["W=1".into()],
@@ -307,16 +305,15 @@ mod tests {
         assert_eq!(
             argv(steps(&k, &fresh)),
             [
-                "make tinyconfig CC=ccache gcc",
+                "make tinyconfig",
                 "scripts/kconfig/merge_config.sh -m .config kernel/configs/kvm_guest.config /tmp/.mkt/vm.config",
-                "make olddefconfig CC=ccache gcc",
-                "make -j4 CC=ccache gcc W=1",
+                "make olddefconfig",
+                "make -j4 W=1",
             ]
         );
         let stale = StepInput {
             olddefconfig: true,
             clean: true,
-            ccache: false,
             ..base.clone()
         };
         assert_eq!(
@@ -325,7 +322,7 @@ mod tests {
         );
         assert_eq!(
             argv(steps(&Project::Iproute2, &base)),
-            ["./configure", "make -j4 CC=ccache gcc"]
+            ["./configure", "make -j4"]
         );
         let configured = StepInput {
             configured: true,

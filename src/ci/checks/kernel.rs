@@ -282,7 +282,7 @@ impl KernelJob<'_> {
             r.progress
                 .say(&format!("{label}: kernel config unchanged, kept"));
         } else {
-            for argv in self.config_steps(r) {
+            for argv in self.config_steps() {
                 let (st, out) = r.run(&format!("{label}: {}", argv[..2].join(" ")), &argv)?;
                 if st != 0 {
                     return Ok(Some(format!(
@@ -298,7 +298,7 @@ impl KernelJob<'_> {
     }
 
     /// The given config, else mkt build's VM config plus the fragment.
-    fn config_steps(&self, r: &Runner) -> Vec<Vec<String>> {
+    fn config_steps(&self) -> Vec<Vec<String>> {
         if self.req.kernel_config.is_some() {
             return vec![
                 vec![
@@ -306,11 +306,11 @@ impl KernelJob<'_> {
                     format!("{MKT_DIR}/user.config"),
                     ".config".into(),
                 ],
-                r.env.make(&["-s", "olddefconfig"]),
+                build::make_argv(&["-s", "olddefconfig"]),
             ];
         }
         vec![
-            r.env.make(&["-s", "tinyconfig"]),
+            build::make_argv(&["-s", "tinyconfig"]),
             vec![
                 "scripts/kconfig/merge_config.sh".into(),
                 "-m".into(),
@@ -319,7 +319,7 @@ impl KernelJob<'_> {
                 format!("{MKT_DIR}/vm.config"),
                 format!("{MKT_DIR}/ci.config"),
             ],
-            r.env.make(&["-s", "olddefconfig"]),
+            build::make_argv(&["-s", "olddefconfig"]),
         ]
     }
 
@@ -349,7 +349,7 @@ impl KernelJob<'_> {
         let t0 = Instant::now();
         let mut args = vec!["-s", "-k", &self.j, "W=1"];
         args.extend(self.targets.iter().map(String::as_str));
-        let argv = r.env.make(&args);
+        let argv = build::make_argv(&args);
         let what = format!("{label}: make W=1 {}", self.targets.join(" "));
         let (st, out) = r.run(&what, &argv)?;
         let found = findings::parse_compiler(&out, &self.tree.to_string_lossy());
@@ -383,7 +383,7 @@ impl KernelJob<'_> {
         let check = format!("CHECK=sh {MKT_DIR}/check {} {checker}", out_file.display());
         let mut args = vec!["-s", "-k", &self.j, "W=1", "C=2", &check];
         args.extend(self.targets.iter().map(String::as_str));
-        let argv = r.env.make(&args);
+        let argv = build::make_argv(&args);
         let (st, out) = r.run(&format!("{label}: {name} (C=2)"), &argv)?;
         let text = fs::read_to_string(&out_file).unwrap_or_default();
         let _ = writeln!(r.progress.log(), "--- {name} output:\n{text}");
@@ -420,7 +420,7 @@ impl KernelJob<'_> {
             "make".to_string(),
             "-s".into(),
             format!("O={}", o.display()),
-            build::cc_var(r.env.ccache, "clang"),
+            "CC=clang".into(),
             "olddefconfig".into(),
         ];
         let (st, out) = r.run(&format!("{label}: clang olddefconfig"), &cfg)?;

@@ -286,7 +286,6 @@ fn userspace(
         // A clean build (ccache keeps it cheap), so every warning shows.
         let input = build::StepInput {
             jobs: r.env.jobs,
-            ccache: r.env.ccache,
             clean: true,
             configured: false,
             ..Default::default()
