@@ -969,3 +969,112 @@ fn module_changes_take_the_fast_path_and_anything_else_the_whole_tree() {
     let out = host_make();
     assert_eq!(kbuild_work(&out), Vec::<&str>::new(), "{out}");
 }
+
+/// Issue 16's warm loop, as the unprivileged user: a VM of a setup runs
+/// from a copy of the kernel tree; a module changes; `mkt build` makes just
+/// that module; `mkt run SETUP --reload -- CMD` reloads it in the running
+/// VM and runs CMD there, word for word, with CMD's exit status; no reboot.
+#[test]
+fn warm_loop_build_reload_and_test_in_the_running_vm() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let Some(fixture) = common::kernel_tree() else {
+        return;
+    };
+    let Some(rootfs) = common::rootfs() else {
+        return;
+    };
+    let Some(user) = common::unprivileged_user() else {
+        return;
+    };
+    let user = user.as_ref();
+    let home = common::temp_home(user);
+    let work = user_dir(user, "mkt-warm-tree-");
+    let tree = work.path().join("linux");
+    let (fx, t) = (fixture.display(), tree.display());
+    sh_as(
+        user,
+        &format!(
+            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
+             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'; \
+             sleep 0.2"
+        ),
+    );
+    let cfg = home.path().join("mkt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[setup.warm]\nrootfs = \"{}\"\nkernel = \"{t}\"\n",
+            rootfs.display()
+        ),
+    )
+    .unwrap();
+    let mkt = |args: &[&str]| {
+        common::mkt_as(user, home.path())
+            .args(args)
+            .env("MKT_CONFIG", &cfg)
+            .current_dir(&tree)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = mkt(&["build", "--rootfs", rootfs.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let mut vm = common::mkt_as(user, home.path())
+        .args(["run", "warm", "--init", "shell"])
+        .env("MKT_CONFIG", &cfg)
+        .current_dir(home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(vm.stderr.take().unwrap());
+    let mut port_line = String::new();
+    while stderr.read_line(&mut port_line).unwrap() > 0 && !port_line.contains("ssh on") {}
+    // Everything runs before the asserts, so the VM is stopped whatever fails.
+    let load = mkt(&["ssh", "warm", "--", "sudo", "modprobe", "dummy"]);
+    sh_as(
+        user,
+        &format!("cd {t}; echo 'MODULE_VERSION(\"mkt-warm-1\");' >> drivers/net/dummy.c"),
+    );
+    let rebuilt = mkt(&["build", "--rootfs", rootfs.to_str().unwrap()]);
+    let script = "printf '%s|' \"$@\"; cat /sys/module/dummy/version; exit 7";
+    let reload = mkt(&[
+        "run", "warm", "--reload", "--", "sh", "-c", script, "sh", "a  b", "$HOME",
+    ]);
+    let again = mkt(&["run", "warm", "--reload", "--", "true"]);
+    let stop = mkt(&["stop", "warm", "--force"]);
+    let _ = vm.wait();
+
+    assert!(port_line.contains("ssh on 127.0.0.1:"), "{port_line}");
+    assert_eq!(load.status.code(), Some(0), "{}", text(&load.stderr));
+    let err = text(&rebuilt.stderr);
+    assert_eq!(rebuilt.status.code(), Some(0), "{err}");
+    let log = err
+        .lines()
+        .find_map(|l| l.split("log: ").nth(1))
+        .and_then(|p| std::fs::read_to_string(p.trim_end_matches(')')).ok())
+        .unwrap_or_default();
+    assert!(err.contains("(modules only: dummy.ko)"), "{err}{log}");
+    assert_eq!(
+        reload.status.code(),
+        Some(7),
+        "{}{}",
+        text(&reload.stdout),
+        text(&reload.stderr)
+    );
+    assert_eq!(text(&reload.stdout), "a  b|$HOME|mkt-warm-1\n");
+    assert!(
+        text(&reload.stderr).contains("reloaded: dummy"),
+        "{}",
+        text(&reload.stderr)
+    );
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("no modules changed"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert!(stop.status.success(), "{}", text(&stop.stderr));
+}

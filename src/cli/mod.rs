@@ -212,6 +212,11 @@ pub struct RunArgs {
     /// to it over ssh).
     #[arg(long)]
     pub new: bool,
+    /// When SETUP is already running: reload its changed kernel modules
+    /// (`mkt modules-reload`) before CMD, in the same ssh connection. A VM
+    /// booted now loads the tree's modules as they are anyway.
+    #[arg(long)]
+    pub reload: bool,
     /// Print the QEMU command line and the generated guest files; boot nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -412,6 +417,7 @@ fn run_options(a: RunArgs, g: &Global) -> Result<crate::vm::RunOptions> {
         init: a.init,
         keep: a.keep,
         new: a.new,
+        reload: a.reload,
         dry_run: a.dry_run,
         quiet: g.quiet,
         verbose: g.verbose > 0,

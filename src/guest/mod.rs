@@ -383,6 +383,9 @@ fn etc_files(input: &PlanInput) -> Vec<GenFile> {
     ]
 }
 
+/// sudo's PATH in Debian's and Fedora's sudoers.
+const SECURE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Password-less sudo for the user, when the tree has sudo.
 fn sudoers_file(input: &PlanInput) -> Option<GenFile> {
     let etc = &input.etc;
@@ -394,10 +397,14 @@ fn sudoers_file(input: &PlanInput) -> Option<GenFile> {
         file("sudoers-mkt", rule, Some("/etc/sudoers.d/mkt"), 0o440)
     } else {
         // The tree's sudoers (and its includes) are unreadable through
-        // the share, so sudo would refuse to run: give it a whole one.
+        // the share, so sudo would refuse to run: give it a whole one, with
+        // the distributions' secure_path (`sudo modprobe` from an ssh
+        // session, whose PATH has no sbin).
         file(
             "sudoers",
-            format!("Defaults env_reset\nroot ALL=(ALL:ALL) ALL\n{rule}"),
+            format!(
+                "Defaults env_reset\nDefaults secure_path=\"{SECURE_PATH}\"\nroot ALL=(ALL:ALL) ALL\n{rule}"
+            ),
             Some("/etc/sudoers"),
             0o440,
         )
@@ -893,6 +900,13 @@ mod tests {
         assert_eq!(
             g.text("sudoers-mkt").unwrap(),
             "dev ALL=(ALL:ALL) NOPASSWD: ALL\n"
+        );
+        // Unreadable through the share: a whole one, with secure_path so
+        // `sudo modprobe` works from an ssh session (PATH without sbin).
+        i.etc.sudoers_readable = false;
+        assert_eq!(
+            generate(&i).text("sudoers").unwrap(),
+            "Defaults env_reset\nDefaults secure_path=\"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\"\nroot ALL=(ALL:ALL) ALL\ndev ALL=(ALL:ALL) NOPASSWD: ALL\n"
         );
         i.etc.has_sudo = false;
         let g = generate(&i);

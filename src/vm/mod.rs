@@ -201,7 +201,39 @@ fn attach_to_running(opts: &RunOptions, paths: &Paths) -> anyhow::Result<Option<
             rec.pid
         );
     }
+    if opts.reload && opts.command.is_empty() {
+        let status = ssh(paths, Some(setup), &reload_command(&[]), opts.quiet)?;
+        if status != 0 {
+            return Ok(Some(status));
+        }
+    } else if opts.reload {
+        return ssh(
+            paths,
+            Some(setup),
+            &reload_command(&opts.command),
+            opts.quiet,
+        )
+        .map(Some);
+    }
     ssh(paths, Some(setup), &opts.command, opts.quiet).map(Some)
+}
+
+/// `--reload`: the guest tool's `modules-reload` (its report on stderr, so
+/// stdout is CMD's alone), then CMD word for word; the reload's status
+/// when it fails, else CMD's.
+fn reload_command(command: &[String]) -> Vec<String> {
+    let reload = format!("{} modules-reload", crate::guest::GUEST_TOOL);
+    if command.is_empty() {
+        return vec!["sh".into(), "-c".into(), format!("{reload} >&2")];
+    }
+    let mut v = vec![
+        "sh".to_string(),
+        "-c".into(),
+        format!("{reload} >&2 || exit; exec \"$@\""),
+        "mkt-reload".into(),
+    ];
+    v.extend(command.iter().cloned());
+    v
 }
 
 /// Where gdb connects, and whether vmlinux's symbols line up.
@@ -441,6 +473,29 @@ pub(crate) fn remote_script_command(script: &Path) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn reload_runs_the_guest_tool_then_the_command_word_for_word() {
+        let cmd: Vec<String> = ["printf", "%s|", "a  b", "$HOME"].map(String::from).into();
+        assert_eq!(
+            reload_command(&cmd),
+            [
+                "sh",
+                "-c",
+                "/usr/local/bin/mkt modules-reload >&2 || exit; exec \"$@\"",
+                "mkt-reload",
+                "printf",
+                "%s|",
+                "a  b",
+                "$HOME"
+            ]
+        );
+        assert_eq!(
+            reload_command(&[]),
+            ["sh", "-c", "/usr/local/bin/mkt modules-reload >&2"]
+        );
+    }
+
     use super::cmdline::{gdb_nokaslr, tsc_word};
     use super::error::last_lines;
     use super::prepare::*;

@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub keep: bool,
     /// Start another VM even when the setup is already running.
     pub new: bool,
+    /// Reload the changed modules of a running SETUP before the command.
+    pub reload: bool,
     pub dry_run: bool,
     pub quiet: bool,
     pub verbose: bool,
