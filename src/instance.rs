@@ -492,6 +492,13 @@ pub fn records(runtime_dir: &Path) -> Result<Vec<Record>, InstanceError> {
     Ok(out)
 }
 
+/// Whether a run called `name` is starting: its directory is locked by a
+/// live mkt run that has not written its record yet.
+pub fn starting(runtime_dir: &Path, name: &str) -> bool {
+    let dir = runs_dir(runtime_dir).join(name);
+    !dir.join("instance.json").exists() && holder(&dir).is_some()
+}
+
 /// Whether the VM of `r` still runs: its mkt still holds the lock.
 pub fn running(r: &Record) -> bool {
     holder(&r.dir) == Some(r.pid)
@@ -582,6 +589,14 @@ pub(crate) mod tests {
             0o700
         );
         assert_eq!(holder(&path), Some(std::process::id()));
+        // Locked without a record yet: starting (`mkt ssh NAME` waits).
+        assert!(starting(rt.path(), "t"));
+        assert!(!starting(rt.path(), "other"));
+        d.write_record(&record("t", std::process::id())).unwrap();
+        assert!(!starting(rt.path(), "t"));
+        let dead = dead_run(rt.path(), "gone");
+        assert!(!starting(rt.path(), "gone") && dead.exists());
+        fs::remove_dir_all(&dead).unwrap();
         // A live run is not stale.
         assert!(clean_stale(rt.path(), no_recover).unwrap().is_empty());
         assert!(path.exists());

@@ -971,7 +971,8 @@ fn module_changes_take_the_fast_path_and_anything_else_the_whole_tree() {
 }
 
 /// Issue 16's warm loop, as the unprivileged user: a VM of a setup runs
-/// from a copy of the kernel tree; a module changes; `mkt build` makes just
+/// from a copy of the kernel tree (`mkt ssh` called the moment it starts);
+/// a module changes; `mkt build` makes just
 /// that module; `mkt run SETUP --reload -- CMD` reloads it in the running
 /// VM and runs CMD there, word for word, with CMD's exit status; no reboot.
 #[test]
@@ -1029,11 +1030,13 @@ fn warm_loop_build_reload_and_test_in_the_running_vm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // At once, as a script would: `mkt ssh` waits for the starting VM's
+    // record, then for its sshd. Everything runs before the asserts, so
+    // the VM is stopped whatever fails.
+    let load = mkt(&["ssh", "warm", "--", "sudo", "modprobe", "dummy"]);
     let mut stderr = std::io::BufReader::new(vm.stderr.take().unwrap());
     let mut port_line = String::new();
     while stderr.read_line(&mut port_line).unwrap() > 0 && !port_line.contains("ssh on") {}
-    // Everything runs before the asserts, so the VM is stopped whatever fails.
-    let load = mkt(&["ssh", "warm", "--", "sudo", "modprobe", "dummy"]);
     sh_as(
         user,
         &format!("cd {t}; echo 'MODULE_VERSION(\"mkt-warm-1\");' >> drivers/net/dummy.c"),

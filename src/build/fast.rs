@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -132,45 +132,99 @@ pub(crate) fn ignorable(path: &str) -> bool {
 /// Directories at the top of the tree that no in-tree build reads.
 const SKIPPED: [&str; 2] = [".git", ".mkt-ci"];
 
-/// Every non-directory under `tree` (symlinks not followed).
+/// Every non-directory under `tree` (symlinks not followed), by as many
+/// threads as CPUs (two here: the walk is most of a fast build's own time).
 pub(crate) fn walk(tree: &Path) -> io::Result<Files> {
-    let mut files = Files::new();
-    let mut dirs = vec![(tree.to_path_buf(), String::new())];
-    while let Some((dir, rel)) = dirs.pop() {
-        for e in fs::read_dir(&dir)? {
-            let e = e?;
-            let Ok(name) = e.file_name().into_string() else {
-                // A name that is not UTF-8 cannot be recorded: no record.
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "non-UTF-8 name"));
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let queue = Mutex::new(vec![(tree.to_path_buf(), String::new())]);
+    let busy = AtomicUsize::new(0);
+    let threads = crate::host::user::usable_cpus().clamp(1, 4) as usize;
+    let worker = || -> io::Result<Files> {
+        let mut files = Files::new();
+        loop {
+            let next = {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                let next = q.pop();
+                if next.is_some() {
+                    busy.fetch_add(1, Ordering::SeqCst);
+                }
+                next
             };
-            if name.contains('\n') {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "newline in a name",
-                ));
-            }
-            if rel.is_empty() && SKIPPED.contains(&name.as_str()) {
+            let Some((dir, rel)) = next else {
+                if busy.load(Ordering::SeqCst) == 0 {
+                    return Ok(files);
+                }
+                std::thread::yield_now();
                 continue;
-            }
-            let path = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
             };
-            let m = e.metadata()?;
-            if m.is_dir() {
-                dirs.push((e.path(), path));
-            } else if !ignorable(&path) {
-                files.insert(path, Stat::of(&m));
+            let found = walk_dir(&dir, &rel, &mut files);
+            if let Ok(subdirs) = &found {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.extend(subdirs.iter().cloned());
+            }
+            busy.fetch_sub(1, Ordering::SeqCst);
+            if let Err(e) = found {
+                // The others stop when the queue runs dry; this error wins.
+                queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                return Err(e);
             }
         }
+    };
+    let results: Vec<io::Result<Files>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("walk panicked")))
+            })
+            .collect()
+    });
+    let mut all = Files::new();
+    for r in results {
+        all.extend(r?);
     }
-    Ok(files)
+    Ok(all)
+}
+
+/// One directory's entries: files into `files`, subdirectories returned.
+fn walk_dir(dir: &Path, rel: &str, files: &mut Files) -> io::Result<Vec<(PathBuf, String)>> {
+    let mut subdirs = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let Ok(name) = e.file_name().into_string() else {
+            // A name that is not UTF-8 cannot be recorded: no record.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "non-UTF-8 name"));
+        };
+        if name.contains('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "newline in a name",
+            ));
+        }
+        if rel.is_empty() && SKIPPED.contains(&name.as_str()) {
+            continue;
+        }
+        let path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let m = e.metadata()?;
+        if m.is_dir() {
+            subdirs.push((e.path(), path));
+        } else if !ignorable(&path) {
+            files.insert(path, Stat::of(&m));
+        }
+    }
+    Ok(subdirs)
 }
 
 /// A kbuild output: a target with its command file (`.NAME.cmd` beside
 /// it), a command or dependency file, a symlink, or a generated file kbuild
-/// writes without a command file.
+/// writes without a command file (modpost's `.mod.c`, link-vmlinux's
+/// System.map, filechk's headers).
 pub(crate) fn is_output(path: &str, files: &Files, symlink: bool) -> bool {
     let (dir, name) = match path.rsplit_once('/') {
         Some((d, n)) => (format!("{d}/"), n),
@@ -179,6 +233,7 @@ pub(crate) fn is_output(path: &str, files: &Files, symlink: bool) -> bool {
     symlink
         || name.ends_with(".cmd")
         || name.ends_with(".d")
+        || name.ends_with(".mod.c")
         || files.contains_key(&format!("{dir}.{name}.cmd"))
         || ["include/generated/", "include/config/", "usr/include/"]
             .iter()
@@ -425,14 +480,12 @@ pub(crate) fn exports_of(symvers: &str, kos: &[String]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Writes `text` to `path` through a temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let mut t = tempfile::NamedTempFile::new_in(dir)?;
-    t.write_all(text.as_bytes())?;
-    t.persist(path).map_err(|e| e.error)?;
-    Ok(())
+/// Writes the record whole or not at all.
+pub(crate) fn write_record(path: &Path, record: &Record) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    crate::util::fs::write_atomic(path, record.to_text().as_bytes())
 }
 
 /// Where the record of `tree` lives (mkt's state, not the tree).
@@ -793,6 +846,7 @@ mod tests {
         assert!(is_output("a/x.o", &f, false));
         assert!(is_output("a/.x.o.cmd", &f, false));
         assert!(!is_output("a/x.c", &f, false));
+        assert!(is_output("a/x.mod.c", &f, false));
         assert!(is_output("a/link", &f, true));
         assert!(is_output("arch/x86/include/generated/asm/x.h", &f, false));
     }

@@ -28,7 +28,7 @@ pub fn stop(
     force: bool,
     timeout: Duration,
 ) -> anyhow::Result<i32> {
-    let running = running_vms(&paths.runtime_dir)?;
+    let running = running_vms_named(&paths.runtime_dir, name)?;
     let targets: Vec<&instance::Record> = match (name, all) {
         (_, true) if running.is_empty() => {
             eprintln!("mkt: no VM is running; nothing to stop");
@@ -141,6 +141,45 @@ pub fn running_vms(runtime_dir: &Path) -> Result<Vec<instance::Record>, instance
     clean_stale(runtime_dir)?;
     instance::records(runtime_dir)
 }
+
+/// [`running_vms`], once the run called `name` has its record: a VM whose
+/// `mkt run` is still starting (run directory locked, no record yet) is
+/// waited for (up to [`super::ssh::SSHD_WAIT`]), and a name with no run
+/// directory at all for [`NAME_GRACE`] (a `mkt run NAME &` started just
+/// before has not made it yet), so a script's `mkt run NAME &` then
+/// `mkt ssh NAME` (or `stop`) finds it.
+pub(crate) fn running_vms_named(
+    runtime_dir: &Path,
+    name: Option<&str>,
+) -> Result<Vec<instance::Record>, instance::InstanceError> {
+    let t0 = std::time::Instant::now();
+    let mut running = running_vms(runtime_dir)?;
+    let Some(name) = name else {
+        return Ok(running);
+    };
+    loop {
+        if running.iter().any(|r| r.name == name) {
+            return Ok(running);
+        }
+        let wait = if instance::starting(runtime_dir, name) {
+            super::ssh::SSHD_WAIT
+        } else if !instance::runs_dir(runtime_dir).join(name).exists() {
+            NAME_GRACE
+        } else {
+            Duration::ZERO
+        };
+        if t0.elapsed() >= wait {
+            return Ok(running);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        running = instance::records(runtime_dir)?;
+    }
+}
+
+/// How long a VM name nothing runs under is waited for (see
+/// [`running_vms_named`]): `mkt run` makes its run directory within tens
+/// of milliseconds of starting, seconds on a loaded machine.
+const NAME_GRACE: Duration = Duration::from_secs(3);
 
 #[cfg(test)]
 mod tests {

@@ -87,8 +87,23 @@ pub(crate) fn ensure_ssh_keys(dir: &Path) -> Result<SshKeys, RunError> {
     })
 }
 
+/// The longest socket path ssh's ControlPath may be (sun_path, 108 with
+/// its NUL, less the suffix ssh adds while it makes the socket).
+const MAX_CONTROL_PATH: usize = 80;
+
 /// The ssh command line that logs into a guest as the user, no prompts.
-pub(crate) fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]) -> Vec<String> {
+/// With `control` (a socket in the VM's run directory), the first
+/// connection stays open in the background and later ones reuse it: under
+/// TCG a new connection costs ~0.8 s (key exchange, sshd's re-exec), a
+/// reused one ~0.1 s. That master ends when the VM does (its connection
+/// closes), and the run directory goes with the VM.
+pub(crate) fn ssh_argv(
+    keys: &SshKeys,
+    user: &str,
+    port: u16,
+    control: Option<&Path>,
+    command: &[String],
+) -> Vec<String> {
     let mut a = vec![
         "ssh".to_string(),
         "-p".into(),
@@ -107,8 +122,18 @@ pub(crate) fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]
         "BatchMode=yes".into(),
         "-o".into(),
         "LogLevel=ERROR".into(),
-        format!("{user}@127.0.0.1"),
     ];
+    if let Some(c) = control.filter(|c| c.as_os_str().len() <= MAX_CONTROL_PATH) {
+        a.extend([
+            "-o".into(),
+            "ControlMaster=auto".into(),
+            "-o".into(),
+            format!("ControlPath={}", c.display()),
+            "-o".into(),
+            "ControlPersist=yes".into(),
+        ]);
+    }
+    a.push(format!("{user}@127.0.0.1"));
     if !command.is_empty() {
         // ssh joins its words with spaces for the remote shell to split
         // again: one quoted line makes the guest run exactly this argv.
@@ -117,6 +142,9 @@ pub(crate) fn ssh_argv(keys: &SshKeys, user: &str, port: u16, command: &[String]
     }
     a
 }
+
+/// The shared ssh connection's socket in a run directory.
+const SSH_CONTROL: &str = "ssh-mux";
 
 /// `mkt ssh [NAME] [-- CMD]`: runs ssh into a running guest; its exit status.
 pub fn ssh(
@@ -136,7 +164,7 @@ pub(crate) fn ssh_with_stdin(
     stdin: Option<std::fs::File>,
     quiet: bool,
 ) -> anyhow::Result<i32> {
-    let running = super::control::running_vms(&paths.runtime_dir)?;
+    let running = super::control::running_vms_named(&paths.runtime_dir, name)?;
     let rec = match name {
         Some(n) => find_vm(&running, n)?,
         None => match running.as_slice() {
@@ -155,7 +183,8 @@ pub(crate) fn ssh_with_stdin(
         wait_for_sshd(rec, quiet)?;
     }
     let keys = ensure_ssh_keys(&paths.data_dir.join("ssh"))?;
-    let argv = ssh_argv(&keys, &rec.user, port, command);
+    let control = rec.dir.join(SSH_CONTROL);
+    let argv = ssh_argv(&keys, &rec.user, port, Some(&control), command);
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     if let Some(f) = stdin {
@@ -220,5 +249,48 @@ pub(crate) fn wait_for_sshd(rec: &instance::Record, quiet: bool) -> anyhow::Resu
             said = true;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssh_argv_shares_one_connection_per_vm_and_quotes_the_command() {
+        let keys = SshKeys {
+            client_key: "/k/id".into(),
+            client_pub: String::new(),
+            host_private: String::new(),
+            known_hosts: "/k/known".into(),
+        };
+        let cmd: Vec<String> = ["sh", "-c", "exit 3"].map(String::from).into();
+        let base = "ssh -p 2222 -i /k/id -o IdentitiesOnly=yes -o HostKeyAlias=mkt-guest \
+             -o UserKnownHostsFile=/k/known -o StrictHostKeyChecking=yes -o BatchMode=yes \
+             -o LogLevel=ERROR";
+        let mux =
+            " -o ControlMaster=auto -o ControlPath=/run/mkt/runs/vm/ssh-mux -o ControlPersist=yes";
+        let long = PathBuf::from(format!("/{}/ssh-mux", "d".repeat(90)));
+        let cases: [(Option<&Path>, &[String], String); 4] = [
+            (None, &[], format!("{base} dev@127.0.0.1")),
+            (
+                Some(Path::new("/run/mkt/runs/vm/ssh-mux")),
+                &[],
+                format!("{base}{mux} dev@127.0.0.1"),
+            ),
+            (
+                Some(Path::new("/run/mkt/runs/vm/ssh-mux")),
+                &cmd,
+                format!("{base}{mux} dev@127.0.0.1 -- sh -c 'exit 3'"),
+            ),
+            // A socket path too long for sun_path: one connection each.
+            (Some(&long), &[], format!("{base} dev@127.0.0.1")),
+        ];
+        for (control, command, want) in cases {
+            assert_eq!(
+                ssh_argv(&keys, "dev", 2222, control, command).join(" "),
+                want
+            );
+        }
     }
 }
