@@ -248,13 +248,30 @@ impl Env {
         log: &fs::File,
         stream: bool,
     ) -> Result<sandbox::Exit, BuildError> {
+        self.run_logged_with(argv, &[], log, stream)
+    }
+
+    /// [`Env::run_logged`] with `extra` variables in the environment.
+    pub(crate) fn run_logged_with(
+        &self,
+        argv: &[String],
+        extra: &[(&str, &str)],
+        log: &fs::File,
+        stream: bool,
+    ) -> Result<sandbox::Exit, BuildError> {
+        let mut spec = self.spec(argv);
+        spec.env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        );
         let enter_err = |e| BuildError::Enter(self.rootfs.clone(), argv.join(" "), e);
         if !stream {
             let fd: OwnedFd = log
                 .try_clone()
                 .map_err(|e| BuildError::Write(PathBuf::from("log"), e))?
                 .into();
-            return sandbox::run(&self.spec(argv), &sandbox::HostFs, sandbox::Output::To(&fd))
+            return sandbox::run(&spec, &sandbox::HostFs, sandbox::Output::To(&fd))
                 .map_err(enter_err);
         }
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -273,7 +290,7 @@ impl Env {
                 let _ = io::stderr().write_all(&buf[..n]);
             }
         });
-        let r = sandbox::run(&self.spec(argv), &sandbox::HostFs, sandbox::Output::To(&wr));
+        let r = sandbox::run(&spec, &sandbox::HostFs, sandbox::Output::To(&wr));
         drop(wr);
         let _ = tee.join();
         r.map_err(enter_err)

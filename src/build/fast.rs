@@ -72,17 +72,17 @@ const MAGIC: &str = "mkt fast-build record v1";
 
 impl Record {
     pub(crate) fn to_text(&self) -> String {
-        let mut s = format!("{MAGIC}\nkey {}\n", self.key);
+        use std::fmt::Write;
+        // One buffer, no string per line: ~90k files in a kernel tree.
+        let mut s = String::with_capacity(self.files.len() * 96);
+        let _ = writeln!(s, "{MAGIC}\nkey {}", self.key);
         for c in &self.included_c {
-            s.push_str(&format!("include {c}\n"));
+            let _ = writeln!(s, "include {c}");
         }
         let mut files: Vec<_> = self.files.iter().collect();
-        files.sort_by(|a, b| a.0.cmp(b.0));
+        files.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (p, st) in files {
-            s.push_str(&format!(
-                "f {} {} {} {} {p}\n",
-                st.ino, st.size, st.mtime, st.ctime
-            ));
+            let _ = writeln!(s, "f {} {} {} {} {p}", st.ino, st.size, st.mtime, st.ctime);
         }
         s
     }
@@ -403,6 +403,23 @@ pub(crate) fn plan(
         kos: kos.into_iter().collect(),
         sources,
     }
+}
+
+/// `make -o TARGET` for what the modules' make would only re-check:
+/// objtool (tools/ did not change) and `prepare` (what it generates comes
+/// from the config, sources and toolchain, all unchanged) — unless the
+/// kernel release names the git state (`CONFIG_LOCALVERSION_AUTO` in a git
+/// tree: editing a module makes it `-dirty`), which `prepare` must see.
+/// Saves ~0.3 s of a ~1 s make here.
+pub(crate) fn skipped_targets(tree: &Path) -> Vec<String> {
+    let mut v = vec!["-o".to_string(), "tools/objtool".to_string()];
+    let auto = fs::read_to_string(tree.join(".config"))
+        .map(|c| c.lines().any(|l| l == "CONFIG_LOCALVERSION_AUTO=y"))
+        .unwrap_or(true);
+    if !(auto && tree.join(".git").exists()) {
+        v.extend(["-o".to_string(), "prepare".to_string()]);
+    }
+    v
 }
 
 /// The files `make KOS` may write for these modules: their objects, the
@@ -817,6 +834,24 @@ mod tests {
         assert_eq!(r.files["include/generated/autoconf.h"], st(50));
         assert_eq!(r.files["drivers/net/edited-during.c"], Stat::UNKNOWN);
         assert_eq!(r.files["old.c"], st(3));
+    }
+
+    #[test]
+    fn prepare_is_skipped_unless_the_release_names_the_git_state() {
+        let t = tempfile::tempdir().unwrap();
+        let both = ["-o", "tools/objtool", "-o", "prepare"];
+        fs::write(t.path().join(".config"), "CONFIG_LOCALVERSION_AUTO=y\n").unwrap();
+        assert_eq!(skipped_targets(t.path()), both);
+        fs::create_dir(t.path().join(".git")).unwrap();
+        assert_eq!(skipped_targets(t.path()), ["-o", "tools/objtool"]);
+        fs::write(
+            t.path().join(".config"),
+            "# CONFIG_LOCALVERSION_AUTO is not set\n",
+        )
+        .unwrap();
+        assert_eq!(skipped_targets(t.path()), both);
+        fs::remove_file(t.path().join(".config")).unwrap();
+        assert_eq!(skipped_targets(t.path()), ["-o", "tools/objtool"]);
     }
 
     #[test]
