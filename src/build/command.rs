@@ -350,7 +350,7 @@ fn fast_path(
     else {
         return Ok(Fast::Full("no record of a successful build by mkt".into()));
     };
-    let now = fast::walk(tree).map_err(|e| BuildError::Read(tree.clone(), e))?;
+    let (now, watch) = fast::walk_and_watch(tree).map_err(|e| BuildError::Read(tree.clone(), e))?;
     tracing::debug!(
         "fast path: record read and tree walked in {:?}",
         t.elapsed()
@@ -376,6 +376,7 @@ fn fast_path(
     );
     let _ = writeln!(log, "$ {}", crate::util::shell::shell_quote(&argv));
     let t = Instant::now();
+    tracing::debug!("fast path: watching: {}", watch.is_some());
     // The changed sources miss the cache: ccache's depend mode misses
     // without running the preprocessor first (~0.1 s a file here).
     let exit = env.run_logged_with(&argv, &[("CCACHE_DEPEND", "1")], log, verbose)?;
@@ -402,7 +403,18 @@ fn fast_path(
         )));
     }
     let t = Instant::now();
-    let after = fast::walk(tree).map_err(|e| BuildError::Read(tree.clone(), e))?;
+    // What the make wrote, from the watch (else walk the tree again).
+    let after = match watch.and_then(fast::Watch::written) {
+        Some(written) => {
+            tracing::debug!("fast path: the make wrote {} files", written.len());
+            let mut after = now;
+            for p in &written {
+                fast::restat(tree, p, &mut after);
+            }
+            after
+        }
+        None => fast::walk(tree).map_err(|e| BuildError::Read(tree.clone(), e))?,
+    };
     tracing::debug!("fast path: checked in {:?}", t.elapsed());
     let allowed = fast::allowed_outputs(&kos, &modules);
     if let Some(p) = fast::unexpected_change(&record, &after, &sources, &allowed) {
