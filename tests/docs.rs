@@ -34,6 +34,10 @@ const NOT_RUN: &[(&str, &str)] = &[
         "needs a running VM; tests/guest.rs default_interactive_mode_is_a_shell_with_the_host_terminal_and_ssh runs it",
     ),
     (
+        "mkt run vm",
+        "needs a setup called vm in the config; tests/build.rs warm_loop_build_reload_and_test_in_the_running_vm starts a setup's VM and calls mkt ssh at once",
+    ),
+    (
         "mkt run --rootfs fc30",
         "needs the fc30 tree (a Fedora image pull); tests/recipe.rs builds image recipes",
     ),

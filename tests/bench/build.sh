@@ -25,9 +25,9 @@ grep -rlI --include='.*.cmd' --include='*.d' "$cache/linux" "$tree/tools" 2>/dev
 j=$(nproc)
 # One build each first, so both start from the same up-to-date state.
 "$mkt" -q build --rootfs "$rootfs" -C "$tree" >/dev/null
-make -s -C "$tree" -j"$j" CC="ccache gcc" >/dev/null
+env PATH=/usr/lib/ccache:$PATH make -s -C "$tree" -j"$j" >/dev/null
 hyperfine --warmup 1 --runs "$runs" -N --export-json "$work/out.json" \
-  -n "make (host, up to date)" "make -s -C $tree -j$j CC='ccache gcc'" \
+  -n "make (host, up to date)" "env PATH=/usr/lib/ccache:$PATH make -s -C $tree -j$j" \
   -n "mkt build (up to date)" "$mkt -q build --rootfs $rootfs -C $tree" \
   -n "enter: mkt build --shell -c true" "$mkt -q build --rootfs $rootfs -C $tree --shell -- -c true" \
   -n "enter: bwrap" "bwrap --bind $rootfs / --proc /proc --dev /dev --unshare-all true" \
