@@ -60,6 +60,30 @@ fn digest(root: &Path) -> Vec<(PathBuf, u64, i64, u32)> {
     v
 }
 
+/// A copy of the built fixture tree made by the user in a temp dir (the
+/// dir, the tree). cp -a keeps the mtimes, so make sees an up-to-date tree;
+/// objtool's build records absolute paths: relocated, as if the tree had
+/// been built here (prepare.sh builds in linux.tmp). Ends 0.2 s after the
+/// copy: mkt's build record does not vouch for files changed just before
+/// a build starts.
+fn copy_fixture_tree(
+    user: Option<&TestUser>,
+    fixture: &Path,
+    prefix: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    let work = user_dir(user, prefix);
+    let tree = work.path().join("linux");
+    let (fx, t) = (fixture.display(), tree.display());
+    sh_as(
+        user,
+        &format!(
+            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
+             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'; sleep 0.2"
+        ),
+    );
+    (work, tree)
+}
+
 /// (a) + (c): a copy of the built fixture tree, one driver file changed,
 /// rebuilt as the unprivileged user; then a syntax error fails the build.
 #[test]
@@ -75,19 +99,7 @@ fn one_file_rebuild_as_the_user_then_a_compile_error() {
     };
     let user = user.as_ref();
     let home = common::temp_home(user);
-    let work = user_dir(user, "mkt-build-tree-");
-    let tree = work.path().join("linux");
-    // Copied as the user (cp -a keeps the mtimes, so make sees an up-to-date
-    // tree). objtool's build records absolute paths: relocate them, as if
-    // the tree had been built here (prepare.sh builds in linux.tmp).
-    let (fx, t) = (fixture.display(), tree.display());
-    sh_as(
-        user,
-        &format!(
-            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
-             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'"
-        ),
-    );
+    let (_work, tree) = copy_fixture_tree(user, &fixture, "mkt-build-tree-");
     let dummy = tree.join("drivers/net/dummy.c");
     let marker = tree.join(".mkt-test-marker");
     sh_as(
@@ -860,16 +872,8 @@ fn module_changes_take_the_fast_path_and_anything_else_the_whole_tree() {
     }
     let user = user.as_ref();
     let home = common::temp_home(user);
-    let work = user_dir(user, "mkt-fast-tree-");
-    let tree = work.path().join("linux");
-    let (fx, t) = (fixture.display(), tree.display());
-    sh_as(
-        user,
-        &format!(
-            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
-             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'"
-        ),
-    );
+    let (_work, tree) = copy_fixture_tree(user, &fixture, "mkt-fast-tree-");
+    let t = tree.display();
     let r = rootfs.to_str().unwrap().to_string();
     // One mkt build: (status line, log text).
     let build = || {
@@ -994,17 +998,8 @@ fn warm_loop_build_reload_and_test_in_the_running_vm() {
     };
     let user = user.as_ref();
     let home = common::temp_home(user);
-    let work = user_dir(user, "mkt-warm-tree-");
-    let tree = work.path().join("linux");
-    let (fx, t) = (fixture.display(), tree.display());
-    sh_as(
-        user,
-        &format!(
-            "cp -a {fx} {t}; cd {t}; grep -rlI --include='.*.cmd' --include='*.d' {fx} tools \
-             | xargs -r sed -i 's#{fx}.tmp#{t}#g; s#{fx}/#{t}/#g'; \
-             sleep 0.2"
-        ),
-    );
+    let (_work, tree) = copy_fixture_tree(user, &fixture, "mkt-warm-tree-");
+    let t = tree.display();
     let cfg = home.path().join("mkt.toml");
     std::fs::write(
         &cfg,
