@@ -144,7 +144,7 @@ pub fn running_vms(runtime_dir: &Path) -> Result<Vec<instance::Record>, instance
 
 /// [`running_vms`], once the run called `name` has its record: a VM whose
 /// `mkt run` is still starting (run directory locked, no record yet) is
-/// waited for (up to [`super::ssh::SSHD_WAIT`]), and a name with no run
+/// waited for (up to [`START_WAIT`]), and a name with no run
 /// directory at all for [`NAME_GRACE`] (a `mkt run NAME &` started just
 /// before has not made it yet), so a script's `mkt run NAME &` then
 /// `mkt ssh NAME` (or `stop`) finds it.
@@ -162,7 +162,7 @@ pub(crate) fn running_vms_named(
             return Ok(running);
         }
         let wait = if instance::starting(runtime_dir, name) {
-            super::ssh::SSHD_WAIT
+            START_WAIT
         } else if !instance::runs_dir(runtime_dir).join(name).exists() {
             NAME_GRACE
         } else {
@@ -175,6 +175,10 @@ pub(crate) fn running_vms_named(
         running = instance::records(runtime_dir)?;
     }
 }
+
+/// How long a starting VM is waited for: as long as `mkt ssh` waits for a
+/// booting guest's sshd (a systemd boot under TCG on a busy host).
+const START_WAIT: Duration = Duration::from_secs(120);
 
 /// How long a VM name nothing runs under is waited for (see
 /// [`running_vms_named`]): `mkt run` makes its run directory within tens
