@@ -983,13 +983,189 @@ mod tests {
     }
 
     #[test]
+    fn stat_times_are_nanoseconds_since_the_epoch() {
+        let t = tempfile::tempdir().unwrap();
+        let f = fs::File::create(t.path().join("f")).unwrap();
+        let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 123_456_789);
+        f.set_modified(when).unwrap();
+        let st = Stat::of(&f.metadata().unwrap());
+        assert_eq!(st.mtime, 1_700_000_000_123_456_789);
+        assert!(st.ctime > 1_700_000_000_123_456_789 && st.ino > 0);
+    }
+
+    #[test]
+    fn a_lost_event_or_a_moved_tree_means_walking_again() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("tree");
+        fs::create_dir_all(r.join("a")).unwrap();
+        fs::write(r.join("a/x.c"), "1").unwrap();
+        // More events than the kernel queues (16384 by default): overflow.
+        let (_, watch) = walk_and_watch(&r).unwrap();
+        for i in 0..7000 {
+            fs::write(r.join(format!("a/f{i}")), "x").unwrap();
+        }
+        let w = watch.unwrap().written();
+        assert!(
+            w.is_none(),
+            "no overflow: {} paths",
+            w.map_or(0, |w| w.len())
+        );
+        // The tree itself moved.
+        let (_, watch) = walk_and_watch(&r).unwrap();
+        fs::rename(&r, t.path().join("moved")).unwrap();
+        assert_eq!(watch.unwrap().written(), None);
+    }
+
+    #[test]
+    fn modules_and_included_sources_are_read_from_the_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::create_dir_all(r.join("d/x")).unwrap();
+        fs::write(r.join("modules.order"), "d/a.ko\n\nd/x/b.ko\n").unwrap();
+        fs::write(r.join("d/a.mod"), "d/a.o\n").unwrap();
+        fs::write(r.join("d/x/b.mod"), "d/x/p.o d/x/q.o\n").unwrap();
+        assert_eq!(
+            modules(r).unwrap(),
+            [
+                ("d/a.ko".to_string(), vec!["d/a.o".to_string()]),
+                (
+                    "d/x/b.ko".to_string(),
+                    vec!["d/x/p.o".to_string(), "d/x/q.o".to_string()]
+                ),
+            ]
+        );
+        let deps = |c: &str| format!("source_o := d/a.c\n\ndeps_o := \\\n  {c} \\\n\n");
+        fs::write(r.join("d/.a.o.cmd"), deps("lib/inc.c")).unwrap();
+        // Only objects' command files (`.NAME.o.cmd`) are read.
+        fs::write(r.join("d/a.o.cmd"), deps("lib/not-a-cmd.c")).unwrap();
+        fs::write(r.join("d/.a.mod.cmd"), deps("lib/not-an-object.c")).unwrap();
+        let files = walk(r).unwrap();
+        assert_eq!(files.len(), 6);
+        assert_eq!(
+            included_c(r, &files).into_iter().collect::<Vec<_>>(),
+            ["lib/inc.c"]
+        );
+    }
+
+    #[test]
+    fn what_mkt_puts_back_dates_and_records_after_the_modules_make() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::create_dir_all(r.join("d/x")).unwrap();
+        for (p, text) in [
+            ("modules.order", "d/x/m.ko\n"),
+            ("Module.symvers", "0x0\ts\td/x/m\tEXPORT_SYMBOL\t\n"),
+            ("d/x/modules.order", "d/x/m.ko\n"),
+        ] {
+            fs::write(r.join(p), text).unwrap();
+        }
+        // What kbuild's single-module make does to them: rewrite, remove.
+        let saved = Saved::take(r);
+        assert_eq!(
+            saved.text("Module.symvers"),
+            "0x0\ts\td/x/m\tEXPORT_SYMBOL\t\n"
+        );
+        assert_eq!(saved.text(".Module.symvers.cmd"), "");
+        fs::remove_file(r.join("modules.order")).unwrap();
+        fs::write(r.join("Module.symvers"), "partial\n").unwrap();
+        saved.restore().unwrap();
+        assert_eq!(
+            fs::read_to_string(r.join("modules.order")).unwrap(),
+            "d/x/m.ko\n"
+        );
+        assert!(
+            fs::read_to_string(r.join("Module.symvers"))
+                .unwrap()
+                .starts_with("0x0")
+        );
+        assert!(!r.join(".Module.symvers.cmd").exists());
+
+        // The chain dated deepest first, each no older than what it is made
+        // of; missing links (d/modules.order) are skipped.
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        for p in ["modules.order", "Module.symvers", "d/x/modules.order"] {
+            fs::File::options()
+                .write(true)
+                .open(r.join(p))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        touch_chain(r, &["d/x/m.ko".into()]).unwrap();
+        let mtime = |p: &str| fs::metadata(r.join(p)).unwrap().modified().unwrap();
+        assert!(mtime("d/x/modules.order") > old);
+        assert!(mtime("modules.order") >= mtime("d/x/modules.order"));
+        assert!(mtime("Module.symvers") >= mtime("modules.order"));
+        // A link that cannot be dated is an error, not skipped.
+        fs::create_dir(r.join("d/modules.order")).unwrap();
+        assert!(touch_chain(r, &["d/x/m.ko".into()]).is_err());
+        fs::remove_dir(r.join("d/modules.order")).unwrap();
+
+        let mut files = walk(r).unwrap();
+        fs::write(r.join("d/new"), "n").unwrap();
+        fs::remove_file(r.join("d/x/modules.order")).unwrap();
+        restat(r, "d/new", &mut files);
+        restat(r, "d/x/modules.order", &mut files);
+        assert_eq!(files, walk(r).unwrap());
+
+        // The record: written where the tree's path says, read back whole.
+        let state = r.join("state");
+        let file = record_path(&state, Path::new("/src/linux"));
+        assert!(file.starts_with(state.join("builds")), "{}", file.display());
+        assert!(
+            file.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("linux-")
+        );
+        assert_ne!(file, record_path(&state, Path::new("/other/linux")));
+        // Files just written (after the start) are not vouched for.
+        let rec = take_record(r, "k", start_time(r)).unwrap();
+        assert_eq!(rec.files["d/new"], Stat::UNKNOWN);
+        let rec = take_record(r, "k", i128::MAX).unwrap();
+        assert_eq!(rec.files, walk(r).unwrap());
+        write_record(&file, &rec).unwrap();
+        assert_eq!(
+            Record::parse(&fs::read_to_string(&file).unwrap()),
+            Some(rec)
+        );
+    }
+
+    #[test]
+    fn the_start_is_the_file_systems_clock_less_a_margin() {
+        let t = tempfile::tempdir().unwrap();
+        let start = start_time(t.path());
+        fs::write(t.path().join("after"), "").unwrap();
+        let after = Stat::of(&fs::metadata(t.path().join("after")).unwrap()).ctime;
+        // A file written after the start is newer by about the margin.
+        let ahead = after - start;
+        assert!((50_000_000..5_000_000_000).contains(&ahead), "{ahead}");
+        // No probe possible (no such dir): our clock, less 2 s.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        let fallback = now - start_time(&t.path().join("gone"));
+        assert!(
+            (1_900_000_000..3_000_000_000).contains(&fallback),
+            "{fallback}"
+        );
+    }
+
+    #[test]
     fn small_pieces() {
         for p in ["a/.x.c.swp", "a/x.c~", "a/.#x.c", "a/#x.c#", "a/4913"] {
             assert!(ignorable(p), "{p}");
         }
         assert!(!ignorable("a/x.c") && !ignorable("a/.x.o.cmd"));
+        assert!(!ignorable("a/x#") && !ignorable("a/#x") && !ignorable("a/x.swp"));
         let cmd = "cmd_a/x.o := gcc -c\n\nsource_a/x.o := a/x.c\n\ndeps_a/x.o := \\\n  include/linux/kconfig.h \\\n    $(wildcard include/config/FOO) \\\n  a/x.c \\\n  lib/inflate.c \\\n\na/x.o: $(deps_a/x.o)\n\n$(deps_a/x.o):\n";
         assert_eq!(cmd_included_c(cmd), ["lib/inflate.c"]);
+        // The list ends at the first line that is not an indented word.
+        let cmd = "deps_x := \\\n  a/b.c \\\nlate.c\n";
+        assert_eq!(cmd_included_c(cmd), ["a/b.c"]);
+        let cmd = "deps_x := \\\n  a/b.c \\\n  \n  late.c \\\n";
+        assert_eq!(cmd_included_c(cmd), ["a/b.c"]);
         assert_eq!(
             order_chain(&["drivers/net/dummy.ko".into(), "drivers/x.ko".into()]),
             [
@@ -1012,5 +1188,7 @@ mod tests {
         assert!(is_output("a/x.mod.c", &f, false));
         assert!(is_output("a/link", &f, true));
         assert!(is_output("arch/x86/include/generated/asm/x.h", &f, false));
+        assert!(!is_output("arch/x86/kernel/x.c", &f, false));
+        assert!(!is_output("drivers/include/generated/x.h", &f, false));
     }
 }
