@@ -27,7 +27,7 @@ files=("$@")
 if [ ${#files[@]} = 0 ]; then
   files=(src/rootfs/unpack/{mod,entry,meta,limits,whiteout,remove}.rs src/oci/{manifest,resolve,reference,blobs}.rs src/config/{mod,values,paths}.rs
          src/ci/findings.rs src/ci/scope.rs src/vm/vfio.rs src/vm/qemu/args.rs src/guest/mod.rs src/guest/plan.rs
-         src/sandbox/plan.rs src/sandbox/idmap.rs)
+         src/sandbox/plan.rs src/sandbox/idmap.rs src/build/fast.rs)
 fi
 
 tree=$here/target/mutants-tree

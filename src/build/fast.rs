@@ -261,10 +261,9 @@ impl Watch {
                 Err(_) => return None,
             };
             for e in events {
-                let gone = F::IN_Q_OVERFLOW | F::IN_IGNORED | F::IN_DELETE_SELF | F::IN_MOVE_SELF;
-                if e.mask.intersects(gone) {
-                    return None;
-                }
+                // A lost event (IN_Q_OVERFLOW, on no watch) and a watched
+                // directory's own (moved, removed, its watch dropped: no
+                // name) mean walking again.
                 let dir = self.dirs.get(&e.wd)?;
                 let name = e.name.and_then(|n| n.into_string().ok())?;
                 let path = if dir.is_empty() {
@@ -1010,9 +1009,12 @@ mod tests {
             "no overflow: {} paths",
             w.map_or(0, |w| w.len())
         );
-        // The tree itself moved.
+        // The tree itself moved, or removed.
         let (_, watch) = walk_and_watch(&r).unwrap();
         fs::rename(&r, t.path().join("moved")).unwrap();
+        assert_eq!(watch.unwrap().written(), None);
+        let (_, watch) = walk_and_watch(&t.path().join("moved")).unwrap();
+        fs::remove_dir_all(t.path().join("moved")).unwrap();
         assert_eq!(watch.unwrap().written(), None);
     }
 
