@@ -150,12 +150,7 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         }
         eprintln!("mkt: log: {}", log_path.display());
         // Stopped by Ctrl-C or SIGTERM/SIGHUP: exit as the shell reports it.
-        let by_signal = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|s| 128 + s);
-        Ok(if by_signal.contains(&status) {
-            status
-        } else {
-            1
-        })
+        Ok(if stopped_by_signal(status) { status } else { 1 })
     };
     if let Some(tree) = headers_tree(opts, config)?
         && let Err(status) = env.install_headers(&tree, &mut log, opts.verbose)?
@@ -224,7 +219,8 @@ pub fn build(opts: &BuildOptions, config: &Config, paths: &Paths) -> anyhow::Res
         }
     }
     if tracked && how.is_empty() {
-        save_record(&env.src, &record_file, &key, start, &mut log);
+        let r = super::fast::take_record(&env.src, &key, start);
+        save_record(&record_file, r, &mut log);
     }
     say(&format!(
         "built {}{} in {} in {:.1}s (-j{}{}, entered in {:.1} ms; log: {})",
@@ -385,8 +381,7 @@ fn fast_path(
     saved
         .restore()
         .map_err(|e| BuildError::Write(tree.join("modules.order"), e))?;
-    let by_signal = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP].map(|s| 128 + s);
-    if by_signal.contains(&exit.status) {
+    if stopped_by_signal(exit.status) {
         return Ok(Fast::Failed(argv, exit.status));
     }
     if exit.status != 0 {
@@ -436,9 +431,7 @@ fn fast_path(
         }
     }
     let r = fast::record_of(key.to_string(), tree, files, start, included);
-    if let Err(e) = fast::write_record(record_file, &r) {
-        let _ = writeln!(log, "mkt: no record of this build for the next one: {e}");
-    }
+    save_record(record_file, Ok(r), log);
     tracing::debug!("fast path: recorded in {:?}", t.elapsed());
     let names: Vec<&str> = kos
         .iter()
@@ -450,12 +443,18 @@ fn fast_path(
     ))
 }
 
+/// A step's status when Ctrl-C or SIGTERM/SIGHUP stopped it (as the shell
+/// reports it: 128 + N).
+fn stopped_by_signal(status: i32) -> bool {
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+        .map(|s| 128 + s)
+        .contains(&status)
+}
+
 /// Writes the record of a successful build; a failure only costs the
 /// next build its fast path.
-fn save_record(tree: &Path, file: &Path, key: &str, start: i128, log: &mut fs::File) {
-    let r = super::fast::take_record(tree, key, start)
-        .and_then(|r| super::fast::write_record(file, &r));
-    if let Err(e) = r {
+fn save_record(file: &Path, record: io::Result<super::fast::Record>, log: &mut fs::File) {
+    if let Err(e) = record.and_then(|r| super::fast::write_record(file, &r)) {
         let _ = writeln!(log, "mkt: no record of this build for the next one: {e}");
     }
 }
